@@ -1,0 +1,64 @@
+"""tb_reranker: text-to-video search with the TokenBinder one-to-many reranker, for Milvus.
+
+Nothing heavy is imported here: ``torch``, ``pymilvus`` and ``grpc`` load on first use of the
+names that need them (PEP 562 module ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from tb_reranker.errors import (
+    CheckpointError,
+    IndexBackendError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    RerankerUnavailableError,
+    ResourceExhaustedError,
+    StoreError,
+    TBError,
+    VideoDecodeError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "tb_reranker.client",
+    "AsyncClient": "tb_reranker.client",
+    "Hit": "tb_reranker.types",
+    "TokenBinder": "tb_reranker.model",
+    "TokenBinderConfig": "tb_reranker.model",
+}
+
+__all__ = [
+    "__version__",
+    "Client",
+    "AsyncClient",
+    "Hit",
+    "TokenBinder",
+    "TokenBinderConfig",
+    "TBError",
+    "InvalidInputError",
+    "NotFoundError",
+    "CheckpointError",
+    "ModelMismatchError",
+    "VideoDecodeError",
+    "StoreError",
+    "IndexBackendError",
+    "RerankerUnavailableError",
+    "ResourceExhaustedError",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tb_reranker.client import AsyncClient, Client
+    from tb_reranker.model import TokenBinder, TokenBinderConfig
+    from tb_reranker.types import Hit
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tb_reranker' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

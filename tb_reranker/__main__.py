@@ -1,0 +1,5 @@
+import sys
+
+from tb_reranker.cli import main
+
+sys.exit(main())

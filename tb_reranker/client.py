@@ -1,0 +1,333 @@
+"""The SDK: ``Client(...).search(text, rerank=True)`` over Milvus + the frame store + the reranker.
+
+Defaults are embedded (Milvus Lite file, local LMDB store, in-process reranker, all under
+``./tb_data``); every argument can also come from a ``TB_*`` variable (see ``Settings``).
+
+Remote mode (``reranker="host:port"``): the query is still encoded here when a checkpoint is
+available (the text tower is cheap and keeps broad-only search alive when the sidecar is down),
+Milvus is searched from here, and the sidecar reranks the candidates. If the sidecar cannot be
+reached, ``search`` returns the broad-only hits marked ``reranked=False`` (logged once) unless
+``strict=True``. Without a local checkpoint the sidecar also encodes the text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tb_reranker.config import Settings
+from tb_reranker.errors import InvalidInputError, NotFoundError, RerankerUnavailableError
+from tb_reranker.types import Hit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tb_reranker.index import FrameStore, VideoIndex
+    from tb_reranker.model import TokenBinder
+    from tb_reranker.rerank import Reranker
+
+__all__ = ["Client", "AsyncClient"]
+
+log = logging.getLogger(__name__)
+
+
+class Client:
+    """Text-to-video search with TokenBinder reranking on Milvus.
+
+    Args:
+        uri: Milvus URI: a file path (Milvus Lite) or ``http://host:19530``.
+        token: Milvus token (``user:password`` or API key).
+        collection: collection name.
+        store: frame-token store: a directory or ``s3://bucket/prefix``.
+        checkpoint: TokenBinder checkpoint directory (``TokenBinder.save`` output).
+        reranker: ``"local"`` (in-process) or ``"host:port"`` of a ``tb serve`` sidecar.
+        reranker_token: bearer token for the sidecar.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        timeout: default deadline (seconds) for remote calls.
+        strict: in remote mode, raise instead of degrading to broad-only results.
+        data_dir: root of the embedded defaults.
+        model: an already loaded ``TokenBinder`` (skips ``checkpoint``).
+    """
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        *,
+        token: str | None = None,
+        collection: str | None = None,
+        store: str | None = None,
+        checkpoint: str | None = None,
+        reranker: str | None = None,
+        reranker_token: str | None = None,
+        device: str | None = None,
+        timeout: float | None = None,
+        strict: bool = False,
+        data_dir: str | None = None,
+        model: TokenBinder | None = None,
+    ) -> None:
+        self.settings = Settings.from_env(
+            data_dir=data_dir,
+            milvus_uri=uri,
+            milvus_token=token,
+            collection=collection,
+            store=store,
+            checkpoint=checkpoint,
+            reranker=reranker,
+            reranker_token=reranker_token,
+            device=device,
+            timeout=timeout,
+        )
+        self.strict = strict
+        self._model = model
+        self._store: FrameStore | None = None
+        self._index: VideoIndex | None = None
+        self._reranker: Reranker | None = None
+        self._remote: Any = None
+        self._warned_degraded = False
+
+    # ------------------------------------------------------------------ lazy parts
+    @property
+    def is_remote(self) -> bool:
+        return self.settings.reranker not in ("", "local")
+
+    @property
+    def model(self) -> TokenBinder:
+        if self._model is None:
+            from tb_reranker.model import TokenBinder
+
+            path = Path(self.settings.checkpoint)
+            if not (path / "config.json").exists():
+                raise NotFoundError(
+                    f"no TokenBinder checkpoint at {path} (train one with `tb train`, "
+                    "or run `tb demo`, or pass checkpoint=...)"
+                )
+            self._model = TokenBinder.load(path, device=_device(self.settings.device))
+        return self._model
+
+    @property
+    def store(self) -> FrameStore:
+        if self._store is None:
+            from tb_reranker.index import open_store
+
+            self._store = open_store(self.settings.store)
+        return self._store
+
+    @property
+    def index(self) -> VideoIndex:
+        if self._index is None:
+            from tb_reranker.index import VideoIndex
+
+            model = self.model
+            self._index = VideoIndex(
+                self.settings.milvus_uri,
+                token=self.settings.milvus_token,
+                collection=self.settings.collection,
+                dim=model.embed_dim,
+                fingerprint=model.fingerprint(),
+            )
+        return self._index
+
+    @property
+    def reranker(self) -> Reranker:
+        if self._reranker is None:
+            from tb_reranker.rerank import Reranker
+
+            self._reranker = Reranker(self.model, self.store)
+        return self._reranker
+
+    @property
+    def remote(self) -> Any:
+        if self._remote is None:
+            from tb_reranker.remote import RemoteReranker
+
+            self._remote = RemoteReranker(
+                self.settings.reranker,
+                token=self.settings.reranker_token or None,
+                timeout=self.settings.timeout,
+            )
+        return self._remote
+
+    # ------------------------------------------------------------------ verbs
+    def ingest(self, paths: str | Path | Iterable[str | Path], **options: Any) -> Any:
+        """Decode, encode and store videos (files, directories, globs or ``@list.txt``).
+
+        Returns the ``IngestReport`` (ingested, unchanged, failed with reasons, videos/s).
+        """
+        from tb_reranker.index import ingest
+
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        self.index.create()
+        report = ingest(
+            [str(p) for p in paths], model=self.model, index=self.index, store=self.store, **options
+        )
+        if self._reranker is not None:
+            self._reranker.invalidate()
+        return report
+
+    def search(
+        self,
+        text: str,
+        limit: int = 10,
+        rerank: bool = True,
+        filter: str | None = None,
+    ) -> list[Hit]:
+        """Hits for one query text, best first (see ``Hit``)."""
+        if not isinstance(text, str):
+            raise InvalidInputError("text must be a string (use search_many for several)")
+        return self.search_many([text], limit=limit, rerank=rerank, filter=filter)[0]
+
+    def search_many(
+        self,
+        texts: Sequence[str],
+        limit: int = 10,
+        rerank: bool = True,
+        filter: str | None = None,
+    ) -> list[list[Hit]]:
+        """Batch search: one list of hits per query text, encoded and reranked together."""
+        if isinstance(texts, str):
+            raise InvalidInputError("texts must be a list of strings")
+        texts = list(texts)
+        if not self.is_remote:
+            return self.reranker.search(
+                self.index, texts, limit=limit, rerank=rerank, filter=filter
+            )
+        return self._search_remote(texts, limit=limit, rerank=rerank, filter=filter)
+
+    def _search_remote(
+        self, texts: list[str], *, limit: int, rerank: bool, filter: str | None
+    ) -> list[list[Hit]]:
+        from tb_reranker.rerank import Reranker
+
+        local_model = (
+            self._model is not None or (Path(self.settings.checkpoint) / "config.json").exists()
+        )
+        if not local_model:  # one hop: the sidecar encodes, searches Milvus and reranks
+            return self.remote.search(texts, limit=limit, rerank=rerank, filter=filter)
+        encoder = Reranker(self.model, self.store, cache_size=0)
+        indicators = encoder.encode(texts)
+        fetch = encoder.search(
+            self.index,
+            indicators,
+            limit=max(limit, encoder.top_k) if rerank else limit,
+            rerank=False,
+            filter=filter,
+        )
+        if not rerank:
+            return fetch
+        try:
+            results = self.remote.rerank(
+                indicators,
+                [[h.id for h in hits] for hits in fetch],
+                [[h.broad_score for h in hits] for hits in fetch],
+            )
+        except RerankerUnavailableError:
+            if self.strict:
+                raise
+            if not self._warned_degraded:
+                log.warning(
+                    "reranker %s unavailable: returning broad-only results", self.settings.reranker
+                )
+                self._warned_degraded = True
+            return [hits[:limit] for hits in fetch]
+        out: list[list[Hit]] = []
+        for hits, result in zip(fetch, results, strict=True):
+            reordered = []
+            for rank, candidate in enumerate(result.candidates, start=1):
+                hit = hits[candidate.index]
+                reordered.append(
+                    Hit(
+                        id=hit.id,
+                        score=candidate.score,
+                        broad_score=hit.broad_score,
+                        delta=candidate.delta,
+                        rank=rank,
+                        reranked=candidate.reranked,
+                        broad_rank=hit.broad_rank,
+                        best_frame_s=candidate.best_frame_s,
+                        metadata=hit.metadata,
+                    )
+                )
+            out.append(reordered[:limit])
+        return out
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Remove videos from Milvus, then from the store. Returns how many were removed."""
+        from tb_reranker.index import delete
+
+        if isinstance(ids, str):
+            ids = [ids]
+        removed = delete(list(ids), index=self.index, store=self.store)
+        if self._reranker is not None:
+            self._reranker.invalidate(list(ids))
+        return removed
+
+    def check(self, repair: bool = False) -> Any:
+        """Find (and with ``repair=True`` fix) disagreement between Milvus and the store."""
+        from tb_reranker.index import check
+
+        return check(self.index, self.store, repair=repair)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        if self._index is not None and hasattr(self._index, "close"):
+            self._index.close()
+        if self._remote is not None and hasattr(self._remote, "close"):
+            self._remote.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of ``Client``: the same verbs, run off the event loop's thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._client = Client(*args, **kwargs)
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(
+            functools.partial(getattr(self._client, name), *args, **kwargs)
+        )
+
+    async def ingest(self, paths: Any, **options: Any) -> Any:
+        return await self._call("ingest", paths, **options)
+
+    async def search(
+        self, text: str, limit: int = 10, rerank: bool = True, filter: str | None = None
+    ) -> list[Hit]:
+        return await self._call("search", text, limit=limit, rerank=rerank, filter=filter)
+
+    async def search_many(
+        self, texts: Sequence[str], limit: int = 10, rerank: bool = True, filter: str | None = None
+    ) -> list[list[Hit]]:
+        return await self._call("search_many", texts, limit=limit, rerank=rerank, filter=filter)
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        return await self._call("delete", ids)
+
+    async def check(self, repair: bool = False) -> Any:
+        return await self._call("check", repair=repair)
+
+    async def close(self) -> None:
+        await self._call("close")
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,66 @@
+"""Runtime settings: frozen dataclasses filled from arguments, then ``TB_*`` variables, then defaults.
+
+Defaults are the embedded set-up of ARCHITECTURE.md: Milvus Lite file + local frame-token
+store under ``./tb_data`` + the in-process reranker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Settings", "env"]
+
+ENV_PREFIX = "TB_"
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """``TB_<NAME>`` from the environment (empty strings count as unset)."""
+    value = os.environ.get(ENV_PREFIX + name.upper())
+    return value if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where data lives and which services to use. Every field reads ``TB_<FIELD>``."""
+
+    data_dir: str = "./tb_data"  # root for the embedded defaults below
+    milvus_uri: str = ""  # file path (Milvus Lite) or http://host:19530; "" = <data_dir>/milvus.db
+    milvus_token: str = ""  # "user:password" or API key for a Milvus server
+    collection: str = "tb_videos"  # Milvus collection name
+    store: str = ""  # frame-token store: a directory (LMDB) or s3://bucket/prefix; "" = <data_dir>/frames
+    checkpoint: str = ""  # TokenBinder checkpoint directory; "" = <data_dir>/checkpoint
+    reranker: str = "local"  # "local" (in-process) or "host:port" of a gRPC sidecar
+    reranker_token: str = ""  # bearer token for the sidecar
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    top_k: int = 10  # K: candidates the focused view compares jointly
+    timeout: float = 30.0  # seconds, default deadline of remote calls
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Arguments win over ``TB_*`` variables, which win over defaults. ``None`` = not given."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            given = overrides.get(f.name)
+            if given is not None:
+                values[f.name] = given
+                continue
+            raw = env(f.name)
+            if raw is not None:
+                values[f.name] = type(f.default)(raw) if not isinstance(f.default, str) else raw
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        return cls(**values).resolved()
+
+    def resolved(self) -> Settings:
+        """Fill the empty paths from ``data_dir``."""
+        root = Path(self.data_dir)
+        return replace(
+            self,
+            milvus_uri=self.milvus_uri or str(root / "milvus.db"),
+            store=self.store or str(root / "frames"),
+            checkpoint=self.checkpoint or str(root / "checkpoint"),
+        )
