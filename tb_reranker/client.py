@@ -95,14 +95,14 @@ class Client:
     @property
     def model(self) -> TokenBinder:
         if self._model is None:
-            from tb_reranker.model import TokenBinder
-
             path = Path(self.settings.checkpoint)
             if not (path / "config.json").exists():
                 raise NotFoundError(
                     f"no TokenBinder checkpoint at {path} (train one with `tb train`, "
                     "or run `tb demo`, or pass checkpoint=...)"
                 )
+            from tb_reranker.model import TokenBinder
+
             self._model = TokenBinder.load(path, device=_device(self.settings.device))
         return self._model
 
