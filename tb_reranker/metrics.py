@@ -1,0 +1,199 @@
+"""Retrieval metrics: ranks of the ground truth, R@k / MdR / MnR, and reranked rankings.
+
+Scores are similarities (higher = better). Inputs may be numpy arrays, nested lists or torch
+tensors (moved to the CPU); everything is computed in numpy float64.
+
+Ties. A ranking is only defined up to the order of equal scores, so the rank of the ground
+truth among tied items is a convention, chosen with ``ties=``:
+
+- ``"pessimistic"`` (default, conservative): every non-ground-truth item whose score equals
+  the ground truth's is counted ahead of it, ``rank = 1 + #{higher} + #{tied}``. A model
+  that gives every video the same score gets the worst rank, never R@1 = 100.
+- ``"optimistic"``: ``rank = 1 + #{strictly higher}``. This is what CLIP4Clip's
+  ``compute_metrics`` (and the papers that reuse it) computes; with continuous scores ties
+  almost never happen and both conventions agree.
+- ``"mean"``: the expected rank under a uniformly random order of the tied items,
+  ``1 + #{higher} + #{tied} / (r + 1)`` with ``r`` the number of ground truths sharing the best
+  ground-truth score (``#{tied} / 2`` for one ground truth). Fractional.
+
+With several ground truths per query (video->text: a video has several captions) the rank is
+that of the best-ranked ground truth, i.e. of the highest ground-truth score, and the other
+ground truths never count against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from tb_reranker.errors import InvalidInputError
+
+__all__ = ["TIES", "ranks_from_scores", "retrieval_metrics", "rerank_topk"]
+
+TIES = ("pessimistic", "optimistic", "mean")
+Ties = Literal["pessimistic", "optimistic", "mean"]
+
+_ROWS_PER_CHUNK = 1024  # bounds the [chunk, N] temporaries of ranks_from_scores
+
+
+def _as_array(value: Any, name: str, ndim: int) -> np.ndarray:
+    """``value`` as a float64 array with ``ndim`` dimensions (torch tensors are detached)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().to("cpu").double().numpy()
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be numeric: {exc}") from exc
+    if array.ndim != ndim:
+        raise InvalidInputError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise InvalidInputError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _gt_mask(gt: Any, num_queries: int, num_items: int) -> np.ndarray:
+    """Ground truth as a bool mask ``[Q, N]`` from ``[Q]`` ints or ``Q`` lists of ints."""
+    if hasattr(gt, "detach"):
+        gt = gt.detach().to("cpu").numpy()
+    if isinstance(gt, np.ndarray) and gt.ndim == 1:
+        gt = gt.tolist()
+    if not isinstance(gt, Sequence) and not isinstance(gt, np.ndarray):
+        raise InvalidInputError("gt must be a list of ints or a list of lists of ints")
+    if len(gt) != num_queries:
+        raise InvalidInputError(f"gt has {len(gt)} entries for {num_queries} queries")
+    mask = np.zeros((num_queries, num_items), dtype=bool)
+    for query, truth in enumerate(gt):
+        indices = [truth] if isinstance(truth, (int, np.integer)) else truth
+        if isinstance(indices, np.ndarray):
+            indices = indices.tolist()
+        if not isinstance(indices, (list, tuple)) or not indices:
+            raise InvalidInputError(f"gt[{query}] must be an int or a non-empty list of ints")
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+                raise InvalidInputError(f"gt[{query}] holds a non-integer {index!r}")
+            if not 0 <= index < num_items:
+                raise InvalidInputError(f"gt[{query}] index {index} out of range [0, {num_items})")
+            mask[query, index] = True
+    return mask
+
+
+def ranks_from_scores(
+    scores: Any, gt: Sequence[int] | Sequence[Sequence[int]] | Any, *, ties: Ties = "pessimistic"
+) -> np.ndarray:
+    """1-based rank of the (best) ground truth of each query.
+
+    Args:
+        scores: ``[Q, N]`` similarity of query ``q`` to item ``n`` (higher = better).
+        gt: ``[Q]`` index of each query's ground-truth item, or ``Q`` non-empty lists of
+            indices (several ground truths; the best-ranked one counts).
+        ties: ``"pessimistic"`` (default), ``"optimistic"`` or ``"mean"`` (module docstring).
+
+    Returns:
+        ``[Q]`` ranks in ``[1, N]``: int64, or float64 for ``ties="mean"``.
+    """
+    if ties not in TIES:
+        raise InvalidInputError(f"ties must be one of {list(TIES)}, got {ties!r}")
+    scores = _as_array(scores, "scores", ndim=2)
+    num_queries, num_items = scores.shape
+    if num_queries == 0 or num_items == 0:
+        raise InvalidInputError(f"scores must be non-empty, got shape {scores.shape}")
+    mask = _gt_mask(gt, num_queries, num_items)
+    ranks = np.empty(num_queries, dtype=np.float64)
+    for start in range(0, num_queries, _ROWS_PER_CHUNK):
+        chunk = scores[start : start + _ROWS_PER_CHUNK]  # [C, N]
+        chunk_mask = mask[start : start + _ROWS_PER_CHUNK]  # [C, N]
+        best = np.where(chunk_mask, chunk, -np.inf).max(axis=1, keepdims=True)  # [C, 1]
+        others = ~chunk_mask
+        higher = np.count_nonzero(others & (chunk > best), axis=1)  # [C]
+        if ties == "optimistic":
+            ranks[start : start + len(chunk)] = 1 + higher
+            continue
+        tied = np.count_nonzero(others & (chunk == best), axis=1)  # [C]
+        if ties == "pessimistic":
+            ranks[start : start + len(chunk)] = 1 + higher + tied
+        else:
+            tied_truths = np.count_nonzero(chunk_mask & (chunk == best), axis=1)  # [C], >= 1
+            ranks[start : start + len(chunk)] = 1 + higher + tied / (tied_truths + 1)
+    return ranks if ties == "mean" else ranks.astype(np.int64)
+
+
+def retrieval_metrics(ranks: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | int]:
+    """Recall at k, median and mean rank of 1-based ground-truth ranks.
+
+    Args:
+        ranks: ``[Q]`` 1-based ranks (from :func:`ranks_from_scores`).
+        ks: the cut-offs of ``R@k``.
+
+    Returns:
+        ``{"R@1": %, "R@5": %, "R@10": %, "MdR": median rank, "MnR": mean rank,
+        "num_queries": Q}``; ``R@k`` is the percentage (0-100) of queries with rank <= k.
+    """
+    ranks = _as_array(ranks, "ranks", ndim=1)
+    if ranks.size == 0:
+        raise InvalidInputError("ranks is empty: no queries to score")
+    if np.any(ranks < 1):
+        raise InvalidInputError("ranks are 1-based: found a rank < 1")
+    metrics: dict[str, float | int] = {}
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k must be a positive int, got {k!r}")
+        metrics[f"R@{k}"] = float(100.0 * np.mean(ranks <= k))
+    metrics["MdR"] = float(np.median(ranks))
+    metrics["MnR"] = float(np.mean(ranks))
+    metrics["num_queries"] = int(ranks.size)
+    return metrics
+
+
+def rerank_topk(broad_scores: Any, topk_indices: Any, final_scores: Any) -> np.ndarray:
+    """Full-gallery scores whose ranking puts the reranked top-K first.
+
+    The K candidates of each query come first, ordered by their ``final_scores`` (ties among
+    them kept as ties); every other item follows in its broad order. The returned values keep
+    the differences of the inputs (top-K: ``final + offset`` with the offset lifting the lowest
+    of them above the best other item by 1; others: their broad score), so they can go straight
+    into :func:`ranks_from_scores`.
+
+    Args:
+        broad_scores: ``[Q, N]`` broad (first-stage) scores of the whole gallery.
+        topk_indices: ``[Q, K]`` gallery indices of the reranked candidates (distinct per row).
+        final_scores: ``[Q, K]`` reranked scores of those candidates.
+
+    Returns:
+        ``[Q, N]`` float64 scores.
+    """
+    broad = _as_array(broad_scores, "broad_scores", ndim=2)
+    final = _as_array(final_scores, "final_scores", ndim=2)
+    if hasattr(topk_indices, "detach"):
+        topk_indices = topk_indices.detach().to("cpu").numpy()
+    indices = np.asarray(topk_indices)
+    if indices.ndim != 2 or not np.issubdtype(indices.dtype, np.integer):
+        raise InvalidInputError(
+            f"topk_indices must be a [Q, K] integer array, got {indices.dtype} {indices.shape}"
+        )
+    num_queries, num_items = broad.shape
+    if indices.shape != final.shape or indices.shape[0] != num_queries:
+        raise InvalidInputError(
+            f"shapes disagree: broad_scores {broad.shape}, topk_indices {indices.shape}, "
+            f"final_scores {final.shape}"
+        )
+    num_candidates = indices.shape[1]
+    if num_candidates > num_items:
+        raise InvalidInputError(f"K = {num_candidates} exceeds the gallery size N = {num_items}")
+    if indices.size and (indices.min() < 0 or indices.max() >= num_items):
+        raise InvalidInputError(f"topk_indices out of range [0, {num_items})")
+    sorted_indices = np.sort(indices, axis=1)
+    if np.any(sorted_indices[:, 1:] == sorted_indices[:, :-1]):
+        raise InvalidInputError("topk_indices repeats an item within a query")
+    scores = broad.copy()
+    if num_candidates == 0:
+        return scores
+    rows = np.arange(num_queries)[:, None]  # [Q, 1]
+    in_topk = np.zeros_like(broad, dtype=bool)
+    in_topk[rows, indices] = True
+    rest_best = np.where(in_topk, -np.inf, broad).max(axis=1)  # [Q]; -inf when K == N
+    rest_best = np.where(np.isfinite(rest_best), rest_best, 0.0)
+    offset = rest_best - final.min(axis=1) + 1.0  # [Q]
+    scores[rows, indices] = final + offset[:, None]
+    return scores
