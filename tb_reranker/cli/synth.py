@@ -1,0 +1,121 @@
+"""``tb synth``: generate the synthetic hard-negative benchmark (real MP4s + captions.jsonl).
+
+Every flag also reads ``TB_SYNTH_<FLAG>`` (e.g. ``TB_SYNTH_SEED``) when it is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tb_reranker.config import env
+from tb_reranker.errors import InvalidInputError
+
+__all__ = ["register", "run"]
+
+# flag dest -> (type, default); defaults can be overridden by TB_SYNTH_<DEST>
+_DEFAULTS: dict[str, tuple[type, Any]] = {
+    "train": (int, 3000),
+    "val": (int, 0),
+    "test": (int, 500),
+    "seed": (int, 0),
+    "size": (int, 32),
+    "frames": (int, 16),
+    "fps": (int, 8),
+    "families": (str, "order"),
+    "workers": (int, 0),
+}
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "synth",
+        help="generate the synthetic hard-negative benchmark (MP4 clips + captions.jsonl)",
+        description=(
+            "Clips show object A then object B (6 colours x 4 shapes); the test split holds "
+            "both orders of each pair, so mean pooling cannot tell them apart. Writes "
+            "OUT_DIR/videos/<id>.mp4, OUT_DIR/captions.jsonl and OUT_DIR/meta.json. Re-running "
+            "with the same arguments does nothing; --force regenerates."
+        ),
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
+    parser.add_argument("--train", type=int, default=None, help="training clips (3000)")
+    parser.add_argument("--val", type=int, default=None, help="validation clips (0)")
+    parser.add_argument("--test", type=int, default=None, help="test clips (500 = 250 pairs)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (0)")
+    parser.add_argument("--size", type=int, default=None, help="frame side in pixels (32)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip (16)")
+    parser.add_argument("--fps", type=int, default=None, help="frames per second (8)")
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated hard-negative families: order, motion (order)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (0 = one per CPU)"
+    )
+    parser.add_argument("--force", action="store_true", help="regenerate an existing output")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(func=run)
+
+
+def _resolve(args: argparse.Namespace, name: str) -> Any:
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    kind, default = _DEFAULTS[name]
+    raw = env(f"SYNTH_{name}")
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidInputError(
+            f"TB_SYNTH_{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from tb_reranker.cli._common import print_json
+    from tb_reranker.video.synth import generate
+
+    values = {name: _resolve(args, name) for name in _DEFAULTS}
+    families = tuple(f.strip() for f in values["families"].split(",") if f.strip())
+    if values["workers"] < 0:
+        raise InvalidInputError(f"--workers must be >= 0, got {values['workers']}")
+    result = generate(
+        args.out_dir,
+        num_train=values["train"],
+        num_val=values["val"],
+        num_test=values["test"],
+        seed=values["seed"],
+        size=values["size"],
+        num_frames=values["frames"],
+        fps=values["fps"],
+        families=families,
+        workers=values["workers"] or None,
+        force=args.force or (env("SYNTH_FORCE") or "").lower() in ("1", "true", "yes", "on"),
+        progress=not args.no_progress,
+    )
+    total = sum(result.counts.values())
+    if args.json:
+        print_json(
+            {
+                "root": str(result.root),
+                "counts": result.counts,
+                "created": result.created,
+                "skipped": result.skipped,
+                "elapsed_s": round(result.elapsed_s, 3),
+                "clips_per_s": round(result.created / max(result.elapsed_s, 1e-9), 1),
+            }
+        )
+    elif result.skipped:
+        print(f"{result.root}: already complete ({total} clips), nothing to do (--force to redo)")
+    else:
+        counts = ", ".join(f"{split} {n}" for split, n in result.counts.items())
+        print(
+            f"wrote {result.created} clips ({counts}) to {result.root} in "
+            f"{result.elapsed_s:.1f} s ({result.created / max(result.elapsed_s, 1e-9):.0f} clips/s)"
+        )
+    return 0

@@ -1,0 +1,550 @@
+"""Synthetic hard-negative text-to-video benchmark: real MP4 clips with plain-English captions.
+
+Built so that whole-video mean pooling cannot tell hard negatives apart while frame-level
+comparison can (METHOD.md §7).
+
+Families (each clip belongs to one; hard-negative twins are consecutive clips of a split)
+    ``order`` (the main family): object A (one of 6 colours × 4 shapes) in the first half of the
+        clip, object B in the second half; caption ``"a red square then a blue circle"``. The
+        twin shows the same two objects in the other order, so the mean-pooled frames of the
+        two clips are nearly identical and only the order tells them apart.
+    ``motion`` (optional): one object crossing the frame; caption ``"a red square moving
+        left"`` (or right / up / down). The twin moves the other way along the same axis: the
+        same positions are visited in reverse order.
+
+Splits
+    Clips ``2j`` and ``2j+1`` of every split are the two twins of group ``j`` (an odd count
+    leaves the last group with one clip). Order groups are unordered object pairs (276 of them):
+    the test split takes pairs from the start of a seeded permutation, val from its end, train
+    cycles through all pairs in another permutation, so a train set of ≥ 552 clips covers every
+    ordered pair. Test/val pairs also appear in train, but as fresh renders (different
+    position, size, brightness and noise): the prototype's set-up ("3,000 training clips over
+    all ordered pairs, a test set of 500 fresh renders holding both orders of 250 pairs").
+    Captions are unique within val and test while their groups do not repeat (≤ 552 order
+    clips, ≤ 96 motion clips); past that a warning says captions repeat (train repeats
+    captions by design: many renders of each ordered pair).
+
+Rendering
+    The two twins of a group share their look (background level, tint and texture; each
+    object's position, size (45-60% of the side) and brightness (80-100%)), drawn from an RNG
+    seeded by ``(seed, split, group)``; each clip adds its own 1-pixel per-frame wobble and pixel
+    noise from ``(seed, split, index)``. So the twins' mean-pooled frames differ by noise only,
+    while a group in another split (or another group of the same pair) is a fresh render. The
+    output does not depend on the worker count. Shapes are supersampled 2× for smooth edges.
+    Encoded with libx264 (yuv420p converted in numpy, CRF 18, preset veryfast, one thread,
+    psy-rd / AQ / mb-tree / scene-cut / adaptive-B off: bit-identical across processes), each
+    file written atomically.
+
+Output: ``<out>/videos/<video_id>.mp4``, ``<out>/captions.jsonl`` (``video_id``, ``path``,
+``captions``, ``split``, plus ``family``) and ``<out>/meta.json`` (written last: its presence
+marks a complete output; re-running with the same arguments does nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tb_reranker.errors import AlreadyExistsError, InvalidInputError, TBError
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "COLOURS",
+    "SHAPES",
+    "FAMILIES",
+    "Appearance",
+    "SynthResult",
+    "draw_appearance",
+    "generate",
+    "render_clip",
+]
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "1"
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 35, 35),
+    "green": (35, 185, 55),
+    "blue": (45, 85, 240),
+    "yellow": (240, 220, 35),
+    "purple": (165, 55, 215),
+    "white": (240, 240, 240),
+}
+SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
+FAMILIES: tuple[str, ...] = ("order", "motion")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+DIRECTIONS: dict[str, tuple[str, str]] = {
+    "horizontal": ("right", "left"),
+    "vertical": ("down", "up"),
+}
+
+_OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)  # 24
+_SUPERSAMPLE = 2
+_CLIP_ID = re.compile(r"^(train|val|test)_\d{6}\.mp4$")
+
+
+@dataclass(frozen=True)
+class SynthResult:
+    """What :func:`generate` did."""
+
+    root: Path  # the output folder
+    counts: dict[str, int]  # clips per split
+    created: int  # clips written by this call (0 when the output was already complete)
+    skipped: bool  # True when an identical complete output existed and nothing was done
+    elapsed_s: float  # wall time of the call
+    meta: dict[str, Any] = field(default_factory=dict)  # the content of meta.json
+
+
+@dataclass(frozen=True)
+class _ClipSpec:
+    video_id: str  # "<split>_<index:06d>"
+    split: str  # train | val | test
+    index: int  # index within the split (RNG stream)
+    family: str  # order | motion
+    objects: tuple[tuple[str, str], ...]  # (colour, shape) shown, in order of appearance
+    direction: str  # motion family: right | left | down | up; "" for order
+    caption: str  # the one caption
+
+
+def _describe(obj: tuple[str, str]) -> str:
+    return f"a {obj[0]} {obj[1]}"
+
+
+def _caption(family: str, objects: Sequence[tuple[str, str]], direction: str) -> str:
+    if family == "order":
+        return f"{_describe(objects[0])} then {_describe(objects[1])}"
+    return f"{_describe(objects[0])} moving {direction}"
+
+
+def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_ClipSpec]:
+    """Which clip shows what: twins in consecutive slots, group families round-robin."""
+    plan_rng = np.random.default_rng([seed, 7919])
+    pairs = list(combinations(range(len(_OBJECTS)), 2))  # 276 unordered pairs
+    held = [pairs[i] for i in plan_rng.permutation(len(pairs))]  # test from start, val from end
+    train_pairs = [pairs[i] for i in plan_rng.permutation(len(pairs))]
+    motion_groups = [(o, axis) for o in range(len(_OBJECTS)) for axis in DIRECTIONS]  # 48
+    held_motion = [motion_groups[i] for i in plan_rng.permutation(len(motion_groups))]
+    train_motion = [motion_groups[i] for i in plan_rng.permutation(len(motion_groups))]
+
+    specs: list[_ClipSpec] = []
+    for split in SPLITS:
+        for index in range(counts[split]):
+            group, twin = divmod(index, 2)  # twins 0 and 1 of a group are hard negatives
+            family = families[group % len(families)]
+            k = group // len(families)  # the group's number within its family
+            if family == "order":
+                if split == "train":
+                    a, b = train_pairs[k % len(train_pairs)]
+                elif split == "test":
+                    a, b = held[k % len(held)]
+                else:
+                    a, b = held[-1 - (k % len(held))]
+                first, second = (a, b) if twin == 0 else (b, a)
+                objects = (_OBJECTS[first], _OBJECTS[second])
+                direction = ""
+            else:
+                source = train_motion if split == "train" else held_motion
+                if split == "val":
+                    obj, axis = source[-1 - (k % len(source))]
+                else:
+                    obj, axis = source[k % len(source)]
+                objects = (_OBJECTS[obj],)
+                direction = DIRECTIONS[axis][twin]
+            specs.append(
+                _ClipSpec(
+                    video_id=f"{split}_{index:06d}",
+                    split=split,
+                    index=index,
+                    family=family,
+                    objects=objects,
+                    direction=direction,
+                    caption=_caption(family, objects, direction),
+                )
+            )
+    return specs
+
+
+def _shape_masks(
+    shape: str, size_px: int, xs: np.ndarray, ys: np.ndarray, radius: float
+) -> np.ndarray:
+    """Coverage in [0, 1] of a shape centred at (xs[k], ys[k]), supersampled: float32 [K, S, S]."""
+    n = size_px * _SUPERSAMPLE
+    coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
+    v = (coords[None, :, None] - ys[:, None, None].astype(np.float32)) / radius  # [K, n, 1] rows
+    u = (coords[None, None, :] - xs[:, None, None].astype(np.float32)) / radius  # [K, 1, n] cols
+    if shape == "square":
+        inside = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+    elif shape == "circle":
+        inside = u * u + v * v <= 1.0
+    elif shape == "triangle":
+        inside = (v >= -1.0) & (v <= 0.9) & (np.abs(u) <= (v + 1.0) / 1.9)
+    elif shape == "cross":
+        inside = ((np.abs(u) <= 1.0) & (np.abs(v) <= 0.3)) | (
+            (np.abs(v) <= 1.0) & (np.abs(u) <= 0.3)
+        )
+    else:  # pragma: no cover - SHAPES is closed
+        raise ValueError(shape)
+    count = len(xs)
+    cover = inside.astype(np.float32).reshape(count, size_px, _SUPERSAMPLE, size_px, _SUPERSAMPLE)
+    return cover.mean(axis=(2, 4))  # [K, S, S]
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How a twin group looks; both twins of a group share it (only order/direction differ)."""
+
+    background: np.ndarray  # float32 [S, S, 3], dark level + tint + static texture
+    objects: tuple[tuple[float, float, float, float], ...]  # per object: cx, cy, radius, gain
+
+
+def draw_appearance(family: str, size: int, rng: np.random.Generator) -> Appearance:
+    """Random background and object placement/size/brightness for one twin group."""
+    level = rng.uniform(15.0, 55.0)
+    tint = rng.uniform(-6.0, 6.0, size=3)
+    texture = rng.normal(0.0, 6.0, size=(size, size, 1))
+    background = (level + tint + texture).astype(np.float32)
+    placed = []
+    for _ in range(2 if family == "order" else 1):
+        radius = size * rng.uniform(0.45, 0.6) / 2.0
+        if family == "motion":
+            radius = min(radius, size * 0.25)  # leave room to move
+        slack = max(size / 2.0 - radius - 1.0, 0.0)
+        cx = size / 2.0 + rng.uniform(-slack, slack)
+        cy = size / 2.0 + rng.uniform(-slack, slack)
+        placed.append((cx, cy, radius, rng.uniform(0.8, 1.0)))
+    return Appearance(background, tuple(placed))
+
+
+def render_clip(
+    family: str,
+    objects: Sequence[tuple[str, str]],
+    direction: str,
+    appearance: Appearance,
+    *,
+    num_frames: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Render one clip: uint8 RGB frames [F, S, S, 3].
+
+    ``order``: ``objects[i]`` drawn with ``appearance.objects[i]`` in half i of the clip.
+    ``motion``: ``objects[0]`` crossing the frame towards ``direction``. ``rng`` adds the
+    per-frame 1-pixel wobble and pixel noise.
+    """
+    size = appearance.background.shape[0]
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    if family == "order":
+        half = num_frames // 2
+        spans = [(0, half), (half, num_frames)]
+    else:
+        spans = [(0, num_frames)]
+    for (first, stop), (colour, shape), (cx, cy, radius, gain) in zip(
+        spans, objects, appearance.objects, strict=True
+    ):
+        rgb = np.asarray(COLOURS[colour], dtype=np.float32) * gain
+        track = np.linspace(radius, size - radius, num_frames)  # motion: edge to edge
+        if direction in ("left", "up"):
+            track = track[::-1]
+        count = stop - first
+        xs = np.full(count, cx, dtype=np.float64)
+        ys = np.full(count, cy, dtype=np.float64)
+        if direction in ("left", "right"):
+            xs = track[first:stop].copy()
+        elif direction in ("up", "down"):
+            ys = track[first:stop].copy()
+        wobble = rng.integers(-1, 2, size=(count, 2))  # 1-pixel jitter per frame
+        covers = _shape_masks(shape, size, xs + wobble[:, 0], ys + wobble[:, 1], radius)
+        covers = covers[..., None]  # [K, S, S, 1]
+        noise = rng.normal(0.0, 4.0, size=(count, size, size, 3))
+        images = appearance.background * (1.0 - covers) + rgb * covers + noise
+        frames[first:stop] = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    return frames
+
+
+def _rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB [F, H, W, 3] -> uint8 yuv420p planes [F, H * 3 // 2, W] (BT.601, limited range).
+
+    Done here, explicitly, rather than by swscale inside PyAV, so the encoder input is exactly
+    defined by the rendered pixels.
+    """
+    rgb = frames.astype(np.float32)
+    count, height, width, _ = rgb.shape
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + 0.256788 * r + 0.504129 * g + 0.097906 * b  # [F, H, W]
+    pooled = rgb.reshape(count, height // 2, 2, width // 2, 2, 3).mean(axis=(2, 4))
+    r2, g2, b2 = pooled[..., 0], pooled[..., 1], pooled[..., 2]
+    u = 128.0 - 0.148223 * r2 - 0.290993 * g2 + 0.439216 * b2  # [F, H/2, W/2]
+    v = 128.0 + 0.439216 * r2 - 0.367788 * g2 - 0.071427 * b2
+    chroma = np.concatenate([u, v], axis=1).reshape(count, height // 2, width)
+    planes = np.concatenate([y, chroma], axis=1)  # [F, H * 3/2, W]
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
+    """Write uint8 [F, H, W, 3] frames as an H.264 MP4, atomically."""
+    import av
+
+    tmp = path.with_name(path.stem + ".part.mp4")
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.options = {
+            "crf": "18",
+            "preset": "veryfast",
+            "threads": "1",
+            # x264's float-driven decisions (psy-rd, adaptive quantisation, macroblock tree,
+            # scene cuts, adaptive B-frames) gave bit-different streams from one process to
+            # another (measured: 7-15 of 60 clips); without them every run is identical.
+            "x264-params": "scenecut=0:b-adapt=0:psy=0:aq-mode=0:mbtree=0",
+        }
+        stream.codec_context.thread_count = 1
+        for planes in _rgb_to_yuv420p(frames):
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    os.replace(tmp, path)
+
+
+def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int]) -> str:
+    spec, videos_dir, seed, size, num_frames, fps = job
+    split_code = SPLITS.index(spec.split)
+    group, twin = divmod(spec.index, 2)
+    # both twins of a group share the appearance; wobble and noise are per clip
+    appearance = draw_appearance(
+        spec.family, size, np.random.default_rng([seed, split_code, group, 0])
+    )
+    if twin == 1 and spec.family == "order":  # B then A: B keeps its look, A keeps its look
+        appearance = Appearance(appearance.background, appearance.objects[::-1])
+    rng = np.random.default_rng([seed, split_code, spec.index, 1])
+    frames = render_clip(
+        spec.family, spec.objects, spec.direction, appearance, num_frames=num_frames, rng=rng
+    )
+    _encode(Path(videos_dir) / f"{spec.video_id}.mp4", frames, fps)
+    return spec.video_id
+
+
+def _params(
+    counts: dict[str, int], seed: int, size: int, num_frames: int, fps: int, families: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        "generator": "tb_reranker.video.synth",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "counts": dict(counts),
+        "size": size,
+        "num_frames": num_frames,
+        "fps": fps,
+        "families": list(families),
+        "codec": "libx264",
+        "colours": list(COLOURS),
+        "shapes": list(SHAPES),
+    }
+
+
+def _is_complete(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """meta.json of an identical, complete earlier run; None when there is none."""
+    meta_path = root / "meta.json"
+    captions_path = root / "captions.jsonl"
+    if not meta_path.is_file() or not captions_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("params") != params:
+        return None
+    try:
+        with captions_path.open() as handle:
+            for line in handle:
+                if line.strip() and not (root / json.loads(line)["path"]).is_file():
+                    return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta
+
+
+def _holds_other_dataset(root: Path, params: dict[str, Any]) -> bool:
+    """True when ``root`` has a captions.jsonl or meta.json not made with ``params``.
+
+    An output of ours with the same arguments that lost files is simply regenerated.
+    """
+    meta_path = root / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(meta, dict) and meta.get("params") == params)
+    return (root / "captions.jsonl").exists()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def generate(
+    out_dir: str | os.PathLike[str],
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    seed: int = 0,
+    size: int = 32,
+    num_frames: int = 16,
+    fps: int = 8,
+    families: Sequence[str] = ("order",),
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SynthResult:
+    """Generate the synthetic benchmark into ``out_dir`` (deterministic for a given ``seed``).
+
+    Args:
+        out_dir: output folder (created).
+        num_train, num_val, num_test: clips per split (twins are consecutive; use even counts).
+        seed: everything (plan, renders) follows from it.
+        size: frame side in pixels (even, >= 16).
+        num_frames: frames per clip (even, >= 4; object A fills the first half).
+        fps: frame rate of the written clips.
+        families: hard-negative families, from ``FAMILIES``; groups are assigned round-robin.
+        workers: processes for rendering+encoding (default: CPU count; 1 = in this process).
+        force: regenerate even if an output exists (identical or not).
+        progress: show a tqdm progress bar.
+
+    Raises:
+        InvalidInputError: bad counts, sizes or families.
+        AlreadyExistsError: ``out_dir`` holds another dataset (different arguments) and not force.
+    """
+    started = time.perf_counter()
+    counts = {
+        "train": _check("num_train", num_train, 0),
+        "val": _check("num_val", num_val, 0),
+        "test": _check("num_test", num_test, 0),
+    }
+    if sum(counts.values()) == 0:
+        raise InvalidInputError("nothing to generate: all split counts are 0")
+    _check("seed", seed, 0)
+    if _check("size", size, 16) % 2:
+        raise InvalidInputError(f"size must be even (yuv420p), got {size}")
+    if _check("num_frames", num_frames, 4) % 2:
+        raise InvalidInputError(f"num_frames must be even (two equal halves), got {num_frames}")
+    _check("fps", fps, 1)
+    families = tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown or len(set(families)) != len(families):
+        raise InvalidInputError(
+            f"families must be distinct names from {list(FAMILIES)}, got {list(families)}"
+        )
+    workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
+
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"output path exists and is not a folder: {root}")
+    params = _params(counts, seed, size, num_frames, fps, families)
+    done = _is_complete(root, params)
+    if done is not None and not force:
+        log.info("%s already holds this dataset (same arguments): nothing to do", root)
+        return SynthResult(root, counts, 0, True, time.perf_counter() - started, done)
+    if not force and _holds_other_dataset(root, params):
+        raise AlreadyExistsError(
+            f"{root} already holds a dataset made with other arguments (or an unfinished one);"
+            " pass --force (force=True) to replace it"
+        )
+
+    videos_dir = root / "videos"
+    videos_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("meta.json", "captions.jsonl"):
+        (root / stale).unlink(missing_ok=True)  # the output is incomplete from here on
+    for old in videos_dir.iterdir():  # only files this generator names, never anything else
+        if _CLIP_ID.match(old.name) or old.name.endswith(".part.mp4"):
+            old.unlink()
+
+    specs = _plan(counts, families, seed)
+    for split in ("val", "test"):  # train repeats captions by design (many renders per pair)
+        captions = [s.caption for s in specs if s.split == split]
+        if len(set(captions)) < len(captions):
+            log.warning(
+                "split %s: %d clips but only %d distinct captions (more groups than the"
+                " families hold): retrieval ground truth is ambiguous for repeats",
+                split,
+                len(captions),
+                len(set(captions)),
+            )
+    jobs = [(spec, str(videos_dir), seed, size, num_frames, fps) for spec in specs]
+    _run_jobs(jobs, workers, progress)
+
+    lines = [
+        json.dumps(
+            {
+                "video_id": s.video_id,
+                "path": f"videos/{s.video_id}.mp4",
+                "captions": [s.caption],
+                "split": s.split,
+                "family": s.family,
+            }
+        )
+        for s in specs
+    ]
+    _write_atomic(root / "captions.jsonl", "\n".join(lines) + "\n")
+    elapsed = time.perf_counter() - started
+    meta = {
+        "params": params,
+        "seed": seed,
+        "counts": counts,
+        "generator_version": GENERATOR_VERSION,
+        "num_clips": len(specs),
+        "clips_per_s": round(len(specs) / max(elapsed, 1e-9), 1),
+    }
+    _write_atomic(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+    log.info("wrote %d clips to %s in %.1f s", len(specs), root, elapsed)
+    return SynthResult(root, counts, len(specs), False, elapsed, meta)
+
+
+def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool) -> None:
+    """Render+encode every job, in ``workers`` processes (fork: workers need no torch)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="synth", unit="clip", disable=not progress)
+    try:
+        if workers == 1 or len(jobs) < 16:
+            for job in jobs:
+                _make_clip(job)
+                bar.update(1)
+            return
+        # fork, not spawn: a spawned worker re-imports the caller's __main__, which loops
+        # forever in scripts without a main guard; the workers only use numpy and PyAV.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        chunksize = max(1, min(32, len(jobs) // (workers * 8)))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            for _ in pool.map(_make_clip, jobs, chunksize=chunksize):
+                bar.update(1)
+    except BrokenProcessPool as exc:
+        raise TBError(f"a synth worker process died: {exc}") from exc
+    except OSError as exc:
+        raise TBError(f"cannot write synthetic clips: {exc}") from exc
+    finally:
+        bar.close()
