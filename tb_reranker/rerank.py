@@ -21,14 +21,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tb_reranker.errors import InvalidInputError, NotFoundError
-from tb_reranker.types import Hit
+from tb_reranker.types import Hit, RerankedCandidate, RerankResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.index import FrameStore, VideoIndex
@@ -39,24 +39,6 @@ __all__ = ["Reranker", "RerankResult", "RerankedCandidate", "MAX_TEXT_CHARS"]
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 2048  # longer query texts are refused (CLIP truncates at 77 tokens anyway)
-
-
-@dataclass(frozen=True)
-class RerankedCandidate:
-    id: str  # video id
-    index: int  # position of this candidate in the request's candidate list
-    score: float  # final score S = S' + Δ (S' alone for candidates past K)
-    broad_score: float  # S': cosine(I_1, video CLS)
-    delta: float  # Δ from the focused view (0.0 past K)
-    best_frame_s: float | None  # timestamp of the frame the indicators attended most
-    reranked: bool = True  # False for candidates past K (kept in broad order)
-
-
-@dataclass
-class RerankResult:
-    candidates: list[RerankedCandidate]  # sorted by score, descending (top_n of them)
-    missing_ids: list[str] = field(default_factory=list)  # ids the store does not hold
-    timings: dict[str, int] = field(default_factory=dict)  # ns: encode/fetch/fusion/total
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Hit"]
+__all__ = ["Hit", "RerankResult", "RerankedCandidate"]
 
 
 @dataclass(frozen=True)
@@ -28,3 +28,21 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RerankedCandidate:
+    id: str  # video id
+    index: int  # position of this candidate in the request's candidate list
+    score: float  # final score S = S' + Δ (S' alone for candidates past K)
+    broad_score: float  # S': cosine(I_1, video CLS)
+    delta: float  # Δ from the focused view (0.0 past K)
+    best_frame_s: float | None  # timestamp of the frame the indicators attended most
+    reranked: bool = True  # False for candidates past K (kept in broad order)
+
+
+@dataclass
+class RerankResult:
+    candidates: list[RerankedCandidate]  # sorted by score, descending (top_n of them)
+    missing_ids: list[str] = field(default_factory=list)  # ids the store does not hold
+    timings: dict[str, int] = field(default_factory=dict)  # ns: encode/fetch/fusion/total

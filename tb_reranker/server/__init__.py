@@ -1,0 +1,32 @@
+"""The gRPC reranker sidecar (``tb serve``) and its provider-compatible HTTP endpoints.
+
+Public API: :class:`ServerConfig`, :class:`TBServer`, :class:`Components`, :func:`serve`,
+:func:`load_components`. Imports are lazy so that ``import tb_reranker.server.protogen`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["ServerConfig", "TBServer", "Components", "serve", "load_components"]
+
+_LAZY = {
+    "ServerConfig": "tb_reranker.server.config",
+    "TBServer": "tb_reranker.server.app",
+    "serve": "tb_reranker.server.app",
+    "load_components": "tb_reranker.server.app",
+    "Components": "tb_reranker.server.backend",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tb_reranker.server.app import TBServer, load_components, serve
+    from tb_reranker.server.backend import Components
+    from tb_reranker.server.config import ServerConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tb_reranker.server' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,369 @@
+"""``TBServer``: the grpc.aio sidecar with health, reflection, limits, metrics and HTTP endpoints.
+
+Lifecycle: ``start()`` binds the ports at once with every health status NOT_SERVING, then loads
+the model and store (and connects Milvus) in the background; statuses turn SERVING as parts
+become ready. ``stop()`` drains: health goes NOT_SERVING, new calls are refused, in-flight calls
+get ``grace_s`` to finish. :func:`serve` runs a server until SIGTERM/SIGINT.
+
+Health services: ``""`` (overall) and Encode/Rerank/Info follow the model + store; SearchService
+follows Milvus as well (NOT_SERVING while Milvus is down or not configured), so a server without
+Milvus still serves Encode and Rerank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from tb_reranker.errors import InvalidInputError, TBError
+from tb_reranker.server.backend import Backend, Components
+from tb_reranker.server.config import ServerConfig
+from tb_reranker.server.interceptors import (
+    AuthInterceptor,
+    ConcurrencyLimitInterceptor,
+    MetricsInterceptor,
+)
+from tb_reranker.server.metrics import ServerMetrics
+from tb_reranker.server.servicers import SERVICE_NAMES, add_servicers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+
+    from tb_reranker.config import Settings
+    from tb_reranker.index import VideoIndex
+
+__all__ = ["TBServer", "serve", "load_components", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+LoadFn = Callable[[], Components]  # blocking: builds model + store (+ index)
+ConnectIndexFn = Callable[[], "VideoIndex"]  # blocking: opens the Milvus collection
+
+
+class TBServer:
+    """The sidecar. ``load`` builds the components (in a thread, after the ports are bound);
+    ``connect_index`` (optional) opens Milvus and is retried every ``index_retry_s`` until it
+    succeeds, so Encode/Rerank serve while Milvus is still down."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        load: LoadFn,
+        *,
+        connect_index: ConnectIndexFn | None = None,
+        index_retry_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self._load = load
+        self._connect_index = connect_index
+        self._index_retry_s = index_retry_s
+        self.metrics = ServerMetrics(cache_stats=lambda: self.backend.cache_stats())
+        self.backend = Backend(config, self.metrics)
+        self.limiter = ConcurrencyLimitInterceptor(config.max_concurrency, self.metrics)
+        self.health = health_aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task] = []
+        self._ready = asyncio.Event()
+        self.load_error: BaseException | None = None
+        self.port = 0  # the bound gRPC port
+        self.http_port: int | None = None  # the bound provider HTTP port
+        self.metrics_port: int | None = None  # the bound /metrics port
+
+    # ------------------------------------------------------------------ start
+    async def start(self) -> None:
+        config = self.config
+        interceptors: list[aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if config.token:
+            interceptors.append(AuthInterceptor(config.token))
+        interceptors.append(self.limiter)
+        server = aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=None,  # shedding is ConcurrencyLimitInterceptor's job
+        )
+        add_servicers(server, self.backend, self._set_milvus_status)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            *SERVICE_NAMES.values(),
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        for name in ("", *SERVICE_NAMES.values()):
+            await self.health.set(name, NOT_SERVING)
+        address = _address(config.host, config.port)
+        if config.tls:
+            self.port = server.add_secure_port(address, _server_credentials(config))
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise InvalidInputError(f"cannot bind gRPC to {address}")
+        await server.start()
+        self._server = server
+        await self._start_http()
+        log.info(
+            "tb serve: gRPC on %s:%d (%s%s), batching %s",
+            config.host,
+            self.port,
+            "TLS" if config.tls else "plaintext",
+            ", mTLS" if config.tls_client_ca else "",
+            "on" if config.batching else "off",
+        )
+        self._tasks.append(asyncio.create_task(self._load_in_background(), name="tb-load"))
+
+    async def _start_http(self) -> None:
+        from aiohttp import web
+
+        from tb_reranker.server.http import build_metrics_app, build_provider_app
+
+        config = self.config
+        ssl_context = _ssl_context(config) if config.tls else None
+        if config.http_port >= 0:
+            app = build_provider_app(
+                self.backend, token=config.token, limiter=self.limiter, metrics=self.metrics
+            )
+            self.http_port = await self._run_app(app, config.http_port, ssl_context, web)
+            log.info("tb serve: provider HTTP endpoints on %s:%d", config.host, self.http_port)
+        if config.metrics_port >= 0:
+            self.metrics_port = await self._run_app(
+                build_metrics_app(self.metrics), config.metrics_port, None, web
+            )
+            log.info(
+                "tb serve: Prometheus metrics on %s:%d/metrics", config.host, self.metrics_port
+            )
+
+    async def _run_app(self, app: Any, port: int, ssl_context: Any, web: Any) -> int:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.host, port, ssl_context=ssl_context)
+        await site.start()
+        self._runners.append(runner)
+        return int(runner.addresses[-1][1]) if runner.addresses else port
+
+    async def _load_in_background(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            components = await loop.run_in_executor(None, self._load)
+            await self.backend.attach(components)
+        except Exception as exc:  # stays NOT_SERVING; the cause is logged and kept
+            self.load_error = exc
+            log.error(
+                "tb serve: loading the model/store failed: %s",
+                exc,
+                exc_info=not isinstance(exc, TBError),
+            )
+            self._ready.set()
+            return
+        for name in ("", SERVICE_NAMES["encode"], SERVICE_NAMES["rerank"], SERVICE_NAMES["info"]):
+            await self.health.set(name, SERVING)
+        log.info("tb serve: model ready (fingerprint %s)", self.backend.fingerprint[:12])
+        self._ready.set()
+        if components.index is not None:
+            await self._set_milvus_status(True)
+        elif self._connect_index is not None:
+            self.backend.index_error = "still connecting"
+            await self._connect_index_until_ready()
+
+    async def _connect_index_until_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._connect_index is not None
+        while True:
+            try:
+                index = await loop.run_in_executor(None, self._connect_index)
+            except Exception as exc:
+                self.backend.index_error = str(exc)
+                log.warning(
+                    "tb serve: Milvus not reachable (%s); Search stays NOT_SERVING, retrying in %.0f s",
+                    exc,
+                    self._index_retry_s,
+                )
+                await asyncio.sleep(self._index_retry_s)
+                continue
+            assert self.backend.components is not None
+            self.backend.components.index = index
+            self.backend.index_error = None
+            log.info("tb serve: Milvus collection ready, Search is serving")
+            await self._set_milvus_status(True)
+            return
+
+    async def _set_milvus_status(self, ok: bool) -> None:
+        ready = (
+            ok and self.backend.components is not None and self.backend.components.index is not None
+        )
+        await self.health.set(SERVICE_NAMES["search"], SERVING if ready else NOT_SERVING)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until loading finished; raises the load error if it failed."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        if self.load_error is not None:
+            raise self.load_error
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.backend.close()
+        log.info("tb serve: stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> TBServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(0)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    key = _read(config.tls_key, "TLS key")
+    cert = _read(config.tls_cert, "TLS certificate")
+    ca = _read(config.tls_client_ca, "client CA bundle") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def _ssl_context(config: ServerConfig) -> Any:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca:
+        context.load_verify_locations(config.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """``("auto", "auto")`` → ``("cuda:0", "bfloat16")`` with a GPU, ``("cpu", "float32")`` without."""
+    import torch
+
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device!r} requested but CUDA is not available")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype == "bfloat16" and not device.startswith("cuda"):
+        raise InvalidInputError("dtype bfloat16 is only used on cuda devices")
+    return device, dtype
+
+
+def load_components(settings: Settings, config: ServerConfig) -> Components:
+    """Model (checkpoint) + frame store from ``settings``; Milvus is connected separately."""
+    from tb_reranker.index import open_store
+    from tb_reranker.model import TokenBinder
+    from tb_reranker.rerank import Reranker
+
+    device, dtype = resolve_device(config.device, config.dtype)
+    model = TokenBinder.load(settings.checkpoint, device=device)
+    store = open_store(settings.store)
+    reranker = Reranker(
+        model, store, cache_size=config.cache_size, max_candidates=config.max_candidates
+    )
+    return Components(reranker=reranker, index=None, device=device, dtype=dtype)
+
+
+def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> ConnectIndexFn:
+    def connect() -> VideoIndex:
+        from tb_reranker.index import VideoIndex
+
+        return VideoIndex(
+            settings.milvus_uri,
+            token=settings.milvus_token,
+            collection=settings.collection,
+            fingerprint=fingerprint(),
+        )
+
+    return connect
+
+
+async def serve(
+    config: ServerConfig,
+    settings: Settings,
+    *,
+    search: bool = True,
+    install_signal_handlers: bool = True,
+    on_started: Callable[[TBServer], Any] | None = None,
+) -> None:
+    """Run the sidecar until SIGTERM/SIGINT, then drain for ``config.grace_s`` seconds.
+
+    A failure to load the model or the store (missing checkpoint, unreadable store) ends it at
+    once with that error, so that ``tb serve`` exits 2 with the reason instead of idling
+    NOT_SERVING; Milvus being down does not (Search retries the connection in the background).
+    """
+    server: TBServer | None = None
+
+    def fingerprint() -> str:
+        return server.backend.fingerprint if server is not None else ""
+
+    server = TBServer(
+        config,
+        lambda: load_components(settings, config),
+        connect_index=_index_connector(settings, fingerprint) if search else None,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if on_started is not None:
+        on_started(server)
+    try:
+        stopping = asyncio.create_task(stop.wait())
+        loading = asyncio.create_task(server.wait_ready())
+        await asyncio.wait({stopping, loading}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done() and loading.exception() is not None:
+            stopping.cancel()
+            raise loading.exception()  # e.g. no checkpoint: exit at once with the reason
+        await stopping
+        loading.cancel()
+        log.info("tb serve: signal received, draining for up to %.1f s", config.grace_s)
+    finally:
+        await server.stop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

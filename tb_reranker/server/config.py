@@ -1,0 +1,99 @@
+"""``ServerConfig``: every knob of ``tb serve``; each field also reads ``TB_SERVE_<FIELD>``.
+
+Secure defaults: bind ``127.0.0.1`` (loopback only) unless told otherwise, bounded concurrency,
+bounded message sizes. Auth (bearer token) and TLS are off until configured; turn both on
+before binding a non-loopback address.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tb_reranker.config import env
+from tb_reranker.errors import InvalidInputError
+
+__all__ = ["ServerConfig", "ENV_PREFIX"]
+
+ENV_PREFIX = "SERVE_"  # fields read TB_SERVE_<FIELD> (tb_reranker.config adds "TB_")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Sidecar settings. Arguments win over ``TB_SERVE_*`` variables, which win over defaults."""
+
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 / [::] exposes the port to the network
+    port: int = 50051  # gRPC port; 0 = any free port (the bound one is TBServer.port)
+    http_port: int = -1  # provider HTTP endpoints (TEI / Cohere / Weaviate); -1 = off, 0 = any
+    metrics_port: int = -1  # Prometheus /metrics; -1 = off, 0 = any free port
+    token: str = ""  # bearer token required on every call ("" = no auth); health is exempt
+    tls_cert: str = ""  # PEM server certificate chain file ("" = plaintext)
+    tls_key: str = ""  # PEM private key file of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a cert it signed (mTLS)
+    max_candidates: int = 1000  # candidate ids per Rerank call, and the largest Search limit
+    max_text_chars: int = 2048  # characters per query text
+    max_texts: int = 256  # texts per Encode call
+    max_message_bytes: int = 16 * 1024 * 1024  # gRPC receive/send message size limit
+    max_concurrency: int = 64  # calls in flight (queued in a batch included) before shedding
+    batching: bool = True  # dynamic micro-batching of concurrent Encode/Rerank calls
+    max_batch: int = 32  # calls fused into one device batch
+    max_wait_ms: float = 0.0  # batch window; 0 = batch only what queued while the device was busy
+    cache_size: int = 4096  # videos whose projected K/V the Reranker keeps (LRU)
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1"
+    dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
+    grace_s: float = 10.0  # graceful shutdown: in-flight calls get this long to finish
+    io_threads: int = 4  # threads for Milvus calls (Search)
+
+    def __post_init__(self) -> None:
+        for name in ("max_candidates", "max_text_chars", "max_texts", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_concurrency", "max_batch", "io_threads"):
+            if getattr(self, name) <= 0:
+                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.grace_s < 0:
+            raise InvalidInputError("max_wait_ms and grace_s must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidInputError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidInputError("mTLS (tls_client_ca) needs tls_cert and tls_key")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise InvalidInputError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> ServerConfig:
+        """Build from arguments (``None`` = not given), then ``TB_SERVE_*``, then defaults."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown server settings: {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            given = overrides.get(f.name)
+            if given is not None:
+                values[f.name] = given
+                continue
+            raw = env(ENV_PREFIX + f.name)
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, raw, type(f.default))
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise InvalidInputError(
+            f"TB_{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None

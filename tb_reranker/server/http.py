@@ -1,0 +1,273 @@
+"""Reranker-provider HTTP endpoints (aiohttp), so vector databases can call TokenBinder.
+
+Documents are **video ids** (the Milvus primary key or any field holding it); the query is the
+search text. Scores are TokenBinder's final scores S = S' + Δ with S' computed from the stored
+frame tokens, made non-increasing along TokenBinder's order (candidates past K keep their broad
+order below the reranked ones). Ids absent from the frame store come last with score
+``MISSING_SCORE``.
+
+Routes (``tb serve --http-port``):
+
+- TEI (text-embeddings-inference): ``POST /rerank`` ``{"query", "texts": [...]}`` →
+  ``[{"index", "score"}]`` sorted by score (``"text"`` too with ``return_text``).
+- Cohere / vLLM / Milvus ``provider: cohere``: ``POST /v1/rerank`` and ``POST /v2/rerank``
+  ``{"query", "documents": [str | {"text"}], "top_n"?}`` →
+  ``{"id", "results": [{"index", "relevance_score"}], "meta"}``.
+- Weaviate reranker-transformers: ``GET /.well-known/ready``, ``GET /.well-known/live``,
+  ``GET /meta``, ``POST /rerank`` ``{"query", "documents": [...]}`` →
+  ``{"query", "scores": [{"document", "score"}]}`` in input order.
+- vLLM (Milvus 2.6 provider ``vllm`` posts ``{endpoint}/rerank`` ``{"query", "documents"}``):
+  the same ``POST /rerank`` answer also carries ``"results": [{"index", "relevance_score"}]``.
+
+TEI, Weaviate and vLLM share ``POST /rerank``: a body with ``texts`` is TEI; a body with
+``documents`` is Weaviate/vLLM, answered with both ``scores`` and ``results`` (both keys, or
+neither → 400).
+
+Auth: with a server token, POST routes need ``Authorization: Bearer <token>`` (scheme
+case-insensitive; Milvus sends its provider API key as ``bearer <key>``); the GET probes stay open. ``/metrics`` serves Prometheus text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+import tb_reranker
+from tb_reranker.errors import InvalidInputError, TBError, grpc_status_name
+from tb_reranker.server.backend import Backend, RerankItem
+from tb_reranker.server.interceptors import ConcurrencyLimitInterceptor, bearer_matches
+from tb_reranker.server.metrics import ServerMetrics
+
+__all__ = ["build_provider_app", "build_metrics_app", "MISSING_SCORE"]
+
+log = logging.getLogger(__name__)
+
+MISSING_SCORE = -1000.0  # score of documents whose id has no frame tokens in the store
+_MIN_STEP = 1e-6  # gap that keeps the scores strictly decreasing along TokenBinder's order
+
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 412,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+BACKEND_KEY = web.AppKey("backend", Backend)
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": message, "error_type": kind}, status=status)
+
+
+async def scored_documents(
+    backend: Backend, query: Any, documents: list[str], top_n: int | None = None
+) -> list[tuple[int, float]]:
+    """(index into ``documents``, score) in TokenBinder order, missing ids last."""
+    if not isinstance(query, str):
+        raise InvalidInputError("'query' must be a string")
+    result, _ = await backend.rerank(RerankItem(candidates_ids=documents, text=query))
+    ranked: list[tuple[int, float]] = []
+    previous = float("inf")
+    for candidate in result.candidates:
+        score = min(float(candidate.score), previous - _MIN_STEP)
+        ranked.append((candidate.index, score))
+        previous = score
+    seen = {index for index, _ in ranked}
+    ranked.extend((n, MISSING_SCORE) for n in range(len(documents)) if n not in seen)
+    return ranked[:top_n] if top_n else ranked
+
+
+def _documents(body: dict[str, Any], key: str) -> list[str]:
+    documents = body.get(key)
+    if not isinstance(documents, list) or not documents:
+        raise InvalidInputError(f"'{key}' must be a non-empty list of video ids")
+    out = []
+    for document in documents:
+        if isinstance(document, dict):  # Cohere also accepts {"text": ...}
+            document = document.get("text")
+        if not isinstance(document, str):
+            raise InvalidInputError(f"every entry of '{key}' must be a video id string")
+        out.append(document)
+    return out
+
+
+def _top_n(body: dict[str, Any]) -> int | None:
+    top_n = body.get("top_n")
+    if top_n is None:
+        return None
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n <= 0:
+        raise InvalidInputError(f"'top_n' must be a positive integer, got {top_n!r}")
+    return top_n
+
+
+def build_provider_app(
+    backend: Backend,
+    *,
+    token: str = "",
+    limiter: ConcurrencyLimitInterceptor | None = None,
+    metrics: ServerMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``)."""
+    expected = token.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        response: web.StreamResponse | None = None
+        acquired = False
+        try:
+            if request.method == "POST":
+                if expected and not bearer_matches(request.headers.get("Authorization"), expected):
+                    response = _error(401, "missing or invalid bearer token", "Unauthorized")
+                    return response
+                if limiter is not None:
+                    if not limiter.try_acquire():
+                        response = _error(429, limiter.busy_message(), "Overloaded")
+                        return response
+                    acquired = True
+            response = await handler(request)
+            return response
+        except web.HTTPException as exc:
+            response = exc
+            raise
+        except json.JSONDecodeError as exc:
+            response = _error(400, f"the body is not valid JSON: {exc}", "Validation")
+            return response
+        except TBError as exc:
+            name = grpc_status_name(exc)
+            response = _error(_HTTP_STATUS.get(name, 500), str(exc), name)
+            return response
+        except Exception:
+            log.exception("internal error in %s %s", request.method, request.path)
+            response = _error(500, "internal server error (details in the server log)", "Internal")
+            return response
+        finally:
+            if acquired and limiter is not None:
+                limiter.release()
+            if metrics is not None:
+                status = response.status if response is not None else 500
+                metrics.http_requests.labels(route, str(status)).inc()
+
+    async def read_json(request: web.Request) -> dict[str, Any]:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise InvalidInputError("the body must be a JSON object")
+        return body
+
+    async def rerank(request: web.Request) -> web.Response:
+        """TEI (``texts``) or Weaviate (``documents``), told apart by the body's keys."""
+        body = await read_json(request)
+        if ("texts" in body) == ("documents" in body):
+            raise InvalidInputError(
+                "POST /rerank takes either 'texts' (TEI) or 'documents' (Weaviate), not both"
+            )
+        if "texts" in body:
+            texts = _documents(body, "texts")
+            ranked = await scored_documents(backend, body.get("query"), texts)
+            return_text = bool(body.get("return_text", False))
+            return web.json_response(
+                [
+                    {"index": n, "score": score, **({"text": texts[n]} if return_text else {})}
+                    for n, score in ranked
+                ]
+            )
+        # Weaviate reranker-transformers and vLLM (Milvus provider "vllm") post the same body;
+        # the answer carries both shapes: Weaviate reads "scores", vLLM clients read "results".
+        documents = _documents(body, "documents")
+        ranked = await scored_documents(backend, body.get("query"), documents, _top_n(body))
+        scores = dict(ranked)
+        return web.json_response(
+            {
+                "id": str(uuid.uuid4()),
+                "model": "tokenbinder",
+                "query": body.get("query"),
+                "scores": [
+                    {"document": d, "score": scores[n]}
+                    for n, d in enumerate(documents)
+                    if n in scores
+                ],
+                "results": [{"index": n, "relevance_score": score} for n, score in ranked],
+            }
+        )
+
+    async def cohere_rerank(request: web.Request) -> web.Response:
+        body = await read_json(request)
+        documents = _documents(body, "documents")
+        ranked = await scored_documents(backend, body.get("query"), documents, _top_n(body))
+        return_documents = bool(body.get("return_documents", False))
+        return web.json_response(
+            {
+                "id": str(uuid.uuid4()),
+                "results": [
+                    {
+                        "index": n,
+                        "relevance_score": score,
+                        **({"document": {"text": documents[n]}} if return_documents else {}),
+                    }
+                    for n, score in ranked
+                ],
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+            }
+        )
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(status=204 if backend.ready else 503)
+
+    async def live(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def meta(request: web.Request) -> web.Response:
+        info: dict[str, Any] = {"name": "tokenbinder", "version": tb_reranker.__version__}
+        if backend.components is not None:
+            model = backend.components.reranker.model
+            info.update(
+                fingerprint=backend.fingerprint,
+                embed_dim=int(model.embed_dim),
+                num_indicators=int(model.num_indicators),
+                top_k=int(model.top_k),
+                num_frames=int(model.num_frames),
+                device=backend.components.device,
+            )
+        return web.json_response({"model": info})
+
+    app = web.Application(middlewares=[guard], client_max_size=backend.config.max_message_bytes)
+    app[BACKEND_KEY] = backend
+    app.router.add_post("/rerank", rerank)
+    app.router.add_post("/v1/rerank", cohere_rerank)
+    app.router.add_post("/v2/rerank", cohere_rerank)
+    app.router.add_get("/.well-known/ready", ready)
+    app.router.add_get("/.well-known/live", live)
+    app.router.add_get("/meta", meta)
+    if metrics is not None:
+        app.router.add_get("/metrics", _metrics_handler(metrics))
+    return app
+
+
+def build_metrics_app(metrics: ServerMetrics) -> web.Application:
+    """A one-route application: ``GET /metrics`` in the Prometheus text format."""
+    app = web.Application()
+    app.router.add_get("/metrics", _metrics_handler(metrics))
+    return app
+
+
+def _metrics_handler(metrics: ServerMetrics) -> Handler:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def handler(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        response = web.Response(body=body)
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    return handler

@@ -1,0 +1,204 @@
+"""Server interceptors: metrics (outermost), bearer-token auth, bounded concurrency.
+
+Each wraps unary-unary handlers (all ``tb_reranker.v1`` RPCs and Health.Check); streaming
+handlers (Health.Watch, reflection) pass through metrics and the limiter untouched but are still
+subject to auth, except the health service, which stays open so that load balancers and
+orchestrators can probe without credentials.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from tb_reranker.server.metrics import ServerMetrics
+
+__all__ = [
+    "MetricsInterceptor",
+    "AuthInterceptor",
+    "ConcurrencyLimitInterceptor",
+    "bearer_matches",
+]
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+LIMITED_PREFIX = "/tb_reranker.v1."
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def bearer_matches(header: str | bytes | None, token: bytes) -> bool:
+    """``Authorization`` value ``Bearer <token>`` (scheme case-insensitive, RFC 7235; Milvus sends
+    ``bearer``), compared in constant time."""
+    if not header or not token:
+        return False
+    value = header.encode() if isinstance(header, str) else bytes(header)
+    scheme, _, given = value.strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(given.strip(), token)
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def _rejecting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str):
+    """A handler of the same kind as ``handler`` that fails every call with ``code``."""
+
+    async def unary(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(code, details)
+
+    async def streaming(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(code, details)
+        yield  # pragma: no cover - makes this an async generator
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+
+
+def _method_name(full: str) -> str:
+    """'/tb_reranker.v1.RerankService/Rerank' -> 'RerankService/Rerank'."""
+    service, _, method = full.lstrip("/").rpartition("/")
+    return f"{service.rsplit('.', 1)[-1]}/{method}"
+
+
+class MetricsInterceptor(aio.ServerInterceptor):
+    """Counts unary calls and their latency by method and final status code."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behavior = handler.unary_unary
+        method = _method_name(details.method)
+        metrics = self._metrics
+
+        async def observed(request: Any, context: aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await behavior(request, context)
+            except aio.AbortError:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            except BaseException:
+                code = "CANCELLED" if context.cancelled() else "UNKNOWN"
+                raise
+            finally:
+                metrics.observe_call(method, code, time.perf_counter() - started)
+
+        return _wrap_unary(handler, observed)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` metadata (constant-time comparison)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ValueError("AuthInterceptor needs a non-empty token")
+        self._token = token.encode()
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                return bearer_matches(value, self._token)
+        return False
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        if self._authorized(details):
+            return handler
+        log.debug("unauthenticated call to %s", details.method)
+        return _rejecting(
+            handler,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token (metadata 'authorization: Bearer <token>')",
+        )
+
+
+class ConcurrencyLimitInterceptor(aio.ServerInterceptor):
+    """At most ``limit`` ``tb_reranker.v1`` calls in flight; the next ones get RESOURCE_EXHAUSTED.
+
+    Load is shed at once instead of queueing without bound: a client should back off and retry
+    (the remote SDK does not retry this code by itself; the caller decides).
+    """
+
+    def __init__(self, limit: int, metrics: ServerMetrics | None = None) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._metrics = metrics
+
+    def try_acquire(self) -> bool:
+        """Take a slot (event-loop thread only); False when all are taken (counted as shed)."""
+        if self.in_flight >= self.limit:
+            if self._metrics is not None:
+                self._metrics.shed.inc()
+            return False
+        self.in_flight += 1
+        if self._metrics is not None:
+            self._metrics.in_flight.set(self.in_flight)
+        return True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        if self._metrics is not None:
+            self._metrics.in_flight.set(self.in_flight)
+
+    def busy_message(self) -> str:
+        return (
+            f"server busy: {self.in_flight} calls in flight (max_concurrency={self.limit}); "
+            "retry later"
+        )
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if (
+            handler is None
+            or handler.unary_unary is None
+            or not details.method.startswith(LIMITED_PREFIX)
+        ):
+            return handler
+        behavior = handler.unary_unary
+
+        async def limited(request: Any, context: aio.ServicerContext) -> Any:
+            if not self.try_acquire():
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.busy_message())
+            try:
+                return await behavior(request, context)
+            finally:
+                self.release()
+
+        return _wrap_unary(handler, limited)

@@ -1,0 +1,262 @@
+"""The ``tb_reranker.v1`` servicers: thin translation between messages and the ``Backend``.
+
+Errors are mapped to status codes in one place (:func:`_rpc`): ``TBError`` subclasses through
+``tb_reranker.errors.GRPC_STATUS``; anything else is logged once with its traceback and returned
+as INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+import tb_reranker
+from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
+from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
+from tb_reranker.errors import (
+    DeadlineExceededError,
+    IndexBackendError,
+    InvalidInputError,
+    TBError,
+    grpc_status_name,
+)
+from tb_reranker.server.backend import Backend, RerankItem, SearchDisabledError
+from tb_reranker.server.convert import (
+    hit_to_proto,
+    metadata_to_proto,
+    tensor_from_proto,
+    tensor_to_proto,
+)
+
+__all__ = [
+    "EncodeServicer",
+    "RerankServicer",
+    "SearchServicer",
+    "InfoServicer",
+    "SERVICE_NAMES",
+    "add_servicers",
+]
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "tb_reranker.v1"
+ERROR_TYPE_KEY = "tb-error-type"  # trailing metadata: the TBError class name behind a status
+_DESCRIPTOR = pb.DESCRIPTOR
+SERVICE_NAMES = {
+    "encode": _DESCRIPTOR.services_by_name["EncodeService"].full_name,
+    "rerank": _DESCRIPTOR.services_by_name["RerankService"].full_name,
+    "search": _DESCRIPTOR.services_by_name["SearchService"].full_name,
+    "info": _DESCRIPTOR.services_by_name["InfoService"].full_name,
+}
+
+
+def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Deadline check + one error-to-status mapping for every RPC."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> Any:
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("the call's deadline expired before it started")
+            coroutine = method(self, request, context)
+            if remaining is None:
+                return await coroutine
+            try:
+                return await asyncio.wait_for(coroutine, remaining)
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"deadline of {remaining:.3f} s expired while the call was running"
+                ) from None
+        except (aio.AbortError, asyncio.CancelledError):
+            raise
+        except SearchDisabledError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except TBError as exc:
+            await context.abort(
+                grpc.StatusCode[grpc_status_name(exc)],
+                str(exc),
+                trailing_metadata=((ERROR_TYPE_KEY, type(exc).__name__),),
+            )
+        except Exception:
+            log.exception("internal error in %s", method.__qualname__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL, "internal server error (details are in the server log)"
+            )
+
+    return wrapper
+
+
+class EncodeServicer(pb_grpc.EncodeServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @_rpc
+    async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext):
+        indicators, timings = await self.backend.encode(list(request.texts))
+        return pb.EncodeResponse(
+            indicators=tensor_to_proto(indicators),
+            model_fingerprint=self.backend.fingerprint,
+            metadata=metadata_to_proto(timings),
+        )
+
+
+class RerankServicer(pb_grpc.RerankServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @_rpc
+    async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext):
+        which = request.WhichOneof("query")
+        if which is None:
+            raise _invalid("the query is missing: set text or indicators")
+        item = RerankItem(
+            candidates_ids=list(request.candidates_ids),
+            text=request.text if which == "text" else None,
+            indicators=(
+                tensor_from_proto(request.indicators, name="indicators")
+                if which == "indicators"
+                else None
+            ),
+            broad_scores=list(request.broad_scores) if len(request.broad_scores) else None,
+            top_n=int(request.top_n) or None,
+            strict=bool(request.strict),
+            contents_hashes=[h or None for h in request.contents_hashes]
+            if len(request.contents_hashes)
+            else None,
+        )
+        result, timings = await self.backend.rerank(item)
+        return rerank_response(result, item.candidates_ids, timings)
+
+    @_rpc
+    async def Invalidate(self, request: pb.InvalidateRequest, context: aio.ServicerContext):
+        if request.all:
+            await self.backend.invalidate(None)
+        elif len(request.videos_ids):
+            await self.backend.invalidate(list(request.videos_ids))
+        return pb.InvalidateResponse()
+
+
+def rerank_response(result: Any, candidates_ids: list[str], timings: dict[str, int]):
+    """``RerankResult`` → ``RerankResponse`` (missing ids keep their request index)."""
+    positions = {video_id: n for n, video_id in enumerate(candidates_ids)}
+    ranks = []
+    for candidate in result.candidates:
+        rank = pb.RankedCandidate(
+            id=candidate.id,
+            index=candidate.index,
+            score=candidate.score,
+            broad_score=candidate.broad_score,
+            delta=candidate.delta,
+            reranked=bool(getattr(candidate, "reranked", True)),
+        )
+        if candidate.best_frame_s is not None:
+            rank.best_frame_s = candidate.best_frame_s
+        ranks.append(rank)
+    missing = [
+        pb.MissingCandidate(
+            id=video_id,
+            index=positions[video_id],
+            reason=pb.MISSING_REASON_NOT_IN_STORE,
+        )
+        for video_id in result.missing_ids
+    ]
+    return pb.RerankResponse(ranks=ranks, missing=missing, metadata=metadata_to_proto(timings))
+
+
+class SearchServicer(pb_grpc.SearchServiceServicer):
+    def __init__(self, backend: Backend, on_milvus_status: Callable[[bool], Any] | None = None):
+        self.backend = backend
+        self._on_milvus_status = on_milvus_status
+
+    @_rpc
+    async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext):
+        which = request.WhichOneof("query")
+        if which is None:
+            raise _invalid("the query is missing: set text or indicators")
+        query = (
+            request.text
+            if which == "text"
+            else tensor_from_proto(request.indicators, name="indicators")
+        )
+        try:
+            hits, timings = await self.backend.search(
+                query,
+                limit=int(request.limit) or 10,
+                rerank=bool(request.rerank),
+                filter=request.filter or None,
+            )
+        except IndexBackendError:
+            if self._on_milvus_status is not None:
+                await self._on_milvus_status(False)
+            raise
+        if self._on_milvus_status is not None:
+            await self._on_milvus_status(True)
+        return pb.SearchResponse(
+            hits=[hit_to_proto(hit) for hit in hits], metadata=metadata_to_proto(timings)
+        )
+
+
+class InfoServicer(pb_grpc.InfoServiceServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @_rpc
+    async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext):
+        backend, config = self.backend, self.backend.config
+        response = pb.InfoResponse(
+            server_version=tb_reranker.__version__,
+            api_version=API_VERSION,
+            grpc_version=grpc.__version__,
+            batching=config.batching,
+            limits=pb.Limits(
+                max_candidates=config.max_candidates,
+                max_text_chars=config.max_text_chars,
+                max_texts=config.max_texts,
+                max_batch=config.max_batch,
+                max_wait_ms=round(config.max_wait_ms),
+                max_concurrency=config.max_concurrency,
+                max_message_bytes=config.max_message_bytes,
+            ),
+        )
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            response.torch_version = torch.__version__
+        components = backend.components
+        if components is None:
+            return response  # still loading: versions and limits only
+        model = components.reranker.model
+        response.model_fingerprint = backend.fingerprint
+        response.embed_dim = int(model.embed_dim)
+        response.num_indicators = int(model.num_indicators)
+        response.top_k = int(model.top_k)
+        response.num_frames = int(model.num_frames)
+        response.device = components.device
+        response.dtype = components.dtype
+        response.search_enabled = components.index is not None
+        stats = backend.cache_stats()
+        if stats is not None:
+            response.cache.CopyFrom(pb.CacheStats(**stats))
+        return response
+
+
+def _invalid(message: str) -> TBError:
+    return InvalidInputError(message)
+
+
+def add_servicers(
+    server: aio.Server,
+    backend: Backend,
+    on_milvus_status: Callable[[bool], Any] | None = None,
+) -> None:
+    pb_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(backend), server)
+    pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(backend), server)
+    pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(backend, on_milvus_status), server)
+    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(backend), server)

@@ -1,0 +1,104 @@
+"""The micro-batcher on a real event loop and a real executor thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tb_reranker.errors import InvalidInputError
+from tb_reranker.server.batcher import MicroBatcher
+
+
+def _double(items):
+    """Batch function: doubles each item, fails the item -1 alone, records batch sizes."""
+    _double.sizes.append(len(items))
+    if -1 in items and len(items) == 1:
+        raise InvalidInputError("bad item")
+    if -1 in items:
+        raise InvalidInputError("a batch holding a bad item fails as a whole")
+    return [2 * item for item in items]
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+def test_concurrent_calls_share_batches(executor):
+    _double.sizes = []
+
+    async def main():
+        batcher = MicroBatcher(_double, executor, max_batch=8, max_wait_ms=50)
+        results = await asyncio.gather(*(batcher.submit(n) for n in range(20)))
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert [value for value, _ in results] == [2 * n for n in range(20)]
+    assert sum(_double.sizes) == 20 and max(_double.sizes) == 8 and len(_double.sizes) == 3
+    assert all(info.batch_size in (8, 4) for _, info in results)
+    assert all(info.queue_ns >= 0 for _, info in results)
+
+
+def test_disabled_runs_each_call_alone(executor):
+    _double.sizes = []
+
+    async def main():
+        batcher = MicroBatcher(_double, executor, max_batch=8, enabled=False)
+        return await asyncio.gather(*(batcher.submit(n) for n in range(5)))
+
+    results = _run(main())
+    assert _double.sizes == [1] * 5 and [i.batch_size for _, i in results] == [1] * 5
+
+
+def test_a_bad_item_fails_alone(executor):
+    _double.sizes = []
+
+    async def main():
+        batcher = MicroBatcher(_double, executor, max_batch=8, max_wait_ms=50)
+        outcomes = await asyncio.gather(
+            *(batcher.submit(n) for n in (1, -1, 3)), return_exceptions=True
+        )
+        await batcher.close()
+        return outcomes
+
+    good, bad, other = _run(main())
+    assert good[0] == 2 and other[0] == 6
+    assert isinstance(bad, InvalidInputError) and "bad item" in str(bad)
+
+
+def test_callers_that_gave_up_are_dropped(executor):
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def slow(items):
+        seen.append(list(items))
+        gate.wait(5)
+        return list(items)
+
+    async def main():
+        batcher = MicroBatcher(slow, executor, max_batch=4, max_wait_ms=1)
+        first = asyncio.create_task(batcher.submit(0))  # occupies the device
+        await asyncio.sleep(0.05)
+        doomed = asyncio.create_task(batcher.submit(1))
+        kept = asyncio.create_task(batcher.submit(2))
+        await asyncio.sleep(0.01)
+        doomed.cancel()  # e.g. its deadline expired while it queued
+        gate.set()
+        started = time.monotonic()
+        results = await asyncio.gather(first, kept)
+        await batcher.close()
+        return results, time.monotonic() - started
+
+    (first, kept), _ = _run(main())
+    assert first[0] == 0 and kept[0] == 2
+    assert [1] not in seen and all(1 not in batch for batch in seen)
