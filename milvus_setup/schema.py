@@ -1,0 +1,325 @@
+"""The Milvus collection that holds one row per video: schema, index and metadata, in one place.
+
+Fields (the primary key is the video id):
+
+========================  ===================  ===============================================
+field                     type                 meaning
+========================  ===================  ===============================================
+``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.index``)
+``cls``                   FLOAT_VECTOR(D)      L2-normalised video [CLS] = mean of frame features
+``uri``                   VARCHAR(4096)        where the video file lives
+``duration_s``            FLOAT                video duration in seconds
+``num_frames``            INT64                real (not padded) frames the tokens were made from
+``content_hash``          VARCHAR(128)         sha256 of the file bytes; idempotent re-ingest
+(dynamic fields)          JSON ``$meta``       any user metadata given at ingest
+========================  ===================  ===============================================
+
+Model fingerprint. **Choice:** the fingerprint of the model whose vectors fill the collection is a
+*collection property* ``tb.fingerprint`` (plus ``tb.dim`` and ``tb.schema_version``), set at
+creation and updated by :func:`set_fingerprint`. It is also written into the schema description
+(JSON ``{"app": "tb_reranker", "schema_version", "dim", "fingerprint"}``). The property is the
+source of truth; the description is the fallback for engines that drop properties (Milvus Lite
+2.5 keeps descriptions but not properties; Milvus Lite 3.x keeps properties but not descriptions;
+the 2.3 server keeps both). A per-row field was rejected: it costs 64 bytes a row and one collection
+holds one model's vectors by construction (mixing models makes cosine scores meaningless).
+
+Index. ``cls`` uses metric COSINE and HNSW with ``M=16``, ``efConstruction=200`` (search ``ef``
+defaults to 64 and is a search parameter, ``ef >= limit``). Milvus Lite 2.5.x accepts only
+FLAT/IVF_FLAT/AUTOINDEX; there :func:`create_collection` falls back to AUTOINDEX (the engine
+picks). Milvus Lite 3.x and the 2.3 server both accept HNSW.
+
+Consistency: the collection is created with ``Bounded`` consistency (fast searches on a server);
+tests and the index's read-after-write paths pass ``consistency_level="Strong"`` per call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FINGERPRINT_PROPERTY",
+    "DIM_PROPERTY",
+    "SCHEMA_VERSION_PROPERTY",
+    "ID_MAX_LENGTH",
+    "URI_MAX_LENGTH",
+    "HASH_MAX_LENGTH",
+    "SCALAR_FIELDS",
+    "IndexConfig",
+    "build_schema",
+    "build_index_params",
+    "create_collection",
+    "describe_collection",
+    "drop_collection",
+    "check_collection",
+    "collection_fingerprint",
+    "set_fingerprint",
+    "is_lite_uri",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1  # bump when fields change; check_collection reports older collections
+FINGERPRINT_PROPERTY = "tb.fingerprint"  # collection property holding the model fingerprint
+DIM_PROPERTY = "tb.dim"  # collection property holding D (also in the vector field)
+SCHEMA_VERSION_PROPERTY = "tb.schema_version"  # collection property holding SCHEMA_VERSION
+ID_MAX_LENGTH = 512  # max bytes of a video id (the store accepts at most 255 characters)
+URI_MAX_LENGTH = 4096  # max bytes of a video uri
+HASH_MAX_LENGTH = 128  # "sha256:<64 hex>" fits with room
+VECTOR_FIELD = "cls"
+PRIMARY_FIELD = "id"
+# scalar fields returned with every hit (vector excluded: it is D floats per hit)
+SCALAR_FIELDS = ("uri", "duration_s", "num_frames", "content_hash")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Vector index of the ``cls`` field."""
+
+    index_type: str = "HNSW"  # HNSW where supported; AUTOINDEX fallback (Milvus Lite 2.5)
+    metric_type: str = "COSINE"  # scores are cosine similarities in [-1, 1]
+    m: int = 16  # HNSW graph degree
+    ef_construction: int = 200  # HNSW build-time candidate list
+    ef: int = 64  # HNSW search-time candidate list (raised to limit when smaller)
+
+    def index_params(self) -> dict[str, Any]:
+        if self.index_type == "HNSW":
+            return {"M": self.m, "efConstruction": self.ef_construction}
+        return {}
+
+    def search_params(self, limit: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"metric_type": self.metric_type}
+        if self.index_type == "HNSW":
+            params["params"] = {"ef": max(self.ef, limit)}
+        return params
+
+
+def is_lite_uri(uri: str) -> bool:
+    """A Milvus Lite URI is a local file path (``./x.db``, ``/abs/x.db``), not ``http(s)://``/``tcp://``."""
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _description(dim: int, fingerprint: str) -> str:
+    return json.dumps(
+        {
+            "app": "tb_reranker",
+            "schema_version": SCHEMA_VERSION,
+            "dim": dim,
+            "fingerprint": fingerprint,
+        }
+    )
+
+
+def build_schema(dim: int, fingerprint: str = "") -> Any:
+    """The collection schema for ``dim``-dimensional video vectors (a ``pymilvus.CollectionSchema``)."""
+    from pymilvus import DataType, MilvusClient
+
+    schema = MilvusClient.create_schema(
+        auto_id=False, enable_dynamic_field=True, description=_description(dim, fingerprint)
+    )
+    schema.add_field(PRIMARY_FIELD, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
+    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+    schema.add_field("uri", DataType.VARCHAR, max_length=URI_MAX_LENGTH)
+    schema.add_field("duration_s", DataType.FLOAT)
+    schema.add_field("num_frames", DataType.INT64)
+    schema.add_field("content_hash", DataType.VARCHAR, max_length=HASH_MAX_LENGTH)
+    return schema
+
+
+def build_index_params(client: Any, config: IndexConfig) -> Any:
+    params = client.prepare_index_params()
+    params.add_index(
+        field_name=VECTOR_FIELD,
+        index_type=config.index_type,
+        metric_type=config.metric_type,
+        params=config.index_params(),
+    )
+    return params
+
+
+def _properties(dim: int, fingerprint: str) -> dict[str, str]:
+    return {
+        FINGERPRINT_PROPERTY: fingerprint,
+        DIM_PROPERTY: str(dim),
+        SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION),
+    }
+
+
+def create_collection(
+    client: Any,
+    name: str,
+    dim: int,
+    *,
+    fingerprint: str = "",
+    index: IndexConfig | None = None,
+    timeout: float | None = None,
+) -> IndexConfig:
+    """Create collection ``name`` with its index, and load it. Returns the index actually built.
+
+    ``client`` is a ``pymilvus.MilvusClient``. Raises pymilvus errors unchanged (callers map them).
+    HNSW is tried first; an engine that refuses it (Milvus Lite 2.5) gets AUTOINDEX.
+    """
+    from pymilvus.exceptions import MilvusException
+
+    index = index or IndexConfig()
+    schema = build_schema(dim, fingerprint)
+    properties = _properties(dim, fingerprint)
+    try:
+        client.create_collection(
+            name,
+            schema=schema,
+            index_params=build_index_params(client, index),
+            consistency_level="Bounded",
+            properties=properties,
+            timeout=timeout,
+        )
+    except MilvusException as exc:
+        if index.index_type != "HNSW" or "index type" not in str(exc).lower():
+            raise
+        log.info("this Milvus refuses HNSW (%s); using AUTOINDEX", exc)
+        if client.has_collection(name, timeout=timeout):
+            client.drop_collection(name, timeout=timeout)
+        index = IndexConfig(index_type="AUTOINDEX", metric_type=index.metric_type, ef=index.ef)
+        client.create_collection(
+            name,
+            schema=schema,
+            index_params=build_index_params(client, index),
+            consistency_level="Bounded",
+            properties=properties,
+            timeout=timeout,
+        )
+    client.load_collection(name, timeout=timeout)
+    log.info("created collection %s (dim %d, %s)", name, dim, index.index_type)
+    return index
+
+
+def _description_meta(description: dict[str, Any]) -> dict[str, Any]:
+    """The JSON written into the schema description at creation ({} when absent/foreign)."""
+    try:
+        meta = json.loads(description.get("description") or "")
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("app") == "tb_reranker" else {}
+
+
+def collection_fingerprint(description: dict[str, Any]) -> str | None:
+    """The model fingerprint recorded on a collection (from ``describe_collection``), or None.
+
+    The collection property wins (it is updated by :func:`set_fingerprint`); engines that drop
+    properties (Milvus Lite 2.5) fall back to the creation-time description.
+    """
+    props = description.get("properties") or {}
+    if FINGERPRINT_PROPERTY in props:
+        return str(props[FINGERPRINT_PROPERTY])
+    meta = _description_meta(description)
+    return str(meta["fingerprint"]) if "fingerprint" in meta else None
+
+
+def set_fingerprint(
+    client: Any, name: str, fingerprint: str, *, timeout: float | None = None
+) -> None:
+    """Record ``fingerprint`` on an existing collection (e.g. one created before a model existed)."""
+    client.alter_collection_properties(
+        name, properties={FINGERPRINT_PROPERTY: fingerprint}, timeout=timeout
+    )
+
+
+def describe_collection(client: Any, name: str, *, timeout: float | None = None) -> dict[str, Any]:
+    """A JSON-friendly summary: fields, dim, index, fingerprint, row count, load state."""
+    desc = client.describe_collection(name, timeout=timeout)
+    fields = []
+    dim = None
+    for field in desc.get("fields", []):
+        params = dict(field.get("params") or {})
+        ftype = field.get("type")
+        entry = {
+            "name": field.get("name"),
+            "type": getattr(ftype, "name", str(ftype)),
+            "params": {k: (int(v) if str(v).isdigit() else v) for k, v in params.items()},
+        }
+        if field.get("is_primary"):
+            entry["primary"] = True
+        if field.get("name") == VECTOR_FIELD and "dim" in params:
+            dim = int(params["dim"])
+        fields.append(entry)
+    indexes = {}
+    for index_name in client.list_indexes(name, timeout=timeout):
+        info = client.describe_index(name, index_name, timeout=timeout) or {}
+        indexes[index_name] = {k: v for k, v in info.items() if isinstance(v, (str, int, float))}
+    stats = client.get_collection_stats(name, timeout=timeout)
+    load = client.get_load_state(name, timeout=timeout)
+    props = {k: str(v) for k, v in (desc.get("properties") or {}).items()}
+    return {
+        "name": name,
+        "dim": dim,
+        "fingerprint": collection_fingerprint(desc),
+        "schema_version": int(
+            props.get(SCHEMA_VERSION_PROPERTY) or _description_meta(desc).get("schema_version") or 0
+        ),
+        "fields": fields,
+        "dynamic_fields": bool(desc.get("enable_dynamic_field")),
+        "indexes": indexes,
+        "properties": props,
+        "row_count": int(stats.get("row_count", 0)),
+        "load_state": getattr(load.get("state"), "name", str(load.get("state"))),
+        "consistency_level": desc.get("consistency_level_name", desc.get("consistency_level")),
+    }
+
+
+def drop_collection(client: Any, name: str, *, timeout: float | None = None) -> bool:
+    """Drop collection ``name``; False when it did not exist."""
+    if not client.has_collection(name, timeout=timeout):
+        return False
+    client.drop_collection(name, timeout=timeout)
+    log.info("dropped collection %s", name)
+    return True
+
+
+def check_collection(
+    client: Any,
+    name: str,
+    *,
+    dim: int | None = None,
+    fingerprint: str | None = None,
+    timeout: float | None = None,
+) -> list[str]:
+    """Compare an existing collection against this schema. Returns problems (empty list = OK)."""
+    info = describe_collection(client, name, timeout=timeout)
+    problems: list[str] = []
+    by_name = {f["name"]: f for f in info["fields"]}
+    expected = {
+        PRIMARY_FIELD: "VARCHAR",
+        VECTOR_FIELD: "FLOAT_VECTOR",
+        "uri": "VARCHAR",
+        "duration_s": "FLOAT",
+        "num_frames": "INT64",
+        "content_hash": "VARCHAR",
+    }
+    for field_name, type_name in expected.items():
+        got = by_name.get(field_name)
+        if got is None:
+            problems.append(f"missing field {field_name!r}")
+        elif got["type"] != type_name:
+            problems.append(f"field {field_name!r} is {got['type']}, expected {type_name}")
+    if PRIMARY_FIELD in by_name and not by_name[PRIMARY_FIELD].get("primary"):
+        problems.append(f"field {PRIMARY_FIELD!r} is not the primary key")
+    if not info["dynamic_fields"]:
+        problems.append("dynamic fields are disabled (user metadata cannot be stored)")
+    if dim is not None and info["dim"] != dim:
+        problems.append(f"vector dim is {info['dim']}, expected {dim}")
+    vector_index = info["indexes"].get(VECTOR_FIELD)
+    if vector_index is None:
+        problems.append(f"no index on {VECTOR_FIELD!r}")
+    elif str(vector_index.get("metric_type", "COSINE")).upper() != "COSINE":
+        problems.append(f"index metric is {vector_index.get('metric_type')}, expected COSINE")
+    if info["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"schema version {info['schema_version']}, expected {SCHEMA_VERSION}")
+    if fingerprint is not None and info["fingerprint"] != fingerprint:
+        problems.append(
+            f"model fingerprint is {info['fingerprint']!r}, expected {fingerprint!r} "
+            "(vectors were made by another model)"
+        )
+    return problems

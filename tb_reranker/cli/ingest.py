@@ -1,0 +1,76 @@
+"""``tb ingest PATH...``: decode, encode and index videos (files, directories, globs, @lists)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tb_reranker.cli._common import add_client_args, client_from_args, print_json
+from tb_reranker.errors import InvalidInputError, NotFoundError
+
+__all__ = ["register", "run"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "ingest",
+        help="add videos to the index (idempotent: unchanged files are skipped)",
+        description="Decode T frames per video, encode them with the TokenBinder model, write the "
+        "frame tokens to the store and the video vector to Milvus. Inputs: files, directories "
+        "(recursive), glob patterns, or @list.txt (one input per line).",
+    )
+    parser.add_argument("paths", nargs="+", help="video files, directories, globs or @list.txt")
+    parser.add_argument("--batch-size", type=int, default=8, help="videos per encoder batch (8)")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads (2)")
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        help='JSON file {"<video id>": {"field": value, ...}, ...}: user fields stored with each '
+        "video (filterable in search)",
+    )
+    parser.add_argument(
+        "--ids",
+        default=None,
+        help='JSON file {"<path>": "<video id>", ...} (default id: the file name without extension)',
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_client_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _read_json_object(path: str, what: str) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise NotFoundError(f"{what} file {path} does not exist")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InvalidInputError(f"{what} file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} file {path} must hold a JSON object")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "progress": not args.no_progress and sys.stderr.isatty(),
+    }
+    if args.metadata:
+        options["metadata"] = _read_json_object(args.metadata, "metadata")
+    if args.ids:
+        options["ids"] = _read_json_object(args.ids, "ids")
+    with client_from_args(args) as client:
+        report = client.ingest(args.paths, **options)
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        print(report.summary())
+        for path, reason in report.failed:
+            print(f"  failed: {path}: {reason}")
+    return 0 if not report.failed else 1

@@ -1,0 +1,531 @@
+"""The broad-view index: one Milvus row per video (its [CLS] vector + scalar fields + metadata).
+
+Works the same against Milvus Lite (a file path URI) and a Milvus server (``http://host:19530``
+plus a token). The schema and index definition live in :mod:`milvus_setup.schema`.
+
+Errors: pymilvus failures become :class:`IndexBackendError` (retriable), an unknown collection
+:class:`NotFoundError`, a malformed request (bad filter, wrong dimension) :class:`InvalidInputError`,
+and a collection filled by another model :class:`ModelMismatchError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from milvus_setup import schema as milvus_schema
+from tb_reranker.errors import (
+    IndexBackendError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    TBError,
+)
+from tb_reranker.index.store import validate_video_id
+
+__all__ = ["VideoIndex", "ROW_FIELDS"]
+
+log = logging.getLogger(__name__)
+
+# fields every row carries (besides dynamic metadata)
+ROW_FIELDS = ("id", "cls", *milvus_schema.SCALAR_FIELDS)
+_RESERVED = frozenset(ROW_FIELDS) | {"score", "$meta", "distance"}
+_BATCH = 1000  # rows per upsert / ids per get/delete request
+_MAX_LIMIT = 16384  # Milvus topk / query limit
+
+
+def _is_invalid_input(exc: Exception) -> bool:
+    from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
+
+    if isinstance(exc, ParamError | DataNotMatchException | DataTypeNotMatchException):
+        return True
+    code = getattr(exc, "code", None)
+    text = str(exc).lower()
+    return code == 1100 or any(
+        marker in text
+        for marker in (
+            "cannot parse expression",
+            "invalid expression",
+            "failed to create query plan",
+            "unexpected token",
+            "syntax error",
+            "parse",
+        )
+    )
+
+
+def _is_missing_collection(exc: Exception) -> bool:
+    from pymilvus.exceptions import CollectionNotExistException
+
+    if isinstance(exc, CollectionNotExistException) or getattr(exc, "code", None) == 100:
+        return True
+    text = str(exc).lower()
+    return "collection" in text and ("not exist" in text or "not found" in text)
+
+
+class VideoIndex:
+    """The Milvus collection of video [CLS] vectors.
+
+    Args:
+        uri: a file path (Milvus Lite) or ``http://host:19530`` (server).
+        token: ``user:password`` or API key for a server ("" for none / Lite).
+        collection: collection name.
+        dim: vector dimension D; needed by :meth:`create`, checked against an existing collection.
+        fingerprint: fingerprint of the model producing the vectors; checked against the
+            collection's, :class:`ModelMismatchError` when they differ (None = do not check).
+        timeout: seconds for every Milvus call.
+        index: the vector index definition (HNSW M 16 / efConstruction 200 / ef 64 by default).
+        allow_fingerprint_mismatch: escape hatch: warn instead of raising on a mismatch.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        token: str = "",
+        collection: str = "tb_videos",
+        dim: int | None = None,
+        fingerprint: str | None = None,
+        timeout: float = 30.0,
+        index: milvus_schema.IndexConfig | None = None,
+        allow_fingerprint_mismatch: bool = False,
+    ) -> None:
+        if not uri:
+            raise InvalidInputError("empty Milvus URI")
+        if dim is not None and (not isinstance(dim, int) or dim <= 0):
+            raise InvalidInputError(f"dim must be a positive int, got {dim!r}")
+        self.uri = str(uri)
+        self.collection = collection
+        self.dim = dim
+        self.fingerprint = fingerprint
+        self.timeout = timeout
+        self.index_config = index or milvus_schema.IndexConfig()
+        self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
+        self.is_lite = milvus_schema.is_lite_uri(self.uri)
+        self._ready = False
+        self._client = self._connect(token)
+
+    def __repr__(self) -> str:
+        return f"VideoIndex({self.uri!r}, collection={self.collection!r})"
+
+    # ---------------------------------------------------------------- plumbing
+    def _connect(self, token: str) -> Any:
+        if self.is_lite:
+            path = self.uri.removeprefix("file://")
+            Path(path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from pymilvus import MilvusClient
+
+            return MilvusClient(uri=self.uri, token=token, timeout=self.timeout)
+        except Exception as exc:  # noqa: BLE001
+            raise IndexBackendError(f"cannot connect to Milvus at {self.uri}: {exc}") from exc
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one pymilvus call with the timeout, mapping its errors to ours."""
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            return fn(*args, **kwargs)
+        except TBError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pymilvus/grpc raise many types
+            if _is_missing_collection(exc):
+                raise NotFoundError(
+                    f"Milvus collection {self.collection!r} does not exist at {self.uri} "
+                    "(create it with `tb collection create` or by ingesting videos)"
+                ) from exc
+            if _is_invalid_input(exc):
+                raise InvalidInputError(f"Milvus rejected {what}: {exc}") from exc
+            raise IndexBackendError(f"Milvus {what} failed at {self.uri}: {exc}") from exc
+
+    @property
+    def client(self) -> Any:
+        """The underlying ``pymilvus.MilvusClient`` (for advanced use)."""
+        return self._client
+
+    def exists(self) -> bool:
+        return bool(self._call("has_collection", self._client.has_collection, self.collection))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly collection summary (see :func:`milvus_setup.schema.describe_collection`)."""
+        return self._call(
+            "describe", milvus_schema.describe_collection, self._client, self.collection
+        )
+
+    def stored_fingerprint(self) -> str | None:
+        desc = self._call("describe", self._client.describe_collection, self.collection)
+        return milvus_schema.collection_fingerprint(desc)
+
+    def stored_dim(self) -> int | None:
+        desc = self._call("describe", self._client.describe_collection, self.collection)
+        for field in desc.get("fields", []):
+            if field.get("name") == "cls":
+                return int(field["params"]["dim"])
+        return None
+
+    def _check_compatible(self, desc: dict[str, Any]) -> bool:
+        """Raise on a dim/fingerprint mismatch; True when a fingerprint mismatch was allowed."""
+        dim = None
+        for field in desc.get("fields", []):
+            if field.get("name") == "cls":
+                dim = int(field["params"]["dim"])
+        if self.dim is None:
+            self.dim = dim
+        elif dim is not None and dim != self.dim:
+            raise ModelMismatchError(
+                f"collection {self.collection!r} holds {dim}-d vectors but the model makes "
+                f"{self.dim}-d ones; use another collection or re-create it"
+            )
+        stored = milvus_schema.collection_fingerprint(desc)
+        if self.fingerprint is not None and stored and stored != self.fingerprint:
+            message = (
+                f"collection {self.collection!r} was filled by model {stored} but the loaded model "
+                f"is {self.fingerprint}; search results would be meaningless. Re-ingest into a "
+                "new collection, load the matching checkpoint, or pass "
+                "allow_fingerprint_mismatch=True"
+            )
+            if not self.allow_fingerprint_mismatch:
+                raise ModelMismatchError(message)
+            log.warning("%s (allowed)", message)
+            return True
+        return False
+
+    def _ensure_ready(self) -> None:
+        """Check the collection exists and matches the model, and load it (once per instance)."""
+        if self._ready:
+            return
+        desc = self._call("describe", self._client.describe_collection, self.collection)
+        tolerated = self._check_compatible(desc)
+        # Milvus Lite 3.x reopens collections released; servers keep them loaded. Loading an
+        # already loaded collection is a cheap no-op.
+        self._call("load", self._client.load_collection, self.collection)
+        self._ready = not tolerated  # a tolerated mismatch is checked again on every call
+
+    def check_fingerprint(self) -> bool:
+        """True when the collection's fingerprint equals the model's (or either is unknown)."""
+        stored = self.stored_fingerprint()
+        return self.fingerprint is None or not stored or stored == self.fingerprint
+
+    # ---------------------------------------------------------------- lifecycle
+    def create(self, *, exist_ok: bool = True) -> bool:
+        """Create the collection (schema, HNSW/COSINE index, fingerprint) and load it.
+
+        Returns True when it was created, False when it existed (then it is checked against
+        ``dim`` and ``fingerprint``). ``exist_ok=False`` raises ``AlreadyExistsError`` instead.
+        """
+        from tb_reranker.errors import AlreadyExistsError
+
+        if self.exists():
+            if not exist_ok:
+                raise AlreadyExistsError(f"collection {self.collection!r} exists at {self.uri}")
+            self._ready = False
+            self._ensure_ready()
+            return False
+        if self.dim is None:
+            raise InvalidInputError("creating a collection needs dim (the model's embed_dim)")
+        self.index_config = self._call(
+            "create_collection",
+            milvus_schema.create_collection,
+            self._client,
+            self.collection,
+            self.dim,
+            fingerprint=self.fingerprint or "",
+            index=self.index_config,
+        )
+        self._ready = True
+        return True
+
+    def drop(self) -> bool:
+        """Drop the collection; False when it did not exist."""
+        self._ready = False
+        return bool(
+            self._call("drop", milvus_schema.drop_collection, self._client, self.collection)
+        )
+
+    def set_fingerprint(self, fingerprint: str) -> None:
+        """Record ``fingerprint`` on the collection (adopting it for an empty/unmarked one)."""
+        self._call(
+            "alter_collection_properties",
+            milvus_schema.set_fingerprint,
+            self._client,
+            self.collection,
+            fingerprint,
+        )
+        self.fingerprint = fingerprint
+
+    def close(self) -> None:
+        try:
+            self._client.close()
+        except Exception:  # noqa: BLE001 - closing twice or a dead server is fine
+            log.debug("closing Milvus client failed", exc_info=True)
+
+    def __enter__(self) -> VideoIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- rows
+    def _vector(self, value: Any, what: str) -> list[float]:
+        array = np.asarray(value, dtype=np.float32)
+        if array.ndim != 1 or (self.dim is not None and array.shape[0] != self.dim):
+            raise InvalidInputError(
+                f"{what}: vector must have shape [{self.dim}], got {list(array.shape)}"
+            )
+        if not np.isfinite(array).all():
+            raise InvalidInputError(f"{what}: vector contains NaN/inf")
+        return array.tolist()
+
+    def _row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(row, Mapping):
+            raise InvalidInputError(f"a row must be a dict, got {type(row).__name__}")
+        video_id = validate_video_id(row.get("id"))
+        out = dict(row)
+        out["cls"] = self._vector(row.get("cls"), f"row {video_id!r}")
+        out["uri"] = str(row.get("uri", ""))
+        duration = float(row.get("duration_s", 0.0))
+        if not math.isfinite(duration) or duration < 0:
+            raise InvalidInputError(f"row {video_id!r}: bad duration_s {duration!r}")
+        out["duration_s"] = duration
+        out["num_frames"] = int(row.get("num_frames", 0))
+        out["content_hash"] = str(row.get("content_hash", ""))
+        if len(out["uri"].encode()) > milvus_schema.URI_MAX_LENGTH:
+            raise InvalidInputError(
+                f"row {video_id!r}: uri longer than {milvus_schema.URI_MAX_LENGTH} bytes"
+            )
+        for key, value in out.items():
+            if key.startswith("$"):
+                raise InvalidInputError(f"row {video_id!r}: field name {key!r} is reserved")
+            if isinstance(value, np.generic):
+                out[key] = value.item()
+        return out
+
+    def upsert(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Insert or replace rows by id: ``{"id", "cls" [D], "uri", "duration_s", "num_frames",
+        "content_hash", **metadata}``. Returns the number of rows written."""
+        self._ensure_ready()
+        prepared = [self._row(r) for r in rows]
+        ids = [r["id"] for r in prepared]
+        if len(set(ids)) != len(ids):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise InvalidInputError(f"duplicate ids in one upsert: {dupes[:10]}")
+        if prepared and self.fingerprint and not self.stored_fingerprint():
+            self.set_fingerprint(self.fingerprint)  # first writer marks an unmarked collection
+        for start in range(0, len(prepared), _BATCH):
+            self._call(
+                "upsert", self._client.upsert, self.collection, prepared[start : start + _BATCH]
+            )
+        return len(prepared)
+
+    def _output_fields(self) -> list[str]:
+        # the scalar fields + "$meta" (every dynamic field), not the D-float vector; Milvus Lite
+        # 2.5/3.x and the 2.3 server all accept this list
+        return [*milvus_schema.SCALAR_FIELDS, "$meta"]
+
+    @staticmethod
+    def _flatten(entity: Mapping[str, Any], drop_vector: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in entity.items():
+            if key == "$meta" and isinstance(value, Mapping):
+                out.update(value)
+            elif key == "cls" and drop_vector:
+                continue
+            else:
+                out[key] = value
+        return out
+
+    def search(
+        self,
+        vectors: Any,
+        limit: int,
+        filter: str | None = None,  # noqa: A002 - Milvus's name
+        *,
+        ef: int | None = None,
+        consistency_level: str | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Top-``limit`` videos by cosine similarity for each query vector, in one call.
+
+        Args:
+            vectors: ``[Q, D]`` (or ``[D]`` for one query) float array.
+            limit: hits per query (1..16384).
+            filter: a Milvus boolean expression over scalar/dynamic fields (``"duration_s > 3"``).
+            ef: HNSW search list (default ``max(index.ef, limit)``).
+            consistency_level: e.g. ``"Strong"`` to see writes made just before.
+        Returns:
+            per query, hits best first: ``{"id", "score" (cosine), "uri", "duration_s",
+            "num_frames", "content_hash", **metadata}``.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT:
+            raise InvalidInputError(f"limit must be an int in 1..{_MAX_LIMIT}, got {limit!r}")
+        self._ensure_ready()
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != self.dim:
+            raise InvalidInputError(
+                f"query vectors must have shape [Q, {self.dim}], got {list(np.shape(vectors))}"
+            )
+        if not np.isfinite(array).all():
+            raise InvalidInputError("query vectors contain NaN/inf")
+        params = self.index_config.search_params(limit)
+        if ef is not None and "params" in params:
+            params["params"]["ef"] = max(int(ef), limit)
+        kwargs: dict[str, Any] = {}
+        if consistency_level:
+            kwargs["consistency_level"] = consistency_level
+        results = self._call(
+            "search",
+            self._client.search,
+            self.collection,
+            data=array.tolist(),
+            filter=filter or "",
+            limit=limit,
+            output_fields=self._output_fields(),
+            search_params=params,
+            anns_field="cls",
+            **kwargs,
+        )
+        out: list[list[dict[str, Any]]] = []
+        for hits in results:
+            rows = []
+            for hit in hits:
+                entity = hit.get("entity") or {}
+                row = {"id": hit.get("id", entity.get("id")), "score": float(hit["distance"])}
+                row.update(self._flatten(entity))
+                row["id"] = str(row["id"])
+                rows.append(row)
+            out.append(rows)
+        return out
+
+    def get(
+        self, ids: Sequence[str], *, with_vectors: bool = False, consistency_level: str = "Strong"
+    ) -> dict[str, dict[str, Any]]:
+        """Rows of ``ids`` that exist, by id (``cls`` included as float32 arrays on request)."""
+        if isinstance(ids, str):
+            raise InvalidInputError("pass a list of video ids, not a single string")
+        wanted = [validate_video_id(i) for i in ids]
+        self._ensure_ready()
+        out: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start : start + _BATCH]
+            rows = self._call(
+                "get",
+                self._client.get,
+                self.collection,
+                ids=chunk,
+                output_fields=["*"],
+                consistency_level=consistency_level,
+            )
+            for row in rows:
+                flat = self._flatten(row, drop_vector=not with_vectors)
+                if with_vectors:
+                    flat["cls"] = np.asarray(flat["cls"], dtype=np.float32)
+                out[str(flat["id"])] = flat
+        return out
+
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete rows by id (missing ids ignored). Returns how many ids were requested."""
+        if isinstance(ids, str):
+            raise InvalidInputError("pass a list of video ids, not a single string")
+        wanted = [validate_video_id(i) for i in ids]
+        self._ensure_ready()
+        for start in range(0, len(wanted), _BATCH):
+            self._call(
+                "delete", self._client.delete, self.collection, ids=wanted[start : start + _BATCH]
+            )
+        return len(wanted)
+
+    def _count(self, expr: str) -> int:
+        rows = self._call(
+            "count",
+            self._client.query,
+            self.collection,
+            filter=expr,
+            output_fields=["count(*)"],
+            consistency_level="Strong",
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def iter_rows(
+        self, fields: Sequence[str] = ("id",), *, page_size: int = 10000
+    ) -> Iterator[dict[str, Any]]:
+        """Every row (only ``fields``) in id order, with Strong consistency, one page per query.
+
+        Pages are id ranges ``[lo, hi)``: a range that returns more than ``page_size`` rows is
+        split at the median id of what came back (one query per range; ~2N/page_size queries).
+        pymilvus's query iterator is not used: against Milvus 2.3 it reads at a client-side
+        timestamp and misses rows written in the last seconds.
+        """
+        self._ensure_ready()
+        page_size = max(1, min(int(page_size), _MAX_LIMIT - 1))
+        output = list(dict.fromkeys(["id", *fields]))
+        stack: list[tuple[str, str | None]] = [("", None)]
+        while stack:
+            low, high = stack.pop()
+            parts = [f'id >= "{low}"' if low else 'id != ""']
+            if high is not None:
+                parts.append(f'id < "{high}"')
+            rows = self._call(
+                "query",
+                self._client.query,
+                self.collection,
+                filter=" and ".join(parts),
+                output_fields=output,
+                limit=page_size + 1,
+                consistency_level="Strong",
+            )
+            rows = sorted(rows, key=lambda r: str(r["id"]))
+            if len(rows) <= page_size:
+                for row in rows:
+                    yield self._flatten(row)
+                continue
+            middle = str(rows[len(rows) // 2]["id"])  # > rows[0]: both halves hold rows
+            stack.append((middle, high))
+            stack.append((low, middle))
+
+    def list_ids(self) -> list[str]:
+        """Every video id in the collection (sorted)."""
+        return sorted(str(row["id"]) for row in self.iter_rows(("id",)))
+
+    def count(self) -> int:
+        """Rows in the collection (exact, Strong consistency)."""
+        self._ensure_ready()
+        return self._count("")
+
+    def flush(self) -> None:
+        """Seal the rows written so far so that the vector index covers them.
+
+        Worth one call after a batch of writes: unsealed ("growing") rows are searched by brute
+        force, which in Milvus Lite 3.x costs ~6x more per search (measured: 370 ms -> 62 ms
+        at 3,000 x 512 on a loaded 2-core machine). ``ingest`` flushes once at the end.
+        """
+        self._ensure_ready()
+        self._call("flush", self._client.flush, self.collection)
+
+    def wait_until_indexed(self, timeout: float = 60.0) -> None:
+        """Flush and wait until the vector index covers every row (server; no-op on Lite)."""
+        import time
+
+        if self.is_lite:
+            return
+        self._ensure_ready()
+        self._call("flush", self._client.flush, self.collection)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self._call("describe_index", self._client.describe_index, self.collection, "cls")
+            if (
+                info
+                and int(info.get("pending_index_rows", 0)) == 0
+                and info.get("state")
+                in (
+                    "Finished",
+                    None,
+                )
+            ):
+                return
+            time.sleep(0.2)
+        raise IndexBackendError(f"index of {self.collection!r} not built after {timeout:.0f} s")

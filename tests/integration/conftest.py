@@ -1,0 +1,136 @@
+"""Session fixtures shared by every integration test.
+
+``milvus_lite_uri``
+    A fresh Milvus Lite database file path under a session temp dir (a URI that
+    ``pymilvus.MilvusClient`` / ``VideoIndex`` accept). One file per session: use your own
+    collection names (``unique_collection``) to keep tests apart.
+``milvus_server_uri``
+    ``http://127.0.0.1:<free port>`` of a real local Milvus 2.3.5 standalone server, started once
+    per test session by :class:`milvus_setup.launcher.LocalMilvus` and stopped at the end
+    (start ≈ 5-10 s; skipped with the reason when the server cannot start, e.g. set
+    ``TB_SKIP_MILVUS_SERVER=1``). No token (authorisation off).
+``milvus_uri``
+    Parametrised over both: ``"lite"`` and ``"server"`` (tests marked ``server`` for the latter).
+``unique_collection``
+    A collection name unique to the test (``t_<hash>``), dropped afterwards on both backends.
+``mp4_writer``
+    ``mp4_writer(path, colour, frames=10, size=32, fps=10) -> Path`` writes a tiny real MP4
+    (PyAV, mpeg4: a coloured square moving over grey); ``mp4_writer.colours`` lists 6 colours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="session")
+def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("milvus_lite") / "milvus.db")
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("TB_SKIP_MILVUS_SERVER"):
+        pytest.skip("TB_SKIP_MILVUS_SERVER is set")
+    try:
+        from milvus_setup.launcher import LocalMilvus
+    except ImportError as exc:  # pragma: no cover - the `milvus` dev dependency is missing
+        pytest.skip(f"cannot import the Milvus launcher: {exc}")
+    server = LocalMilvus(tmp_path_factory.mktemp("milvus_server"))
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - any start failure skips the server tests
+        server.stop()
+        pytest.skip(f"local Milvus server did not start: {exc}")
+    log.info(
+        "Milvus server for this session: %s (started in %.1f s)", server.uri, server.start_seconds
+    )
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.server)])
+def milvus_uri(request: pytest.FixtureRequest) -> str:
+    name = "milvus_lite_uri" if request.param == "lite" else "milvus_server_uri"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def unique_collection(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = "t_" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:16]
+    yield name
+    uri = None
+    for fixture in ("milvus_uri", "milvus_lite_uri", "milvus_server_uri"):
+        if fixture in request.fixturenames:
+            uri = request.getfixturevalue(fixture)
+            break
+    if uri is not None:
+        from pymilvus import MilvusClient
+
+        with contextlib.suppress(Exception):
+            client = MilvusClient(uri=uri)
+            if client.has_collection(name):
+                client.drop_collection(name)
+            client.close()
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tb_session")
+
+
+class Mp4Writer:
+    """Writes tiny real MP4 files with PyAV (see the module docstring)."""
+
+    colours = [
+        (230, 30, 30),
+        (30, 200, 40),
+        (40, 60, 220),
+        (240, 220, 30),
+        (200, 40, 200),
+        (20, 200, 210),
+    ]
+
+    def __call__(
+        self,
+        path: Path,
+        colour: tuple[int, int, int],
+        *,
+        frames: int = 10,
+        size: int = 32,
+        fps: int = 10,
+    ) -> Path:
+        import av
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with av.open(str(path), mode="w") as container:
+            stream = container.add_stream("mpeg4", rate=fps)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            for i in range(frames):
+                image = np.full((size, size, 3), 96, dtype=np.uint8)
+                x = (i * 3) % (size - 8)
+                image[8:16, x : x + 8] = colour
+                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return path
+
+
+@pytest.fixture(scope="session")
+def mp4_writer() -> Mp4Writer:
+    return Mp4Writer()
