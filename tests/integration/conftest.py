@@ -38,6 +38,13 @@ def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("milvus_lite") / "milvus.db")
 
 
+def _skip_or_fail(reason: str) -> None:
+    """Skip locally; in CI (``CI=true``) a missing server is a failure, never a silent skip."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("TB_SKIP_MILVUS_SERVER"):
@@ -45,13 +52,13 @@ def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     try:
         from milvus_setup.launcher import LocalMilvus
     except ImportError as exc:  # pragma: no cover - the `milvus` dev dependency is missing
-        pytest.skip(f"cannot import the Milvus launcher: {exc}")
+        _skip_or_fail(f"cannot import the Milvus launcher: {exc}")
     server = LocalMilvus(tmp_path_factory.mktemp("milvus_server"))
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001 - any start failure skips the server tests
         server.stop()
-        pytest.skip(f"local Milvus server did not start: {exc}")
+        _skip_or_fail(f"local Milvus server did not start: {exc}")
     log.info(
         "Milvus server for this session: %s (started in %.1f s)", server.uri, server.start_seconds
     )
