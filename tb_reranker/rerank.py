@@ -148,6 +148,7 @@ class Reranker:
         self.embed_dim = int(model.embed_dim)
         self.num_indicators = int(model.num_indicators)
         self.top_k = int(model.top_k)
+        self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
 
     # ------------------------------------------------------------------ encode
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -199,7 +200,15 @@ class Reranker:
             )
         with torch.inference_mode():
             kv = self.model.project_candidates(frames_tokens)  # [N, T, ...]
-        cls = torch.nn.functional.normalize(frames_tokens.mean(dim=1), dim=-1)  # [N, D]
+        frames_mask = torch.stack(
+            [
+                torch.from_numpy(np.asarray(records[i].mask, dtype=bool))
+                if getattr(records[i], "mask", None) is not None
+                else torch.ones(frames_tokens.shape[1] // self.tokens_per_frame, dtype=torch.bool)
+                for i in fetched
+            ]
+        ).to(self.device)  # [N, T]
+        cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's own pooling
         now = time.monotonic()
         for n, video_id in enumerate(fetched):
             entry = _CacheEntry(

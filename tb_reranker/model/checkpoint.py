@@ -1,0 +1,155 @@
+"""TokenBinder checkpoints: ``config.json`` + ``model.safetensors``, never pickle.
+
+``config.json`` holds the format tag, the :class:`TokenBinderConfig`, the sha256 of the weights
+file (tamper/corruption detection) and the model fingerprint. Files are written to temporary
+names and renamed into place, so a crash mid-save never leaves a half-written checkpoint that
+passes the hash check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tb_reranker.errors import CheckpointError, InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:
+    from tb_reranker.model.tokenbinder import TokenBinder
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "FORMAT", "save_checkpoint", "load_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "tb_reranker.tokenbinder/1"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(model: TokenBinder, directory: str | Path) -> Path:
+    """Save ``model`` into ``directory`` (created if needed); returns the directory."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+    fingerprint = model.fingerprint()
+    weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(weights_tmp), metadata={"format": FORMAT, "fingerprint": fingerprint})
+    document: dict[str, Any] = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": _sha256_file(weights_tmp),
+        "fingerprint": fingerprint,
+    }
+    config_tmp = directory / (CONFIG_FILE + ".tmp")
+    config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(weights_tmp, directory / WEIGHTS_FILE)
+    os.replace(config_tmp, directory / CONFIG_FILE)
+    logger.info("saved TokenBinder %s to %s", fingerprint, directory)
+    return directory
+
+
+def _read_document(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {CONFIG_FILE}")
+    try:
+        document = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {config_path} is not readable JSON: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise CheckpointError(
+            f"{config_path} is not a TokenBinder checkpoint (format {found!r}, expected {FORMAT!r})"
+        )
+    for key in ("config", "weights_sha256", "fingerprint"):
+        if key not in document:
+            raise CheckpointError(f"{config_path} lacks the {key!r} entry")
+    return document
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device | None = None) -> TokenBinder:
+    """Rebuild the model saved in ``directory`` without the network.
+
+    Raises NotFoundError (no such directory) or CheckpointError (missing file, malformed config,
+    weights hash mismatch, weights that do not fit the config, fingerprint mismatch).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from tb_reranker.model.config import TokenBinderConfig
+    from tb_reranker.model.tokenbinder import TokenBinder, resolve_device
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise NotFoundError(f"checkpoint directory {directory} does not exist")
+    document = _read_document(directory)
+    try:
+        config = TokenBinderConfig.from_dict(document["config"])
+    except InvalidInputError as exc:
+        raise CheckpointError(f"checkpoint {directory}: {exc}") from exc
+    weights_path = directory / str(document.get("weights_file", WEIGHTS_FILE))
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no weights file {weights_path.name}")
+    actual_sha = _sha256_file(weights_path)
+    if actual_sha != document["weights_sha256"]:
+        raise CheckpointError(
+            f"checkpoint {directory}: {weights_path.name} has sha256 {actual_sha[:16]}… but "
+            f"{CONFIG_FILE} records {str(document['weights_sha256'])[:16]}…: the weights were "
+            "modified or corrupted after saving"
+        )
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {weights_path} is not a valid safetensors file: {exc}"
+        ) from exc
+    model = TokenBinder(config, device="cpu", load_pretrained=False)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = sorted(
+        f"{name} {tuple(tensors[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in set(expected) & set(tensors)
+        if tuple(tensors[name].shape) != tuple(expected[name].shape)
+    )
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        if mismatched:
+            details.append(f"shape mismatch {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
+        raise CheckpointError(
+            f"checkpoint {directory}: weights do not match the config: " + "; ".join(details)
+        )
+    model.load_state_dict(tensors, strict=True)
+    fingerprint = model.fingerprint()
+    if fingerprint != document["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {directory}: fingerprint {fingerprint} differs from the recorded "
+            f"{document['fingerprint']}: config and weights do not belong together"
+        )
+    model.to(resolve_device(device))
+    model.eval()
+    logger.info("loaded TokenBinder %s from %s", fingerprint, directory)
+    return model
