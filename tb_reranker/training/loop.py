@@ -1,0 +1,577 @@
+"""``train(TrainConfig) -> Path``: the TokenBinder training loop (METHOD.md §4).
+
+One epoch walks the training videos in a seeded random order, one random caption per video, in
+batches of ``batch_size`` pairs (optionally accumulated over ``grad_accum`` micro-batches).
+AdamW with two learning rates (fusion + indicators vs the CLIP backbone), linear warm-up then
+cosine decay per optimizer step, bf16 autocast on CUDA. A checkpoint is written atomically at
+the end of every epoch (:mod:`tb_reranker.training.checkpoint`); ``resume`` continues after the
+latest complete one with the same optimizer, scheduler and RNG state.
+
+Frames are decoded once per dataset and cached (:func:`~tb_reranker.training.features.load_frames`);
+with ``freeze_backbone`` the vision features are computed once too, and only the text side,
+the indicators and the fusion module train.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
+from tb_reranker.training.checkpoint import (
+    latest_checkpoint,
+    optimizer_state_from_files,
+    read_train_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from tb_reranker.training.features import (
+    FeatureSet,
+    FrameSet,
+    VideoCaptionSet,
+    load_features,
+    load_frames,
+    load_video_captions,
+)
+
+__all__ = [
+    "TrainConfig",
+    "PAPER_EPOCHS",
+    "PRESETS",
+    "train",
+    "train_synthetic",
+    "build_model_config",
+]
+
+log = logging.getLogger(__name__)
+
+# Epochs of the paper per dataset (METHOD.md §4); anything else gets 5.
+PAPER_EPOCHS: dict[str, int] = {
+    "msrvtt": 5,
+    "didemo": 20,
+    "activitynet": 20,
+    "msvd": 20,
+    "vatex": 20,
+    "lsmdc": 10,
+}
+
+# Optimisation presets. "paper": METHOD.md §4 (fine-tuning pretrained CLIP). "synthetic": the
+# from-scratch tiny model of METHOD.md §7 (lr 2e-3 for the model collapsed there).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "lr": 1e-4,
+        "backbone_lr": 1e-6,
+        "batch_size": 128,
+        "epochs": None,
+        "hard_negatives": False,
+        "gumbel_scale": None,  # the model config's own (0.3)
+    },
+    "synthetic": {
+        "lr": 1e-3,
+        "backbone_lr": 5e-4,
+        "batch_size": 64,
+        "epochs": 15,
+        "hard_negatives": True,
+        "gumbel_scale": 0.0,  # no Gumbel noise: measured better from scratch (results_synthetic.md)
+    },
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. ``None`` fields take the preset's value."""
+
+    data_root: str  # dataset folder (generic format: what `tb synth` writes)
+    out_dir: str  # checkpoints go to <out_dir>/epoch-<n>/
+    dataset: str = "generic"  # dataset loader name (tb_reranker.data), "generic" = tb synth format
+    split: str = "train"  # split to train on
+    model_config: str = "tiny"  # "tiny", "vit-b-32" or a TokenBinderConfig JSON file
+    init_checkpoint: str | None = None  # start from these weights (its config + the overrides)
+    init_fresh: tuple[str, ...] = ()  # name prefixes NOT copied from init_checkpoint (re-init)
+    indicators: int | None = None  # override m
+    top_k: int | None = None  # override K
+    fusion_blocks: int | None = None  # override the number of fusion blocks
+    head: str | None = None  # override the head: "symmetric" or "listwise"
+    gumbel_scale: float | None = None  # override the Gumbel noise scale of the fusion attention
+    preset: str = "auto"  # "paper", "synthetic", or "auto" (synthetic for random-init custom CLIP
+    # configs such as tiny, paper for pretrained ones)
+    epochs: int | None = None  # epochs (preset / per-dataset paper value when None)
+    batch_size: int | None = None  # pairs per optimizer step (before accumulation split)
+    lr: float | None = None  # learning rate of fusion module + indicators
+    backbone_lr: float | None = None  # learning rate of the CLIP backbone
+    weight_decay: float = 0.2  # AdamW weight decay (not on biases, norms, embeddings, scale)
+    warmup: float = 0.05  # linear warm-up: fraction of all steps (< 1) or a step count (>= 1)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
+    grad_clip: float = 0.0  # max gradient norm (0 = no clipping)
+    freeze_backbone: bool = False  # cache vision features once; train text side + fusion
+    hard_negatives: bool | None = None  # batch word-order twins together (see _epoch_order)
+    seed: int = 0  # seeds init, data order, caption choice, Gumbel noise
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    cache_dir: str | None = None  # frame/feature cache (None = TB_CACHE_DIR or ./.tb_cache)
+    workers: int = 2  # video decoding threads
+    threads: int | None = None  # torch CPU threads for the run (None = torch's default)
+    resume: bool = False  # continue from the latest complete checkpoint in out_dir
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    progress: bool = True  # tqdm progress bars
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.preset not in ("auto", *PRESETS):
+            problems.append(f"preset must be auto, {', '.join(PRESETS)}; got {self.preset!r}")
+        for name in (
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "indicators",
+            "top_k",
+            "fusion_blocks",
+            "threads",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1, got {value}")
+        for name in ("lr", "backbone_lr"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                problems.append(f"{name} must be >= 0, got {value}")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.warmup >= 0:
+            problems.append(f"warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.head is not None and self.head not in ("symmetric", "listwise"):
+            problems.append(f"head must be symmetric or listwise, got {self.head!r}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            problems.append("max_steps_per_epoch must be >= 1")
+        if problems:
+            raise InvalidInputError("invalid training config: " + "; ".join(problems))
+
+    # ---- resolved values ---------------------------------------------------------------------
+    def preset_name(self, is_tiny: bool) -> str:
+        """The preset in force: ``auto`` means synthetic for the tiny model, paper otherwise."""
+        if self.preset != "auto":
+            return self.preset
+        return "synthetic" if is_tiny else "paper"
+
+    def resolved(self, is_tiny: bool) -> TrainConfig:
+        """A copy with every ``None`` optimisation field filled from the preset."""
+        preset = PRESETS[self.preset_name(is_tiny)]
+        epochs = self.epochs or preset["epochs"] or PAPER_EPOCHS.get(self.dataset, 5)
+        batch_size = self.batch_size or preset["batch_size"]
+        if batch_size % self.grad_accum:
+            raise InvalidInputError(
+                f"batch_size {batch_size} is not divisible by grad_accum {self.grad_accum}"
+            )
+        return replace(
+            self,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=self.lr if self.lr is not None else preset["lr"],
+            backbone_lr=self.backbone_lr if self.backbone_lr is not None else preset["backbone_lr"],
+            hard_negatives=(
+                self.hard_negatives if self.hard_negatives is not None else preset["hard_negatives"]
+            ),
+            gumbel_scale=(
+                self.gumbel_scale if self.gumbel_scale is not None else preset["gumbel_scale"]
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def build_model_config(config: TrainConfig) -> Any:
+    """The TokenBinderConfig of ``config.model_config`` with the CLI overrides applied."""
+    from tb_reranker.model import TokenBinderConfig
+
+    spec = config.model_config
+    if spec == "tiny":
+        model_config = TokenBinderConfig.tiny()
+    elif spec in ("vit-b-32", "ViT-B-32", "vit_b_32"):
+        model_config = TokenBinderConfig.vit_b_32()
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InvalidInputError(
+                f"--config must be tiny, vit-b-32 or a TokenBinderConfig JSON file; got {spec!r}"
+            )
+        model_config = TokenBinderConfig.from_json(path.read_text())
+    return _apply_overrides(model_config, config)
+
+
+def _apply_overrides(model_config: Any, config: TrainConfig) -> Any:
+    changes: dict[str, Any] = {}
+    if config.indicators is not None:
+        changes["num_indicators"] = config.indicators
+    if config.top_k is not None:
+        changes["top_k"] = config.top_k
+    if config.fusion_blocks is not None:
+        changes["fusion_blocks"] = config.fusion_blocks
+    if config.head is not None:
+        changes["head"] = config.head
+    if config.gumbel_scale is not None:
+        changes["gumbel_scale"] = config.gumbel_scale
+    if config.freeze_backbone:
+        changes["freeze_backbone"] = True
+    changes["seed"] = config.seed
+    return model_config.replace(**changes) if changes else model_config
+
+
+def _is_tiny(model_config: Any) -> bool:
+    return model_config.clip_cfg is not None and model_config.pretrained is None
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up from ~0 to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, max(0.0, progress))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _epoch_order(
+    captions: list[list[str]], seed: int, epoch: int, hard_negatives: bool
+) -> tuple[torch.Tensor, list[int]]:
+    """Seeded video order and one caption index per video for ``epoch`` (same on resume).
+
+    With ``hard_negatives`` the order is made of adjacent *twins*: videos whose chosen captions
+    hold the same words in a different order ("a red circle then a blue square" / "a blue
+    square then a red circle"), which mean pooling cannot tell apart — one video per distinct
+    caption of each bag of words, kept together, the groups shuffled. Twins thus share a batch
+    (but for the few split at a batch boundary) and the focused view meets them among its top-K
+    candidates.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    num_videos = len(captions)
+    order = torch.randperm(num_videos, generator=generator)
+    picks = torch.rand(num_videos, generator=generator).tolist()
+    captions_idx = [int(p * len(c)) for p, c in zip(picks, captions, strict=True)]
+    if not hard_negatives:
+        return order, captions_idx
+    groups: dict[tuple[str, ...], dict[str, list[int]]] = {}
+    for i in order.tolist():  # random order within each group
+        text = captions[i][captions_idx[i]]
+        bag = tuple(sorted(text.lower().split()))
+        groups.setdefault(bag, {}).setdefault(text, []).append(i)
+    units: list[list[int]] = []  # one video per distinct caption of the same words
+    for by_text in groups.values():
+        queues = list(by_text.values())
+        while queues:
+            units.append([q.pop() for q in queues])
+            queues = [q for q in queues if q]
+    shuffled = torch.randperm(len(units), generator=generator).tolist()
+    return torch.tensor([i for u in shuffled for i in units[u]]), captions_idx
+
+
+@dataclass
+class _TrainData:
+    """What an epoch iterates over: frames (end to end) or cached features (frozen)."""
+
+    videos: VideoCaptionSet  # the training videos that decoded
+    frames: FrameSet | None  # decoded frames (end to end)
+    features: FeatureSet | None  # cached vision features (frozen backbone)
+    frames_masks: torch.Tensor  # [N, T] bool real vs padded frames
+
+
+def _batch_videos(
+    data: _TrainData, indices: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(videos, frames_mask [b, T]) of the videos at ``indices``: raw frames [b, T, 3, H, W]
+    end to end, cached frame features [b, T, D] with a frozen backbone."""
+    if data.features is not None:
+        videos = data.features.frames_tokens[indices].to(device)
+        masks = data.frames_masks[indices].to(device)
+        return videos, masks
+    assert data.frames is not None
+    frames = data.frames.frames[indices].to(device=device, dtype=torch.float32)
+    return frames, data.frames.masks[indices].to(device)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_epoch_start: Callable[[int, Any], None] | None = None,
+    on_epoch_end: Callable[[int, Path, dict[str, float]], None] | None = None,
+) -> Path:
+    """Train a TokenBinder as ``config`` says; return the last checkpoint directory.
+
+    ``on_epoch_start(epoch, optimizer)`` and ``on_epoch_end(epoch, checkpoint_dir, stats)`` are
+    called around each epoch (epochs count from 1); an exception raised there stops training
+    (the checkpoints written so far stay valid for ``resume``).
+    """
+    from tb_reranker.model import TokenBinder, param_groups, resolve_device
+
+    out_dir = Path(config.out_dir)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    previous = latest_checkpoint(out_dir)
+    if previous is not None and not config.resume:
+        raise AlreadyExistsError(
+            f"{out_dir} already holds checkpoint {previous[1].name}; "
+            "pass --resume to continue it or choose another --out"
+        )
+
+    state_meta: dict[str, Any] | None = None
+    state_tensors: dict[str, torch.Tensor] | None = None
+    if config.resume and previous is not None:
+        start_epoch, ckpt_dir = previous
+        state_meta, state_tensors = read_train_state(ckpt_dir)
+        model = TokenBinder.load(ckpt_dir)
+        saved = state_meta.get("train_config", {})
+        for name in ("epochs", "batch_size", "lr", "backbone_lr", "grad_accum", "seed"):
+            if getattr(config, name) is not None and saved.get(name) not in (
+                None,
+                getattr(config, name),
+            ):
+                log.warning(
+                    "resume: %s=%s differs from the checkpoint's %s; using the checkpoint's",
+                    name,
+                    getattr(config, name),
+                    saved.get(name),
+                )
+        known = set(TrainConfig.field_names())
+        merged = {k: v for k, v in saved.items() if k in known}
+        merged.update(
+            data_root=config.data_root,
+            out_dir=config.out_dir,
+            cache_dir=config.cache_dir,
+            device=config.device,
+            progress=config.progress,
+            workers=config.workers,
+            threads=config.threads,
+            resume=True,
+        )
+        config = TrainConfig(**merged).resolved(_is_tiny(model.config))
+        log.info("resuming from %s (epoch %d done)", ckpt_dir, start_epoch)
+    else:
+        if config.resume:
+            log.info("resume: no complete checkpoint in %s, starting fresh", out_dir)
+        start_epoch = 0
+        if config.init_checkpoint:
+            source = TokenBinder.load(config.init_checkpoint)
+            config = config.resolved(_is_tiny(source.config))
+            model = TokenBinder(_apply_overrides(source.config, config))
+            fresh = _load_matching(model, source, tuple(config.init_fresh))
+            log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
+        else:
+            model_config = build_model_config(config)
+            config = config.resolved(_is_tiny(model_config))
+            model = TokenBinder(_apply_overrides(model_config, config))  # + preset gumbel_scale
+    torch.manual_seed(config.seed)  # Gumbel noise; data order has its own seeded generator
+    model.to(device)
+
+    videos = load_video_captions(config.dataset, config.data_root, config.split)
+    cache_dir = config.cache_dir or os.environ.get("TB_CACHE_DIR") or ".tb_cache"
+    frame_set = load_frames(
+        videos,
+        num_frames=model.num_frames,
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        cache_dir=cache_dir,
+        workers=config.workers,
+        progress=config.progress,
+    )
+    if config.freeze_backbone:
+        features = load_features(
+            model, frame_set, cache_dir=cache_dir, device=device, progress=config.progress
+        )
+        data = _TrainData(frame_set.videos, None, features, frame_set.masks)
+    else:
+        data = _TrainData(frame_set.videos, frame_set, None, frame_set.masks)
+    num_videos = len(data.videos)
+    if num_videos < 2:
+        raise InvalidInputError(f"need at least 2 training videos, got {num_videos}")
+
+    batch_size = min(config.batch_size, num_videos)
+    micro_size = max(1, batch_size // config.grad_accum)
+    steps_per_epoch = num_videos // batch_size  # full batches only (InfoNCE wants equal sizes)
+    if config.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total_steps)
+
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.lr, config.backbone_lr, config.weight_decay),
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, warmup_steps, config.min_lr_ratio)
+    )
+    history: list[dict[str, float]] = []
+    if state_meta is not None and state_tensors is not None:
+        try:
+            optimizer.load_state_dict(
+                optimizer_state_from_files(state_tensors, state_meta["optimizer"])
+            )
+            scheduler.load_state_dict(
+                {**scheduler.state_dict(), **state_meta.get("scheduler", {}), "lr_lambdas": [None]}
+            )
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot restore the optimizer state: {exc}") from exc
+        set_rng_state(state_tensors, state_meta.get("rng", {}))
+        history = list(state_meta.get("history", []))
+    if start_epoch >= config.epochs:
+        log.info("nothing to do: %d of %d epochs done", start_epoch, config.epochs)
+        return previous[1] if previous else out_dir
+
+    model.autocast_on_gpu = config.amp  # the model runs bf16 autocast itself on CUDA
+    log.info(
+        "training %d videos, %d epochs x %d steps (batch %d, accum %d), lr %.2g / backbone %.2g, "
+        "%s on %s",
+        num_videos,
+        config.epochs,
+        steps_per_epoch,
+        batch_size,
+        config.grad_accum,
+        config.lr,
+        config.backbone_lr,
+        "frozen backbone" if config.freeze_backbone else "end to end",
+        device,
+    )
+    last_dir = previous[1] if previous else out_dir
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, optimizer)
+        model.train()
+        order, captions_idx = _epoch_order(
+            data.videos.captions, config.seed, epoch, bool(config.hard_negatives)
+        )
+        steps = range(steps_per_epoch)
+        bar = None
+        if config.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
+            steps = bar
+        started = time.monotonic()
+        sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
+        for step in steps:
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = broad_value = focus_value = 0.0
+            for micro in batch.split(micro_size):
+                texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
+                videos_input, frames_mask = _batch_videos(data, micro, device)
+                losses = model.training_loss(texts, videos_input, frames_mask=frames_mask)
+                (losses["loss"] / config.grad_accum).backward()
+                loss_value += float(losses["loss"].detach()) / config.grad_accum
+                broad_value += float(losses["broad"]) / config.grad_accum
+                focus_value += float(losses["focus"]) / config.grad_accum
+            if not math.isfinite(loss_value):
+                raise InvalidInputError(
+                    f"loss is {loss_value} at epoch {epoch} step {step}: lower the learning rate"
+                )
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # CLIP clamps the learned temperature at 100
+                model.clip.logit_scale.clamp_(0, math.log(100))
+            sums["loss"] += loss_value
+            sums["broad"] += broad_value
+            sums["focus"] += focus_value
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if bar is not None:
+            bar.close()
+        stats = {k: v / max(1, steps_per_epoch) for k, v in sums.items()}
+        stats["epoch"] = epoch
+        stats["seconds"] = round(time.monotonic() - started, 2)
+        history.append(stats)
+        log.info(
+            "epoch %d/%d: loss %.4f (broad %.4f, focus %.4f) in %.1fs",
+            epoch,
+            config.epochs,
+            stats["loss"],
+            stats["broad"],
+            stats["focus"],
+            stats["seconds"],
+        )
+        last_dir = write_checkpoint(
+            out_dir,
+            epoch,
+            save_model=model.save,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scalars={
+                "epoch": epoch,
+                "global_step": epoch * steps_per_epoch,
+                "train_config": config.to_dict(),
+                "history": history,
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, last_dir, stats)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return last_dir
+
+
+def _load_matching(
+    target: torch.nn.Module, source: torch.nn.Module, fresh_prefixes: tuple[str, ...] = ()
+) -> list[str]:
+    """Copy every same-named, same-shaped tensor of ``source`` into ``target`` except names
+    starting with one of ``fresh_prefixes``; return the names left at their new init."""
+    source_state = source.state_dict()
+    target_state = target.state_dict()
+    fresh = []
+    for name, value in target_state.items():
+        other = source_state.get(name)
+        if other is not None and other.shape == value.shape and not name.startswith(fresh_prefixes):
+            target_state[name] = other
+        else:
+            fresh.append(name)
+    target.load_state_dict(target_state)
+    return fresh
+
+
+def train_synthetic(
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int,
+    epochs: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train the tiny model end to end on a ``tb synth`` folder (synthetic preset); return the
+    checkpoint directory (loadable with ``TokenBinder.load``)."""
+    return train(
+        TrainConfig(
+            data_root=str(data_root),
+            out_dir=str(out_dir),
+            model_config="tiny",
+            preset="synthetic",
+            seed=seed,
+            epochs=epochs,
+            progress=progress,
+        )
+    )

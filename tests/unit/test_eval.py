@@ -1,0 +1,259 @@
+"""Evaluation (against a brute-force computation), the Δ = 0 identity, `tb train` / `tb eval` /
+`tb ablate` through ``tb_reranker.cli.main`` on a tiny real synthetic set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tb_reranker.cli import main
+from tb_reranker.evaluate import evaluate, format_table
+from tb_reranker.model import TokenBinder, TokenBinderConfig
+from tb_reranker.train import TrainConfig, train
+from tb_reranker.training.ablation import parse_sweep
+from tb_reranker.training.features import (
+    VideoCaptionSet,
+    load_features,
+    load_frames,
+    load_video_captions,
+)
+from tb_reranker.video.synth import generate
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    generate(
+        root,
+        num_train=24,
+        num_val=0,
+        num_test=12,
+        seed=5,
+        size=32,
+        num_frames=8,
+        workers=1,
+        progress=False,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained 3 short epochs (Δ no longer zero)."""
+    out = tmp_path_factory.mktemp("trained")
+    return train(
+        TrainConfig(
+            data_root=str(synth_root),
+            out_dir=str(out / "run"),
+            epochs=3,
+            batch_size=8,
+            lr=3e-3,
+            seed=2,
+            cache_dir=str(out / "cache"),
+            workers=1,
+            progress=False,
+        )
+    )
+
+
+def _multi_caption(videos: VideoCaptionSet) -> VideoCaptionSet:
+    """Every other video gets a second caption (a variant of another video's: no exact ties)."""
+    captions = [
+        list(c) + ([videos.captions[(i + 3) % len(videos)][0] + " again"] if i % 2 == 0 else [])
+        for i, c in enumerate(videos.captions)
+    ]
+    return VideoCaptionSet(videos.videos_ids, videos.paths, captions, videos.name, videos.split)
+
+
+def _brute_force(model: TokenBinder, videos: VideoCaptionSet, cache: Path, k: int) -> dict:
+    """Ranks by explicit sorting, one query at a time (no metrics module)."""
+    frames = load_frames(
+        videos,
+        num_frames=model.num_frames,
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        cache_dir=cache,
+    )
+    feats = load_features(model, frames, cache_dir=cache)
+    texts = [c for cs in videos.captions for c in cs]
+    owner = [i for i, cs in enumerate(videos.captions) for _ in cs]
+    model.eval()
+    with torch.no_grad():
+        ind = model.encode_text(texts)
+        sims = (ind[:, 0] @ feats.cls.t()).numpy()  # [M, N]
+        ranks = {"t2v_broad": [], "t2v_reranked": [], "v2t_broad": [], "v2t_reranked": []}
+        for q in range(len(texts)):
+            order = list(np.argsort(-sims[q], kind="stable"))
+            ranks["t2v_broad"].append(order.index(owner[q]) + 1)
+            top = order[:k]
+            scores = model.focused_scores(
+                ind[q : q + 1], feats.cls[top][None], feats.frames_tokens[top][None]
+            )
+            final = scores.final[0].numpy()
+            new = [top[j] for j in np.argsort(-final, kind="stable")] + order[k:]
+            ranks["t2v_reranked"].append(new.index(owner[q]) + 1)
+        for v in range(len(videos)):
+            order = list(np.argsort(-sims[:, v], kind="stable"))
+            mine = [t for t in range(len(texts)) if owner[t] == v]
+            ranks["v2t_broad"].append(min(order.index(t) for t in mine) + 1)
+            top = order[:k]
+            scores = model.focused_scores_v2t(
+                feats.frames_tokens[v : v + 1], feats.cls[v : v + 1], ind[top][None]
+            )
+            final = scores.final[0].numpy()
+            new = [top[j] for j in np.argsort(-final, kind="stable")] + order[k:]
+            ranks["v2t_reranked"].append(min(new.index(t) for t in mine) + 1)
+    return {name: np.array(r) for name, r in ranks.items()}
+
+
+def test_evaluate_matches_brute_force(trained, synth_root, tmp_path):
+    model = TokenBinder.load(trained)
+    videos = _multi_caption(load_video_captions("generic", synth_root, "test"))
+    k = 5
+    result = evaluate(model, videos, k=k, cache_dir=tmp_path)
+    assert result["num_videos"] == 12 and result["num_texts"] == 18 and result["k"] == k
+    brute = _brute_force(model, videos, tmp_path, k)
+    for direction in ("t2v", "v2t"):
+        for view in ("broad", "reranked"):
+            ranks = brute[f"{direction}_{view}"]
+            metrics = result[direction][view]
+            for cut in (1, 5, 10):
+                assert metrics[f"R@{cut}"] == pytest.approx(100.0 * np.mean(ranks <= cut))
+            assert metrics["MdR"] == pytest.approx(float(np.median(ranks)))
+            assert metrics["MnR"] == pytest.approx(float(np.mean(ranks)))
+            assert metrics["num_queries"] == (18 if direction == "t2v" else 12)
+    assert result["curves"]["t2v"]["broad"][0] == pytest.approx(result["t2v"]["broad"]["R@1"])
+    # a trained head moves some scores: the reranked view is not trivially the broad one
+    assert not np.array_equal(brute["t2v_broad"], brute["t2v_reranked"]) or not np.array_equal(
+        brute["v2t_broad"], brute["v2t_reranked"]
+    )
+    assert "reranked" in format_table(result)
+
+
+def test_untrained_model_reranks_to_the_broad_order(synth_root, tmp_path):
+    model = TokenBinder(TokenBinderConfig.tiny(seed=11))
+    videos = _multi_caption(load_video_captions("generic", synth_root, "test"))
+    result = evaluate(model, videos, cache_dir=tmp_path)
+    for direction in ("t2v", "v2t"):
+        assert result[direction]["reranked"] == result[direction]["broad"]
+        assert result["curves"][direction]["reranked"] == result["curves"][direction]["broad"]
+
+
+def test_cli_train_eval_and_ablate(synth_root, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ckpt"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TB_BATCH_SIZE", "8")  # flags also come from TB_* variables
+    code = main(
+        [
+            "train",
+            "--data",
+            str(synth_root),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--cache-dir",
+            str(cache),
+            "--workers",
+            "1",
+            "--no-progress",
+            "--json",
+        ]
+    )
+    assert code == 0
+    checkpoint = json.loads(capsys.readouterr().out)["checkpoint"]
+    state = json.loads((Path(checkpoint) / "train_state.json").read_text())
+    assert state["train_config"]["batch_size"] == 8 and state["global_step"] == 3
+
+    plot = tmp_path / "curves.png"
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            checkpoint,
+            "--data",
+            str(synth_root),
+            "--json",
+            "--plot",
+            str(plot),
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_videos"] == 12 and set(result["t2v"]) == {"broad", "reranked"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    code = main(
+        [
+            "ablate",
+            "--data",
+            str(synth_root),
+            "--out",
+            str(tmp_path / "abl"),
+            "--init",
+            checkpoint,
+            "--epochs",
+            "1",
+            "--sweep",
+            "head=listwise",
+            "--cache-dir",
+            str(cache),
+            "--no-progress",
+            "--json",
+        ]
+    )
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["head"] for row in rows] == ["symmetric", "listwise"]
+    assert all(0 <= row["t2v"]["reranked"]["R@1"] <= 100 for row in rows)
+
+
+def test_cli_bad_arguments_exit_2(synth_root, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "three"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--head", "diagonal"])
+    assert exc.value.code == 2
+    assert (
+        main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--epochs", "0"])
+        == 2
+    )
+    assert "epochs must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "o")]) == 2  # no --data
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", str(synth_root)]) == 2
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "ablate",
+                "--data",
+                str(synth_root),
+                "--out",
+                str(tmp_path / "a"),
+                "--sweep",
+                "depth=3",
+            ]
+        )
+        == 2
+    )
+    monkeypatch.setenv("TB_LR", "fast")
+    assert main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o")]) == 2
+    assert "TB_LR" in capsys.readouterr().err
+
+
+def test_parse_sweep():
+    assert parse_sweep(["m=2,4", "k=5", "blocks=1,2", "head=listwise"]) == {
+        "indicators": [2, 4],
+        "top_k": [5],
+        "fusion_blocks": [1, 2],
+        "head": ["listwise"],
+    }
