@@ -49,14 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropLiteNoise(logging.Filter):
+    """Milvus Lite's in-process gRPC server logs a traceback for every ``AllocTimestamp`` call
+    that pymilvus makes (an RPC Lite does not implement, and pymilvus handles); drop just those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "Method not implemented" in str(exc))
+
+
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
+    """Our loggers at INFO (DEBUG with -v; WARNING for quiet commands), third parties at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_DropLiteNoise())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    ours = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    for name in ("tb_reranker", "milvus_setup"):
+        logging.getLogger(name).setLevel(ours)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _configure_logging(args.verbose, quiet=getattr(args, "quiet_logs", False))
     try:
         return int(args.func(args) or 0)
     except TBError as exc:

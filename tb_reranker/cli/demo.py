@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="training epochs")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, quiet_logs=True)
 
 
 def run(args: argparse.Namespace) -> int:
