@@ -63,7 +63,15 @@ def test_import_is_light():
 
 def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tb_reranker", "search", "a red circle", "--data-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "tb_reranker",
+            "search",
+            "a red circle",
+            "--data-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )
