@@ -139,4 +139,6 @@ def run_demo(
     out(f"  {'':10} {'R@1':>6} {'R@5':>6}")
     for name in ("broad", "reranked"):
         out(f"  {name:10} {figures[name]['R@1']:6.1f} {figures[name]['R@5']:6.1f}")
+    example = captions[0][0] if captions else "a red circle then a blue square"
+    out(f'next: tb search "{example}" --data-dir {root} --checkpoint {checkpoint}')
     return figures
