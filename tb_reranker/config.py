@@ -30,7 +30,7 @@ class Settings:
     milvus_uri: str = ""  # file path (Milvus Lite) or http://host:19530; "" = <data_dir>/milvus.db
     milvus_token: str = ""  # "user:password" or API key for a Milvus server
     collection: str = "tb_videos"  # Milvus collection name
-    store: str = ""  # frame-token store: a directory (LMDB) or s3://bucket/prefix; "" = <data_dir>/frames
+    store: str = ""  # frame store: LMDB dir or s3://bucket/prefix; "" = <data_dir>/frames
     checkpoint: str = ""  # TokenBinder checkpoint directory; "" = <data_dir>/checkpoint
     reranker: str = "local"  # "local" (in-process) or "host:port" of a gRPC sidecar
     reranker_token: str = ""  # bearer token for the sidecar

@@ -11,6 +11,13 @@
 The K/V cache is keyed by video id and remembers the entry's content hash: a caller that knows
 the hash (Milvus returns it with every hit) never sees a stale entry; ids given without a hash
 are trusted for ``cache_ttl_s`` seconds. ``invalidate(ids)`` drops entries at once.
+
+Hot path (issue #6): the cache is one slab ``[n_blocks, 2, slots, T', D]`` with an id -> slot
+map, so a whole batch's candidate K/V come out in one row gather per (block, K|V) plane, laid out
+so that the fusion reads each block's keys/values ``[B, K*T', D]`` without another copy; when
+every candidate is cached the gather reads the slab directly (under the cache lock), otherwise
+cached rows are copied out under the lock, the misses are read and projected outside it and
+inserted afterwards. The model is called without re-validating inputs built here.
 """
 
 from __future__ import annotations
@@ -42,60 +49,160 @@ MAX_TEXT_CHARS = 2048  # longer query texts are refused (CLIP truncates at 77 to
 
 
 @dataclass
-class _CacheEntry:
-    content_hash: str
-    kv: torch.Tensor  # the model's per-video projection (leading dim T)
-    cls: torch.Tensor  # [D] L2-normalised mean of the frame tokens
-    tokens: torch.Tensor  # [T, D] float32 frame tokens (for models without cached K/V)
-    timestamps: np.ndarray  # [T] seconds
-    stamp: float  # time.monotonic() when cached
+class _Rows:
+    """Per-video rows for one rerank call, gathered from the cache slab and/or the store.
+
+    ``kv`` is laid out ``[n_blocks, 2, N, T', D]`` so that a gather along dim 2 yields the
+    candidates' keys/values with each block's ``[B, K*T', D]`` a free view.
+    """
+
+    index: dict[str, int]  # video id -> row
+    kv: torch.Tensor  # [n_blocks, 2, N, T', D] float32 (rows, or the whole cache slab)
+    cls: torch.Tensor  # [N, D] L2-normalised pooled frame tokens
+    timestamps: np.ndarray  # [N, T] seconds
+
+
+def _take(kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """kv [n_blocks, 2, N, T', D], rows [R] int64 -> kv[:, :, rows] [n_blocks, 2, R, T', D].
+
+    One contiguous row gather per (block, K|V) plane: much faster than ``index_select`` on
+    dim 2.
+    """
+    blocks, pair, num_rows = kv.shape[0], kv.shape[1], kv.shape[2]
+    out = kv.new_empty((blocks, pair, rows.shape[0], *kv.shape[3:]))
+    for b in range(blocks):
+        for j in range(pair):
+            torch.index_select(
+                kv[b, j].view(num_rows, -1), 0, rows, out=out[b, j].view(rows.shape[0], -1)
+            )
+    return out
+
+
+def _put(kv: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """kv[:, :, rows] = values (values [n_blocks, 2, R, T', D]), plane by plane."""
+    num_rows = kv.shape[2]
+    for b in range(kv.shape[0]):
+        for j in range(kv.shape[1]):
+            kv[b, j].view(num_rows, -1).index_copy_(
+                0, rows, values[b, j].reshape(rows.shape[0], -1)
+            )
 
 
 class _KVCache:
-    """A thread-safe LRU of per-video projections with hit/miss counters."""
+    """A thread-safe LRU of per-video projections in one preallocated slab, with counters.
+
+    Entries live in ``kv [n_blocks, 2, slots, T', D]`` / ``cls [slots, D]`` /
+    ``timestamps [slots, T]``; ``_slots`` maps id -> (slot, content hash, stamp) in LRU order.
+    The slab grows by doubling up to ``capacity`` (nothing is allocated before the first put).
+    """
 
     def __init__(self, capacity: int, ttl_s: float) -> None:
-        self.capacity = capacity
+        self.capacity = max(0, int(capacity))
         self.ttl_s = ttl_s
-        self._entries: OrderedDict[str, _CacheEntry] = OrderedDict()
-        self._lock = threading.Lock()
+        self._slots: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
+        self._free: list[int] = []
+        self.kv: torch.Tensor | None = None
+        self.cls: torch.Tensor | None = None
+        self.timestamps: np.ndarray | None = None
+        self.lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, video_id: str, content_hash: str | None) -> _CacheEntry | None:
-        with self._lock:
-            entry = self._entries.get(video_id)
-            fresh = entry is not None and (
-                entry.content_hash == content_hash
-                if content_hash
-                else time.monotonic() - entry.stamp <= self.ttl_s
-            )
-            if not fresh:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(video_id)
-            self.hits += 1
-            return entry
+    def lookup(
+        self, videos_ids: Sequence[str], contents_hashes: Sequence[str | None]
+    ) -> tuple[dict[str, int], list[str]]:
+        """(id -> slot of fresh entries, ids to fetch); call with ``lock`` held."""
+        found: dict[str, int] = {}
+        wanted: list[str] = []
+        now = None
+        slots = self._slots
+        for video_id, content_hash in zip(videos_ids, contents_hashes, strict=True):
+            item = slots.get(video_id)
+            if item is not None:
+                if content_hash:
+                    fresh = item[1] == content_hash
+                else:
+                    now = time.monotonic() if now is None else now
+                    fresh = now - item[2] <= self.ttl_s
+                if fresh:
+                    slots.move_to_end(video_id)
+                    found[video_id] = item[0]
+                    continue
+            wanted.append(video_id)
+        self.hits += len(found)
+        self.misses += len(wanted)
+        return found, wanted
 
-    def put(self, video_id: str, entry: _CacheEntry) -> None:
-        if self.capacity <= 0:
+    def _grow(self, needed: int, like: _Rows) -> None:
+        size = 0 if self.kv is None else self.kv.shape[2]
+        if needed <= size:
             return
-        with self._lock:
-            self._entries[video_id] = entry
-            self._entries.move_to_end(video_id)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+        new_size = min(self.capacity, max(needed, 2 * size, 16))
+        shape = (*like.kv.shape[:2], new_size, *like.kv.shape[3:])
+        kv = torch.zeros(shape, dtype=like.kv.dtype, device=like.kv.device)
+        cls = torch.zeros(
+            (new_size, like.cls.shape[1]), dtype=like.cls.dtype, device=like.cls.device
+        )
+        timestamps = np.zeros((new_size, like.timestamps.shape[1]), dtype=np.float32)
+        if self.kv is not None:
+            assert self.cls is not None and self.timestamps is not None
+            kv[:, :, :size] = self.kv
+            cls[:size] = self.cls
+            timestamps[:size] = self.timestamps
+        self.kv, self.cls, self.timestamps = kv, cls, timestamps
+        self._free.extend(range(new_size - 1, size - 1, -1))
+
+    def put(self, rows: _Rows, contents_hashes: dict[str, str]) -> None:
+        """Store ``rows`` (evicting least recently used entries); call with ``lock`` held."""
+        if self.capacity <= 0 or not rows.index:
+            return
+        if self.kv is not None and (
+            self.kv.shape[:2] != rows.kv.shape[:2] or self.kv.shape[3:] != rows.kv.shape[3:]
+        ):
+            # another frame count per video: start a new slab (entries of one shape only)
+            self.clear()
+        items = list(rows.index.items())[-self.capacity :]
+        self._grow(min(self.capacity, len(self._slots) + len(items)), rows)
+        assert self.kv is not None and self.cls is not None and self.timestamps is not None
+        now = time.monotonic()
+        targets, sources = [], []
+        for video_id, row in items:
+            old = self._slots.pop(video_id, None)
+            if old is not None:
+                slot = old[0]
+            else:
+                if not self._free:
+                    _, (slot, _, _) = self._slots.popitem(last=False)
+                else:
+                    slot = self._free.pop()
+            self._slots[video_id] = (slot, contents_hashes[video_id], now)
+            targets.append(slot)
+            sources.append(row)
+        target = torch.tensor(targets, dtype=torch.long, device=self.kv.device)
+        source = torch.tensor(sources, dtype=torch.long, device=rows.kv.device)
+        _put(self.kv, target, _take(rows.kv, source))
+        self.cls.index_copy_(0, target, rows.cls.index_select(0, source))
+        self.timestamps[targets] = rows.timestamps[sources]
 
     def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
-        with self._lock:
+        with self.lock:
             if videos_ids is None:
-                self._entries.clear()
+                self.clear()
             else:
                 for video_id in videos_ids:
-                    self._entries.pop(video_id, None)
+                    item = self._slots.pop(video_id, None)
+                    if item is not None:
+                        self._free.append(item[0])
+
+    def clear(self) -> None:
+        """Drop every entry and the slab (call with ``lock`` held)."""
+        self._slots.clear()
+        self._free.clear()
+        self.kv = self.cls = None
+        self.timestamps = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slots)
 
     @property
     def hit_rate(self) -> float:
@@ -170,58 +277,120 @@ class Reranker:
         return indicators.float().cpu().numpy()
 
     # ------------------------------------------------------------------ fetch
-    def _entries(
-        self, videos_ids: Sequence[str], contents_hashes: Sequence[str | None]
-    ) -> dict[str, _CacheEntry]:
-        """Cache lookups, then one store batch for the misses, projected in one model call."""
-        found: dict[str, _CacheEntry] = {}
-        wanted: list[str] = []
-        for video_id, content_hash in zip(videos_ids, contents_hashes, strict=True):
-            if video_id in found or video_id in wanted:
-                continue
-            entry = self.cache.get(video_id, content_hash)
-            if entry is None:
-                wanted.append(video_id)
-            else:
-                found[video_id] = entry
-        if not wanted:
-            return found
-        records = self.store.get_many(wanted)
-        fetched = [video_id for video_id in wanted if video_id in records]
+    def _fetch(self, videos_ids: Sequence[str]) -> tuple[_Rows, dict[str, str]]:
+        """One store batch for ``videos_ids``, projected in one model call -> rows, hashes."""
+        records = self.store.get_many(list(videos_ids))
+        fetched = [video_id for video_id in videos_ids if video_id in records]
         if not fetched:
-            return found
-        frames_tokens = torch.stack(
-            [torch.from_numpy(np.asarray(records[i].tokens, dtype=np.float32)) for i in fetched]
-        ).to(self.device)  # [N, T, D]
-        if frames_tokens.shape[-1] != self.embed_dim:
+            return self._empty_rows(), {}
+        tokens = np.stack([np.asarray(records[i].tokens) for i in fetched])  # [N, T', D]
+        if tokens.ndim != 3 or tokens.shape[-1] != self.embed_dim:
             raise InvalidInputError(
-                f"stored frame tokens have dim {frames_tokens.shape[-1]}, "
+                f"stored frame tokens have dim {tokens.shape[-1]}, "
                 f"the model expects {self.embed_dim}: was the store made by another model?"
             )
+        frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
+        num_frames = frames_tokens.shape[1] // self.tokens_per_frame
         with torch.inference_mode():
-            kv = self.model.project_candidates(frames_tokens)  # [N, T, ...]
-        frames_mask = torch.stack(
-            [
-                torch.from_numpy(np.asarray(records[i].mask, dtype=bool))
-                if getattr(records[i], "mask", None) is not None
-                else torch.ones(frames_tokens.shape[1] // self.tokens_per_frame, dtype=torch.bool)
-                for i in fetched
+            kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
+            masks = [getattr(records[i], "mask", None) for i in fetched]
+            frames_mask = None
+            if any(mask is not None for mask in masks):
+                frames_mask = torch.from_numpy(
+                    np.stack(
+                        [
+                            np.asarray(mask, dtype=bool)
+                            if mask is not None
+                            else np.ones(num_frames, dtype=bool)
+                            for mask in masks
+                        ]
+                    )
+                ).to(self.device)  # [N, T]
+            cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's pooling
+        timestamps = np.stack(
+            [np.asarray(records[i].timestamps, dtype=np.float32) for i in fetched]
+        )  # [N, T]
+        rows = _Rows(
+            index={video_id: n for n, video_id in enumerate(fetched)},
+            kv=kv.permute(1, 2, 0, 3, 4).contiguous(),  # [n_blocks, 2, N, T', D]
+            cls=cls,
+            timestamps=timestamps,
+        )
+        return rows, {video_id: records[video_id].content_hash for video_id in fetched}
+
+    def _empty_rows(self) -> _Rows:
+        return _Rows({}, torch.empty(0), torch.empty(0), np.zeros((0, 0), dtype=np.float32))
+
+    def _prepare(
+        self,
+        queries: torch.Tensor,
+        candidates_ids: Sequence[Sequence[str]],
+        broad_scores: Sequence[Sequence[float]] | None,
+        rows: _Rows,
+    ) -> tuple[list[list[tuple[int, str, float]]], dict[str, Any] | None]:
+        """Per query the present candidates sorted by broad score, and the fusion inputs.
+
+        Returns (plans, batch) where batch holds ``active`` (queries with candidates),
+        ``sizes``, ``cand_kv [B, K, n_blocks, 2, T', D]`` (a view of one gathered
+        ``[n_blocks, 2, B*K, T', D]`` tensor), ``cand_cls [B, K, D]``, ``cand_mask [B, K]`` and
+        ``timestamps [B, K, T]`` (numpy); ``None`` when no query has a candidate.
+        """
+        index = rows.index
+        computed: list[float] | None = None
+        if broad_scores is None:
+            flat = [
+                (q, index[i]) for q, ids in enumerate(candidates_ids) for i in ids if i in index
             ]
-        ).to(self.device)  # [N, T]
-        cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's own pooling
-        now = time.monotonic()
-        for n, video_id in enumerate(fetched):
-            entry = _CacheEntry(
-                content_hash=records[video_id].content_hash,
-                kv=kv[n],
-                cls=cls[n],
-                tokens=frames_tokens[n],
-                timestamps=np.asarray(records[video_id].timestamps, dtype=np.float32),
-                stamp=now,
-            )
-            self.cache.put(video_id, entry)
-            found[video_id] = entry
-        return found
+            if flat:
+                which = torch.tensor([f[0] for f in flat], device=self.device)
+                slots = torch.tensor([f[1] for f in flat], device=self.device)
+                computed = (rows.cls.index_select(0, slots) * queries[which, 0]).sum(-1).tolist()
+        plans: list[list[tuple[int, str, float]]] = []
+        position = 0
+        for q, ids in enumerate(candidates_ids):
+            present = []
+            for n, video_id in enumerate(ids):
+                if video_id not in index:
+                    continue
+                if computed is not None:
+                    score = computed[position]
+                    position += 1
+                else:
+                    assert broad_scores is not None
+                    score = float(broad_scores[q][n])
+                present.append((n, video_id, score))
+            present.sort(key=lambda item: -item[2])
+            plans.append(present)
+        sizes = [min(len(p), self.top_k) for p in plans]
+        active = [q for q, size in enumerate(sizes) if size > 0]
+        if not active:
+            return plans, None
+        k_max = max(sizes)
+        gather = []
+        masks = []
+        for q in active:
+            chosen = [index[video_id] for _, video_id, _ in plans[q][: sizes[q]]]
+            pad = k_max - len(chosen)
+            gather.extend(chosen + [chosen[0]] * pad)  # padding rows are masked out
+            masks.append([True] * len(chosen) + [False] * pad)
+        num_active = len(active)
+        slots = torch.tensor(gather, dtype=torch.long, device=rows.kv.device)
+        kv = _take(rows.kv, slots)  # [n_blocks, 2, B*K, T', D]
+        cand_kv = kv.view(*kv.shape[:2], num_active, k_max, *kv.shape[3:]).permute(2, 3, 0, 1, 4, 5)
+        batch = {
+            "active": active,
+            "sizes": sizes,
+            "cand_kv": cand_kv,  # [B, K, n_blocks, 2, T', D]
+            "cand_cls": rows.cls.index_select(0, slots).view(num_active, k_max, -1),
+            # [B, K]; None when no query needs padding (the same scores, fewer ops)
+            "cand_mask": (
+                None
+                if all(sizes[q] == k_max for q in active)
+                else torch.tensor(masks, device=self.device)
+            ),
+            "timestamps": rows.timestamps[gather].reshape(num_active, k_max, -1),
+        }
+        return plans, batch
 
     # ------------------------------------------------------------------ rerank
     def rerank(
@@ -280,74 +449,98 @@ class Reranker:
                 if not all(math.isfinite(float(s)) for s in scores):
                     raise InvalidInputError(f"query {q}: broad scores contain NaN or infinity")
 
-        flat_ids = [i for ids in candidates_ids for i in ids]
-        flat_hashes: list[str | None] = (
-            [h for hs in contents_hashes for h in hs]
-            if contents_hashes is not None
-            else [None] * len(flat_ids)
-        )
+        unique_ids: dict[str, str | None] = {}
+        for q, ids in enumerate(candidates_ids):
+            hashes = contents_hashes[q] if contents_hashes is not None else None
+            for n, video_id in enumerate(ids):
+                if video_id not in unique_ids:
+                    unique_ids[video_id] = hashes[n] if hashes is not None else None
+        queries = queries.to(self.device)
         t_fetch = time.perf_counter_ns()
-        entries = self._entries(flat_ids, flat_hashes)
+        cache = self.cache
+        plans = batch = None
+        cached: _Rows | None = None
+        with cache.lock:
+            found, wanted = cache.lookup(list(unique_ids), list(unique_ids.values()))
+            if not wanted:  # all cached: gather straight from the slab
+                assert cache.kv is not None and cache.cls is not None
+                assert cache.timestamps is not None
+                rows = _Rows(found, cache.kv, cache.cls, cache.timestamps)
+                plans, batch = self._prepare(queries, candidates_ids, broad_scores, rows)
+            elif found:  # copy the cached rows out before the lock is released
+                assert cache.kv is not None and cache.cls is not None
+                assert cache.timestamps is not None
+                slots = list(found.values())
+                where = torch.tensor(slots, dtype=torch.long, device=cache.kv.device)
+                cached = _Rows(
+                    {video_id: n for n, video_id in enumerate(found)},
+                    _take(cache.kv, where),
+                    cache.cls.index_select(0, where),
+                    cache.timestamps[slots],
+                )
+        if wanted:
+            fresh, fresh_hashes = self._fetch(wanted)
+            if fresh.index:
+                with cache.lock:
+                    cache.put(fresh, fresh_hashes)
+            rows = fresh
+            if cached is not None and fresh.index:
+                offset = len(found)
+                rows = _Rows(
+                    {**cached.index, **{i: offset + n for i, n in fresh.index.items()}},
+                    torch.cat([cached.kv, fresh.kv], dim=2),
+                    torch.cat([cached.cls, fresh.cls]),
+                    np.concatenate([cached.timestamps, fresh.timestamps]),
+                )
+            elif cached is not None:
+                rows = cached
+            plans, batch = self._prepare(queries, candidates_ids, broad_scores, rows)
+        assert plans is not None
         t_fused = time.perf_counter_ns()
-        missing = [[i for i in ids if i not in entries] for ids in candidates_ids]
+        present_ids = rows.index
+        missing = [[i for i in ids if i not in present_ids] for ids in candidates_ids]
         if strict and any(missing):
             absent = sorted({i for ms in missing for i in ms})
             raise NotFoundError(
                 f"{len(absent)} candidate ids not in the frame store: {absent[:10]}"
             )
-
-        queries = queries.to(self.device)
-        # per query: present candidates sorted by broad score (rank embedding = broad rank)
-        plans: list[list[tuple[int, str, float]]] = []
-        for q, ids in enumerate(candidates_ids):
-            present = []
-            for index, video_id in enumerate(ids):
-                if video_id not in entries:
-                    continue
-                if broad_scores is not None:
-                    score = float(broad_scores[q][index])
-                else:
-                    score = float(entries[video_id].cls @ queries[q, 0])
-                present.append((index, video_id, score))
-            present.sort(key=lambda item: -item[2])
-            plans.append(present)
-
-        focused = self._fuse(queries, plans, entries)
+        focused = self._fuse(queries, plans, batch)
         t_done = time.perf_counter_ns()
 
         results: list[RerankResult] = []
+        timings = {
+            "fetch_ns": t_fused - t_fetch,
+            "fusion_ns": t_done - t_fused,
+            "total_ns": t_done - t_start,
+            "batch_size": num_queries,
+        }
         for q, present in enumerate(plans):
-            deltas, attention = focused[q] if focused[q] is not None else ([], None)
-            ranked: list[RerankedCandidate] = []
-            for k, (index, video_id, score) in enumerate(present):
-                if k < len(deltas):
-                    delta = float(deltas[k])
-                    best = None
-                    if attention is not None:
-                        stamps = entries[video_id].timestamps
-                        best = float(stamps[int(np.argmax(attention[k]))])
-                    ranked.append(
-                        RerankedCandidate(video_id, index, score + delta, score, delta, best)
+            deltas, best = focused[q] if focused[q] is not None else ((), None)
+            num_reranked = len(deltas)
+            head: list[RerankedCandidate] = []
+            for k in range(num_reranked):
+                index, video_id, score = present[k]
+                delta = deltas[k]
+                head.append(
+                    RerankedCandidate(
+                        video_id,
+                        index,
+                        score + delta,
+                        score,
+                        delta,
+                        best[k] if best is not None else None,
                     )
-                else:
-                    ranked.append(
-                        RerankedCandidate(video_id, index, score, score, 0.0, None, reranked=False)
-                    )
-            head = sorted(ranked[: len(deltas)], key=lambda c: -c.score)
-            ordered = head + ranked[len(deltas) :]
+                )
+            head.sort(key=lambda c: -c.score)
+            tail = [
+                RerankedCandidate(video_id, index, score, score, 0.0, None, reranked=False)
+                for index, video_id, score in present[num_reranked:]
+            ]
+            ordered = head + tail
             if top_n is not None:
                 ordered = ordered[:top_n]
             results.append(
-                RerankResult(
-                    candidates=ordered,
-                    missing_ids=missing[q],
-                    timings={
-                        "fetch_ns": t_fused - t_fetch,
-                        "fusion_ns": t_done - t_fused,
-                        "total_ns": t_done - t_start,
-                        "batch_size": num_queries,
-                    },
-                )
+                RerankResult(candidates=ordered, missing_ids=missing[q], timings=dict(timings))
             )
         return results
 
@@ -355,41 +548,33 @@ class Reranker:
         self,
         queries: torch.Tensor,
         plans: list[list[tuple[int, str, float]]],
-        entries: dict[str, _CacheEntry],
-    ) -> list[tuple[np.ndarray, np.ndarray | None] | None]:
-        """One batched fusion call over all queries' top-K; returns (Δ [k], attention [k, T])."""
-        sizes = [min(len(p), self.top_k) for p in plans]
-        active = [q for q, size in enumerate(sizes) if size > 0]
-        out: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(plans)
-        if not active:
+        batch: dict[str, Any] | None,
+    ) -> list[tuple[list[float], list[float] | None] | None]:
+        """One batched fusion call over all queries' top-K; per query (Δ [k], best frame s [k])."""
+        out: list[tuple[list[float], list[float] | None] | None] = [None] * len(plans)
+        if batch is None:
             return out
-        k_max = self.top_k
-        first = entries[plans[active[0]][0][1]]
-        kv_zero = torch.zeros_like(first.kv)
-        cls_zero = torch.zeros_like(first.cls)
-        kvs, clss, masks = [], [], []
-        for q in active:
-            chosen = [entries[video_id] for _, video_id, _ in plans[q][: sizes[q]]]
-            pad = k_max - len(chosen)
-            kvs.append(torch.stack([e.kv for e in chosen] + [kv_zero] * pad))
-            clss.append(torch.stack([e.cls for e in chosen] + [cls_zero] * pad))
-            masks.append([True] * len(chosen) + [False] * pad)
-        cand_kv = torch.stack(kvs)  # [B, K, T, ...]
-        cand_cls = torch.stack(clss)  # [B, K, D]
-        cand_mask = torch.tensor(masks, device=self.device)  # [B, K]
+        active = batch["active"]
         with torch.inference_mode():
-            scores = self.model.focused_scores(
-                queries[active], cand_cls, None, cand_mask=cand_mask, cand_kv=cand_kv
+            # inputs built and checked here (finite indicators, this model's own cached K/V)
+            scores = self.model._focused_scores_unchecked(
+                queries[active] if len(active) < queries.shape[0] else queries,
+                batch["cand_cls"],
+                None,
+                batch["cand_mask"],
+                batch["cand_kv"],
             )
         deltas = scores.delta.float().cpu().numpy()  # [B, K]
-        attention = (
-            scores.frame_attention.float().cpu().numpy()
-            if getattr(scores, "frame_attention", None) is not None
-            else None
-        )
+        attention = getattr(scores, "frame_attention", None)
+        best = None
+        if attention is not None:
+            frames = attention.float().cpu().numpy().argmax(-1)  # [B, K]
+            stamps = batch["timestamps"]  # [B, K, T]
+            best = np.take_along_axis(stamps, frames[..., None], axis=-1)[..., 0].tolist()
+        deltas_lists = deltas.tolist()
         for b, q in enumerate(active):
-            size = sizes[q]
-            out[q] = (deltas[b, :size], attention[b, :size] if attention is not None else None)
+            size = batch["sizes"][q]
+            out[q] = (deltas_lists[b][:size], best[b][:size] if best is not None else None)
         return out
 
     # ------------------------------------------------------------------ search

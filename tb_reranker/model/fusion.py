@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["FocusedScores", "FocusedFusion", "CrossAttentionBlock"]
+
+_FEW_CANDIDATES = 32  # B*K up to which the eval path uses one block-diagonal bmm over heads
 
 
 @dataclass
@@ -184,6 +187,8 @@ class FocusedFusion(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
+        # inference-only copies of transposed weights (plain attribute: not in the state dict)
+        self._transposed: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -216,6 +221,8 @@ class FocusedFusion(nn.Module):
         returns (delta [B, K] (0 at padded candidates), token_attention [B, K, T'])
         """
         batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
+        if not self.training and not torch.is_grad_enabled():
+            return self._forward_inference(queries, cand_kv, cand_mask)
         tokens_mask = None
         if cand_mask is not None:
             tokens_mask = cand_mask.unsqueeze(-1).expand(-1, -1, num_tokens)
@@ -262,3 +269,139 @@ class FocusedFusion(nn.Module):
         if cand_mask is not None:
             delta = delta.masked_fill(~cand_mask, 0.0)
         return delta, token_attention
+
+    def _forward_inference(
+        self,
+        queries: torch.Tensor,
+        cand_kv: torch.Tensor,
+        cand_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` without autograd: the same arithmetic, fewer copies (the rerank hot path).
+
+        Taken by ``forward`` in eval mode with autograd off. Keys/values are read in place as
+        ``[B, K*T', D]`` (a free view when ``cand_kv`` is a permuted ``[n_blocks, 2, B*K, T',
+        D]`` gather, as the ``Reranker`` passes it) and each head's slice goes to BLAS as a
+        strided matrix (no per-head re-layout copies); the per-candidate summaries come from
+        batched matmuls over B*K and the attended values are ``sum_k mass_k * summary_k``
+        (= attention @ values). With few candidates (B*K <= ``_FEW_CANDIDATES``) the heads are
+        done in one bmm with block-diagonal operands instead of H small ones. The symmetric
+        head's first linear runs on a cached pre-transposed weight. Same numbers as the autograd
+        path to ~1e-6.
+        queries: [B, Q, D]; cand_kv: [B, K, n_blocks, 2, T', D]; cand_mask: [B, K] bool or None.
+        returns (delta [B, K], token_attention [B, K, T'])
+        """
+        batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
+        num_queries = queries.shape[1]
+        keep = None
+        if cand_mask is not None:
+            keep = cand_mask[:, None, None, :, None]  # [B, 1, 1, K, 1]
+            any_real = cand_mask.any(dim=1).view(batch_size, 1, 1, 1, 1)  # [B, 1, 1, 1, 1]
+        attention = summary = None
+        for index, block in enumerate(self.blocks):
+            heads, head_dim = block.heads, block.head_dim
+            keys = cand_kv[:, :, index, 0]  # [B, K, T', D]
+            values = cand_kv[:, :, index, 1]  # [B, K, T', D]
+            if self.rank_embedding is not None:
+                rank = block.rank_kv(self.rank_embedding[:num_candidates])  # [2, K, D]
+                keys = keys + rank[0][None, :, None, :]
+                values = values + rank[1][None, :, None, :]
+            q = block.q_proj(block.ln_q(queries))  # [B, Q, D]
+            q = q.view(batch_size, num_queries, heads, head_dim).transpose(1, 2)  # [B, H, Q, d]
+            # per head: q_h [B, Q, d] @ k_h^T [B, d, K*T'], k_h a strided column slice of the
+            # keys (BLAS reads it in place: no re-layout of the large cached keys)
+            keys = keys.reshape(batch_size, num_candidates * num_tokens, width)  # [B, K*T', D]
+            small = batch_size * num_candidates <= _FEW_CANDIDATES
+            if small:
+                # few candidates: one bmm with block-diagonal queries [B, H*Q, D] (head h's q in
+                # head h's columns, exact zeros elsewhere) beats H small bmm calls
+                eye = torch.eye(heads, dtype=q.dtype, device=q.device)[None, :, None, :, None]
+                block_queries = (q.unsqueeze(3) * eye).reshape(
+                    batch_size, heads * num_queries, width
+                )
+                logits = torch.bmm(block_queries, keys.transpose(1, 2))  # [B, H*Q, K*T']
+            else:
+                logits = torch.stack(
+                    [
+                        torch.bmm(
+                            q[:, h], keys[:, :, h * head_dim : (h + 1) * head_dim].transpose(1, 2)
+                        )
+                        for h in range(heads)
+                    ],
+                    dim=1,
+                )  # [B, H, Q, K*T']
+            logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
+            logits = logits / math.sqrt(head_dim) / self.gumbel_tau
+            if keep is not None:
+                logits = logits.masked_fill(~keep, float("-inf"))
+                logits = torch.where(any_real, logits, torch.zeros_like(logits))
+            flat = logits.view(batch_size, heads, num_queries, num_candidates * num_tokens)
+            attention = torch.softmax(flat, dim=-1).view_as(logits)  # [B, H, Q, K, T']
+            if keep is not None:
+                attention = attention * any_real
+            mass = attention.sum(dim=-1)  # [B, H, Q, K]
+            within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
+            # summary per candidate and head: within_h [B*K, Q, T'] @ v_h [B*K, T', d]
+            within = within.permute(0, 3, 1, 2, 4).reshape(
+                batch_size * num_candidates, heads, num_queries, num_tokens
+            )
+            values = values.reshape(batch_size * num_candidates, num_tokens, width)
+            if small:  # one bmm over all heads, keeping the diagonal head blocks
+                summary = torch.bmm(
+                    within.reshape(batch_size * num_candidates, heads * num_queries, num_tokens),
+                    values,
+                ).view(batch_size * num_candidates, heads, num_queries, heads, head_dim)
+                summary = torch.diagonal(summary, dim1=1, dim2=3)  # [B*K, Q, d, H]
+                summary = summary.transpose(2, 3).reshape(
+                    batch_size, num_candidates, num_queries, width
+                )  # [B, K, Q, D], heads concatenated
+            else:
+                summary = torch.stack(
+                    [
+                        torch.bmm(within[:, h], values[:, :, h * head_dim : (h + 1) * head_dim])
+                        for h in range(heads)
+                    ],
+                    dim=2,
+                ).view(batch_size, num_candidates, num_queries, width)  # [B, K, Q, D]
+            # attended [B, Q, D] = sum_k mass_k * summary_k (= attention @ values)
+            weights = mass.permute(0, 3, 2, 1).unsqueeze(-1)  # [B, K, Q, H, 1]
+            per_head = summary.view(batch_size, num_candidates, num_queries, heads, head_dim)
+            attended = (weights * per_head).sum(dim=1).reshape(batch_size, num_queries, width)
+            queries = queries + block.out_proj(attended)
+            queries = queries + block.mlp(block.ln_mlp(queries))
+        assert attention is not None and summary is not None
+        token_attention = attention.mean(dim=(1, 2))  # [B, K, T']
+        if self.head_type == "listwise":
+            if num_candidates > self.max_candidates:
+                raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
+            delta = self.head(queries.reshape(batch_size, -1))[:, :num_candidates]  # [B, K]
+        else:
+            mass = attention.sum(dim=-1)  # [B, H, Q, K]
+            products = queries.unsqueeze(1) * summary  # [B, K, Q, D]
+            if cand_mask is None:
+                real = float(num_candidates)
+                mass_feature = mass.mean(dim=1) * real  # [B, Q, K]
+            else:
+                real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
+                mass_feature = mass.mean(dim=1) * real  # [B, Q, K]
+            features = torch.cat(
+                [products, mass_feature.transpose(1, 2).unsqueeze(-1)], dim=-1
+            )  # [B, K, Q, D+1]
+            features = features.reshape(batch_size * num_candidates, -1)
+            norm, hidden, gelu, out = self.head
+            hidden_features = torch.addmm(
+                hidden.bias, norm(features), self._transposed_weight(hidden)
+            )  # [B*K, hidden] (= hidden(...), BLAS is faster on the pre-transposed weight)
+            delta = out(gelu(hidden_features)).view(batch_size, num_candidates)  # [B, K]
+        if cand_mask is not None:
+            delta = delta.masked_fill(~cand_mask, 0.0)
+        return delta, token_attention
+
+    def _transposed_weight(self, linear: nn.Linear) -> torch.Tensor:
+        """``linear.weight.T`` contiguous [in, out], cached until the weight changes."""
+        weight = linear.weight
+        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        cached = self._transposed.get(id(linear))
+        if cached is None or cached[0] != key:
+            cached = (key, weight.detach().t().contiguous())
+            self._transposed[id(linear)] = cached
+        return cached[1]

@@ -459,6 +459,20 @@ class TokenBinder(nn.Module):
                     f"cand_mask must be a [B, K] = {(batch_size, num_candidates)} bool tensor"
                 )
             cand_mask = cand_mask.to(device=self.device, dtype=torch.bool)
+        return self._focused_scores_unchecked(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
+
+    def _focused_scores_unchecked(
+        self,
+        indicators: torch.Tensor,
+        cand_cls: torch.Tensor,
+        cand_tokens: torch.Tensor | None,
+        cand_mask: torch.Tensor | None,
+        cand_kv: torch.Tensor | None,
+    ) -> FocusedScores:
+        """``focused_scores`` without the input checks, for callers that built the inputs
+        themselves (the ``Reranker`` hot path: float32 tensors of the right shapes, finite
+        cached K/V made by this model's ``project_candidates``, ``cand_mask`` bool)."""
+        batch_size, num_candidates, _ = cand_cls.shape
         device = self.device
         indicators = indicators.to(device)
         cand_cls = cand_cls.to(device)
@@ -486,11 +500,10 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None,
     ) -> FocusedScores:
         """queries [B, D], cand_cls [B, K, D], delta [B, K], token_attention [B, K, T'] -> scores"""
-        broad = torch.einsum(
-            "bd,bkd->bk",
-            F.normalize(queries.float(), dim=-1),
-            F.normalize(cand_cls.float(), dim=-1),
-        )
+        broad = torch.bmm(
+            F.normalize(cand_cls.float(), dim=-1),  # [B, K, D]
+            F.normalize(queries.float(), dim=-1).unsqueeze(-1),  # [B, D, 1]
+        ).squeeze(-1)  # [B, K] cosine
         batch_size, num_candidates, num_tokens = token_attention.shape
         frame_attention = token_attention.view(
             batch_size, num_candidates, num_tokens // self.tokens_per_frame, self.tokens_per_frame

@@ -59,7 +59,9 @@ def test_untrained_model_keeps_broad_order(model, store):
     (result,) = reranker.rerank(indicators, [ids], [broad])
     assert [c.id for c in result.candidates] == ids
     assert all(c.delta == 0.0 for c in result.candidates)
-    assert [c.reranked for c in result.candidates] == [True] * model.top_k + [False] * (12 - model.top_k)
+    assert [c.reranked for c in result.candidates] == [True] * model.top_k + [False] * (
+        12 - model.top_k
+    )
 
 
 def test_matches_direct_fusion_and_reorders(trained_like, store):
@@ -72,9 +74,7 @@ def test_matches_direct_fusion_and_reorders(trained_like, store):
     tokens = torch.stack([torch.from_numpy(records[i].tokens.astype(np.float32)) for i in ids])
     cls = torch.nn.functional.normalize(tokens.mean(1), dim=-1)
     with torch.inference_mode():
-        direct = trained_like.focused_scores(
-            torch.from_numpy(indicators), cls[None], tokens[None]
-        )
+        direct = trained_like.focused_scores(torch.from_numpy(indicators), cls[None], tokens[None])
     by_id = {c.id: c for c in result.candidates}
     for k, video_id in enumerate(ids):
         assert by_id[video_id].delta == pytest.approx(float(direct.delta[0, k]), abs=1e-5)
@@ -88,7 +88,9 @@ def test_matches_direct_fusion_and_reorders(trained_like, store):
 
 def test_batch_equals_one_by_one(trained_like, store):
     reranker = Reranker(trained_like, store, cache_size=0)
-    indicators = reranker.encode(["a red circle then a blue square", "a blue square then a red circle"])
+    indicators = reranker.encode(
+        ["a red circle then a blue square", "a blue square then a red circle"]
+    )
     lists = [[f"vid{i:03d}" for i in range(0, 10)], [f"vid{i:03d}" for i in range(5, 12)]]
     together = reranker.rerank(indicators, lists)
     for q in range(2):
@@ -155,3 +157,98 @@ def test_bad_texts_are_typed(model, store):
             reranker.encode(texts)
     with pytest.raises(InvalidInputError, match="top_n"):
         reranker.rerank(reranker.encode(["a"]), [["vid001"]], top_n=0)
+
+
+def _ranking(results):
+    return [[(c.id, round(c.score, 5), c.best_frame_s) for c in r.candidates] for r in results]
+
+
+def test_small_cache_evicts_and_matches_uncached(trained_like, store):
+    """A cache smaller than one request (eviction mid-call, partial hits) changes no score."""
+    reference = Reranker(trained_like, store, cache_size=0)
+    small = Reranker(trained_like, store, cache_size=3)
+    large = Reranker(trained_like, store, cache_size=64)
+    rng = np.random.default_rng(3)
+    indicators = rng.standard_normal((3, 4, 64)).astype(np.float32)
+    for _ in range(4):
+        lists = [
+            [f"vid{i:03d}" for i in rng.choice(20, size, replace=False)] for size in (10, 4, 7)
+        ]
+        expected = _ranking(reference.rerank(indicators, lists))
+        assert _ranking(small.rerank(indicators, lists)) == expected
+        assert _ranking(large.rerank(indicators, lists)) == expected
+        assert _ranking(large.rerank(indicators, lists)) == expected  # all hits
+        assert len(small.cache) <= 3
+    assert large.cache.hits > 0 and small.cache.misses > 0
+    large.invalidate(["vid000", "vid001"])
+    assert "vid000" not in large.cache._slots and len(large.cache) > 0
+
+
+def test_concurrent_reranks_match_serial(trained_like, store):
+    """The gRPC server and the micro-batcher call rerank from several threads at once."""
+    import threading
+
+    reranker = Reranker(trained_like, store, cache_size=8)  # forces evictions under contention
+    rng = np.random.default_rng(4)
+    requests = []
+    for _ in range(6):
+        indicators = rng.standard_normal((2, 4, 64)).astype(np.float32)
+        lists = [[f"vid{i:03d}" for i in rng.choice(30, 10, replace=False)] for _ in range(2)]
+        requests.append((indicators, lists))
+    serial = Reranker(trained_like, store, cache_size=0)
+    expected = [_ranking(serial.rerank(*request)) for request in requests]
+    got: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for _ in range(3):
+                got[n] = _ranking(reranker.rerank(*requests[n]))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert [got[n] for n in range(len(requests))] == expected
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("few_candidates", [0, 10**6])  # per-head bmm / block-diagonal bmm
+def test_inference_fast_path_matches_autograd_path(head, blocks, few_candidates, monkeypatch):
+    """FocusedFusion's no-grad eval path gives the training path's numbers (within 1e-5)."""
+    from tb_reranker.model import fusion as fusion_module
+    from tb_reranker.model.fusion import FocusedFusion
+
+    monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
+    torch.manual_seed(0)
+    fusion = FocusedFusion(
+        64, 3, 6, 5, blocks=blocks, heads=4, head=head, rank_embedding=head == "listwise"
+    ).eval()
+    with torch.no_grad():
+        for param in fusion.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    queries = torch.randn(4, 3, 64)
+    cand_kv = torch.randn(4, 5, blocks, 2, 6, 64)
+    cand_mask = torch.tensor(
+        [[True] * 5, [True, False, True, False, True], [False] * 5, [True] * 2 + [False] * 3]
+    )
+    for mask in (None, cand_mask):
+        with torch.inference_mode():
+            fast_delta, fast_attention = fusion(queries, cand_kv, mask)
+        with torch.enable_grad():  # parameters require grad: the original path
+            delta, attention = fusion(queries, cand_kv, mask)
+        torch.testing.assert_close(fast_delta, delta.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast_attention, attention.detach(), atol=1e-6, rtol=1e-5)
+    # the cached transposed head weight follows in-place weight updates
+    with torch.no_grad():
+        fusion.head[1].weight.mul_(2.0)
+    with torch.inference_mode():
+        fast_delta, _ = fusion(queries, cand_kv, None)
+    with torch.enable_grad():
+        delta, _ = fusion(queries, cand_kv, None)
+    torch.testing.assert_close(fast_delta, delta.detach(), atol=1e-5, rtol=1e-5)
