@@ -23,6 +23,7 @@ _DEFAULTS: dict[str, tuple[type, Any]] = {
     "frames": (int, 16),
     "fps": (int, 8),
     "families": (str, "order"),
+    "jitter": (str, "frame"),
     "workers": (int, 0),
 }
 
@@ -50,6 +51,12 @@ def register(subparsers: Any) -> None:
         "--families",
         default=None,
         help="comma-separated hard-negative families: order, motion (order)",
+    )
+    parser.add_argument(
+        "--jitter",
+        default=None,
+        choices=("frame", "clip"),
+        help="object placement drawn afresh every frame, or once per clip (frame)",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="worker processes (0 = one per CPU)"
@@ -94,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=values["frames"],
         fps=values["fps"],
         families=families,
+        jitter=values["jitter"],
         workers=values["workers"] or None,
         force=args.force or (env("SYNTH_FORCE") or "").lower() in ("1", "true", "yes", "on"),
         progress=not args.no_progress,

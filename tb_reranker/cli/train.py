@@ -112,9 +112,14 @@ OPTIM_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--batch-size", "batch_size", int, "pairs per optimizer step (paper 128)"),
     EnvOption("--lr", "lr", float, "learning rate of fusion + indicators (paper 1e-4)"),
     EnvOption("--backbone-lr", "backbone_lr", float, "learning rate of CLIP (paper 1e-6)"),
-    EnvOption("--weight-decay", "weight_decay", float, "AdamW weight decay", fallback=0.2),
     EnvOption(
-        "--warmup", "warmup", float, "warm-up: fraction of steps (<1) or steps", fallback=0.05
+        "--weight-decay", "weight_decay", float, "AdamW weight decay (paper 0.2, synthetic 0.05)"
+    ),
+    EnvOption(
+        "--warmup",
+        "warmup",
+        float,
+        "warm-up: fraction of steps (<1) or steps (paper 0.05, synthetic 0 = constant lr)",
     ),
     EnvOption("--grad-accum", "grad_accum", int, "micro-batches per step", fallback=1),
     EnvOption("--grad-clip", "grad_clip", float, "max gradient norm, 0 = off", fallback=0.0),

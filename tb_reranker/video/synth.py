@@ -27,10 +27,15 @@ Splits
 Rendering
     The two twins of a group share their look (background level, tint and texture; each
     object's position, size (45-60% of the side) and brightness (80-100%)), drawn from an RNG
-    seeded by ``(seed, split, group)``; each clip adds its own 1-pixel per-frame wobble and pixel
-    noise from ``(seed, split, index)``. So the twins' mean-pooled frames differ by noise only,
-    while a group in another split (or another group of the same pair) is a fresh render. The
-    output does not depend on the worker count. Shapes are supersampled 2× for smooth edges.
+    seeded by ``(seed, split, group)``. With ``jitter="frame"`` (the default since generator
+    version 2) each object gets a fresh position/size/brightness in every frame of its half,
+    also drawn from the group's RNG, so both twins show the same set of frames; ``"clip"``
+    keeps one placement per object (version 1). Each clip adds its own 1-pixel per-frame wobble
+    and pixel noise from ``(seed, split, index)``. So the twins' mean-pooled frames differ by
+    noise only, while a group in another split (or another group of the same pair) is a fresh
+    render. The output does not depend on the worker count. Shapes fill their 2r box (version
+    2: a square is larger than a circle, as in the METHOD.md §7 prototype) and are supersampled
+    2× for smooth edges.
     Encoded with libx264 (yuv420p converted in numpy, CRF 18, preset veryfast, one thread,
     psy-rd / AQ / mb-tree / scene-cut / adaptive-B off: bit-identical across processes), each
     file written atomically.
@@ -73,7 +78,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -86,6 +91,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
 FAMILIES: tuple[str, ...] = ("order", "motion")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+JITTERS: tuple[str, ...] = ("frame", "clip")  # object placement drawn per frame / per clip
 DIRECTIONS: dict[str, tuple[str, str]] = {
     "horizontal": ("right", "left"),
     "vertical": ("down", "up"),
@@ -178,22 +184,27 @@ def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_C
 
 
 def _shape_masks(
-    shape: str, size_px: int, xs: np.ndarray, ys: np.ndarray, radius: float
+    shape: str, size_px: int, xs: np.ndarray, ys: np.ndarray, radius: float | np.ndarray
 ) -> np.ndarray:
-    """Coverage in [0, 1] of a shape centred at (xs[k], ys[k]), supersampled: float32 [K, S, S]."""
+    """Coverage in [0, 1] of a shape centred at (xs[k], ys[k]) with radius (one or per k),
+    supersampled: float32 [K, S, S]."""
+    radius = np.asarray(radius, dtype=np.float32).reshape(-1, 1, 1)  # [1 or K, 1, 1]
     n = size_px * _SUPERSAMPLE
     coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     v = (coords[None, :, None] - ys[:, None, None].astype(np.float32)) / radius  # [K, n, 1] rows
     u = (coords[None, None, :] - xs[:, None, None].astype(np.float32)) / radius  # [K, 1, n] cols
+    # version 2 geometry (the prototype's, METHOD.md §7): every shape spans the full 2r box, so
+    # a square (area 4r²) is larger than a circle (πr²); version 1 shrank the square to equal
+    # areas, which the tiny 32² ViT (patch 8) told apart far worse (results_synthetic.md)
     if shape == "square":
-        inside = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+        inside = (np.abs(u) <= 1.0) & (np.abs(v) <= 1.0)
     elif shape == "circle":
         inside = u * u + v * v <= 1.0
     elif shape == "triangle":
-        inside = (v >= -1.0) & (v <= 0.9) & (np.abs(u) <= (v + 1.0) / 1.9)
+        inside = (v >= -1.0) & (v <= 1.0) & (np.abs(u) <= (v + 1.0) / 2.0)
     elif shape == "cross":
-        inside = ((np.abs(u) <= 1.0) & (np.abs(v) <= 0.3)) | (
-            (np.abs(v) <= 1.0) & (np.abs(u) <= 0.3)
+        inside = ((np.abs(u) <= 1.0) & (np.abs(v) <= 1.0 / 3.0)) | (
+            (np.abs(v) <= 1.0) & (np.abs(u) <= 1.0 / 3.0)
         )
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(shape)
@@ -208,24 +219,42 @@ class Appearance:
 
     background: np.ndarray  # float32 [S, S, 3], dark level + tint + static texture
     objects: tuple[tuple[float, float, float, float], ...]  # per object: cx, cy, radius, gain
+    # per object, per frame of its half: float64 [F/2, 4] (cx, cy, radius, gain) drawn afresh
+    # for every frame (``jitter="frame"``); None = the object keeps ``objects[i]`` all along
+    frames_placements: tuple[np.ndarray, ...] | None = None
 
 
-def draw_appearance(family: str, size: int, rng: np.random.Generator) -> Appearance:
-    """Random background and object placement/size/brightness for one twin group."""
+def _placement(family: str, size: int, rng: np.random.Generator) -> tuple[float, ...]:
+    """One random (cx, cy, radius, gain) of an object in a ``size`` frame."""
+    radius = size * rng.uniform(0.45, 0.6) / 2.0
+    if family == "motion":
+        radius = min(radius, size * 0.25)  # leave room to move
+    slack = max(size / 2.0 - radius - 1.0, 0.0)
+    cx = size / 2.0 + rng.uniform(-slack, slack)
+    cy = size / 2.0 + rng.uniform(-slack, slack)
+    return (cx, cy, radius, rng.uniform(0.8, 1.0))
+
+
+def draw_appearance(
+    family: str, size: int, rng: np.random.Generator, *, frames_per_object: int = 0
+) -> Appearance:
+    """Random background and object placement/size/brightness for one twin group.
+
+    ``frames_per_object > 0`` (order family) also draws a fresh placement for every frame of
+    each object's half (``Appearance.frames_placements``), shared by both twins.
+    """
     level = rng.uniform(15.0, 55.0)
     tint = rng.uniform(-6.0, 6.0, size=3)
     texture = rng.normal(0.0, 6.0, size=(size, size, 1))
     background = (level + tint + texture).astype(np.float32)
-    placed = []
-    for _ in range(2 if family == "order" else 1):
-        radius = size * rng.uniform(0.45, 0.6) / 2.0
-        if family == "motion":
-            radius = min(radius, size * 0.25)  # leave room to move
-        slack = max(size / 2.0 - radius - 1.0, 0.0)
-        cx = size / 2.0 + rng.uniform(-slack, slack)
-        cy = size / 2.0 + rng.uniform(-slack, slack)
-        placed.append((cx, cy, radius, rng.uniform(0.8, 1.0)))
-    return Appearance(background, tuple(placed))
+    placed = tuple(_placement(family, size, rng) for _ in range(2 if family == "order" else 1))
+    frames_placements = None
+    if frames_per_object > 0 and family == "order":
+        frames_placements = tuple(
+            np.array([_placement(family, size, rng) for _ in range(frames_per_object)])
+            for _ in placed
+        )
+    return Appearance(background, placed, frames_placements)
 
 
 def render_clip(
@@ -250,25 +279,31 @@ def render_clip(
         spans = [(0, half), (half, num_frames)]
     else:
         spans = [(0, num_frames)]
-    for (first, stop), (colour, shape), (cx, cy, radius, gain) in zip(
-        spans, objects, appearance.objects, strict=True
+    for i, ((first, stop), (colour, shape), (cx, cy, radius, gain)) in enumerate(
+        zip(spans, objects, appearance.objects, strict=True)
     ):
-        rgb = np.asarray(COLOURS[colour], dtype=np.float32) * gain
-        track = np.linspace(radius, size - radius, num_frames)  # motion: edge to edge
-        if direction in ("left", "up"):
-            track = track[::-1]
         count = stop - first
         xs = np.full(count, cx, dtype=np.float64)
         ys = np.full(count, cy, dtype=np.float64)
+        radii = np.full(count, radius, dtype=np.float64)
+        gains = np.full(count, gain, dtype=np.float64)
+        if appearance.frames_placements is not None and family == "order":
+            per_frame = appearance.frames_placements[i][:count]  # [count, 4]
+            xs, ys, radii, gains = (per_frame[:, j].copy() for j in range(4))
+        rgb = np.asarray(COLOURS[colour], dtype=np.float32)[None] * gains[:, None]  # [count, 3]
+        track = np.linspace(radius, size - radius, num_frames)  # motion: edge to edge
+        if direction in ("left", "up"):
+            track = track[::-1]
         if direction in ("left", "right"):
             xs = track[first:stop].copy()
         elif direction in ("up", "down"):
             ys = track[first:stop].copy()
         wobble = rng.integers(-1, 2, size=(count, 2))  # 1-pixel jitter per frame
-        covers = _shape_masks(shape, size, xs + wobble[:, 0], ys + wobble[:, 1], radius)
+        covers = _shape_masks(shape, size, xs + wobble[:, 0], ys + wobble[:, 1], radii)
         covers = covers[..., None]  # [K, S, S, 1]
         noise = rng.normal(0.0, 4.0, size=(count, size, size, 3))
-        images = appearance.background * (1.0 - covers) + rgb * covers + noise
+        colours = rgb[:, None, None, :].astype(np.float32)  # [K, 1, 1, 3]
+        images = appearance.background * (1.0 - covers) + colours * covers + noise
         frames[first:stop] = np.clip(np.rint(images), 0, 255).astype(np.uint8)
     return frames
 
@@ -318,16 +353,24 @@ def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
     os.replace(tmp, path)
 
 
-def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int]) -> str:
-    spec, videos_dir, seed, size, num_frames, fps = job
+def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str]) -> str:
+    spec, videos_dir, seed, size, num_frames, fps, jitter = job
     split_code = SPLITS.index(spec.split)
     group, twin = divmod(spec.index, 2)
     # both twins of a group share the appearance; wobble and noise are per clip
     appearance = draw_appearance(
-        spec.family, size, np.random.default_rng([seed, split_code, group, 0])
+        spec.family,
+        size,
+        np.random.default_rng([seed, split_code, group, 0]),
+        frames_per_object=num_frames // 2 if jitter == "frame" else 0,
     )
     if twin == 1 and spec.family == "order":  # B then A: B keeps its look, A keeps its look
-        appearance = Appearance(appearance.background, appearance.objects[::-1])
+        placements = appearance.frames_placements
+        appearance = Appearance(
+            appearance.background,
+            appearance.objects[::-1],
+            placements[::-1] if placements is not None else None,
+        )
     rng = np.random.default_rng([seed, split_code, spec.index, 1])
     frames = render_clip(
         spec.family, spec.objects, spec.direction, appearance, num_frames=num_frames, rng=rng
@@ -337,7 +380,13 @@ def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int]) -> str:
 
 
 def _params(
-    counts: dict[str, int], seed: int, size: int, num_frames: int, fps: int, families: Sequence[str]
+    counts: dict[str, int],
+    seed: int,
+    size: int,
+    num_frames: int,
+    fps: int,
+    families: Sequence[str],
+    jitter: str,
 ) -> dict[str, Any]:
     return {
         "generator": "tb_reranker.video.synth",
@@ -348,6 +397,7 @@ def _params(
         "num_frames": num_frames,
         "fps": fps,
         "families": list(families),
+        "jitter": jitter,
         "codec": "libx264",
         "colours": list(COLOURS),
         "shapes": list(SHAPES),
@@ -414,6 +464,7 @@ def generate(
     num_frames: int = 16,
     fps: int = 8,
     families: Sequence[str] = ("order",),
+    jitter: str = "frame",
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -428,6 +479,9 @@ def generate(
         num_frames: frames per clip (even, >= 4; object A fills the first half).
         fps: frame rate of the written clips.
         families: hard-negative families, from ``FAMILIES``; groups are assigned round-robin.
+        jitter: ``"frame"``: order-family objects get a fresh position, size and brightness in
+            every frame (shared by both twins); ``"clip"``: one placement per object for the
+            whole clip (generator version 1's look) plus the 1-pixel wobble.
         workers: processes for rendering+encoding (default: CPU count; 1 = in this process).
         force: regenerate even if an output exists (identical or not).
         progress: show a tqdm progress bar.
@@ -450,6 +504,8 @@ def generate(
     if _check("num_frames", num_frames, 4) % 2:
         raise InvalidInputError(f"num_frames must be even (two equal halves), got {num_frames}")
     _check("fps", fps, 1)
+    if jitter not in JITTERS:
+        raise InvalidInputError(f"jitter must be one of {list(JITTERS)}, got {jitter!r}")
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown or len(set(families)) != len(families):
@@ -461,7 +517,7 @@ def generate(
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise InvalidInputError(f"output path exists and is not a folder: {root}")
-    params = _params(counts, seed, size, num_frames, fps, families)
+    params = _params(counts, seed, size, num_frames, fps, families, jitter)
     done = _is_complete(root, params)
     if done is not None and not force:
         log.info("%s already holds this dataset (same arguments): nothing to do", root)
@@ -491,7 +547,7 @@ def generate(
                 len(captions),
                 len(set(captions)),
             )
-    jobs = [(spec, str(videos_dir), seed, size, num_frames, fps) for spec in specs]
+    jobs = [(spec, str(videos_dir), seed, size, num_frames, fps, jitter) for spec in specs]
     _run_jobs(jobs, workers, progress)
 
     lines = [

@@ -140,6 +140,37 @@ def test_idempotent_rerun_force_and_conflict(tmp_path: Path) -> None:
     assert generate(root, **{**kwargs, "num_test": 2}, force=False).created == 6
 
 
+def _object_centres(frames: np.ndarray) -> np.ndarray:
+    """Centre of mass of the bright (object) pixels per frame: float [F, 2]."""
+    bright = frames.astype(np.float32).max(axis=3) > 100  # [F, H, W]
+    ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]]
+    count = bright.sum(axis=(1, 2)).clip(min=1)
+    return np.stack([(bright * xs).sum((1, 2)) / count, (bright * ys).sum((1, 2)) / count], 1)
+
+
+def test_jitter_frame_moves_objects_every_frame_and_keeps_twins(tmp_path: Path) -> None:
+    """jitter="frame" (default): a fresh placement per frame, the same set for both twins;
+    jitter="clip": one placement per object (only the 1-pixel wobble)."""
+    kwargs = {"num_train": 0, "num_val": 0, "num_test": 8, "seed": 4, "progress": False}
+    spread = {}
+    for jitter in ("frame", "clip"):
+        root = tmp_path / jitter
+        generate(root, jitter=jitter, **kwargs)
+        assert json.loads((root / "meta.json").read_text())["params"]["jitter"] == jitter
+        tests = read_records(root)
+        values = []
+        for j in range(0, len(tests), 2):
+            a = raw_frames(root / tests[j]["path"])
+            b = raw_frames(root / tests[j + 1]["path"])
+            centres = _object_centres(a[:8])  # object A's half
+            values.append(np.abs(centres - centres.mean(0)).mean())
+            # twin b shows A in its second half at the same per-frame placements
+            np.testing.assert_allclose(_object_centres(b[8:]), centres, atol=2.5)  # 2 wobbles
+        spread[jitter] = float(np.mean(values))
+    assert spread["clip"] < 1.0  # the 1-pixel wobble only
+    assert spread["frame"] > 2.0 * spread["clip"] + 1.0
+
+
 def test_motion_family(tmp_path: Path) -> None:
     root = tmp_path / "motion"
     generate(
@@ -175,6 +206,7 @@ def test_motion_family(tmp_path: Path) -> None:
         {"families": ("order", "colour")},
         {"families": ()},
         {"workers": 0},
+        {"jitter": "pixel"},
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:

@@ -202,7 +202,10 @@ def test_train_synthetic_entry_point(synth_root, tmp_path, monkeypatch):
     state = json.loads((path / STATE_JSON).read_text())
     assert state["train_config"]["preset"] == "synthetic"
     assert state["train_config"]["lr"] == 1e-3 and state["train_config"]["backbone_lr"] == 5e-4
-    assert state["train_config"]["hard_negatives"] is True
+    assert state["train_config"]["hard_negatives"] is False
+    # from-scratch preset: light weight decay, constant learning rate (results_synthetic.md)
+    assert state["train_config"]["weight_decay"] == 0.05
+    assert state["train_config"]["warmup"] == 0.0 and state["train_config"]["min_lr_ratio"] == 1.0
     assert TokenBinder.load(path).config.gumbel_scale == 0.0  # synthetic preset: no noise
 
 
@@ -237,3 +240,16 @@ def test_hard_negative_order_keeps_word_order_twins_together():
     plain, _ = _epoch_order(captions, seed=0, epoch=1, hard_negatives=False)
     again, _ = _epoch_order(captions, seed=0, epoch=1, hard_negatives=False)
     assert plain.tolist() == again.tolist()  # seeded: the same order on resume
+
+
+def test_presets_fill_schedule_fields_and_explicit_values_win():
+    synthetic = TrainConfig(data_root="d", out_dir="o", preset="synthetic").resolved(True)
+    assert (synthetic.weight_decay, synthetic.warmup, synthetic.min_lr_ratio) == (0.05, 0.0, 1.0)
+    assert synthetic.epochs == 20 and synthetic.hard_negatives is False
+    paper = TrainConfig(data_root="d", out_dir="o", preset="paper").resolved(False)
+    assert (paper.weight_decay, paper.warmup, paper.min_lr_ratio) == (0.2, 0.05, 0.0)
+    mine = TrainConfig(data_root="d", out_dir="o", weight_decay=0.1, warmup=3, min_lr_ratio=0.5)
+    assert (mine.resolved(True).weight_decay, mine.resolved(True).warmup) == (0.1, 3)
+    assert mine.resolved(False).min_lr_ratio == 0.5
+    with pytest.raises(InvalidInputError, match="min_lr_ratio"):
+        TrainConfig(data_root="d", out_dir="o", min_lr_ratio=2.0)
