@@ -256,6 +256,14 @@ def _info_dict(response: pb.InfoResponse) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- sync
+def _check_client_args(target: str, timeout: float, retries: int) -> None:
+    """Validate the constructor arguments shared by the sync and async transports."""
+    if not target or not isinstance(target, str):
+        raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
+    if timeout <= 0 or retries < 0:
+        raise InvalidInputError("timeout must be positive and retries not negative")
+
+
 class RemoteReranker:
     """The ``Reranker`` verbs over gRPC.
 
@@ -278,10 +286,7 @@ class RemoteReranker:
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if not target or not isinstance(target, str):
-            raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
-        if timeout <= 0 or retries < 0:
-            raise InvalidInputError("timeout must be positive and retries not negative")
+        _check_client_args(target, timeout, retries)
         self.target = target
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -450,10 +455,7 @@ class AsyncRemoteReranker:
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if not target or not isinstance(target, str):
-            raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
-        if timeout <= 0 or retries < 0:
-            raise InvalidInputError("timeout must be positive and retries not negative")
+        _check_client_args(target, timeout, retries)
         self.target = target
         self.timeout = float(timeout)
         self.retries = int(retries)
