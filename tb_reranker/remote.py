@@ -256,15 +256,33 @@ def _info_dict(response: pb.InfoResponse) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- sync
-def _check_client_args(target: str, timeout: float, retries: int) -> None:
-    """Validate the constructor arguments shared by the sync and async transports."""
-    if not target or not isinstance(target, str):
-        raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
-    if timeout <= 0 or retries < 0:
-        raise InvalidInputError("timeout must be positive and retries not negative")
+class _RemoteBase:
+    """Arguments and channel settings shared by the sync and async transports."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: TLSConfig | bool | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        if not target or not isinstance(target, str):
+            raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
+        if timeout <= 0 or retries < 0:
+            raise InvalidInputError("timeout must be positive and retries not negative")
+        self.target = target
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self._metadata = _metadata(token)
+        self._tls = _tls_config(tls)
+        self._options = _channel_options(self._tls, max_message_bytes)
+        self._info: dict[str, Any] | None = None
 
 
-class RemoteReranker:
+class RemoteReranker(_RemoteBase):
     """The ``Reranker`` verbs over gRPC.
 
     Args:
@@ -286,23 +304,23 @@ class RemoteReranker:
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        _check_client_args(target, timeout, retries)
-        self.target = target
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self._metadata = _metadata(token)
-        tls_config = _tls_config(tls)
-        options = _channel_options(tls_config, max_message_bytes)
+        super().__init__(
+            target,
+            token=token,
+            tls=tls,
+            timeout=timeout,
+            retries=retries,
+            max_message_bytes=max_message_bytes,
+        )
         self._channel = (
-            grpc.secure_channel(target, tls_config.credentials(), options=options)
-            if tls_config is not None
-            else grpc.insecure_channel(target, options=options)
+            grpc.secure_channel(target, self._tls.credentials(), options=self._options)
+            if self._tls is not None
+            else grpc.insecure_channel(target, options=self._options)
         )
         self._encode = pb_grpc.EncodeServiceStub(self._channel)
         self._rerank = pb_grpc.RerankServiceStub(self._channel)
         self._search = pb_grpc.SearchServiceStub(self._channel)
         self._info_stub = pb_grpc.InfoServiceStub(self._channel)
-        self._info: dict[str, Any] | None = None
 
     # -- plumbing
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
@@ -442,28 +460,10 @@ class RemoteReranker:
 
 
 # ---------------------------------------------------------------------- async
-class AsyncRemoteReranker:
+class AsyncRemoteReranker(_RemoteBase):
     """The asyncio twin of :class:`RemoteReranker` (same arguments, awaitable verbs)."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TLSConfig | bool | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        _check_client_args(target, timeout, retries)
-        self.target = target
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self._metadata = _metadata(token)
-        self._tls = _tls_config(tls)
-        self._options = _channel_options(self._tls, max_message_bytes)
-        self._channel: grpc.aio.Channel | None = None
-        self._info: dict[str, Any] | None = None
+    _channel: grpc.aio.Channel | None = None  # created on first use inside the running loop
 
     def _get_channel(self) -> grpc.aio.Channel:
         # the aio channel binds to the running loop: create it on first use inside the loop
