@@ -390,6 +390,21 @@ class TokenBinder(nn.Module):
             kv = self.fusion.project_candidates(frames_tokens.to(self.device).float())
         return kv.float()
 
+    def _check_mask(
+        self, cand_mask: torch.Tensor | None, batch_size: int, num_candidates: int
+    ) -> torch.Tensor | None:
+        """Validate an optional ``[B, K]`` candidate mask; return it as bool on the model device."""
+        if cand_mask is None:
+            return None
+        if not isinstance(cand_mask, torch.Tensor) or tuple(cand_mask.shape) != (
+            batch_size,
+            num_candidates,
+        ):
+            raise InvalidInputError(
+                f"cand_mask must be a [B, K] = {(batch_size, num_candidates)} bool tensor"
+            )
+        return cand_mask.to(device=self.device, dtype=torch.bool)
+
     def _fusion_queries(self, indicators: torch.Tensor) -> torch.Tensor:
         """I_2..I_m (or I_1 alone when m = 1): [B, m, D] -> [B, Q, D]"""
         return indicators[:, 1:] if indicators.shape[1] > 1 else indicators[:, :1]
@@ -450,15 +465,7 @@ class TokenBinder(nn.Module):
                 )
             self._check_width("cand_kv", cand_kv)
             self._check_tokens_count("cand_kv", cand_kv.shape[4])
-        if cand_mask is not None:
-            if not isinstance(cand_mask, torch.Tensor) or tuple(cand_mask.shape) != (
-                batch_size,
-                num_candidates,
-            ):
-                raise InvalidInputError(
-                    f"cand_mask must be a [B, K] = {(batch_size, num_candidates)} bool tensor"
-                )
-            cand_mask = cand_mask.to(device=self.device, dtype=torch.bool)
+        cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
         return self._focused_scores_unchecked(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
 
     def _focused_scores_unchecked(
@@ -553,15 +560,7 @@ class TokenBinder(nn.Module):
                 f"cand_indicators has m={num_indicators}, the model has {self.num_indicators}"
             )
         self._check_tokens_count("frames_tokens", frames_tokens.shape[1])
-        if cand_mask is not None:
-            if not isinstance(cand_mask, torch.Tensor) or tuple(cand_mask.shape) != (
-                batch_size,
-                num_candidates,
-            ):
-                raise InvalidInputError(
-                    f"cand_mask must be a [B, K] = {(batch_size, num_candidates)} bool tensor"
-                )
-            cand_mask = cand_mask.to(device=self.device, dtype=torch.bool)
+        cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
         device = self.device
         cand_indicators = cand_indicators.to(device)
         with self._autocast():
