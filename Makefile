@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration lint format proto bench clean
+.PHONY: demo test test-docker images test-unit test-integration lint format proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/docker
+
+# The docker-compose stack for real: starts an engine if none answers (and stops only that one),
+# builds the images offline (`make images`), runs tests/docker, tears everything down.
+test-docker: $(STAMP)
+	PYTHON=$(BIN)/python bash docker/offline/test-docker.sh
+
+# Every image the stack needs, built with no registry: debootstrap bases, a host wheelhouse,
+# the sidecar from docker/Dockerfile.cpu, stand-ins for Milvus/etcd/MinIO (docker/README.md).
+images: $(STAMP)
+	PYTHON=$(BIN)/python bash docker/offline/build-images.sh
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

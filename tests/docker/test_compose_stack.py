@@ -1,47 +1,46 @@
-"""End to end on the real compose stack: etcd + MinIO + Milvus standalone + the CPU sidecar image.
+"""End to end on the real compose stack: etcd + S3 (MinIO) + Milvus standalone + the CPU sidecar.
 
-``docker compose -f docker/docker-compose.yml up --build --wait`` (testcontainers
-``DockerCompose``) under a private project name and free host ports, with a tiny checkpoint
-mounted; then, from this process: ingest generated MP4s through the SDK into that Milvus and the
-MinIO frame store, search with the in-process reranker, search again with the sidecar as the
-reranker (gRPC) and with the sidecar's own Search RPC, and compare. ``down --volumes`` at the end.
-Skipped (conftest) where no Docker engine is reachable. The first run builds the image and pulls
-Milvus/MinIO/etcd: allow several minutes.
+``docker compose -f docker/docker-compose.yml up --wait`` (testcontainers ``DockerCompose``)
+under a private project name and free host ports, with a tiny checkpoint mounted and the images
+that ``make images`` built (the stand-ins of build/docker/images.env where no registry is
+reachable, or whatever TB_*_IMAGE names). From this process: ingest generated MP4s through the
+SDK into that Milvus and S3 store, search in-process, through the sidecar (gRPC Rerank and its
+Search RPC) and through the provider HTTP endpoint, compare with an embedded run (Milvus Lite +
+LMDB) on the same checkpoint and videos, then fault drills: the sidecar stopped and started,
+Milvus stopped, the whole stack restarted. ``down --volumes`` at the end, even on failure.
+Figures (start-up to all-healthy, search p50 through the containers vs in-process) are written
+to build/docker/stack-measurements.json; nothing here asserts a speed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import statistics
+import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
+from docker_support import ROOT, image_overrides, missing_images, skip_or_fail
 
-DOCKER_DIR = Path(__file__).resolve().parents[2] / "docker"
+DOCKER_DIR = ROOT / "docker"
+MEASUREMENTS = ROOT / "build" / "docker" / "stack-measurements.json"
 BUCKET = "tb-frames"  # created by the stack's createbuckets job
 MINIO_USER = MINIO_PASSWORD = "minioadmin"  # the compose defaults
 COLLECTION = "tb_videos"  # the sidecar's TB_COLLECTION default: its Search RPC reads it
+HEALTHCHECKED = ("etcd", "minio", "milvus-standalone", "tb-reranker")
 
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]
-
-
-def compose_unavailable_reason() -> str | None:
-    """Why `docker compose` cannot run here (None = it can)."""
-    import shutil
-    import subprocess
-
-    binary = shutil.which("docker")
-    if binary is None:
-        return "the `docker` CLI is not on PATH"
-    probe = subprocess.run([binary, "compose", "version"], capture_output=True, timeout=30)
-    return None if probe.returncode == 0 else "`docker compose` (Compose v2) is not installed"
 
 
 def _free_port() -> int:
@@ -50,22 +49,55 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stack:
-    milvus_uri: str  # http://127.0.0.1:<port>
-    s3_endpoint: str  # http://127.0.0.1:<port>
-    grpc_target: str  # 127.0.0.1:<port> of the sidecar
-    metrics_url: str  # http://127.0.0.1:<port>/metrics
+    project: str
+    compose_cli: list[str]
+    ports: dict[str, int]
+    startup_s: float
+    measurements: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def milvus_uri(self) -> str:
+        return f"http://127.0.0.1:{self.ports['MILVUS_PORT']}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['MINIO_PORT']}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.ports['TB_GRPC_PORT']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TB_HTTP_PORT']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['TB_METRICS_PORT']}/metrics"
+
+    def compose(self, *args: str, timeout: float = 600) -> str:
+        """Run ``docker compose -f docker-compose.yml ARGS`` for this project; its stdout."""
+        cmd = [*self.compose_cli, "-f", str(DOCKER_DIR / "docker-compose.yml"), *args]
+        done = subprocess.run(cmd, cwd=DOCKER_DIR, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
+    def containers(self) -> dict[str, object]:
+        """service name -> docker SDK container (all, running or not)."""
+        import docker
+
+        client = docker.from_env(timeout=60)
+        found = client.containers.list(
+            all=True, filters={"label": f"com.docker.compose.project={self.project}"}
+        )
+        return {c.labels["com.docker.compose.service"]: c for c in found}
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint: Path) -> Iterator[Stack]:
-    from testcontainers.compose import DockerCompose
-
-    reason = compose_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
+def stack(compose_cli: list[str], tiny_checkpoint: Path) -> Iterator[Stack]:
     ports = {
         name: _free_port()
         for name in (
@@ -78,48 +110,54 @@ def stack(tiny_checkpoint: Path) -> Iterator[Stack]:
             "TB_METRICS_PORT",
         )
     }
+    project = f"tb-test-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
         # a private project: `down --volumes` must never touch a user's own tb-reranker stack
-        mp.setenv("COMPOSE_PROJECT_NAME", f"tb-test-{uuid.uuid4().hex[:8]}")
+        mp.setenv("COMPOSE_PROJECT_NAME", project)
         # the file's own defaults, not whatever this shell exports (TB_COLLECTION, MINIO_*, ...)
         compose_text = (DOCKER_DIR / "docker-compose.yml").read_text()
         for name in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose_text)):
             mp.delenv(name, raising=False)
+        for name, value in image_overrides().items():
+            mp.setenv(name, value)
         mp.setenv("TB_CHECKPOINT_DIR", str(tiny_checkpoint))
         for name, port in ports.items():
             mp.setenv(name, str(port))
-        compose = DockerCompose(
-            DOCKER_DIR, compose_file_name="docker-compose.yml", build=True, wait=True
-        )
+        stack = Stack(project=project, compose_cli=compose_cli, ports=ports, startup_s=0.0)
+        images = stack.compose("config", "--images").split()
+        missing = missing_images(images)
+        if missing:
+            skip_or_fail(f"images not built: {', '.join(missing)} (run `make images`)")
+        started = time.monotonic()
         try:
-            compose.start()  # `up --build --wait`: returns once every healthcheck passes
-        except Exception:
-            stdout, stderr = _logs(compose)
-            compose.stop()
-            pytest.fail(f"the compose stack did not come up healthy:\n{stdout}\n{stderr}")
+            stack.compose("up", "--detach", "--wait", "--no-build", "--pull", "never")
+        except AssertionError as exc:
+            logs = _logs(stack)
+            stack.compose("down", "--volumes", "--timeout", "10")
+            pytest.fail(f"the compose stack did not come up healthy: {exc}\n{logs}")
+        stack.startup_s = time.monotonic() - started
+        stack.measurements["startup_to_all_healthy_s"] = round(stack.startup_s, 1)
+        stack.measurements["images"] = images
         try:
-            yield Stack(
-                milvus_uri=f"http://127.0.0.1:{ports['MILVUS_PORT']}",
-                s3_endpoint=f"http://127.0.0.1:{ports['MINIO_PORT']}",
-                grpc_target=f"127.0.0.1:{ports['TB_GRPC_PORT']}",
-                metrics_url=f"http://127.0.0.1:{ports['TB_METRICS_PORT']}/metrics",
-            )
+            yield stack
         finally:
-            compose.stop()  # down --volumes
+            MEASUREMENTS.parent.mkdir(parents=True, exist_ok=True)
+            MEASUREMENTS.write_text(json.dumps(stack.measurements, indent=2) + "\n")
+            stack.compose("down", "--volumes", "--timeout", "10")
 
 
-def _logs(compose) -> tuple[str, str]:
+def _logs(stack: Stack) -> str:
     try:
-        return compose.get_logs()
+        return stack.compose("logs", "--no-color", "--tail", "60", timeout=60)
     except Exception as exc:  # noqa: BLE001 - best effort, for the failure message only
-        return "", f"(no logs: {exc})"
+        return f"(no logs: {exc})"
 
 
 @pytest.fixture(scope="module")
 def s3_env(stack: Stack) -> Iterator[None]:
-    """The SDK here reaches the stack's MinIO through its published port."""
+    """The SDK here reaches the stack's S3 store through its published port."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in [n for n in os.environ if n.startswith("TB_")]:
+        for name in [n for n in os.environ if n.startswith("TB_") and n != "TB_REQUIRE_DOCKER"]:
             mp.delenv(name)  # e.g. a TB_RERANKER in this shell would make "local" clients remote
         mp.setenv("TB_S3_ENDPOINT", stack.s3_endpoint)
         mp.setenv("AWS_ACCESS_KEY_ID", MINIO_USER)
@@ -148,7 +186,7 @@ def ingested(stack: Stack, s3_env: None, tiny_checkpoint: Path, synth_videos) ->
         report = client.ingest(videos_dir, progress=False)
         assert not report.failed, report.failed
         assert report.ingested == len(captions)
-        # store and index agree (ingest writes MinIO first, then Milvus)
+        # store and index agree (ingest writes S3 first, then Milvus)
         check = client.check()
         assert not check.only_in_store and not check.only_in_index
         # the collection reads with Bounded consistency: wait until searches see every row
@@ -159,78 +197,148 @@ def ingested(stack: Stack, s3_env: None, tiny_checkpoint: Path, synth_videos) ->
     return captions
 
 
-def _wait_until(predicate, timeout_s: float = 60.0) -> None:
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_checkpoint: Path, synth_videos):
+    """The same videos and checkpoint in the embedded default: Milvus Lite + LMDB, in-process."""
+    from tb_reranker import Client
+
+    root = tmp_path_factory.mktemp("embedded")
+    client = Client(
+        uri=str(root / "milvus.db"),
+        collection=COLLECTION,
+        store=str(root / "frames"),
+        checkpoint=str(tiny_checkpoint),
+        device="cpu",
+        reranker="local",
+    )
+    report = client.ingest(synth_videos[0], progress=False)
+    assert not report.failed and report.ingested == len(synth_videos[1])
+    yield client
+    client.close()
+
+
+def _wait_until(predicate, timeout_s: float = 90.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
-    while not predicate():
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:  # noqa: BLE001 - a service still coming back
+            pass
         if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout_s:.0f} s")
+            pytest.fail(f"{what} not met within {timeout_s:.0f} s")
         time.sleep(1)
 
 
-def _wait_serving(target: str, service: str, timeout_s: float = 120.0) -> None:
+def _health(target: str, service: str) -> int | grpc.StatusCode:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    deadline = time.monotonic() + timeout_s
-    status = None
     with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-                status = reply.status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as exc:
-                status = exc.code()
-            time.sleep(2)
-    pytest.fail(f"{service or 'the sidecar'} not SERVING after {timeout_s:.0f} s (last: {status})")
+        try:
+            request = health_pb2.HealthCheckRequest(service=service)
+            return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+        except grpc.RpcError as exc:
+            return exc.code()
 
 
-def test_sidecar_is_healthy_over_grpc(stack: Stack):
-    _wait_serving(stack.grpc_target, "")
+def _wait_serving(target: str, service: str, timeout_s: float = 180.0) -> None:
+    from grpc_health.v1 import health_pb2
+
+    _wait_until(
+        lambda: _health(target, service) == health_pb2.HealthCheckResponse.SERVING,
+        timeout_s,
+        f"{service or 'the sidecar'} SERVING",
+    )
+
+
+def _search_service() -> str:
+    from tb_reranker.server.servicers import SERVICE_NAMES
+
+    return SERVICE_NAMES["search"]
+
+
+# ---------------------------------------------------------------------------- the running stack
+def test_every_service_turns_healthy_through_its_own_healthcheck(stack: Stack):
+    containers = stack.containers()
+    for service in HEALTHCHECKED:
+        state = containers[service].attrs["State"]
+        assert state["Running"], f"{service} is not running"
+        assert "Health" in state, f"{service} has no healthcheck"
+        assert state["Health"]["Status"] == "healthy", (service, state["Health"]["Log"][-1:])
+    bucket_job = containers["createbuckets"].attrs["State"]
+    assert bucket_job["Status"] == "exited" and bucket_job["ExitCode"] == 0
+
+
+def test_sidecar_image_runs_as_a_non_root_user(stack: Stack):
+    sidecar = stack.containers()["tb-reranker"]
+    assert sidecar.attrs["Config"]["User"] not in ("", "0", "root", "0:0")
+    code, output = sidecar.exec_run(["cat", "/proc/1/status"])  # the server process itself
+    assert code == 0
+    uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)", output.decode(), re.M)
+    assert uids is not None and uids.group(1) == uids.group(2) == "10001"
+    code, _ = sidecar.exec_run(["touch", "/models/checkpoint/x"])  # the checkpoint is read-only
+    assert code != 0
+
+
+def test_health_and_metrics_answer_through_published_ports(stack: Stack):
+    from grpc_health.v1 import health_pb2
+
+    assert _health(stack.grpc_target, "") == health_pb2.HealthCheckResponse.SERVING
+    _wait_serving(stack.grpc_target, _search_service())
     with urllib.request.urlopen(stack.metrics_url, timeout=10) as reply:
-        text = reply.read().decode()
-    assert reply.status == 200 and "tb_" in text
+        assert reply.status == 200 and "tb_" in reply.read().decode()
 
 
-def test_ingest_and_search_with_local_rerank(stack, ingested, tiny_checkpoint):
+def test_stack_search_equals_an_embedded_in_process_run(stack, ingested, embedded, tiny_checkpoint):
+    """Milvus server + S3 + the sidecar's rerank give the hits of Milvus Lite + LMDB in-process."""
+    queries = list(ingested.values())[:3]
+    with _client(stack, tiny_checkpoint, reranker=stack.grpc_target, strict=True) as remote:
+        for query in queries:
+            got = remote.search(query, limit=len(ingested), rerank=True)
+            expected = embedded.search(query, limit=len(ingested), rerank=True)
+            assert [h.id for h in got] == [h.id for h in expected], query
+            assert [h.score for h in got] == pytest.approx([h.score for h in expected], abs=1e-3)
+            assert [h.broad_score for h in got] == pytest.approx(
+                [h.broad_score for h in expected], abs=1e-3
+            )
+            assert all(h.reranked for h in got)
+        # figures for the closing note (same queries, same machine, one run): not asserted
+        stack.measurements["search_p50_ms"] = {
+            "stack_sidecar_rerank": _p50_ms(lambda: remote.search(queries[0], limit=5)),
+            "embedded_in_process": _p50_ms(lambda: embedded.search(queries[0], limit=5)),
+        }
+
+
+def _p50_ms(call, repeats: int = 20) -> float:
+    call()  # warm
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 2)
+
+
+def test_in_process_rerank_over_the_stack(stack, ingested, tiny_checkpoint):
     query_id, query = next(iter(ingested.items()))
     with _client(stack, tiny_checkpoint) as client:
         hits = client.search(query, limit=len(ingested), rerank=True)
         broad = client.search(query, limit=len(ingested), rerank=False)
     assert {h.id for h in hits} == set(ingested)  # every video found, nothing invented
     assert [h.rank for h in hits] == list(range(1, len(hits) + 1))
-    assert all(h.reranked for h in hits)
+    assert all(h.reranked for h in hits) and not any(h.reranked for h in broad)
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
     for hit in hits:  # S = S' + delta, S' being Milvus' cosine
         assert hit.score == pytest.approx(hit.broad_score + hit.delta, abs=1e-4)
-    assert {h.id for h in broad} == set(ingested)
-    assert not any(h.reranked for h in broad)
-    assert query_id in {h.id for h in hits}
-
-
-def test_rerank_through_the_sidecar_matches_in_process(stack, ingested, tiny_checkpoint):
-    """The sidecar (same checkpoint, frame tokens read from MinIO) reorders exactly as we do."""
-    _wait_serving(stack.grpc_target, "")
-    query = next(iter(ingested.values()))
-    with _client(stack, tiny_checkpoint) as local:
-        expected = local.search(query, limit=len(ingested), rerank=True)
-    with _client(stack, tiny_checkpoint, reranker=stack.grpc_target, strict=True) as remote:
-        got = remote.search(query, limit=len(ingested), rerank=True)
-    assert [h.id for h in got] == [h.id for h in expected]
-    assert [h.score for h in got] == pytest.approx([h.score for h in expected], abs=1e-3)
-    assert all(h.reranked for h in got)
 
 
 def test_sidecar_search_rpc_queries_milvus_itself(stack, ingested, tiny_checkpoint):
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
     from tb_reranker.model import TokenBinder
-    from tb_reranker.server.servicers import SERVICE_NAMES
 
-    # Search turns SERVING once the sidecar has opened the collection (it retries until then)
-    _wait_serving(stack.grpc_target, SERVICE_NAMES["search"], timeout_s=180)
+    _wait_serving(stack.grpc_target, _search_service())
     query = next(iter(ingested.values()))
     with _client(stack, tiny_checkpoint) as local:
         expected = local.search(query, limit=len(ingested), rerank=True)
@@ -245,7 +353,90 @@ def test_sidecar_search_rpc_queries_milvus_itself(stack, ingested, tiny_checkpoi
     assert [h.score for h in reply.hits] == pytest.approx([h.score for h in expected], abs=1e-3)
 
 
-def test_delete_removes_from_milvus_and_minio(stack, ingested, tiny_checkpoint):
+def test_cohere_rerank_endpoint_through_the_published_port(stack, ingested, tiny_checkpoint):
+    """`POST /v1/rerank` (what Milvus' cohere provider calls) orders ids as the sidecar does."""
+    query = next(iter(ingested.values()))
+    with _client(stack, tiny_checkpoint, reranker=stack.grpc_target, strict=True) as remote:
+        hits = remote.search(query, limit=len(ingested), rerank=True)
+    documents = sorted(ingested)
+    body = json.dumps({"model": "tokenbinder", "query": query, "documents": documents}).encode()
+    request = urllib.request.Request(
+        f"{stack.http_url}/v1/rerank", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert reply.status == 200
+        answer = json.loads(reply.read())
+    results = answer["results"]
+    assert sorted(r["index"] for r in results) == list(range(len(documents)))
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert [documents[r["index"]] for r in results] == [h.id for h in hits]
+    # a client's malformed body is its own 4xx, never a 5xx
+    bad = urllib.request.Request(f"{stack.http_url}/v1/rerank", data=b"{not json")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(bad, timeout=30)
+    assert 400 <= caught.value.code < 500
+
+
+# ------------------------------------------------------------------------------ fault drills
+def test_sidecar_stopped_gives_broad_only_hits_then_reranked_again(
+    stack, ingested, tiny_checkpoint
+):
+    from tb_reranker.errors import RerankerUnavailableError
+
+    query = next(iter(ingested.values()))
+    stack.compose("stop", "--timeout", "10", "tb-reranker")
+    try:
+        with _client(stack, tiny_checkpoint, reranker=stack.grpc_target, timeout=5) as client:
+            started = time.monotonic()
+            hits = client.search(query, limit=len(ingested), rerank=True)
+            elapsed = time.monotonic() - started
+            broad = client.search(query, limit=len(ingested), rerank=False)
+        assert [h.id for h in hits] == [h.id for h in broad]  # the broad order, nothing lost
+        assert not any(h.reranked for h in hits)
+        assert elapsed < 30, f"degrading took {elapsed:.1f} s"  # the deadline, plus retries
+        with (
+            _client(
+                stack, tiny_checkpoint, reranker=stack.grpc_target, timeout=5, strict=True
+            ) as c,
+            pytest.raises(RerankerUnavailableError),
+        ):
+            c.search(query, limit=3)
+    finally:
+        stack.compose("start", "tb-reranker")
+    _wait_serving(stack.grpc_target, "")
+    with _client(stack, tiny_checkpoint, reranker=stack.grpc_target, timeout=10) as client:
+        _wait_until(
+            lambda: all(h.reranked for h in client.search(query, limit=3)),
+            what="reranked hits after the sidecar's restart",
+        )
+
+
+def test_milvus_stopped_is_a_typed_error_not_a_hang(stack, ingested, tiny_checkpoint):
+    from tb_reranker.errors import TBError
+
+    query = next(iter(ingested.values()))
+    with _client(stack, tiny_checkpoint, timeout=10) as client:
+        client.search(query, limit=3)  # connected before the fault
+        stack.compose("stop", "--timeout", "10", "milvus-standalone")
+        try:
+            started = time.monotonic()
+            with pytest.raises(TBError) as caught:
+                client.search(query, limit=3)
+            elapsed = time.monotonic() - started
+            assert caught.value.retriable, caught.value  # a server fault: worth retrying later
+            assert elapsed < 120, f"the error took {elapsed:.1f} s"
+        finally:
+            stack.compose("up", "--detach", "--wait", "--no-build", "--pull", "never")
+    with _client(stack, tiny_checkpoint, timeout=30) as client:
+        _wait_until(
+            lambda: len(client.search(query, limit=len(ingested))) == len(ingested),
+            timeout_s=180,
+            what="searches after Milvus came back",
+        )
+
+
+def test_delete_removes_from_milvus_and_the_s3_store(stack, ingested, tiny_checkpoint):
     victim = sorted(ingested)[-1]
     with _client(stack, tiny_checkpoint) as client:
         assert client.delete([victim]) == 1
@@ -254,3 +445,60 @@ def test_delete_removes_from_milvus_and_minio(stack, ingested, tiny_checkpoint):
         _wait_until(lambda: len(client.search(query, limit=len(ingested))) == len(ingested) - 1)
         hits = client.search(query, limit=len(ingested))
     assert victim not in {h.id for h in hits}
+
+
+def test_restarted_stack_keeps_its_data_and_tb_check_agrees(stack, ingested, tiny_checkpoint):
+    remaining = set(sorted(ingested)[:-1])  # the previous test deleted the last id
+    stack.compose("stop", "--timeout", "20")
+    started = time.monotonic()
+    stack.compose("up", "--detach", "--wait", "--no-build", "--pull", "never")
+    stack.measurements["restart_to_all_healthy_s"] = round(time.monotonic() - started, 1)
+    query = next(iter(ingested.values()))
+    with _client(stack, tiny_checkpoint, timeout=30) as client:
+        _wait_until(
+            lambda: {h.id for h in client.search(query, limit=len(ingested))} == remaining,
+            timeout_s=180,
+            what="every remaining video searchable after the restart",
+        )
+    env = {
+        **os.environ,
+        "TB_MILVUS_URI": stack.milvus_uri,
+        "TB_COLLECTION": COLLECTION,
+        "TB_STORE": f"s3://{BUCKET}/frames",
+        "TB_CHECKPOINT": str(tiny_checkpoint),
+        "TB_DEVICE": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tb_reranker", "check", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["fingerprint_ok"]
+    assert not report["only_in_store"] and not report["only_in_index"], report
+
+
+# --------------------------------------------------------------------------- GPU override file
+def test_gpu_override_still_merges(compose_cli: list[str]):
+    files = ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]
+    env = {**os.environ, "TB_CHECKPOINT_DIR": str(DOCKER_DIR / "checkpoint")}
+    done = subprocess.run(
+        [*compose_cli, *files, "config", "--format", "json"],
+        cwd=DOCKER_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    sidecar = json.loads(done.stdout)["services"]["tb-reranker"]
+    devices = sidecar["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert sidecar["environment"]["TB_SERVE_DEVICE"] == "cuda"
+    assert sidecar["build"]["dockerfile"].endswith("Dockerfile.cuda")
+    # the CPU file's settings survive the merge (Milvus, store, ports, healthcheck)
+    assert sidecar["environment"]["TB_MILVUS_URI"] == "http://milvus-standalone:19530"
+    assert sidecar["healthcheck"]["test"][-1].endswith("healthcheck.py")

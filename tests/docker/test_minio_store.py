@@ -1,22 +1,25 @@
-"""The S3 frame-token store against a real MinIO container (the image the compose stack runs).
+"""The S3 frame-token store against the real S3 server container the compose stack runs.
 
-The unit tests cover the S3 backend with moto; this checks the same calls against MinIO itself:
+That is MinIO (the compose file's pin), or the image TB_MINIO_IMAGE names (``make images``
+writes the offline stand-in, SeaweedFS behind MinIO's command line, to build/docker/images.env).
+The unit tests cover the S3 backend with moto; this checks the same calls against that server:
 round trip of fp16 tokens, missing ids absent, listing, delete, and a corrupt object reported
 as ``StoreError`` naming the id. Skipped (conftest) where no Docker engine is reachable.
 """
 
 from __future__ import annotations
 
+import re
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import yaml
+from docker_support import image_overrides, missing_images, skip_or_fail
 
 USER = PASSWORD = "minioadmin"
 COMPOSE = Path(__file__).resolve().parents[2] / "docker" / "docker-compose.yml"
@@ -25,17 +28,25 @@ pytestmark = [pytest.mark.timeout(600)]
 
 
 def _minio_image() -> str:
-    """The MinIO image pinned in docker/docker-compose.yml (one pin to keep current)."""
+    """TB_MINIO_IMAGE (env or build/docker/images.env), else the pin in docker-compose.yml."""
+    override = image_overrides().get("TB_MINIO_IMAGE")
+    if override:
+        return override
     compose = yaml.safe_load(COMPOSE.read_text())
-    return compose["services"]["minio"]["image"]
+    image = compose["services"]["minio"]["image"]  # ${TB_MINIO_IMAGE:-minio/minio:...}
+    return re.sub(r"^\$\{[A-Z_]+:-(.*)\}$", r"\1", image)
 
 
 @pytest.fixture(scope="module")
 def minio_endpoint() -> Iterator[str]:
     from testcontainers.core.container import DockerContainer
 
+    image = _minio_image()
+    missing = missing_images([image])
+    if missing:
+        skip_or_fail(f"image {image} not present (run `make images`; no registry to pull from)")
     container = (
-        DockerContainer(_minio_image())
+        DockerContainer(image)
         .with_env("MINIO_ROOT_USER", USER)
         .with_env("MINIO_ROOT_PASSWORD", PASSWORD)
         .with_command("server /data")
@@ -44,14 +55,21 @@ def minio_endpoint() -> Iterator[str]:
     container.start()
     try:
         endpoint = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(9000)}"
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=USER,
+            aws_secret_access_key=PASSWORD,
+            region_name="us-east-1",
+        )
         deadline = time.monotonic() + 60
-        while True:
+        while True:  # S3 itself answering, whichever server it is
             try:
-                with urllib.request.urlopen(f"{endpoint}/minio/health/live", timeout=2):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                s3.list_buckets()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
                 if time.monotonic() > deadline:
-                    pytest.fail("MinIO did not become live within 60 s")
+                    pytest.fail(f"{image} did not answer S3 calls within 60 s")
                 time.sleep(0.5)
         yield endpoint
     finally:
