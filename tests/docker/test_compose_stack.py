@@ -55,6 +55,7 @@ class Stack:
     compose_cli: list[str]
     ports: dict[str, int]
     startup_s: float
+    env: dict[str, str]  # the environment compose runs in, fixed when the stack was made
     measurements: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -80,7 +81,9 @@ class Stack:
     def compose(self, *args: str, timeout: float = 600) -> str:
         """Run ``docker compose -f docker-compose.yml ARGS`` for this project; its stdout."""
         cmd = [*self.compose_cli, "-f", str(DOCKER_DIR / "docker-compose.yml"), *args]
-        done = subprocess.run(cmd, cwd=DOCKER_DIR, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            cmd, cwd=DOCKER_DIR, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if done.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done.stdout
@@ -123,7 +126,9 @@ def stack(compose_cli: list[str], tiny_checkpoint: Path) -> Iterator[Stack]:
         mp.setenv("TB_CHECKPOINT_DIR", str(tiny_checkpoint))
         for name, port in ports.items():
             mp.setenv(name, str(port))
-        stack = Stack(project=project, compose_cli=compose_cli, ports=ports, startup_s=0.0)
+        # later fixtures change this process's environment (s3_env drops TB_*): compose must
+        # keep seeing the stack's own variables, or `up` would reconcile towards another config
+        stack = Stack(project, compose_cli, ports, startup_s=0.0, env=dict(os.environ))
         images = stack.compose("config", "--images").split()
         missing = missing_images(images)
         if missing:
@@ -219,14 +224,15 @@ def embedded(tmp_path_factory, tiny_checkpoint: Path, synth_videos):
 
 def _wait_until(predicate, timeout_s: float = 90.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
+    last: object = "predicate false"
     while True:
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001 - a service still coming back
-            pass
+        except Exception as exc:  # noqa: BLE001 - a service still coming back
+            last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} not met within {timeout_s:.0f} s")
+            pytest.fail(f"{what} not met within {timeout_s:.0f} s (last: {last})")
         time.sleep(1)
 
 

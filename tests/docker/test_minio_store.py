@@ -40,19 +40,28 @@ def _minio_image() -> str:
 @pytest.fixture(scope="module")
 def minio_endpoint() -> Iterator[str]:
     from testcontainers.core.container import DockerContainer
+    from testcontainers.core.network import Network
 
     image = _minio_image()
     missing = missing_images([image])
     if missing:
         skip_or_fail(f"image {image} not present (run `make images`; no registry to pull from)")
+    # a network of our own: an engine run with --bridge=none (ours) has no default bridge to
+    # publish ports from
+    network = Network().create()
     container = (
         DockerContainer(image)
+        .with_network(network)
         .with_env("MINIO_ROOT_USER", USER)
         .with_env("MINIO_ROOT_PASSWORD", PASSWORD)
         .with_command("server /data")
         .with_exposed_ports(9000)
     )
-    container.start()
+    try:
+        container.start()
+    except BaseException:
+        network.remove()
+        raise
     try:
         endpoint = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(9000)}"
         s3 = boto3.client(
@@ -74,6 +83,7 @@ def minio_endpoint() -> Iterator[str]:
         yield endpoint
     finally:
         container.stop()
+        network.remove()
 
 
 @pytest.fixture
