@@ -60,6 +60,8 @@ def minio_endpoint() -> Iterator[str]:
     try:
         container.start()
     except BaseException:
+        if container.get_wrapped_container() is not None:
+            container.stop()  # created but not started: removed too
         network.remove()
         raise
     try:
