@@ -60,8 +60,8 @@ def minio_endpoint() -> Iterator[str]:
     try:
         container.start()
     except BaseException:
-        if container.get_wrapped_container() is not None:
-            container.stop()  # created but not started: removed too
+        if container._container is not None:  # created but not started: removed too
+            container.stop()
         network.remove()
         raise
     try:
