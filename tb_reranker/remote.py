@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -272,7 +273,9 @@ def _search_requests(
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
     if isinstance(queries, str):
         raise InvalidInputError("queries must be a list (use Client.search for one text)")
-    common = {"limit": limit, "rerank": rerank, "filter": check_filter(filter) or ""}
+    # syntax and type here; the length and depth limits are the server's (its own settings)
+    filter = check_filter(filter, max_chars=sys.maxsize, max_depth=sys.maxsize)
+    common = {"limit": limit, "rerank": rerank, "filter": filter or ""}
     if len(queries) and isinstance(queries[0], str):
         return [pb.SearchRequest(text=text, **common) for text in queries]
     return [

@@ -113,6 +113,10 @@ class TBServer:
         for name in ("", *SERVICE_NAMES.values()):
             await self.health.set(name, NOT_SERVING)
         address = _address(config.host, config.port)
+        # every port first: gRPC core would log its own error, and nothing starts half-way
+        _check_port_free(config.host, config.port, "gRPC")
+        _check_port_free(config.host, config.http_port, "HTTP")
+        _check_port_free(config.host, config.metrics_port, "metrics")
         try:
             if config.tls:
                 self.port = server.add_secure_port(address, _server_credentials(config))
@@ -311,6 +315,28 @@ def quiet_pymilvus_tracebacks() -> None:
     logger = logging.getLogger("pymilvus.decorators")
     if _PYMILVUS_FILTER not in logger.filters:
         logger.addFilter(_PYMILVUS_FILTER)
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """``InvalidInputError`` when ``host:port`` is taken (port 0 is always free, -1 is off)."""
+    import socket
+
+    if port <= 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot bind {what} to {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot bind {what} to {_address(host, port)}: {exc.strerror or exc} "
+                "(another process holds the port? choose another one)"
+            ) from None
 
 
 def _address(host: str, port: int) -> str:

@@ -642,3 +642,41 @@ def test_port_in_use_is_a_clear_error(world):
             finally:
                 running.loop.call_soon_threadsafe(running.loop.stop)
                 running.thread.join(10)
+
+
+# ---------------------------------------------------------------------- SDK mistakes
+def test_sdk_empty_query_list_and_non_string_filter(world, tmp_path):
+    """``search_many([])`` says there is no query (not a shape error); a non-string filter is
+    InvalidInputError naming the filter, in process and through the remote transport."""
+    from tb_reranker import Client
+    from tb_reranker.errors import InvalidInputError
+    from tb_reranker.remote import RemoteReranker
+
+    components = world.running.server.backend.components
+    reranker, index = components.reranker, components.index
+    with pytest.raises(InvalidInputError, match="no quer"):
+        reranker.search(index, [])
+    for bad in (5, ["id"], {"id": "a"}):
+        with pytest.raises(InvalidInputError, match="filter must be a string"):
+            reranker.search(index, ["a dog"], filter=bad)
+    client = Client(
+        uri=world.db_path,
+        collection="hostile",
+        store=str(tmp_path / "frames"),
+        model=reranker.model,
+    )
+    with client:
+        with pytest.raises(InvalidInputError, match="no query"):
+            client.search_many([])
+        with pytest.raises(InvalidInputError, match="filter must be a string"):
+            client.search("a dog", filter=5)
+        with pytest.raises(InvalidInputError, match="string"):
+            client.search_many(["a dog", 3])
+    with RemoteReranker(world.running.target, token=TOKEN, timeout=30) as remote:
+        with pytest.raises(InvalidInputError, match="filter must be a string"):
+            remote.search(["a dog"], filter=5)
+        with pytest.raises(InvalidInputError, match="unterminated"):
+            remote.search(["a dog"], filter='id == "')
+        # the limits are the server's: checked there, mapped back to the same type
+        with pytest.raises(InvalidInputError, match="max_filter_depth"):
+            remote.search(["a dog"], filter="(" * 50 + 'id == "a"' + ")" * 50)
