@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tb_reranker.config import Settings
 from tb_reranker.errors import InvalidInputError, NotFoundError, RerankerUnavailableError
+from tb_reranker.filters import check_filter
 from tb_reranker.types import Hit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -80,6 +81,12 @@ class Client:
             timeout=timeout,
         )
         self.strict = strict
+        if self.is_remote:  # a malformed target is a configuration error now, not a retry later
+            from tb_reranker.auth import check_token
+            from tb_reranker.remote import check_target
+
+            check_target(self.settings.reranker)
+            check_token(self.settings.reranker_token, what="the reranker token")
         self._model = model
         self._store: FrameStore | None = None
         self._index: VideoIndex | None = None
@@ -190,6 +197,11 @@ class Client:
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings")
         texts = list(texts)
+        if not texts:
+            raise InvalidInputError("no query texts given (search_many needs at least one)")
+        if any(not isinstance(text, str) for text in texts):
+            raise InvalidInputError("every query must be a string")
+        filter = check_filter(filter)
         if not self.is_remote:
             return self.reranker.search(
                 self.index, texts, limit=limit, rerank=rerank, filter=filter

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy as np
 from tb_reranker import errors
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
+from tb_reranker.auth import check_token
 from tb_reranker.errors import (
     AuthenticationError,
     DeadlineExceededError,
@@ -41,6 +43,7 @@ from tb_reranker.errors import (
     ResourceExhaustedError,
     TBError,
 )
+from tb_reranker.filters import check_filter
 from tb_reranker.server.convert import (
     hit_from_proto,
     metadata_from_proto,
@@ -51,7 +54,7 @@ from tb_reranker.server.convert import (
 if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.types import Hit, RerankResult
 
-__all__ = ["RemoteReranker", "AsyncRemoteReranker", "TLSConfig", "STATUS_ERRORS"]
+__all__ = ["RemoteReranker", "AsyncRemoteReranker", "TLSConfig", "STATUS_ERRORS", "check_target"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,37 @@ def _backoff(attempt: int, base: float = 0.1, cap: float = 2.0) -> float:
     return random.uniform(0, min(cap, base * (2**attempt)))
 
 
+# gRPC name-resolver schemes a target may carry (https://grpc.github.io/grpc/core/md_doc_naming.html)
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def check_target(target: Any) -> str:
+    """``host:port`` (or a gRPC resolver URI such as ``dns:///host:port``, ``unix:/path``);
+    an ``http(s)://`` URL or a target without a port is a configuration error, said at once
+    instead of being retried as if the server were down."""
+    if not isinstance(target, str) or not target.strip():
+        raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
+    target = target.strip()
+    lowered = target.lower()
+    if lowered.startswith(_GRPC_SCHEMES):
+        return target
+    if "://" in target:
+        scheme = target.split("://", 1)[0]
+        hint = " and tls=True" if lowered.startswith("https") else ""
+        raise InvalidInputError(
+            f"reranker target {target!r} is a {scheme}:// URL; the sidecar speaks gRPC: give "
+            f"'host:port'{hint} (e.g. {target.split('://', 1)[1].split('/', 1)[0]!r})"
+        )
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(
+            f"reranker target {target!r} is not 'host:port' (e.g. '127.0.0.1:50051')"
+        )
+    if any(c.isspace() or c in "/?#@" for c in host):
+        raise InvalidInputError(f"reranker target {target!r} has an invalid host part")
+    return target
+
+
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -239,6 +273,8 @@ def _search_requests(
         raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
     if isinstance(queries, str):
         raise InvalidInputError("queries must be a list (use Client.search for one text)")
+    # syntax and type here; the length and depth limits are the server's (its own settings)
+    filter = check_filter(filter, max_chars=sys.maxsize, max_depth=sys.maxsize)
     common = {"limit": limit, "rerank": rerank, "filter": filter or ""}
     if len(queries) and isinstance(queries[0], str):
         return [pb.SearchRequest(text=text, **common) for text in queries]
@@ -269,14 +305,13 @@ class _RemoteBase:
         retries: int = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        if not target or not isinstance(target, str):
-            raise InvalidInputError("target must be 'host:port' of a tb serve sidecar")
+        target = check_target(target)
         if timeout <= 0 or retries < 0:
             raise InvalidInputError("timeout must be positive and retries not negative")
         self.target = target
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self._metadata = _metadata(token)
+        self._metadata = _metadata(check_token(token, what="the reranker token"))
         self._tls = _tls_config(tls)
         self._options = _channel_options(self._tls, max_message_bytes)
         self._info: dict[str, Any] | None = None

@@ -34,18 +34,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tb_reranker.errors import InvalidInputError, NotFoundError
+from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
+from tb_reranker.filters import check_filter
 from tb_reranker.types import Hit, RerankedCandidate, RerankResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.index import FrameStore, VideoIndex
     from tb_reranker.model import TokenBinder
 
-__all__ = ["Reranker", "RerankResult", "RerankedCandidate", "MAX_TEXT_CHARS"]
+__all__ = ["Reranker", "RerankResult", "RerankedCandidate", "MAX_TEXT_CHARS", "MAX_INDICATOR_ABS"]
 
 log = logging.getLogger(__name__)
 
 MAX_TEXT_CHARS = 2048  # longer query texts are refused (CLIP truncates at 77 tokens anyway)
+# largest |value| accepted in caller-given indicators: encode_text's rows have norm 1, and values
+# this small keep every score finite (3e38 is finite in float32 but overflows S' and the fusion)
+MAX_INDICATOR_ABS = 1e4
 
 
 @dataclass
@@ -223,6 +227,11 @@ def _as_indicators(indicators: Any, num_indicators: int, dim: int) -> torch.Tens
         raise InvalidInputError("no queries given")
     if not torch.isfinite(tensor).all():
         raise InvalidInputError("indicators contain NaN or infinity")
+    if tensor.numel() and float(tensor.abs().max()) > MAX_INDICATOR_ABS:
+        raise InvalidInputError(
+            f"indicator values must lie in [-{MAX_INDICATOR_ABS:g}, {MAX_INDICATOR_ABS:g}] "
+            "(encode_text gives L2-normalised rows); larger ones overflow the scores"
+        )
     return tensor
 
 
@@ -256,6 +265,7 @@ class Reranker:
         self.num_indicators = int(model.num_indicators)
         self.top_k = int(model.top_k)
         self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
+        self._fingerprint: str | None = None  # the model's, computed at the first store read
 
     # ------------------------------------------------------------------ encode
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -280,6 +290,7 @@ class Reranker:
     def _fetch(self, videos_ids: Sequence[str]) -> tuple[_Rows, dict[str, str]]:
         """One store batch for ``videos_ids``, projected in one model call -> rows, hashes."""
         records = self.store.get_many(list(videos_ids))
+        self._check_identity(records)
         fetched = [video_id for video_id in videos_ids if video_id in records]
         if not fetched:
             return self._empty_rows(), {}
@@ -317,6 +328,28 @@ class Reranker:
             timestamps=timestamps,
         )
         return rows, {video_id: records[video_id].content_hash for video_id in fetched}
+
+    def _check_identity(self, records: dict[str, Any]) -> None:
+        """Refuse frame tokens written by another model (each record names its model).
+
+        Tokens of another vision tower are vectors of another space: scoring them would give
+        plausible-looking, meaningless numbers. Records without a fingerprint (written by hand
+        or by an old version) are accepted, as a collection without one is.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = str(self.model.fingerprint())
+        foreign = sorted(
+            video_id
+            for video_id, record in records.items()
+            if getattr(record, "fingerprint", "") and record.fingerprint != self._fingerprint
+        )
+        if foreign:
+            other = records[foreign[0]].fingerprint
+            raise ModelMismatchError(
+                f"{len(foreign)} stored videos (e.g. {foreign[0]!r}) hold frame tokens of model "
+                f"{other[:12]}, but the loaded model is {self._fingerprint[:12]}: serve the "
+                "checkpoint that ingested them, or re-ingest with this one"
+            )
 
     def _empty_rows(self) -> _Rows:
         return _Rows({}, torch.empty(0), torch.empty(0), np.zeros((0, 0), dtype=np.float32))
@@ -593,9 +626,12 @@ class Reranker:
             raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
         if limit > max_limit:
             raise InvalidInputError(f"limit {limit} exceeds the maximum of {max_limit}")
+        filter = check_filter(filter)
         t0 = time.perf_counter_ns()
         if isinstance(queries, str):
             raise InvalidInputError("queries must be a list (use Client.search for one text)")
+        if len(queries) == 0:
+            raise InvalidInputError("no queries given (pass at least one text or indicator set)")
         if len(queries) and isinstance(queries[0], str):
             indicators = self.encode(list(queries))
         else:

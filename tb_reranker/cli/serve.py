@@ -12,9 +12,9 @@ import argparse
 import asyncio
 import logging
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
+from tb_reranker.auth import read_token_file
 from tb_reranker.errors import InvalidInputError
 
 __all__ = ["register", "run"]
@@ -43,6 +43,8 @@ _SERVER_FLAGS: dict[str, str] = {
     "dtype": "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16",
     "grace_s": "seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
     "io_threads": "threads for Milvus calls (default 4)",
+    "max_filter_chars": "characters of a Search filter expression (default 16384)",
+    "max_filter_depth": "nested brackets in a Search filter expression (default 32)",
 }
 
 _SETTINGS_FLAGS: dict[str, str] = {
@@ -71,7 +73,10 @@ def register(subparsers: Any) -> None:
             "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text
         )
     parser.add_argument(
-        "--token-file", default=None, help="read the bearer token from this file (first line)"
+        "--token-file",
+        default=None,
+        help="read the bearer token from this file (its one non-blank line; an empty file is "
+        "an error)",
     )
     batching = parser.add_mutually_exclusive_group()
     batching.add_argument(
@@ -96,11 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from tb_reranker.server.config import ServerConfig
 
     overrides = {name: getattr(args, name, None) for name in (*_SERVER_FLAGS, "batching")}
-    if args.token_file:
-        try:
-            overrides["token"] = Path(args.token_file).read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            raise InvalidInputError(f"cannot read a token from {args.token_file}: {exc}") from None
+    if args.token_file is not None:
+        if overrides.get("token") is not None:
+            raise InvalidInputError("give --token or --token-file, not both")
+        overrides["token"] = read_token_file(args.token_file)
     config = ServerConfig.from_env(**overrides)
     settings = Settings.from_env(**{name: getattr(args, name, None) for name in _SETTINGS_FLAGS})
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token and config.tls):

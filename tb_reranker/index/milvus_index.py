@@ -39,20 +39,35 @@ _BATCH = 1000  # rows per upsert / ids per get/delete request
 _MAX_LIMIT = 16384  # Milvus topk / query limit
 
 
+# MilvusException codes that mean "the request is malformed" (the caller's fault, not Milvus's):
+# 1100 ParameterInvalid (server 2.3+); 5 IllegalArgument (legacy ErrorCode); 6 is what Milvus
+# Lite 3.x sends for a filter it cannot parse or type-check ("unterminated string literal at
+# column 7", "expected ')'", "comparison between incompatible types").
+_INVALID_INPUT_CODES = frozenset({5, 6, 1100})
+
+
 def _is_invalid_input(exc: Exception) -> bool:
-    from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
+    from pymilvus.exceptions import (
+        DataNotMatchException,
+        DataTypeNotMatchException,
+        MilvusException,
+        ParamError,
+    )
 
     if isinstance(exc, ParamError | DataNotMatchException | DataTypeNotMatchException):
         return True
     code = getattr(exc, "code", None)
+    if isinstance(exc, MilvusException) and code in _INVALID_INPUT_CODES:
+        return True
     text = str(exc).lower()
-    return code == 1100 or any(
+    return any(
         marker in text
         for marker in (
             "cannot parse expression",
             "invalid expression",
             "failed to create query plan",
             "unexpected token",
+            "unterminated string",
             "syntax error",
             "parse",
         )

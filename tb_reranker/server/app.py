@@ -25,12 +25,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from tb_reranker.errors import InvalidInputError, TBError
-from tb_reranker.server.backend import Backend, Components
+from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError, TBError
+from tb_reranker.server.backend import Backend, Components, SearchDisabledError
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
+    DecodeGuardInterceptor,
     MetricsInterceptor,
 )
 from tb_reranker.server.metrics import ServerMetrics
@@ -85,11 +86,14 @@ class TBServer:
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
+        quiet_pymilvus_tracebacks()
         config = self.config
         interceptors: list[aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if config.token:
             interceptors.append(AuthInterceptor(config.token))
         interceptors.append(self.limiter)
+        # innermost: its never-failing request deserialiser is the one every outer wrapper copies
+        interceptors.append(DecodeGuardInterceptor())
         server = aio.server(
             interceptors=interceptors,
             options=[
@@ -109,15 +113,29 @@ class TBServer:
         for name in ("", *SERVICE_NAMES.values()):
             await self.health.set(name, NOT_SERVING)
         address = _address(config.host, config.port)
-        if config.tls:
-            self.port = server.add_secure_port(address, _server_credentials(config))
-        else:
-            self.port = server.add_insecure_port(address)
+        # every port first: gRPC core would log its own error, and nothing starts half-way
+        _check_port_free(config.host, config.port, "gRPC")
+        _check_port_free(config.host, config.http_port, "HTTP")
+        _check_port_free(config.host, config.metrics_port, "metrics")
+        try:
+            if config.tls:
+                self.port = server.add_secure_port(address, _server_credentials(config))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise InvalidInputError(f"cannot bind gRPC to {address}")
+            raise InvalidInputError(
+                f"cannot bind gRPC to {address}: the port is in use or the address is not one "
+                "of this machine's (choose another --port / --host)"
+            )
         await server.start()
         self._server = server
-        await self._start_http()
+        try:
+            await self._start_http()
+        except BaseException:
+            await self.stop(0)
+            raise
         log.info(
             "tb serve: gRPC on %s:%d (%s%s), batching %s",
             config.host,
@@ -152,9 +170,15 @@ class TBServer:
     async def _run_app(self, app: Any, port: int, ssl_context: Any, web: Any) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, port, ssl_context=ssl_context)
-        await site.start()
         self._runners.append(runner)
+        site = web.TCPSite(runner, self.config.host, port, ssl_context=ssl_context)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot bind HTTP to {_address(self.config.host, port)}: "
+                f"{exc.strerror or exc} (choose another port)"
+            ) from None
         return int(runner.addresses[-1][1]) if runner.addresses else port
 
     async def _load_in_background(self) -> None:
@@ -182,23 +206,46 @@ class TBServer:
             await self._connect_index_until_ready()
 
     async def _connect_index_until_ready(self) -> None:
+        """Open the collection, retrying; Search stays NOT_SERVING until it is there.
+
+        A missing Lite database or collection, or another model's collection, is reported to
+        Search callers as FAILED_PRECONDITION with the reason (it will not heal by retrying the
+        call, but an ingest may create it, so the server keeps looking); a Milvus that does not
+        answer is UNAVAILABLE. Each new reason is logged once.
+        """
         loop = asyncio.get_running_loop()
         assert self._connect_index is not None
+        last_reason = None
         while True:
             try:
                 index = await loop.run_in_executor(None, self._connect_index)
             except Exception as exc:
-                self.backend.index_error = str(exc)
-                log.warning(
-                    "tb serve: Milvus not reachable (%s); Search stays NOT_SERVING, retrying in %.0f s",
-                    exc,
+                reason = str(exc)
+                if isinstance(exc, NotFoundError | ModelMismatchError):
+                    self.backend.index_failure = (
+                        exc
+                        if isinstance(exc, ModelMismatchError)
+                        else SearchDisabledError(f"Search is not serving: {reason}")
+                    )
+                    what = "Milvus collection unusable"
+                else:
+                    self.backend.index_failure = None
+                    what = "Milvus not reachable"
+                self.backend.index_error = reason
+                log.log(
+                    logging.WARNING if reason != last_reason else logging.DEBUG,
+                    "tb serve: %s (%s); Search stays NOT_SERVING, retrying every %.0f s",
+                    what,
+                    reason,
                     self._index_retry_s,
                 )
+                last_reason = reason
                 await asyncio.sleep(self._index_retry_s)
                 continue
             assert self.backend.components is not None
             self.backend.components.index = index
             self.backend.index_error = None
+            self.backend.index_failure = None
             log.info("tb serve: Milvus collection ready, Search is serving")
             await self._set_milvus_status(True)
             return
@@ -243,6 +290,53 @@ class TBServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(0)
+
+
+class _NoPymilvusTraceback(logging.Filter):
+    """pymilvus logs every failed call at ERROR with its own traceback in the message text, a
+    caller's malformed filter included. The sidecar maps and logs those failures itself; keep
+    pymilvus's first line, at WARNING, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\nTraceback:" in message:
+            record.msg = message.split("\nTraceback:", 1)[0]
+            record.args = None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_PYMILVUS_FILTER = _NoPymilvusTraceback()
+
+
+def quiet_pymilvus_tracebacks() -> None:
+    """Install the filter on pymilvus's call logger (once; idempotent)."""
+    logger = logging.getLogger("pymilvus.decorators")
+    if _PYMILVUS_FILTER not in logger.filters:
+        logger.addFilter(_PYMILVUS_FILTER)
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """``InvalidInputError`` when ``host:port`` is taken (port 0 is always free, -1 is off)."""
+    import socket
+
+    if port <= 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot bind {what} to {host}: {exc.strerror or exc}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise InvalidInputError(
+                f"cannot bind {what} to {_address(host, port)}: {exc.strerror or exc} "
+                "(another process holds the port? choose another one)"
+            ) from None
 
 
 def _address(host: str, port: int) -> str:
@@ -307,15 +401,39 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
 
 
 def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> ConnectIndexFn:
+    """Opens the configured collection, never creating anything: a Lite database file that is
+    not there, or a collection that does not exist, is ``NotFoundError`` (the sidecar only
+    reads; ``tb ingest`` creates them)."""
+
     def connect() -> VideoIndex:
+        from milvus_setup.schema import is_lite_uri
         from tb_reranker.index import VideoIndex
 
-        return VideoIndex(
-            settings.milvus_uri,
+        uri = settings.milvus_uri
+        if is_lite_uri(uri):
+            path = Path(uri.removeprefix("file://")).expanduser()
+            if not path.is_file():
+                raise NotFoundError(
+                    f"Milvus Lite database {path} does not exist (ingest videos into it first, "
+                    "or point --milvus-uri at an existing database)"
+                )
+        index = VideoIndex(
+            uri,
             token=settings.milvus_token,
             collection=settings.collection,
             fingerprint=fingerprint(),
         )
+        try:
+            if not index.exists():
+                raise NotFoundError(
+                    f"Milvus collection {settings.collection!r} does not exist at {uri} "
+                    "(ingest videos into it first, or choose --collection)"
+                )
+            index.count()  # checks the dimension and the model fingerprint, loads the collection
+        except BaseException:
+            index.close()
+            raise
+        return index
 
     return connect
 
@@ -349,7 +467,7 @@ async def serve(
     if install_signal_handlers:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    await server.start()  # cleans up after itself when a port cannot be bound
     if on_started is not None:
         on_started(server)
     try:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from tb_reranker.errors import (
     RerankerUnavailableError,
     TBError,
 )
+from tb_reranker.filters import check_filter
 from tb_reranker.server.batcher import BatchInfo, MicroBatcher
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.metrics import ServerMetrics
@@ -39,6 +41,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Backend", "Components", "RerankItem", "SearchDisabledError"]
 
 log = logging.getLogger(__name__)
+
+# the frame store's id rule (tb_reranker.index.store.VIDEO_ID_PATTERN), without importing it
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+
+# largest |broad score| a caller may send: far beyond any similarity, small enough that
+# S = S' + delta stays finite and exact enough to order
+MAX_BROAD_SCORE_ABS = 1e12
 
 
 @dataclass
@@ -74,6 +83,9 @@ class Backend:
         self.components: Components | None = None
         self.fingerprint = ""
         self.index_error: str | None = None  # why Milvus is not connected (None: not tried/ok)
+        # a non-transient reason Search cannot serve (missing database or collection, another
+        # model's collection): raised as is instead of "not reachable yet"
+        self.index_failure: TBError | None = None
         self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="tb-device")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="tb-io")
 
@@ -172,6 +184,8 @@ class Backend:
 
     def check_indicators(self, indicators: np.ndarray) -> np.ndarray:
         """``[m, D]`` or ``[1, m, D]`` finite float32 matching the model → ``[m, D]``."""
+        from tb_reranker.rerank import MAX_INDICATOR_ABS
+
         model = self.reranker.model
         m, dim = int(model.num_indicators), int(model.embed_dim)
         array = np.asarray(indicators, dtype=np.float32)
@@ -184,6 +198,11 @@ class Backend:
             )
         if not np.isfinite(array).all():
             raise InvalidInputError("indicators contain NaN or infinity")
+        if array.size and float(np.abs(array).max()) > MAX_INDICATOR_ABS:
+            raise InvalidInputError(
+                f"indicator values must lie in [-{MAX_INDICATOR_ABS:g}, {MAX_INDICATOR_ABS:g}] "
+                "(Encode gives L2-normalised rows); larger ones overflow the scores"
+            )
         return array
 
     def check_candidates(
@@ -198,6 +217,11 @@ class Backend:
             )
         if any(not isinstance(i, str) or not i for i in ids):
             raise InvalidInputError("candidate ids must be non-empty strings")
+        bad = next((i for i in ids if not _VALID_ID.fullmatch(i) or ".." in i), None)
+        if bad is not None:  # refused here, before it can fail a whole batch of other calls
+            from tb_reranker.index.store import validate_video_id
+
+            validate_video_id(bad)  # raises with the rule spelled out
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             dupes = sorted({i for i in ids if i in seen or seen.add(i)})
@@ -212,6 +236,10 @@ class Backend:
             )
         if not all(math.isfinite(s) for s in scores):
             raise InvalidInputError("broad scores contain NaN or infinity")
+        if any(abs(s) > MAX_BROAD_SCORE_ABS for s in scores):
+            raise InvalidInputError(
+                f"broad scores must lie in [-{MAX_BROAD_SCORE_ABS:g}, {MAX_BROAD_SCORE_ABS:g}]"
+            )
         return ids, scores
 
     def check_top_n(self, top_n: int | None) -> int | None:
@@ -265,6 +293,9 @@ class Backend:
         """Milvus broad search (+ rerank) for one query, on the I/O pool."""
         reranker = self.reranker
         index = self.components.index if self.components is not None else None
+        if index is None and self.index_failure is not None:
+            failure = self.index_failure  # e.g. the collection does not exist: a clear reason
+            raise type(failure)(failure.message)  # a fresh instance per call
         if index is None and self.index_error is not None:
             raise IndexBackendError(
                 f"Milvus is not reachable yet (the server keeps retrying): {self.index_error}"
@@ -275,6 +306,11 @@ class Backend:
             raise InvalidInputError(
                 f"limit must be in 1..{self.config.max_candidates} (max_candidates), got {limit}"
             )
+        filter = check_filter(
+            filter,
+            max_chars=self.config.max_filter_chars,
+            max_depth=self.config.max_filter_depth,
+        )
         queries: Any
         if isinstance(query, str):
             queries = [self.check_text(query)]
@@ -293,6 +329,9 @@ class Backend:
                         filter=filter or None,
                         max_limit=self.config.max_candidates,
                     )[0]
+                except NotFoundError as exc:  # the collection is gone: the server's problem
+                    log.warning("Search is not serving: %s", exc)
+                    raise SearchDisabledError(f"Search is not serving: {exc}") from exc
                 except TBError:
                     raise
                 except Exception as exc:

@@ -7,9 +7,10 @@ before binding a non-loopback address.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tb_reranker.auth import check_token
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
 
@@ -26,7 +27,8 @@ class ServerConfig:
     port: int = 50051  # gRPC port; 0 = any free port (the bound one is TBServer.port)
     http_port: int = -1  # provider HTTP endpoints (TEI / Cohere / Weaviate); -1 = off, 0 = any
     metrics_port: int = -1  # Prometheus /metrics; -1 = off, 0 = any free port
-    token: str = ""  # bearer token required on every call ("" = no auth); health is exempt
+    # bearer token required on every call ("" = no auth); health is exempt; kept out of repr()
+    token: str = field(default="", repr=False)
     tls_cert: str = ""  # PEM server certificate chain file ("" = plaintext)
     tls_key: str = ""  # PEM private key file of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a cert it signed (mTLS)
@@ -43,14 +45,22 @@ class ServerConfig:
     dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
     grace_s: float = 10.0  # graceful shutdown: in-flight calls get this long to finish
     io_threads: int = 4  # threads for Milvus calls (Search)
+    max_filter_chars: int = 16384  # characters of a Search filter expression
+    max_filter_depth: int = 32  # nested (), [] and {} in a Search filter expression
 
     def __post_init__(self) -> None:
         for name in ("max_candidates", "max_text_chars", "max_texts", "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_concurrency", "max_batch", "io_threads"):
+        for name in ("max_concurrency", "max_batch", "io_threads", "max_filter_chars"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_filter_depth <= 0:
+            raise InvalidInputError(
+                f"max_filter_depth must be positive, got {self.max_filter_depth}"
+            )
+        # a blank token is an error, never "auth off"; a trailing newline is trimmed
+        object.__setattr__(self, "token", check_token(self.token, what="the server token"))
         if self.max_wait_ms < 0 or self.grace_s < 0:
             raise InvalidInputError("max_wait_ms and grace_s must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -42,6 +42,7 @@ from tb_reranker.errors import InvalidInputError, TBError, grpc_status_name
 from tb_reranker.server.backend import Backend, RerankItem
 from tb_reranker.server.interceptors import ConcurrencyLimitInterceptor, bearer_matches
 from tb_reranker.server.metrics import ServerMetrics
+from tb_reranker.server.scrub import public_message
 
 __all__ = ["build_provider_app", "build_metrics_app", "MISSING_SCORE"]
 
@@ -85,6 +86,70 @@ async def scored_documents(
     seen = {index for index, _ in ranked}
     ranked.extend((n, MISSING_SCORE) for n in range(len(documents)) if n not in seen)
     return ranked[:top_n] if top_n else ranked
+
+
+class BodyError(Exception):
+    """A request body we cannot read: answered with ``status`` and a JSON error."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+_JSON_TYPES = ("application/json", "text/json", "text/plain")
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """A request body → its JSON object, or :class:`BodyError` (415 / 400), never anything else.
+
+    JSON is UTF-8 (RFC 8259); a declared charset other than UTF-8 is 415, as is a non-JSON
+    media type (an absent Content-Type is accepted). Invalid UTF-8, invalid JSON, ``NaN`` /
+    ``Infinity``, nesting deeper than the parser allows and a non-object top level are 400.
+    """
+    if content_type:
+        media, _, params = content_type.partition(";")
+        media = media.strip().lower()
+        if media not in _JSON_TYPES and not media.endswith("+json"):
+            raise BodyError(
+                415,
+                f"send JSON (Content-Type: application/json), not {media!r}",
+                "UnsupportedMediaType",
+            )
+        for param in params.split(";"):
+            key, _, value = param.partition("=")
+            charset = value.strip().strip('"').lower()
+            if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+                raise BodyError(
+                    415, f"JSON bodies are UTF-8, not charset={charset!r}", "UnsupportedMediaType"
+                )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BodyError(400, f"the body is not UTF-8 (byte {exc.start})", "Validation") from None
+    try:
+        body = json.loads(text, parse_constant=_constant)
+    except RecursionError:
+        raise BodyError(400, "the body nests JSON too deeply", "Validation") from None
+    except ValueError as exc:  # JSONDecodeError and the NaN/Infinity refusal
+        raise BodyError(400, f"the body is not valid JSON: {exc}", "Validation") from None
+    if not isinstance(body, dict):
+        raise BodyError(400, "the body must be a JSON object", "Validation")
+    return body
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{key!r} must be true or false, got {type(value).__name__}")
+    return value
 
 
 def _documents(body: dict[str, Any], key: str) -> list[str]:
@@ -139,14 +204,27 @@ def build_provider_app(
             response = await handler(request)
             return response
         except web.HTTPException as exc:
-            response = exc
-            raise
-        except json.JSONDecodeError as exc:
-            response = _error(400, f"the body is not valid JSON: {exc}", "Validation")
+            if exc.status < 400:
+                response = exc
+                raise
+            # aiohttp's own refusals (413 body too large, 404, 405) as JSON like ours
+            response = _error(exc.status, exc.reason, type(exc).__name__.removeprefix("HTTP"))
+            return response
+        except BodyError as exc:
+            response = _error(exc.status, exc.message, exc.kind)
             return response
         except TBError as exc:
             name = grpc_status_name(exc)
-            response = _error(_HTTP_STATUS.get(name, 500), str(exc), name)
+            status = _HTTP_STATUS.get(name, 500)
+            log.log(
+                logging.DEBUG if status < 500 and status != 412 else logging.WARNING,
+                "%s %s: %s: %s",
+                request.method,
+                request.path,
+                type(exc).__name__,
+                exc,
+            )
+            response = _error(status, public_message(exc), name)
             return response
         except Exception:
             log.exception("internal error in %s %s", request.method, request.path)
@@ -160,10 +238,7 @@ def build_provider_app(
                 metrics.http_requests.labels(route, str(status)).inc()
 
     async def read_json(request: web.Request) -> dict[str, Any]:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise InvalidInputError("the body must be a JSON object")
-        return body
+        return parse_body(await request.read(), request.headers.get("Content-Type"))
 
     async def rerank(request: web.Request) -> web.Response:
         """TEI (``texts``) or Weaviate (``documents``), told apart by the body's keys."""
@@ -174,8 +249,8 @@ def build_provider_app(
             )
         if "texts" in body:
             texts = _documents(body, "texts")
+            return_text = _flag(body, "return_text")
             ranked = await scored_documents(backend, body.get("query"), texts)
-            return_text = bool(body.get("return_text", False))
             return web.json_response(
                 [
                     {"index": n, "score": score, **({"text": texts[n]} if return_text else {})}
@@ -204,8 +279,8 @@ def build_provider_app(
     async def cohere_rerank(request: web.Request) -> web.Response:
         body = await read_json(request)
         documents = _documents(body, "documents")
+        return_documents = _flag(body, "return_documents")
         ranked = await scored_documents(backend, body.get("query"), documents, _top_n(body))
-        return_documents = bool(body.get("return_documents", False))
         return web.json_response(
             {
                 "id": str(uuid.uuid4()),

@@ -9,6 +9,7 @@ orchestrators can probe without credentials.
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,8 @@ from grpc import aio
 from tb_reranker.server.metrics import ServerMetrics
 
 __all__ = [
+    "DecodeGuardInterceptor",
+    "Undecodable",
     "MetricsInterceptor",
     "AuthInterceptor",
     "ConcurrencyLimitInterceptor",
@@ -81,6 +84,88 @@ def _method_name(full: str) -> str:
     """'/tb_reranker.v1.RerankService/Rerank' -> 'RerankService/Rerank'."""
     service, _, method = full.lstrip("/").rpartition("/")
     return f"{service.rsplit('.', 1)[-1]}/{method}"
+
+
+class Undecodable:
+    """Stands in for a request whose bytes did not parse (see :class:`DecodeGuardInterceptor`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class DecodeGuardInterceptor(aio.ServerInterceptor):
+    """Undecodable request bytes become INVALID_ARGUMENT, not UNKNOWN plus a traceback.
+
+    grpc.aio deserialises a request just before it runs the handler, and a deserialiser that
+    raises makes it log a traceback and answer UNKNOWN: one log flood per garbage call, even
+    unauthenticated. This interceptor, placed innermost, gives every unary-request handler a
+    deserialiser that never raises (it returns an :class:`Undecodable`) and answers such a
+    request with INVALID_ARGUMENT once the outer interceptors (auth first) let it through. Each
+    method is logged once at warning level, later ones at debug level.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+
+    def _note(self, method: str, reason: str) -> None:
+        level = logging.DEBUG if method in self._warned else logging.WARNING
+        self._warned.add(method)
+        log.log(level, "undecodable request to %s (%s); answered INVALID_ARGUMENT", method, reason)
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        if not (handler.unary_unary or handler.unary_stream):
+            return handler  # streamed requests are read by the servicer itself
+        deserialize = handler.request_deserializer
+        method = details.method
+        message = f"the request is not a valid protobuf message for {method}"
+
+        def safe_deserialize(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as exc:  # noqa: BLE001 - DecodeError, or anything odd in the bytes
+                return Undecodable(f"{type(exc).__name__}: {exc}")
+
+        kwargs = {
+            "request_deserializer": safe_deserialize,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            behavior = handler.unary_unary
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    self._note(method, request.reason)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        stream_behavior = handler.unary_stream
+        if inspect.isasyncgenfunction(stream_behavior):
+
+            async def streaming(request: Any, context: aio.ServicerContext) -> Any:
+                if isinstance(request, Undecodable):
+                    self._note(method, request.reason)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                async for item in stream_behavior(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
+
+        async def writing(request: Any, context: aio.ServicerContext) -> Any:
+            # a servicer that sends with context.write (grpc_health's Watch)
+            if isinstance(request, Undecodable):
+                self._note(method, request.reason)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return await stream_behavior(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(writing, **kwargs)
 
 
 class MetricsInterceptor(aio.ServerInterceptor):

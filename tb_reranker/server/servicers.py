@@ -34,6 +34,7 @@ from tb_reranker.server.convert import (
     tensor_from_proto,
     tensor_to_proto,
 )
+from tb_reranker.server.scrub import public_message
 
 __all__ = [
     "EncodeServicer",
@@ -57,6 +58,12 @@ SERVICE_NAMES = {
 }
 
 
+# statuses that report the caller's own mistake (logged at debug level only)
+_CALLER_STATUSES = frozenset(
+    {"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "UNAUTHENTICATED", "DEADLINE_EXCEEDED"}
+)
+
+
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Deadline check + one error-to-status mapping for every RPC."""
 
@@ -78,11 +85,22 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
         except (aio.AbortError, asyncio.CancelledError):
             raise
         except SearchDisabledError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            log.debug("%s: %s", method.__qualname__, exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, public_message(exc))
         except TBError as exc:
+            status = grpc_status_name(exc)
+            # the full message (paths included) stays in the server log; the caller's own
+            # mistakes are not worth more than a debug line
+            log.log(
+                logging.DEBUG if status in _CALLER_STATUSES else logging.WARNING,
+                "%s: %s: %s",
+                method.__qualname__,
+                type(exc).__name__,
+                exc,
+            )
             await context.abort(
-                grpc.StatusCode[grpc_status_name(exc)],
-                str(exc),
+                grpc.StatusCode[status],
+                public_message(exc),
                 trailing_metadata=((ERROR_TYPE_KEY, type(exc).__name__),),
             )
         except Exception:
@@ -193,7 +211,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
                 rerank=bool(request.rerank),
                 filter=request.filter or None,
             )
-        except IndexBackendError:
+        except (IndexBackendError, SearchDisabledError):
             if self._on_milvus_status is not None:
                 await self._on_milvus_status(False)
             raise
