@@ -417,14 +417,22 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None = None,
         *,
         cand_kv: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> FocusedScores:
         """Broad and focused scores of K candidates per query (METHOD.md §2-3).
 
-        indicators: [B, m, D] (from encode_text); cand_cls: [B, K, D]; cand_tokens:
-        [B, K, T', D] or cand_kv: [B, K, n_blocks, 2, T', D] (stacked ``project_candidates``);
-        cand_mask: [B, K] bool (False = padding) or None.
+        indicators: [B, m, D] (from encode_text); cand_tokens: [B, K, T', D] or cand_kv:
+        [B, K, n_blocks, 2, T', D] (stacked ``project_candidates``, any strides); cand_cls:
+        [B, K, D]; cand_mask: [B, K] bool (False = padding) or None.
         broad = cos(I_1, cls); final = broad + delta.
+
+        ``validate=False`` skips the input checks, for callers that built the inputs themselves
+        (the ``Reranker`` hot path): float32 tensors of the shapes above, finite, ``cand_kv``
+        made by this model's ``project_candidates``, ``cand_mask`` bool on the model's device.
+        Anything else then gives wrong scores or a torch error, not an ``InvalidInputError``.
         """
+        if not validate:
+            return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
         indicators = _as_float_tensor("indicators", indicators, 3, "[B, m, D]")
         cand_cls = _as_float_tensor("cand_cls", cand_cls, 3, "[B, K, D]")
         self._check_width("indicators", indicators)
@@ -466,9 +474,9 @@ class TokenBinder(nn.Module):
             self._check_width("cand_kv", cand_kv)
             self._check_tokens_count("cand_kv", cand_kv.shape[4])
         cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
-        return self._focused_scores_unchecked(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
+        return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
 
-    def _focused_scores_unchecked(
+    def _focused_scores(
         self,
         indicators: torch.Tensor,
         cand_cls: torch.Tensor,
@@ -476,9 +484,7 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None,
         cand_kv: torch.Tensor | None,
     ) -> FocusedScores:
-        """``focused_scores`` without the input checks, for callers that built the inputs
-        themselves (the ``Reranker`` hot path: float32 tensors of the right shapes, finite
-        cached K/V made by this model's ``project_candidates``, ``cand_mask`` bool)."""
+        """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
         batch_size, num_candidates, _ = cand_cls.shape
         device = self.device
         indicators = indicators.to(device)
