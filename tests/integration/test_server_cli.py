@@ -12,6 +12,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tb_reranker.model import save_checkpoint
 from tb_reranker.remote import RemoteReranker
 from tb_reranker.server.testing import build_tiny_components
 
@@ -33,7 +34,7 @@ def _wait_for(process: subprocess.Popen, pattern: str, lines: list[str], timeout
 
 def test_tb_serve_process(tmp_path):
     components, ids = build_tiny_components(tmp_path, num_videos=8)
-    components.reranker.model.save(tmp_path / "checkpoint")
+    save_checkpoint(components.reranker.model, tmp_path / "checkpoint")
     components.reranker.store.close()
     env = dict(os.environ)
     env.update(
