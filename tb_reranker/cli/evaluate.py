@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from tb_reranker.evaluate import evaluate, format_table, plot_recall_curves
     from tb_reranker.model import load_checkpoint
+    from tb_reranker.training.evaluate import evaluate, format_table, plot_recall_curves
     from tb_reranker.training.features import load_video_captions
 
     resolve_env(args, EVAL_OPTIONS)

@@ -103,10 +103,10 @@ def ablate(
     Row: ``{"indicators", "top_k", "fusion_blocks", "head", "checkpoint", "seconds",
     "t2v": {"broad": metrics, "reranked": metrics}, "v2t": {...}}``.
     """
-    from tb_reranker.evaluate import evaluate
     from tb_reranker.model import load_checkpoint
-    from tb_reranker.train import TrainConfig, train
+    from tb_reranker.training.evaluate import evaluate
     from tb_reranker.training.features import load_video_captions
+    from tb_reranker.training.loop import TrainConfig, train
 
     sweep = DEFAULT_SWEEP if sweep is None else sweep
     out_dir = Path(out_dir)

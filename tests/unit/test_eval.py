@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from tb_reranker.cli import main
-from tb_reranker.evaluate import evaluate, format_table
 from tb_reranker.model import TokenBinder, TokenBinderConfig, load_checkpoint
-from tb_reranker.train import TrainConfig, train
+from tb_reranker.training import TrainConfig, evaluate, format_table, train
 from tb_reranker.training.ablation import parse_sweep
 from tb_reranker.training.features import (
     VideoCaptionSet,

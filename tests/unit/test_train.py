@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
 from tb_reranker.model import load_checkpoint
-from tb_reranker.train import TrainConfig, train, train_synthetic
+from tb_reranker.training import TrainConfig, train, train_synthetic
 from tb_reranker.training.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
