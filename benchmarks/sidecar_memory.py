@@ -80,9 +80,10 @@ def build_model(kind: str) -> Any:
 def prepare(workdir: Path, kind: str, num_videos: int, seed: int) -> tuple[Any, list[str]]:
     """Checkpoint at ``workdir/ckpt`` and store at ``workdir/frames``; returns (model, ids)."""
     from tb_reranker.index import FrameRecord, open_store
+    from tb_reranker.model import save_checkpoint
 
     model = build_model(kind)
-    model.save(workdir / "ckpt")
+    save_checkpoint(model, workdir / "ckpt")
     rng = np.random.default_rng(seed)
     frames, dim = int(model.num_frames), int(model.embed_dim)
     ids = [f"vid-{n:06d}" for n in range(num_videos)]

@@ -42,7 +42,7 @@ class Client:
         token: Milvus token (``user:password`` or API key).
         collection: collection name.
         store: frame-token store: a directory or ``s3://bucket/prefix``.
-        checkpoint: TokenBinder checkpoint directory (``TokenBinder.save`` output).
+        checkpoint: TokenBinder checkpoint directory (``save_checkpoint`` output).
         reranker: ``"local"`` (in-process) or ``"host:port"`` of a ``tb serve`` sidecar.
         reranker_token: bearer token for the sidecar.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
@@ -108,9 +108,9 @@ class Client:
                     f"no TokenBinder checkpoint at {path} (train one with `tb train`, "
                     "or run `tb demo`, or pass checkpoint=...)"
                 )
-            from tb_reranker.model import TokenBinder
+            from tb_reranker.model import load_checkpoint, resolve_device
 
-            self._model = TokenBinder.load(path, device=_device(self.settings.device))
+            self._model = load_checkpoint(path, device=resolve_device(self.settings.device))
         return self._model
 
     @property
@@ -335,11 +335,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

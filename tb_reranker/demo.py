@@ -47,7 +47,7 @@ def run_demo(
     """Run the demo; print a readable account through ``out``; return the figures."""
     from tb_reranker.client import Client
     from tb_reranker.data import load_dataset
-    from tb_reranker.train import train_synthetic
+    from tb_reranker.training import train_synthetic
     from tb_reranker.video.synth import generate
 
     root = Path(config.data_dir)

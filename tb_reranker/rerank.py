@@ -590,12 +590,12 @@ class Reranker:
         active = batch["active"]
         with torch.inference_mode():
             # inputs built and checked here (finite indicators, this model's own cached K/V)
-            scores = self.model._focused_scores_unchecked(
+            scores = self.model.focused_scores(
                 queries[active] if len(active) < queries.shape[0] else queries,
                 batch["cand_cls"],
-                None,
-                batch["cand_mask"],
-                batch["cand_kv"],
+                cand_mask=batch["cand_mask"],
+                cand_kv=batch["cand_kv"],
+                validate=False,
             )
         deltas = scores.delta.float().cpu().numpy()  # [B, K]
         attention = getattr(scores, "frame_attention", None)

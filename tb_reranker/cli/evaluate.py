@@ -80,8 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from tb_reranker.evaluate import evaluate, format_table, plot_recall_curves
-    from tb_reranker.model import TokenBinder
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.training.evaluate import evaluate, format_table, plot_recall_curves
     from tb_reranker.training.features import load_video_captions
 
     resolve_env(args, EVAL_OPTIONS)
@@ -93,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise NotFoundError(f"checkpoint directory {args.checkpoint} does not exist")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = TokenBinder.load(args.checkpoint, device=None if args.device == "auto" else args.device)
+    model = load_checkpoint(args.checkpoint, device=args.device)
     dataset = load_video_captions(args.dataset, args.data, args.split)
     result = evaluate(
         model,

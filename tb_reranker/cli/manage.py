@@ -71,9 +71,9 @@ def _model_facts(settings: Any, args: argparse.Namespace) -> tuple[int | None, s
         from pathlib import Path
 
         if (Path(settings.checkpoint) / "config.json").exists():
-            from tb_reranker.model import TokenBinder
+            from tb_reranker.model import load_checkpoint
 
-            model = TokenBinder.load(settings.checkpoint, device="cpu")
+            model = load_checkpoint(settings.checkpoint, device="cpu")
             dim = model.embed_dim if dim is None else dim
             fingerprint = model.fingerprint() if fingerprint is None else fingerprint
     return dim, fingerprint

@@ -175,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tb_reranker.train import TrainConfig, train
+    from tb_reranker.training import TrainConfig, train
 
     resolve_env(args, TRAIN_OPTIONS)
     if not args.data:

@@ -1,10 +1,11 @@
 """TokenBinder model core: CLIP encoders with query indicators, focused-view fusion, losses.
 
-Pure torch (open_clip for the towers); the only I/O is ``TokenBinder.save`` / ``load``.
+Pure torch (open_clip for the towers); the only I/O is ``save_checkpoint`` / ``load_checkpoint``.
 
 >>> cfg = TokenBinderConfig.tiny()
 >>> model = TokenBinder(cfg).eval()
 >>> indicators = model.encode_text(["a red cube then a blue ball"])  # [1, m, D]
+>>> save_checkpoint(model, "ckpt"); model = load_checkpoint("ckpt", device="auto")
 """
 
 from tb_reranker.model.checkpoint import load_checkpoint, save_checkpoint
@@ -17,7 +18,8 @@ from tb_reranker.model.losses import (
     select_candidates,
     tokenbinder_loss,
 )
-from tb_reranker.model.tokenbinder import TokenBinder, resolve_device
+from tb_reranker.model.precision import resolve_device
+from tb_reranker.model.tokenbinder import TokenBinder
 
 __all__ = [
     "TokenBinder",

@@ -13,14 +13,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from tb_reranker.errors import CheckpointError, InvalidInputError, NotFoundError
-
-if TYPE_CHECKING:
-    from tb_reranker.model.tokenbinder import TokenBinder
+from tb_reranker.model.config import TokenBinderConfig
+from tb_reranker.model.precision import resolve_device
+from tb_reranker.model.tokenbinder import TokenBinder
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "FORMAT", "save_checkpoint", "load_checkpoint"]
 
@@ -94,9 +94,6 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from tb_reranker.model.config import TokenBinderConfig
-    from tb_reranker.model.tokenbinder import TokenBinder, resolve_device
 
     directory = Path(directory)
     if not directory.is_dir():

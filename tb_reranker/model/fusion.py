@@ -24,7 +24,7 @@ from torch import nn
 
 __all__ = ["FocusedScores", "FocusedFusion", "CrossAttentionBlock"]
 
-_FEW_CANDIDATES = 32  # B*K up to which the eval path uses one block-diagonal bmm over heads
+_FEW_CANDIDATES = 32  # B*K up to which all heads go in one block-diagonal bmm
 
 
 @dataclass
@@ -86,42 +86,105 @@ class CrossAttentionBlock(nn.Module):
     def forward(
         self,
         queries: torch.Tensor,
-        kv: torch.Tensor,
-        tokens_mask: torch.Tensor | None,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cand_mask: torch.Tensor | None = None,
+        *,
         tau: float = 1.0,
         gumbel_scale: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One block.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block: the queries attend jointly over the K candidates' T' tokens.
 
-        queries: [B, Q, D]; kv: [B, 2, S, D] (S = K·T'); tokens_mask: [B, S] bool (True = real)
-        tau: softmax temperature; gumbel_scale: multiplier of the Gumbel noise added to the
-        logits first (Gumbel-Softmax; 0 = deterministic softmax).
-        returns (queries [B, Q, D], attention [B, H, Q, S], values [B, H, S, D/H])
+        queries: [B, Q, D]; keys, values: [B, K, T', D] (read in place: a strided view of the
+        cached K/V is fine); cand_mask: [B, K] bool (True = real) or None. tau: softmax
+        temperature; gumbel_scale: multiplier of the Gumbel noise added to the scaled logits
+        first (Gumbel-Softmax; 0 = deterministic softmax).
+
+        The attended values are computed per candidate: with ``mass_k`` the attention that went
+        to candidate k and ``summary_k`` the values averaged by the attention renormalised within
+        k, ``attention @ values = sum_k mass_k * summary_k``; the symmetric head reuses both.
+        returns (queries [B, Q, D], attention [B, H, Q, K, T'], mass [B, H, Q, K],
+        summary [B, K, Q, D] (heads concatenated))
         """
-        batch_size, num_queries, _ = queries.shape
-        num_tokens = kv.shape[2]
+        batch_size, num_candidates, num_tokens, width = keys.shape
+        num_queries, heads, head_dim = queries.shape[1], self.heads, self.head_dim
+        few = batch_size * num_candidates <= _FEW_CANDIDATES
         q = self.q_proj(self.ln_q(queries))  # [B, Q, D]
-        q = q.view(batch_size, num_queries, self.heads, self.head_dim).transpose(1, 2)
-        k = kv[:, 0].view(batch_size, num_tokens, self.heads, self.head_dim).transpose(1, 2)
-        v = kv[:, 1].view(batch_size, num_tokens, self.heads, self.head_dim).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B, H, Q, S]
+        q = q.view(batch_size, num_queries, heads, head_dim).transpose(1, 2)  # [B, H, Q, d]
+        keys = keys.reshape(batch_size, num_candidates * num_tokens, width)  # [B, K*T', D]
+        logits = _head_logits(q, keys, few)  # [B, H, Q, K*T']
+        logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
+        logits = logits / math.sqrt(head_dim)
         if gumbel_scale > 0:
             logits = logits + gumbel_scale * gumbel_like(logits)
         logits = logits / tau
-        if tokens_mask is not None:
-            keep = tokens_mask[:, None, None, :]  # [B, 1, 1, S]
+        any_real = None
+        if cand_mask is not None:
+            keep = cand_mask[:, None, None, :, None]  # [B, 1, 1, K, 1]
+            any_real = cand_mask.any(dim=1).view(batch_size, 1, 1, 1, 1)
             logits = logits.masked_fill(~keep, float("-inf"))
-            # a row with no real token at all would give NaN: give it zero attention instead
-            any_real = keep.any(dim=-1, keepdim=True)
+            # a query with no real candidate at all would give NaN: zero attention instead
             logits = torch.where(any_real, logits, torch.zeros_like(logits))
-            attention = torch.softmax(logits, dim=-1) * any_real
-        else:
-            attention = torch.softmax(logits, dim=-1)  # [B, H, Q, S]
-        attended = attention @ v  # [B, H, Q, D/H]
-        attended = attended.transpose(1, 2).reshape(batch_size, num_queries, self.width)
+        flat = logits.view(batch_size, heads, num_queries, num_candidates * num_tokens)
+        attention = torch.softmax(flat, dim=-1).view_as(logits)  # [B, H, Q, K, T']
+        if any_real is not None:
+            attention = attention * any_real
+        mass = attention.sum(dim=-1)  # [B, H, Q, K]
+        within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
+        within = within.permute(0, 3, 1, 2, 4).reshape(
+            batch_size * num_candidates, heads, num_queries, num_tokens
+        )
+        values = values.reshape(batch_size * num_candidates, num_tokens, width)
+        summary = _head_summaries(within, values, few)  # [B*K, Q, D]
+        summary = summary.view(batch_size, num_candidates, num_queries, width)
+        weights = mass.permute(0, 3, 2, 1).unsqueeze(-1)  # [B, K, Q, H, 1]
+        per_head = summary.view(batch_size, num_candidates, num_queries, heads, head_dim)
+        attended = (weights * per_head).sum(dim=1).reshape(batch_size, num_queries, width)
         queries = queries + self.out_proj(attended)
         queries = queries + self.mlp(self.ln_mlp(queries))
-        return queries, attention, v
+        return queries, attention, mass, summary
+
+
+def _head_logits(q: torch.Tensor, keys: torch.Tensor, few: bool) -> torch.Tensor:
+    """Per-head dot products: q [B, H, Q, d], keys [B, S, D = H·d] -> [B, H, Q, S] (unscaled).
+
+    Head h's keys are a strided column slice that BLAS reads in place (no re-layout of the large
+    cached keys). With ``few`` candidates one bmm with block-diagonal queries [B, H·Q, D] (head
+    h's q in head h's columns, exact zeros elsewhere) beats H small bmm calls.
+    """
+    batch_size, heads, num_queries, head_dim = q.shape
+    if few:
+        eye = torch.eye(heads, dtype=q.dtype, device=q.device)[None, :, None, :, None]
+        block_queries = (q.unsqueeze(3) * eye).reshape(batch_size, heads * num_queries, -1)
+        logits = torch.bmm(block_queries, keys.transpose(1, 2))  # [B, H*Q, S]
+        return logits.view(batch_size, heads, num_queries, -1)
+    return torch.stack(
+        [
+            torch.bmm(q[:, h], keys[:, :, h * head_dim : (h + 1) * head_dim].transpose(1, 2))
+            for h in range(heads)
+        ],
+        dim=1,
+    )
+
+
+def _head_summaries(within: torch.Tensor, values: torch.Tensor, few: bool) -> torch.Tensor:
+    """Per-candidate, per-head value averages: within [N, H, Q, T'], values [N, T', D = H·d]
+    -> [N, Q, D] (heads concatenated). With ``few`` candidates one bmm over all heads, keeping
+    the diagonal head blocks; else one bmm per head on a strided column slice of the values."""
+    count, heads, num_queries, num_tokens = within.shape
+    head_dim = values.shape[-1] // heads
+    if few:
+        summary = torch.bmm(within.reshape(count, heads * num_queries, num_tokens), values)
+        summary = summary.view(count, heads, num_queries, heads, head_dim)
+        summary = torch.diagonal(summary, dim1=1, dim2=3)  # [N, Q, d, H]
+        return summary.transpose(2, 3).reshape(count, num_queries, heads * head_dim)
+    return torch.stack(
+        [
+            torch.bmm(within[:, h], values[:, :, h * head_dim : (h + 1) * head_dim])
+            for h in range(heads)
+        ],
+        dim=2,
+    ).view(count, num_queries, heads * head_dim)
 
 
 class FocusedFusion(nn.Module):
@@ -132,9 +195,11 @@ class FocusedFusion(nn.Module):
       * ``symmetric``: Δ_k = MLP(features of candidate k) with one shared MLP, where the
         features of k are, per fused indicator q, ``Ĩ_q ⊙ s_{q,k}`` (s = the candidate's
         attended value summary, attention renormalised within k) and ``K_real · mass_{q,k}``
-        (the share of the joint attention that went to k; 1 when uniform over real candidates). Permutation-equivariant when no rank
-        embedding is used.
+        (the share of the joint attention that went to k; 1 when uniform over real candidates).
+        Permutation-equivariant when no rank embedding is used.
     The last layer of either head is zero-initialised: an untrained head gives Δ = 0 exactly.
+    One forward serves training and inference (it is differentiable); the Gumbel noise is only
+    added in training mode.
     """
 
     def __init__(
@@ -187,7 +252,7 @@ class FocusedFusion(nn.Module):
         )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        # inference-only copies of transposed weights (plain attribute: not in the state dict)
+        # no-grad copies of transposed weights (plain attribute: not in the state dict)
         self._transposed: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
     @property
@@ -216,189 +281,70 @@ class FocusedFusion(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ scores and attention.
 
-        queries: [B, Q, D] (indicators I_2..I_m); cand_kv: [B, K, n_blocks, 2, T', D];
-        cand_mask: [B, K] bool or None.
+        queries: [B, Q, D] (indicators I_2..I_m); cand_kv: [B, K, n_blocks, 2, T', D] (read in
+        place: a free view when it is a permuted ``[n_blocks, 2, B*K, T', D]`` gather, as the
+        ``Reranker`` passes it); cand_mask: [B, K] bool or None.
         returns (delta [B, K] (0 at padded candidates), token_attention [B, K, T'])
         """
-        batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
-        if not self.training and not torch.is_grad_enabled():
-            return self._forward_inference(queries, cand_kv, cand_mask)
-        tokens_mask = None
-        if cand_mask is not None:
-            tokens_mask = cand_mask.unsqueeze(-1).expand(-1, -1, num_tokens)
-            tokens_mask = tokens_mask.reshape(batch_size, num_candidates * num_tokens)  # [B, S]
-        attention = values = None
+        num_candidates = cand_kv.shape[1]
+        if self.head_type == "listwise" and num_candidates > self.max_candidates:
+            raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
+        gumbel_scale = self.gumbel_scale if self.training else 0.0
+        attention = mass = summary = None
         for index, block in enumerate(self.blocks):
-            kv = cand_kv[:, :, index]  # [B, K, 2, T', D]
-            if self.rank_embedding is not None:
-                rank = block.rank_kv(self.rank_embedding[:num_candidates])  # [2, K, D]
-                kv = kv + rank.transpose(0, 1).unsqueeze(0).unsqueeze(3)  # [1, K, 2, 1, D]
-            kv = kv.transpose(1, 2).reshape(batch_size, 2, num_candidates * num_tokens, width)
-            queries, attention, values = block(
-                queries,
-                kv,
-                tokens_mask,
-                tau=self.gumbel_tau,
-                gumbel_scale=self.gumbel_scale if self.training else 0.0,
-            )
-        assert attention is not None and values is not None
-        heads = attention.shape[1]
-        # attention [B, H, Q, K*T'] -> per candidate [B, H, Q, K, T']
-        per_candidate = attention.view(batch_size, heads, -1, num_candidates, num_tokens)
-        token_attention = per_candidate.mean(dim=(1, 2))  # [B, K, T']
-        if self.head_type == "listwise":
-            if num_candidates > self.max_candidates:
-                raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
-            delta = self.head(queries.reshape(batch_size, -1))[:, :num_candidates]  # [B, K]
-        else:
-            mass = per_candidate.sum(dim=-1)  # [B, H, Q, K]
-            within = per_candidate / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
-            values_per_candidate = values.view(batch_size, heads, num_candidates, num_tokens, -1)
-            # summary s_{q,k} per head: sum_t within[b,h,q,k,t] * v[b,h,k,t,:]
-            summary = torch.einsum("bhqkt,bhktd->bqkhd", within, values_per_candidate)
-            summary = summary.reshape(batch_size, -1, num_candidates, width)  # [B, Q, K, D]
-            products = queries.unsqueeze(2) * summary  # [B, Q, K, D]
-            if cand_mask is None:
-                real = torch.full((batch_size, 1, 1), float(num_candidates), device=mass.device)
-            else:
-                real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
-            mass_feature = (mass.mean(dim=1) * real).unsqueeze(-1)  # [B, Q, K, 1], uniform = 1
-            features = torch.cat([products, mass_feature], dim=-1)  # [B, Q, K, D+1]
-            features = features.permute(0, 2, 1, 3).reshape(batch_size, num_candidates, -1)
-            delta = self.head(features).squeeze(-1)  # [B, K]
-        if cand_mask is not None:
-            delta = delta.masked_fill(~cand_mask, 0.0)
-        return delta, token_attention
-
-    def _forward_inference(
-        self,
-        queries: torch.Tensor,
-        cand_kv: torch.Tensor,
-        cand_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` without autograd: the same arithmetic, fewer copies (the rerank hot path).
-
-        Taken by ``forward`` in eval mode with autograd off. Keys/values are read in place as
-        ``[B, K*T', D]`` (a free view when ``cand_kv`` is a permuted ``[n_blocks, 2, B*K, T',
-        D]`` gather, as the ``Reranker`` passes it) and each head's slice goes to BLAS as a
-        strided matrix (no per-head re-layout copies); the per-candidate summaries come from
-        batched matmuls over B*K and the attended values are ``sum_k mass_k * summary_k``
-        (= attention @ values). With few candidates (B*K <= ``_FEW_CANDIDATES``) the heads are
-        done in one bmm with block-diagonal operands instead of H small ones. The symmetric
-        head's first linear runs on a cached pre-transposed weight. Same numbers as the autograd
-        path to ~1e-6.
-        queries: [B, Q, D]; cand_kv: [B, K, n_blocks, 2, T', D]; cand_mask: [B, K] bool or None.
-        returns (delta [B, K], token_attention [B, K, T'])
-        """
-        batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
-        num_queries = queries.shape[1]
-        keep = None
-        if cand_mask is not None:
-            keep = cand_mask[:, None, None, :, None]  # [B, 1, 1, K, 1]
-            any_real = cand_mask.any(dim=1).view(batch_size, 1, 1, 1, 1)  # [B, 1, 1, 1, 1]
-        attention = summary = None
-        for index, block in enumerate(self.blocks):
-            heads, head_dim = block.heads, block.head_dim
             keys = cand_kv[:, :, index, 0]  # [B, K, T', D]
             values = cand_kv[:, :, index, 1]  # [B, K, T', D]
             if self.rank_embedding is not None:
                 rank = block.rank_kv(self.rank_embedding[:num_candidates])  # [2, K, D]
                 keys = keys + rank[0][None, :, None, :]
                 values = values + rank[1][None, :, None, :]
-            q = block.q_proj(block.ln_q(queries))  # [B, Q, D]
-            q = q.view(batch_size, num_queries, heads, head_dim).transpose(1, 2)  # [B, H, Q, d]
-            # per head: q_h [B, Q, d] @ k_h^T [B, d, K*T'], k_h a strided column slice of the
-            # keys (BLAS reads it in place: no re-layout of the large cached keys)
-            keys = keys.reshape(batch_size, num_candidates * num_tokens, width)  # [B, K*T', D]
-            small = batch_size * num_candidates <= _FEW_CANDIDATES
-            if small:
-                # few candidates: one bmm with block-diagonal queries [B, H*Q, D] (head h's q in
-                # head h's columns, exact zeros elsewhere) beats H small bmm calls
-                eye = torch.eye(heads, dtype=q.dtype, device=q.device)[None, :, None, :, None]
-                block_queries = (q.unsqueeze(3) * eye).reshape(
-                    batch_size, heads * num_queries, width
-                )
-                logits = torch.bmm(block_queries, keys.transpose(1, 2))  # [B, H*Q, K*T']
-            else:
-                logits = torch.stack(
-                    [
-                        torch.bmm(
-                            q[:, h], keys[:, :, h * head_dim : (h + 1) * head_dim].transpose(1, 2)
-                        )
-                        for h in range(heads)
-                    ],
-                    dim=1,
-                )  # [B, H, Q, K*T']
-            logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
-            logits = logits / math.sqrt(head_dim) / self.gumbel_tau
-            if keep is not None:
-                logits = logits.masked_fill(~keep, float("-inf"))
-                logits = torch.where(any_real, logits, torch.zeros_like(logits))
-            flat = logits.view(batch_size, heads, num_queries, num_candidates * num_tokens)
-            attention = torch.softmax(flat, dim=-1).view_as(logits)  # [B, H, Q, K, T']
-            if keep is not None:
-                attention = attention * any_real
-            mass = attention.sum(dim=-1)  # [B, H, Q, K]
-            within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
-            # summary per candidate and head: within_h [B*K, Q, T'] @ v_h [B*K, T', d]
-            within = within.permute(0, 3, 1, 2, 4).reshape(
-                batch_size * num_candidates, heads, num_queries, num_tokens
+            queries, attention, mass, summary = block(
+                queries, keys, values, cand_mask, tau=self.gumbel_tau, gumbel_scale=gumbel_scale
             )
-            values = values.reshape(batch_size * num_candidates, num_tokens, width)
-            if small:  # one bmm over all heads, keeping the diagonal head blocks
-                summary = torch.bmm(
-                    within.reshape(batch_size * num_candidates, heads * num_queries, num_tokens),
-                    values,
-                ).view(batch_size * num_candidates, heads, num_queries, heads, head_dim)
-                summary = torch.diagonal(summary, dim1=1, dim2=3)  # [B*K, Q, d, H]
-                summary = summary.transpose(2, 3).reshape(
-                    batch_size, num_candidates, num_queries, width
-                )  # [B, K, Q, D], heads concatenated
-            else:
-                summary = torch.stack(
-                    [
-                        torch.bmm(within[:, h], values[:, :, h * head_dim : (h + 1) * head_dim])
-                        for h in range(heads)
-                    ],
-                    dim=2,
-                ).view(batch_size, num_candidates, num_queries, width)  # [B, K, Q, D]
-            # attended [B, Q, D] = sum_k mass_k * summary_k (= attention @ values)
-            weights = mass.permute(0, 3, 2, 1).unsqueeze(-1)  # [B, K, Q, H, 1]
-            per_head = summary.view(batch_size, num_candidates, num_queries, heads, head_dim)
-            attended = (weights * per_head).sum(dim=1).reshape(batch_size, num_queries, width)
-            queries = queries + block.out_proj(attended)
-            queries = queries + block.mlp(block.ln_mlp(queries))
-        assert attention is not None and summary is not None
+        assert attention is not None and mass is not None and summary is not None
         token_attention = attention.mean(dim=(1, 2))  # [B, K, T']
         if self.head_type == "listwise":
-            if num_candidates > self.max_candidates:
-                raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
-            delta = self.head(queries.reshape(batch_size, -1))[:, :num_candidates]  # [B, K]
+            delta = self.head(queries.reshape(queries.shape[0], -1))[:, :num_candidates]
         else:
-            mass = attention.sum(dim=-1)  # [B, H, Q, K]
-            products = queries.unsqueeze(1) * summary  # [B, K, Q, D]
-            if cand_mask is None:
-                real = float(num_candidates)
-                mass_feature = mass.mean(dim=1) * real  # [B, Q, K]
-            else:
-                real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
-                mass_feature = mass.mean(dim=1) * real  # [B, Q, K]
-            features = torch.cat(
-                [products, mass_feature.transpose(1, 2).unsqueeze(-1)], dim=-1
-            )  # [B, K, Q, D+1]
-            features = features.reshape(batch_size * num_candidates, -1)
-            norm, hidden, gelu, out = self.head
-            hidden_features = torch.addmm(
-                hidden.bias, norm(features), self._transposed_weight(hidden)
-            )  # [B*K, hidden] (= hidden(...), BLAS is faster on the pre-transposed weight)
-            delta = out(gelu(hidden_features)).view(batch_size, num_candidates)  # [B, K]
+            delta = self._symmetric_delta(queries, mass, summary, cand_mask)
         if cand_mask is not None:
             delta = delta.masked_fill(~cand_mask, 0.0)
-        return delta, token_attention
+        return delta, token_attention  # [B, K], [B, K, T']
+
+    def _symmetric_delta(
+        self,
+        queries: torch.Tensor,
+        mass: torch.Tensor,
+        summary: torch.Tensor,
+        cand_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The symmetric head on the last block's outputs.
+
+        queries [B, Q, D] (fused), mass [B, H, Q, K], summary [B, K, Q, D] -> Δ [B, K]
+        """
+        batch_size, num_candidates = summary.shape[:2]
+        products = queries.unsqueeze(1) * summary  # [B, K, Q, D]
+        if cand_mask is None:
+            real: float | torch.Tensor = float(num_candidates)
+        else:
+            real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
+        mass_feature = mass.mean(dim=1) * real  # [B, Q, K], 1 when uniform over real candidates
+        features = torch.cat(
+            [products, mass_feature.transpose(1, 2).unsqueeze(-1)], dim=-1
+        )  # [B, K, Q, D+1]
+        features = features.reshape(batch_size * num_candidates, -1)
+        norm, hidden, gelu, out = self.head
+        hidden_features = torch.addmm(
+            hidden.bias, norm(features), self._transposed_weight(hidden)
+        )  # [B*K, hidden] (= hidden(...), BLAS is faster on the pre-transposed weight)
+        return out(gelu(hidden_features)).view(batch_size, num_candidates)
 
     def _transposed_weight(self, linear: nn.Linear) -> torch.Tensor:
-        """``linear.weight.T`` contiguous [in, out], cached until the weight changes."""
+        """``linear.weight.T`` [in, out]: a view when autograd needs it, else a contiguous copy
+        cached until the weight changes."""
         weight = linear.weight
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight.t()
         key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
         cached = self._transposed.get(id(linear))
         if cached is None or cached[0] != key:

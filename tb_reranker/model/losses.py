@@ -123,7 +123,14 @@ def tokenbinder_loss(
     k: int | None = None,
     frames_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The combined loss on B matching pairs; see :meth:`TokenBinder.training_loss`."""
+    """TokenBinder loss on a batch of B matching (text, video) pairs (METHOD.md §4).
+
+    texts: list[str], tokens [B, L'] int64, or precomputed indicators [B, m, D] float.
+    videos: raw frames [B, T, 3, H, W] or precomputed frame features [B, T', D] (frozen
+    vision tower: cache ``model.encode_frames(...)[1]``).
+    k: focused-view candidates per query (default ``min(top_k, B)``).
+    returns {"loss", "broad", "focus", "t2v", "v2t", "focus_v", "focus_t"} (scalars).
+    """
     indicators = _indicators_of(model, texts)  # [B, m, D]
     videos_cls, frames_tokens = _videos_of(model, videos, frames_mask)  # [B, D], [B, T', D]
     batch_size = indicators.shape[0]

@@ -17,24 +17,15 @@ from torch import nn
 from tb_reranker.errors import CheckpointError, InvalidInputError
 from tb_reranker.model.config import TokenBinderConfig
 from tb_reranker.model.fusion import FocusedFusion, FocusedScores
+from tb_reranker.model.precision import autocast_dtype, check_precision, resolve_device
 from tb_reranker.model.text import IndicatorTextEncoder
 
-__all__ = ["TokenBinder", "build_clip", "resolve_device"]
+__all__ = ["TokenBinder", "build_clip"]
 
 logger = logging.getLogger(__name__)
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU."""
-    if device is None or (isinstance(device, str) and device in ("", "auto")):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"invalid device {device!r}: {exc}") from exc
 
 
 def build_clip(config: TokenBinderConfig, load_pretrained: bool = True) -> nn.Module:
@@ -118,12 +109,14 @@ class TokenBinder(nn.Module):
         *,
         device: str | torch.device | None = "cpu",
         load_pretrained: bool = True,
+        precision: str = "auto",
     ) -> None:
         """Build the model (random init, or pretrained CLIP towers per ``config.pretrained``).
 
         The model starts in **eval mode** (deterministic softmax, no Gumbel noise): call
-        ``.train()`` to train. ``device``: "cpu" (default), "cuda", ... or None = CUDA when
-        available; ``.to()`` works as usual.
+        ``.train()`` to train. ``device``: "cpu" (default), "cuda", ... or None/"auto" = CUDA
+        when available; ``.to()`` works as usual. ``precision``: the autocast policy, see
+        :attr:`precision`.
         """
         super().__init__()
         if not isinstance(config, TokenBinderConfig):
@@ -172,7 +165,7 @@ class TokenBinder(nn.Module):
         self._apply_freezing()
         self._tokenizer: Any = None
         self._fingerprint_cache: tuple[tuple[Any, ...], str] | None = None
-        self.autocast_on_gpu = True  # bf16 autocast when the model is on CUDA
+        self._precision = check_precision(precision)
         self.eval()
         self.to(resolve_device(device))
 
@@ -238,10 +231,23 @@ class TokenBinder(nn.Module):
         """Text positions the tokenizer may fill (CLIP context minus the m indicators)."""
         return self.text.text_context_length
 
+    @property
+    def precision(self) -> str:
+        """Autocast policy of every model call (``tb_reranker.model.precision``): ``"auto"``
+        (bfloat16 on CUDA, none elsewhere; the default), ``"float32"`` or ``"bfloat16"`` (on
+        any device). Outputs are float32 either way. Settable; ``InvalidInputError`` if unknown."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.autocast_on_gpu and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        device = self.device
+        dtype = autocast_dtype(self._precision, device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
 
     # ---- text ----------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -417,14 +423,22 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None = None,
         *,
         cand_kv: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> FocusedScores:
         """Broad and focused scores of K candidates per query (METHOD.md §2-3).
 
-        indicators: [B, m, D] (from encode_text); cand_cls: [B, K, D]; cand_tokens:
-        [B, K, T', D] or cand_kv: [B, K, n_blocks, 2, T', D] (stacked ``project_candidates``);
-        cand_mask: [B, K] bool (False = padding) or None.
+        indicators: [B, m, D] (from encode_text); cand_tokens: [B, K, T', D] or cand_kv:
+        [B, K, n_blocks, 2, T', D] (stacked ``project_candidates``, any strides); cand_cls:
+        [B, K, D]; cand_mask: [B, K] bool (False = padding) or None.
         broad = cos(I_1, cls); final = broad + delta.
+
+        ``validate=False`` skips the input checks, for callers that built the inputs themselves
+        (the ``Reranker`` hot path): float32 tensors of the shapes above, finite, ``cand_kv``
+        made by this model's ``project_candidates``, ``cand_mask`` bool on the model's device.
+        Anything else then gives wrong scores or a torch error, not an ``InvalidInputError``.
         """
+        if not validate:
+            return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
         indicators = _as_float_tensor("indicators", indicators, 3, "[B, m, D]")
         cand_cls = _as_float_tensor("cand_cls", cand_cls, 3, "[B, K, D]")
         self._check_width("indicators", indicators)
@@ -466,9 +480,9 @@ class TokenBinder(nn.Module):
             self._check_width("cand_kv", cand_kv)
             self._check_tokens_count("cand_kv", cand_kv.shape[4])
         cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
-        return self._focused_scores_unchecked(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
+        return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
 
-    def _focused_scores_unchecked(
+    def _focused_scores(
         self,
         indicators: torch.Tensor,
         cand_cls: torch.Tensor,
@@ -476,9 +490,7 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None,
         cand_kv: torch.Tensor | None,
     ) -> FocusedScores:
-        """``focused_scores`` without the input checks, for callers that built the inputs
-        themselves (the ``Reranker`` hot path: float32 tensors of the right shapes, finite
-        cached K/V made by this model's ``project_candidates``, ``cand_mask`` bool)."""
+        """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
         batch_size, num_candidates, _ = cand_cls.shape
         device = self.device
         indicators = indicators.to(device)
@@ -595,27 +607,6 @@ class TokenBinder(nn.Module):
             broad=broad, delta=delta, final=broad + delta, frame_attention=frame_attention
         )
 
-    # ---- training ------------------------------------------------------------------------------
-    def training_loss(
-        self,
-        texts: Sequence[str] | torch.Tensor,
-        videos: torch.Tensor,
-        *,
-        k: int | None = None,
-        frames_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """TokenBinder loss on a batch of B matching (text, video) pairs (METHOD.md §4).
-
-        texts: list[str], tokens [B, L'] int64, or precomputed indicators [B, m, D] float.
-        videos: raw frames [B, T, 3, H, W] or precomputed frame features [B, T', D] (frozen
-        vision tower: cache ``encode_frames(...)[1]``).
-        k: focused-view candidates per query (default ``min(top_k, B)``).
-        returns {"loss", "broad", "focus", "t2v", "v2t", "focus_v", "focus_t"} (scalars).
-        """
-        from tb_reranker.model.losses import tokenbinder_loss
-
-        return tokenbinder_loss(self, texts, videos, k=k, frames_mask=frames_mask)
-
     # ---- identity and checkpoints --------------------------------------------------------------
     def fingerprint(self) -> str:
         """Stable hex hash of the config and every weight (name, dtype, shape, bytes).
@@ -639,19 +630,6 @@ class TokenBinder(nn.Module):
         value = digest.hexdigest()[:32]
         self._fingerprint_cache = (key, value)
         return value
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created). Never pickle."""
-        from tb_reranker.model.checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> TokenBinder:
-        """Rebuild a saved model offline; ``CheckpointError`` when tampered, missing or mismatched."""
-        from tb_reranker.model.checkpoint import load_checkpoint
-
-        return load_checkpoint(directory, device=device)
 
     def extra_repr(self) -> str:
         return (

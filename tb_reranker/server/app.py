@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.config import Settings
     from tb_reranker.index import VideoIndex
 
-__all__ = ["TBServer", "serve", "load_components", "resolve_device"]
+__all__ = ["TBServer", "serve", "load_components"]
 
 log = logging.getLogger(__name__)
 
@@ -370,34 +370,22 @@ def _ssl_context(config: ServerConfig) -> Any:
     return context
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """``("auto", "auto")`` → ``("cuda:0", "bfloat16")`` with a GPU, ``("cpu", "float32")`` without."""
-    import torch
-
-    if device == "auto":
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {device!r} requested but CUDA is not available")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype == "bfloat16" and not device.startswith("cuda"):
-        raise InvalidInputError("dtype bfloat16 is only used on cuda devices")
-    return device, dtype
-
-
 def load_components(settings: Settings, config: ServerConfig) -> Components:
     """Model (checkpoint) + frame store from ``settings``; Milvus is connected separately."""
     from tb_reranker.index import open_store
-    from tb_reranker.model import TokenBinder
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.model.precision import resolve_device, resolve_precision
     from tb_reranker.rerank import Reranker
 
-    device, dtype = resolve_device(config.device, config.dtype)
-    model = TokenBinder.load(settings.checkpoint, device=device)
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.dtype, device)  # the model runs this autocast itself
+    model = load_checkpoint(settings.checkpoint, device=device)
+    model.precision = dtype
     store = open_store(settings.store)
     reranker = Reranker(
         model, store, cache_size=config.cache_size, max_candidates=config.max_candidates
     )
-    return Components(reranker=reranker, index=None, device=device, dtype=dtype)
+    return Components(reranker=reranker, index=None, device=str(device), dtype=dtype)
 
 
 def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> ConnectIndexFn:

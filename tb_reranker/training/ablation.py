@@ -103,10 +103,10 @@ def ablate(
     Row: ``{"indicators", "top_k", "fusion_blocks", "head", "checkpoint", "seconds",
     "t2v": {"broad": metrics, "reranked": metrics}, "v2t": {...}}``.
     """
-    from tb_reranker.evaluate import evaluate
-    from tb_reranker.model import TokenBinder
-    from tb_reranker.train import TrainConfig, train
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.training.evaluate import evaluate
     from tb_reranker.training.features import load_video_captions
+    from tb_reranker.training.loop import TrainConfig, train
 
     sweep = DEFAULT_SWEEP if sweep is None else sweep
     out_dir = Path(out_dir)
@@ -126,7 +126,7 @@ def ablate(
     if init_checkpoint is None:
         log.info("ablation: training the base model end to end in %s", base_config.out_dir)
         init_checkpoint = train(base_config)
-    base_model = TokenBinder.load(init_checkpoint)
+    base_model = load_checkpoint(init_checkpoint)
     base = {factor: getattr(base_model.config, field) for factor, field in SWEEP_FIELDS.items()}
     del base_model
     test = load_video_captions(dataset, data_root, eval_split)
@@ -145,7 +145,7 @@ def ablate(
                 **variant,
             )
         )
-        model = TokenBinder.load(checkpoint, device=device if device != "auto" else None)
+        model = load_checkpoint(checkpoint, device=device)
         result = evaluate(model, test, cache_dir=cache_dir or ".tb_cache", progress=False)
         rows.append(
             {

@@ -1,9 +1,9 @@
-"""Training checkpoints without pickle: model via ``TokenBinder.save``, the rest in safetensors + JSON.
+"""Training checkpoints without pickle: model via ``save_checkpoint``, the rest in safetensors + JSON.
 
 Layout of one checkpoint, written atomically (temporary directory, then ``os.rename``)::
 
     <out>/epoch-<n>/
-        config.json, ... (whatever ``TokenBinder.save`` writes)
+        config.json, ... (whatever ``save_checkpoint`` writes)
         train_state.safetensors   optimizer tensors (``state.<param>.<key>``) and RNG states
         train_state.json          epoch, step, optimizer scalars and param groups, scheduler,
                                   python / numpy RNG, the TrainConfig; written last
@@ -185,7 +185,7 @@ def write_checkpoint(
 ) -> Path:
     """Write ``<out_dir>/epoch-<epoch>`` atomically and return it.
 
-    ``save_model(dir)`` writes the model files (``model.save``); ``scalars`` is JSON-able
+    ``save_model(dir)`` writes the model files (``save_checkpoint``); ``scalars`` is JSON-able
     (epoch, global step, the train config, losses, ...). An existing *incomplete* directory of
     the same name is moved out of the way; an existing complete one raises ``CheckpointError``.
     """

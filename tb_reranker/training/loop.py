@@ -14,6 +14,7 @@ the indicators and the fusion module train.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -343,7 +344,14 @@ def train(
     called around each epoch (epochs count from 1); an exception raised there stops training
     (the checkpoints written so far stay valid for ``resume``).
     """
-    from tb_reranker.model import TokenBinder, param_groups, resolve_device
+    from tb_reranker.model import (
+        TokenBinder,
+        load_checkpoint,
+        param_groups,
+        resolve_device,
+        save_checkpoint,
+        tokenbinder_loss,
+    )
 
     out_dir = Path(config.out_dir)
     device = resolve_device(config.device)
@@ -361,7 +369,7 @@ def train(
     if config.resume and previous is not None:
         start_epoch, ckpt_dir = previous
         state_meta, state_tensors = read_train_state(ckpt_dir)
-        model = TokenBinder.load(ckpt_dir)
+        model = load_checkpoint(ckpt_dir)
         saved = state_meta.get("train_config", {})
         for name in ("epochs", "batch_size", "lr", "backbone_lr", "grad_accum", "seed"):
             if getattr(config, name) is not None and saved.get(name) not in (
@@ -393,7 +401,7 @@ def train(
             log.info("resume: no complete checkpoint in %s, starting fresh", out_dir)
         start_epoch = 0
         if config.init_checkpoint:
-            source = TokenBinder.load(config.init_checkpoint)
+            source = load_checkpoint(config.init_checkpoint)
             config = config.resolved(_is_tiny(source.config))
             model = TokenBinder(_apply_overrides(source.config, config))
             fresh = _load_matching(model, source, tuple(config.init_fresh))
@@ -461,7 +469,7 @@ def train(
         log.info("nothing to do: %d of %d epochs done", start_epoch, config.epochs)
         return previous[1] if previous else out_dir
 
-    model.autocast_on_gpu = config.amp  # the model runs bf16 autocast itself on CUDA
+    model.precision = "auto" if config.amp else "float32"  # "auto": bf16 autocast on CUDA only
     log.info(
         "training %d videos, %d epochs x %d steps (batch %d, accum %d), lr %.2g / backbone %.2g, "
         "%s on %s",
@@ -499,7 +507,7 @@ def train(
             for micro in batch.split(micro_size):
                 texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
                 videos_input, frames_mask = _batch_videos(data, micro, device)
-                losses = model.training_loss(texts, videos_input, frames_mask=frames_mask)
+                losses = tokenbinder_loss(model, texts, videos_input, frames_mask=frames_mask)
                 (losses["loss"] / config.grad_accum).backward()
                 loss_value += float(losses["loss"].detach()) / config.grad_accum
                 broad_value += float(losses["broad"]) / config.grad_accum
@@ -537,7 +545,7 @@ def train(
         last_dir = write_checkpoint(
             out_dir,
             epoch,
-            save_model=model.save,
+            save_model=functools.partial(save_checkpoint, model),
             optimizer=optimizer,
             scheduler=scheduler,
             scalars={
@@ -580,7 +588,7 @@ def train_synthetic(
     progress: bool = True,
 ) -> Path:
     """Train the tiny model end to end on a ``tb synth`` folder (synthetic preset); return the
-    checkpoint directory (loadable with ``TokenBinder.load``)."""
+    checkpoint directory (loadable with ``load_checkpoint``)."""
     return train(
         TrainConfig(
             data_root=str(data_root),

@@ -112,11 +112,11 @@ def tiny_checkpoint() -> Iterator[Path]:
     reason = docker_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    from tb_reranker.model import TokenBinder, TokenBinderConfig
+    from tb_reranker.model import TokenBinder, TokenBinderConfig, save_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="tb-docker-ckpt-"))
     checkpoint = root / "checkpoint"
-    TokenBinder(TokenBinderConfig.tiny()).save(checkpoint)
+    save_checkpoint(TokenBinder(TokenBinderConfig.tiny()), checkpoint)
     _world_readable(root)
     try:
         yield checkpoint

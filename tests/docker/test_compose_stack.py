@@ -342,7 +342,7 @@ def test_in_process_rerank_over_the_stack(stack, ingested, tiny_checkpoint):
 def test_sidecar_search_rpc_queries_milvus_itself(stack, ingested, tiny_checkpoint):
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
-    from tb_reranker.model import TokenBinder
+    from tb_reranker.model import load_checkpoint
 
     _wait_serving(stack.grpc_target, _search_service())
     query = next(iter(ingested.values()))
@@ -353,7 +353,7 @@ def test_sidecar_search_rpc_queries_milvus_itself(stack, ingested, tiny_checkpoi
         reply = pb_grpc.SearchServiceStub(channel).Search(
             pb.SearchRequest(text=query, limit=len(ingested), rerank=True), timeout=60
         )
-    assert info.model_fingerprint == TokenBinder.load(tiny_checkpoint).fingerprint()
+    assert info.model_fingerprint == load_checkpoint(tiny_checkpoint).fingerprint()
     assert info.search_enabled
     assert [h.id for h in reply.hits] == [h.id for h in expected]
     assert [h.score for h in reply.hits] == pytest.approx([h.score for h in expected], abs=1e-3)

@@ -14,11 +14,11 @@ from tb_reranker.cli import main
 def data_dir(tmp_path_factory: pytest.TempPathFactory, mp4_writer) -> Path:
     import torch
 
-    from tb_reranker.model import TokenBinder, TokenBinderConfig
+    from tb_reranker.model import TokenBinder, TokenBinderConfig, save_checkpoint
 
     root = tmp_path_factory.mktemp("tb_data")
     torch.manual_seed(0)
-    TokenBinder(TokenBinderConfig.tiny()).save(root / "checkpoint")
+    save_checkpoint(TokenBinder(TokenBinderConfig.tiny()), root / "checkpoint")
     for i in range(3):
         mp4_writer(root / "videos" / f"cli{i}.mp4", mp4_writer.colours[i])
     (root / "videos" / "bad.mp4").write_bytes(b"not a video")

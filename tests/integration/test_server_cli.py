@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
+from tb_reranker.model import save_checkpoint
 from tb_reranker.remote import RemoteReranker
 from tb_reranker.server.testing import build_tiny_components
 
@@ -37,7 +38,7 @@ def _wait_for(process: subprocess.Popen, pattern: str, lines: list[str], timeout
 
 def test_tb_serve_process(tmp_path):
     components, ids = build_tiny_components(tmp_path, num_videos=8)
-    components.reranker.model.save(tmp_path / "checkpoint")
+    save_checkpoint(components.reranker.model, tmp_path / "checkpoint")
     components.reranker.store.close()
     env = dict(os.environ)
     env.update(
@@ -108,7 +109,7 @@ def saved(tmp_path_factory):
     """A checkpoint and a frame store on disk, and an environment that points ``tb`` at them."""
     root = tmp_path_factory.mktemp("serve_cli")
     components, ids = build_tiny_components(root, num_videos=4)
-    components.reranker.model.save(root / "checkpoint")
+    save_checkpoint(components.reranker.model, root / "checkpoint")
     components.reranker.store.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
     env.update(

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from tb_reranker.cli import main
-from tb_reranker.evaluate import evaluate, format_table
-from tb_reranker.model import TokenBinder, TokenBinderConfig
-from tb_reranker.train import TrainConfig, train
+from tb_reranker.model import TokenBinder, TokenBinderConfig, load_checkpoint
+from tb_reranker.training import TrainConfig, evaluate, format_table, train
 from tb_reranker.training.ablation import parse_sweep
 from tb_reranker.training.features import (
     VideoCaptionSet,
@@ -112,7 +111,7 @@ def _brute_force(model: TokenBinder, videos: VideoCaptionSet, cache: Path, k: in
 
 
 def test_evaluate_matches_brute_force(trained, synth_root, tmp_path):
-    model = TokenBinder.load(trained)
+    model = load_checkpoint(trained)
     videos = _multi_caption(load_video_captions("generic", synth_root, "test"))
     k = 5
     result = evaluate(model, videos, k=k, cache_dir=tmp_path)

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from tb_reranker.errors import CheckpointError, NotFoundError
-from tb_reranker.model import TokenBinder, TokenBinderConfig
+from tb_reranker.model import (
+    TokenBinder,
+    TokenBinderConfig,
+    load_checkpoint,
+    save_checkpoint,
+    tokenbinder_loss,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,16 +36,15 @@ def trained() -> TokenBinder:
     frames = torch.randn(4, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         optimizer.zero_grad()
-        model.training_loss(["a red cube", "a blue ball", "a green star", "a cat"], frames)[
-            "loss"
-        ].backward()
+        texts = ["a red cube", "a blue ball", "a green star", "a cat"]
+        tokenbinder_loss(model, texts, frames)["loss"].backward()
         optimizer.step()
     return model.eval()
 
 
 @pytest.fixture()
 def saved(trained: TokenBinder, tmp_path: Path) -> Path:
-    return trained.save(tmp_path / "ckpt")
+    return save_checkpoint(trained, tmp_path / "ckpt")
 
 
 def _scores(model: TokenBinder):
@@ -67,7 +72,7 @@ def test_save_writes_safetensors_and_json(saved: Path) -> None:
 
 
 def test_load_reproduces_scores_bit_for_bit(trained: TokenBinder, saved: Path) -> None:
-    loaded = TokenBinder.load(saved, device="cpu")
+    loaded = load_checkpoint(saved, device="cpu")
     assert not loaded.training
     assert loaded.fingerprint() == trained.fingerprint()
     before, after = _scores(trained), _scores(loaded)
@@ -108,7 +113,7 @@ def test_tampered_weights_are_rejected(saved: Path) -> None:
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="modified or corrupted"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
 
 
 def test_mismatched_config_is_rejected(saved: Path) -> None:
@@ -117,7 +122,7 @@ def test_mismatched_config_is_rejected(saved: Path) -> None:
     document["config"]["num_indicators"] = 3
     path.write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="weights do not match the config.*text.indicators"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
 
 
 def test_config_change_with_same_shapes_is_rejected(saved: Path) -> None:
@@ -126,27 +131,27 @@ def test_config_change_with_same_shapes_is_rejected(saved: Path) -> None:
     document["config"]["gumbel_tau"] = 0.25  # shapes still fit; the fingerprint does not
     path.write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="fingerprint"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
 
 
 def test_missing_or_malformed_files_are_rejected(saved: Path, tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
-        TokenBinder.load(tmp_path / "nowhere")
+        load_checkpoint(tmp_path / "nowhere")
     (saved / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not readable JSON"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
     (saved / "config.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(CheckpointError, match="not a TokenBinder checkpoint"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
     (saved / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
 
 
 def test_missing_weights_file_is_rejected(saved: Path) -> None:
     (saved / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights file"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)
 
 
 def test_pickle_disguised_as_weights_is_rejected(saved: Path) -> None:
@@ -159,4 +164,4 @@ def test_pickle_disguised_as_weights_is_rejected(saved: Path) -> None:
     document["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     path.write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
-        TokenBinder.load(saved)
+        load_checkpoint(saved)

@@ -1,12 +1,17 @@
-"""Focused-view fusion on the tiny preset: Δ = 0 untrained, equivariance, Gumbel, K/V cache."""
+"""Focused-view fusion: Δ = 0 untrained, equivariance, Gumbel, K/V cache, and the one forward
+against the plain formulation (values and gradients)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
+from tb_reranker.model import fusion as fusion_module
+from tb_reranker.model.fusion import CrossAttentionBlock, FocusedFusion, gumbel_like
 
 B, K, T, D = 2, 6, 8, 64
 
@@ -242,3 +247,210 @@ def test_listwise_head_takes_fewer_than_top_k_candidates() -> None:
     with torch.no_grad():
         scores = model.focused_scores(indicators, cand_cls, cand_tokens)
     assert scores.delta.shape == (B, 3) and scores.delta.abs().max() > 1e-3
+
+
+# ---- the plain formulation: the reference the one fusion forward must equal ---------------------
+def _reference_block(
+    block: CrossAttentionBlock,
+    queries: torch.Tensor,
+    kv: torch.Tensor,
+    tokens_mask: torch.Tensor | None,
+    tau: float,
+    noise: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block written plainly: queries [B, Q, D], kv [B, 2, S, D], tokens_mask [B, S] ->
+    (queries [B, Q, D], attention [B, H, Q, S], values [B, H, S, D/H])."""
+    batch_size, num_queries, _ = queries.shape
+    num_tokens = kv.shape[2]
+    q = block.q_proj(block.ln_q(queries))
+    q = q.view(batch_size, num_queries, block.heads, block.head_dim).transpose(1, 2)
+    k = kv[:, 0].view(batch_size, num_tokens, block.heads, block.head_dim).transpose(1, 2)
+    v = kv[:, 1].view(batch_size, num_tokens, block.heads, block.head_dim).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(block.head_dim)  # [B, H, Q, S]
+    if noise is not None:
+        logits = logits + noise.view_as(logits)
+    logits = logits / tau
+    if tokens_mask is not None:
+        keep = tokens_mask[:, None, None, :]
+        logits = logits.masked_fill(~keep, float("-inf"))
+        any_real = keep.any(dim=-1, keepdim=True)
+        logits = torch.where(any_real, logits, torch.zeros_like(logits))
+        attention = torch.softmax(logits, dim=-1) * any_real
+    else:
+        attention = torch.softmax(logits, dim=-1)
+    attended = (attention @ v).transpose(1, 2).reshape(batch_size, num_queries, block.width)
+    queries = queries + block.out_proj(attended)
+    queries = queries + block.mlp(block.ln_mlp(queries))
+    return queries, attention, v
+
+
+def _reference_fusion(
+    fusion: FocusedFusion,
+    queries: torch.Tensor,
+    cand_kv: torch.Tensor,
+    cand_mask: torch.Tensor | None,
+    noises: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """METHOD.md §3 written plainly (attention over the K·T' tokens, values, head features);
+    ``noises``: the Gumbel noise of each block, already multiplied by ``gumbel_scale``."""
+    batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
+    tokens_mask = None
+    if cand_mask is not None:
+        tokens_mask = cand_mask.unsqueeze(-1).expand(-1, -1, num_tokens)
+        tokens_mask = tokens_mask.reshape(batch_size, num_candidates * num_tokens)
+    attention = values = None
+    for index, block in enumerate(fusion.blocks):
+        kv = cand_kv[:, :, index]  # [B, K, 2, T', D]
+        if fusion.rank_embedding is not None:
+            rank = block.rank_kv(fusion.rank_embedding[:num_candidates])  # [2, K, D]
+            kv = kv + rank.transpose(0, 1).unsqueeze(0).unsqueeze(3)
+        kv = kv.transpose(1, 2).reshape(batch_size, 2, num_candidates * num_tokens, width)
+        noise = None if noises is None else noises[index]
+        queries, attention, values = _reference_block(
+            block, queries, kv, tokens_mask, fusion.gumbel_tau, noise
+        )
+    heads = attention.shape[1]
+    per_candidate = attention.view(batch_size, heads, -1, num_candidates, num_tokens)
+    token_attention = per_candidate.mean(dim=(1, 2))
+    if fusion.head_type == "listwise":
+        delta = fusion.head(queries.reshape(batch_size, -1))[:, :num_candidates]
+    else:
+        mass = per_candidate.sum(dim=-1)  # [B, H, Q, K]
+        within = per_candidate / mass.unsqueeze(-1).clamp_min(1e-12)
+        values_per_candidate = values.view(batch_size, heads, num_candidates, num_tokens, -1)
+        summary = torch.einsum("bhqkt,bhktd->bqkhd", within, values_per_candidate)
+        summary = summary.reshape(batch_size, -1, num_candidates, width)  # [B, Q, K, D]
+        products = queries.unsqueeze(2) * summary
+        if cand_mask is None:
+            real = torch.full((batch_size, 1, 1), float(num_candidates))
+        else:
+            real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
+        mass_feature = (mass.mean(dim=1) * real).unsqueeze(-1)
+        features = torch.cat([products, mass_feature], dim=-1)  # [B, Q, K, D+1]
+        features = features.permute(0, 2, 1, 3).reshape(batch_size, num_candidates, -1)
+        delta = fusion.head(features).squeeze(-1)
+    if cand_mask is not None:
+        delta = delta.masked_fill(~cand_mask, 0.0)
+    return delta, token_attention
+
+
+_EQUIVALENCE_MASK = torch.tensor(
+    [[True] * 5, [True, False, True, False, True], [False] * 5, [True] * 2 + [False] * 3]
+)
+
+
+def _perturbed_fusion(head: str, blocks: int, dtype: torch.dtype) -> FocusedFusion:
+    torch.manual_seed(0)
+    fusion = FocusedFusion(
+        64, 3, 6, 5, blocks=blocks, heads=4, head=head, rank_embedding=head == "listwise"
+    )
+    with torch.no_grad():
+        for param in fusion.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    return fusion.to(dtype).eval()
+
+
+def _fusion_inputs(blocks: int, dtype: torch.dtype, cached: bool, fusion: FocusedFusion):
+    """queries [4, 3, 64] and cand_kv [4, 5, blocks, 2, 6, 64]: a strided view of a
+    ``[blocks, 2, B*K, T', D]`` gather (the ``Reranker``'s layout) when ``cached``, else the
+    projection of candidate tokens (gradients reach the tokens and the K/V projections)."""
+    generator = torch.Generator().manual_seed(2)
+    queries = torch.randn(4, 3, 64, generator=generator).to(dtype).requires_grad_()
+    if cached:
+        gathered = torch.randn(blocks, 2, 20, 6, 64, generator=generator).to(dtype)
+        leaf = gathered.requires_grad_()
+        cand_kv = leaf.permute(2, 0, 1, 3, 4).view(4, 5, blocks, 2, 6, 64)
+    else:
+        leaf = torch.randn(20, 6, 64, generator=generator).to(dtype).requires_grad_()
+        cand_kv = fusion.project_candidates(leaf).view(4, 5, blocks, 2, 6, 64)
+    return queries, leaf, cand_kv
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("few_candidates", [0, 10**6])  # per-head bmm / block-diagonal bmm
+def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidates, monkeypatch):
+    """Values (float32, inference mode, as the reranker runs it) equal the plain formulation,
+    with and without a candidate mask; the cached transposed head weight follows updates."""
+    monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
+    fusion = _perturbed_fusion(head, blocks, torch.float32)
+    queries = torch.randn(4, 3, 64)
+    cand_kv = torch.randn(4, 5, blocks, 2, 6, 64)
+    for mask in (None, _EQUIVALENCE_MASK):
+        with torch.inference_mode():
+            delta, attention = fusion(queries, cand_kv, mask)
+            expected_delta, expected_attention = _reference_fusion(fusion, queries, cand_kv, mask)
+        assert delta.abs().max() > 1e-3  # a head that really scores
+        torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attention, expected_attention, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        fusion.head[1].weight.mul_(2.0)
+    with torch.inference_mode():
+        delta, _ = fusion(queries, cand_kv, None)
+        expected_delta, _ = _reference_fusion(fusion, queries, cand_kv, None)
+    torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("few_candidates", [0, 10**6])
+@pytest.mark.parametrize("cached", [True, False])
+def test_fusion_gradients_equal_the_plain_formulation(
+    head, blocks, few_candidates, cached, monkeypatch
+):
+    """Training: the same values and the same gradients (every parameter, the queries, the
+    cached K/V or the tokens they were projected from) as the plain formulation, in float64,
+    with the Gumbel noise on (training mode) and with a mask that pads a whole query."""
+    monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
+    for mask in (None, _EQUIVALENCE_MASK):
+        results = []
+        for formulation in ("fusion", "reference"):
+            fusion = _perturbed_fusion(head, blocks, torch.float64).train()
+            queries, leaf, cand_kv = _fusion_inputs(blocks, torch.float64, cached, fusion)
+            torch.manual_seed(7)  # the same Gumbel noise, drawn in the same order
+            if formulation == "fusion":
+                delta, attention = fusion(queries, cand_kv, mask)
+            else:
+                noises = [
+                    fusion.gumbel_scale * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
+                    for _ in range(blocks)
+                ]
+                delta, attention = _reference_fusion(fusion, queries, cand_kv, mask, noises)
+            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
+            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
+            loss.backward()
+            grads = {name: p.grad for name, p in fusion.named_parameters()}
+            results.append((delta.detach(), attention.detach(), queries.grad, leaf.grad, grads))
+        (delta, attention, queries_grad, leaf_grad, grads), expected = results
+        assert delta.abs().max() > 1e-3
+        torch.testing.assert_close(delta, expected[0], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(attention, expected[1], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(queries_grad, expected[2], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(leaf_grad, expected[3], atol=1e-10, rtol=1e-9)
+        assert grads.keys() == expected[4].keys()
+        for name, grad in grads.items():
+            if expected[4][name] is None:
+                assert grad is None, name
+                continue
+            assert grad is not None, name
+            torch.testing.assert_close(grad, expected[4][name], atol=1e-10, rtol=1e-9, msg=name)
+
+
+def test_unvalidated_focused_scores_equal_the_checked_ones() -> None:
+    """``validate=False`` (the reranker's hot path) skips the checks, not the arithmetic."""
+    model = TokenBinder(TokenBinderConfig.tiny()).eval()
+    _randomise_head(model)
+    indicators, cand_cls, cand_tokens = _inputs()
+    mask = torch.ones(B, K, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.inference_mode():
+        cand_kv = model.project_candidates(cand_tokens.reshape(B * K, T, D))
+        cand_kv = cand_kv.view(B, K, *cand_kv.shape[1:])
+        checked = model.focused_scores(indicators, cand_cls, cand_mask=mask, cand_kv=cand_kv)
+        trusted = model.focused_scores(
+            indicators, cand_cls, cand_mask=mask, cand_kv=cand_kv, validate=False
+        )
+    assert torch.equal(trusted.final, checked.final)
+    assert torch.equal(trusted.frame_attention, checked.frame_attention)
+    with pytest.raises(InvalidInputError, match="NaN"):  # the default still checks
+        model.focused_scores(indicators * float("nan"), cand_cls, cand_mask=mask, cand_kv=cand_kv)

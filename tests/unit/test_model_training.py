@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.model import TokenBinder, TokenBinderConfig, param_groups, select_candidates
+from tb_reranker.model import (
+    TokenBinder,
+    TokenBinderConfig,
+    param_groups,
+    select_candidates,
+    tokenbinder_loss,
+)
 
 TEXTS = [
     "a red cube then a blue ball",
@@ -48,7 +54,7 @@ def test_select_candidates_forces_ground_truth_in() -> None:
 
 def test_loss_terms_and_gradients_reach_every_part() -> None:
     model = TokenBinder(TokenBinderConfig.tiny()).train()
-    out = model.training_loss(TEXTS[:4], _frames(4), k=3)
+    out = tokenbinder_loss(model, TEXTS[:4], _frames(4), k=3)
     assert set(out) >= {"loss", "broad", "focus", "t2v", "v2t", "focus_v", "focus_t"}
     torch.testing.assert_close(out["loss"].detach(), out["broad"] + out["focus"])
     out["loss"].backward()
@@ -60,7 +66,7 @@ def test_loss_terms_and_gradients_reach_every_part() -> None:
     # after one step the head is non-zero and gradients reach the attention blocks
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     model.zero_grad()
-    model.training_loss(TEXTS[:4], _frames(4), k=3)["loss"].backward()
+    tokenbinder_loss(model, TEXTS[:4], _frames(4), k=3)["loss"].backward()
     block = model.fusion.blocks[0]
     for parameter in (block.q_proj.weight, block.k_proj.weight, block.v_proj.weight):
         assert _grad_norm(parameter) > 0
@@ -72,7 +78,7 @@ def test_frozen_backbone_gets_no_gradient_from_cached_features() -> None:
     assert not any(p.requires_grad for p in model.clip.visual.parameters())
     with torch.no_grad():
         _, frames_tokens = model.encode_frames(_frames(4))  # the cached features
-    out = model.training_loss(model.tokenize(TEXTS[:4]), frames_tokens)
+    out = tokenbinder_loss(model, model.tokenize(TEXTS[:4]), frames_tokens)
     out["loss"].backward()
     assert all(p.grad is None for p in model.clip.visual.parameters())
     assert _grad_norm(model.text.indicators) > 0
@@ -80,7 +86,7 @@ def test_frozen_backbone_gets_no_gradient_from_cached_features() -> None:
     assert _grad_norm(model.clip.token_embedding.weight) > 0  # the text side still trains
     # raw frames through a frozen tower: still no gradient there
     model.zero_grad()
-    model.training_loss(TEXTS[:4], _frames(4))["loss"].backward()
+    tokenbinder_loss(model, TEXTS[:4], _frames(4))["loss"].backward()
     assert all(p.grad is None for p in model.clip.visual.parameters())
     names = {group["name"] for group in param_groups(model)}
     assert all(
@@ -101,7 +107,7 @@ def test_loss_decreases_end_to_end_on_a_tiny_batch() -> None:
     losses = []
     for _ in range(25):
         optimizer.zero_grad()
-        loss = model.training_loss(tokens, frames, k=4)["loss"]
+        loss = tokenbinder_loss(model, tokens, frames, k=4)["loss"]
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -117,7 +123,7 @@ def test_loss_decreases_with_cached_frame_features() -> None:
     losses = []
     for _ in range(8):
         optimizer.zero_grad()
-        loss = model.training_loss(tokens, features, k=4)["loss"]
+        loss = tokenbinder_loss(model, tokens, features, k=4)["loss"]
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
@@ -127,7 +133,7 @@ def test_loss_decreases_with_cached_frame_features() -> None:
 def test_training_loss_accepts_precomputed_indicators() -> None:
     model = TokenBinder(TokenBinderConfig.tiny()).train()
     indicators = model.encode_text(TEXTS[:3])
-    out = model.training_loss(indicators, _frames(3))
+    out = tokenbinder_loss(model, indicators, _frames(3))
     assert torch.isfinite(out["loss"])
 
 
@@ -147,10 +153,10 @@ def test_param_groups_split_learning_rates() -> None:
 def test_training_loss_bad_inputs() -> None:
     model = TokenBinder(TokenBinderConfig.tiny())
     with pytest.raises(InvalidInputError, match="3 texts but 2 videos"):
-        model.training_loss(TEXTS[:3], _frames(2))
+        tokenbinder_loss(model, TEXTS[:3], _frames(2))
     with pytest.raises(InvalidInputError, match="at least 2"):
-        model.training_loss(TEXTS[:1], _frames(1))
+        tokenbinder_loss(model, TEXTS[:1], _frames(1))
     with pytest.raises(InvalidInputError, match="videos must be"):
-        model.training_loss(TEXTS[:2], torch.zeros(2, 8, 64, 1))
+        tokenbinder_loss(model, TEXTS[:2], torch.zeros(2, 8, 64, 1))
     with pytest.raises(InvalidInputError, match="k must be"):
-        model.training_loss(TEXTS[:2], _frames(2), k=0)
+        tokenbinder_loss(model, TEXTS[:2], _frames(2), k=0)

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
-from tb_reranker.model import TokenBinder
-from tb_reranker.train import TrainConfig, train, train_synthetic
+from tb_reranker.model import load_checkpoint
+from tb_reranker.training import TrainConfig, train, train_synthetic
 from tb_reranker.training.checkpoint import (
     STATE_JSON,
     STATE_TENSORS,
@@ -70,7 +70,7 @@ def test_training_lowers_the_loss_and_writes_loadable_checkpoints(synth_root, tm
     assert epochs_stats[-1]["loss"] < epochs_stats[0]["loss"] - 0.1
     for epoch in range(1, 5):
         assert is_complete(out / f"epoch-{epoch}")
-    model = TokenBinder.load(last)
+    model = load_checkpoint(last)
     assert model.num_frames == 8
     state = json.loads((last / STATE_JSON).read_text())
     assert state["epoch"] == 4 and state["global_step"] == 4 * 3
@@ -124,7 +124,7 @@ def test_resume_after_interruption_continues_with_the_same_state(synth_root, tmp
     history_straight = json.loads((straight / STATE_JSON).read_text())["history"]
     for a, b in zip(history_resumed, history_straight, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    model_a, model_b = TokenBinder.load(resumed).eval(), TokenBinder.load(straight).eval()
+    model_a, model_b = load_checkpoint(resumed).eval(), load_checkpoint(straight).eval()
     texts = ["a red circle then a blue square", "a white cross then a green triangle"]
     frames = torch.randn(2, 8, 3, 32, 32)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_resume_after_interruption_continues_with_the_same_state(synth_root, tmp
 def test_frozen_backbone_trains_on_cached_features(synth_root, tmp_path):
     cache = tmp_path / "cache"
     last = train(_config(synth_root, tmp_path / "frozen", cache, epochs=1, freeze_backbone=True))
-    model = TokenBinder.load(last)
+    model = load_checkpoint(last)
     assert model.config.freeze_backbone
     assert list(cache.glob("features-*.safetensors"))
     assert all(not p.requires_grad for p in model.clip.visual.parameters())
@@ -206,7 +206,7 @@ def test_train_synthetic_entry_point(synth_root, tmp_path, monkeypatch):
     # from-scratch preset: light weight decay, constant learning rate (results_synthetic.md)
     assert state["train_config"]["weight_decay"] == 0.05
     assert state["train_config"]["warmup"] == 0.0 and state["train_config"]["min_lr_ratio"] == 1.0
-    assert TokenBinder.load(path).config.gumbel_scale == 0.0  # synthetic preset: no noise
+    assert load_checkpoint(path).config.gumbel_scale == 0.0  # synthetic preset: no noise
 
 
 def test_hard_negative_order_keeps_word_order_twins_together():
