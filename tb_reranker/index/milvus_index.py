@@ -28,6 +28,8 @@ from tb_reranker.errors import (
 )
 from tb_reranker.index.store import validate_video_id
 
+is_lite_uri = milvus_schema.is_lite_uri  # one rule for what a Milvus Lite URI is
+
 __all__ = ["VideoIndex", "ROW_FIELDS"]
 
 log = logging.getLogger(__name__)

@@ -394,8 +394,8 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
     reads; ``tb ingest`` creates them)."""
 
     def connect() -> VideoIndex:
-        from milvus_setup.schema import is_lite_uri
         from tb_reranker.index import VideoIndex
+        from tb_reranker.index.milvus_index import is_lite_uri
 
         uri = settings.milvus_uri
         if is_lite_uri(uri):
