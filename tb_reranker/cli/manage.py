@@ -133,7 +133,13 @@ def run_check(args: argparse.Namespace) -> int:
             ids = getattr(report, name)
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
             print(f"{name}: {len(ids)}" + (f" ({shown})" if ids else ""))
+        for video_id, reason in list(report.reasons.items())[:10]:
+            print(f"corrupt {video_id}: {reason}")
+        for line in report.damage:
+            print(f"store damage: {line}")
         for action in report.actions:
             print(f"repaired: {action}")
+        for video_id, uri in report.lost.items():
+            print(f"lost {video_id}: re-ingest {uri or '(source unknown)'}")
         print("OK" if report.ok or report.repaired else "disagreements found (run with --repair)")
     return 0 if report.ok or report.repaired else 1

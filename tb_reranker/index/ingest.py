@@ -104,11 +104,18 @@ class CheckReport:
     corrupt: list[str] = field(default_factory=list)  # store entries that cannot be read
     repaired: bool = False  # whether repair ran
     actions: list[str] = field(default_factory=list)  # what repair did, one line each
+    damage: list[str] = field(default_factory=list)  # store-level damage (broken pages)
+    reasons: dict[str, str] = field(default_factory=dict)  # corrupt id -> what is wrong
+    lost: dict[str, str] = field(default_factory=dict)  # dropped by repair: id -> source uri
 
     @property
     def ok(self) -> bool:
         return self.fingerprint_ok and not (
-            self.only_in_store or self.only_in_index or self.hash_mismatch or self.corrupt
+            self.only_in_store
+            or self.only_in_index
+            or self.hash_mismatch
+            or self.corrupt
+            or self.damage
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +128,9 @@ class CheckReport:
             "corrupt": list(self.corrupt),
             "repaired": self.repaired,
             "actions": list(self.actions),
+            "damage": list(self.damage),
+            "reasons": dict(self.reasons),
+            "lost": dict(self.lost),
         }
 
 
@@ -522,7 +532,10 @@ def check(
     without a row (or with a row of another content hash: the store is written first, so it is
     the newer) are re-indexed from their tokens (``store_only="reindex"``, the video CLS being
     the L2-normalised mean of the real frames' features, as in the model) or deleted
-    (``store_only="delete"``); corrupt store entries are deleted from both.
+    (``store_only="delete"``); corrupt store entries (unparsable, NaN/inf tokens) are deleted
+    from both, and a store with damaged pages is rebuilt from its readable entries (the damaged
+    copy is moved aside). Videos dropped are listed in ``lost`` with their source uri: ingesting
+    those files again re-encodes them (the store no longer holds them, so nothing is skipped).
 
     Raises:
         ModelMismatchError: ``repair`` while the collection's fingerprint differs from the model's.
@@ -544,7 +557,6 @@ def check(
             f"collection {index.collection!r} was filled by model {index.stored_fingerprint()}, "
             f"not the loaded {index.fingerprint}; refusing to repair with another model's tokens"
         )
-    store_ids = set(store.list_ids())
     allowed = index.allow_fingerprint_mismatch
     index.allow_fingerprint_mismatch = allowed or not report.fingerprint_ok  # reads are harmless
     try:
@@ -554,33 +566,75 @@ def check(
         }
     finally:
         index.allow_fingerprint_mismatch = allowed
+    # every entry read (LMDB: in child processes, so a page that makes LMDB abort is reported,
+    # not fatal); the ids Milvus knows are probed one by one when the key listing is damaged
+    scan = store.scan(expected=sorted(index_hashes))
+    report.damage = list(scan.damage)
+    if scan.bad_keys:
+        report.damage.append(f"{len(scan.bad_keys)} keys that are not video ids")
+    report.reasons = dict(sorted(scan.corrupt.items()))
+    store_ids = set(scan.ok) | set(scan.corrupt)
     report.only_in_index = sorted(set(index_hashes) - store_ids)
-    both = sorted(store_ids & set(index_hashes))
-    candidates = sorted(store_ids - set(index_hashes))
+    report.corrupt = sorted(scan.corrupt)
+    readable = set(scan.ok)
+    both = sorted(readable & set(index_hashes))
+    candidates = sorted(readable - set(index_hashes))
     records: dict[str, FrameRecord] = {}
-    for video_id in both + candidates:
+    wanted = both + candidates
+    for start in range(0, len(wanted), _READ_BATCH):
+        chunk = wanted[start : start + _READ_BATCH]
         try:
-            found = store.get_many([video_id])
-        except StoreError:
-            report.corrupt.append(video_id)
-            continue
-        if video_id in found:
-            records[video_id] = found[video_id]
+            records.update(store.get_many(chunk))
+        except StoreError:  # changed since the scan: read one by one
+            for video_id in chunk:
+                try:
+                    records.update(store.get_many([video_id]))
+                except StoreError as exc:
+                    report.corrupt.append(video_id)
+                    report.reasons[video_id] = str(exc)
+    report.corrupt.sort()
     report.only_in_store = [i for i in candidates if i in records]
     report.hash_mismatch = [
         i for i in both if i in records and records[i].content_hash != index_hashes[i]
     ]
+    for video_id in report.corrupt:
+        log.warning("check: %s", report.reasons.get(video_id, f"{video_id}: unreadable"))
+    for line in report.damage:
+        log.warning("check: frame-token store damage: %s", line)
     if not repair:
         return report
 
     report.repaired = True
+    dropped = sorted(set(report.only_in_index) | set(report.corrupt))
+    if dropped:  # remember where their sources are: re-ingesting them restores them
+        rows = index.get(dropped)
+        report.lost = {i: str(rows.get(i, {}).get("uri", "")) for i in dropped}
+    if report.damage:
+        salvage = getattr(store, "salvage", None)
+        if salvage is None:
+            report.actions.append("store-level damage left as is (this backend cannot rebuild)")
+        else:
+            aside = salvage(sorted(readable))
+            report.actions.append(
+                f"rebuilt the frame-token store from its {len(readable)} readable entries; "
+                f"the damaged copy is kept at {aside}"
+            )
     if report.only_in_index:
         index.delete(report.only_in_index)
         report.actions.append(f"deleted {len(report.only_in_index)} index-only rows")
     if report.corrupt:
         index.delete(report.corrupt)
-        store.delete_many(report.corrupt)
-        report.actions.append(f"deleted {len(report.corrupt)} corrupt store entries")
+        if not report.damage:  # a rebuilt store holds none of them
+            store.delete_many(report.corrupt)
+        report.actions.append(
+            f"deleted {len(report.corrupt)} corrupt store entries and their rows: "
+            + ", ".join(report.corrupt[:10])
+            + (" ..." if len(report.corrupt) > 10 else "")
+        )
+    if report.lost:
+        report.actions.append(
+            f"{len(report.lost)} videos dropped: re-ingest their source files to restore them"
+        )
     stale = report.only_in_store + report.hash_mismatch
     if stale and store_only == "delete":
         index.delete(report.hash_mismatch)
