@@ -105,13 +105,26 @@ def run_collection(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    """Exit 0 when every id was deleted, 1 when some were not found (the others are deleted),
+    2 (NotFoundError) when none was found."""
+    from tb_reranker.errors import NotFoundError
+
     with client_from_args(args) as client:
-        removed = client.delete(args.ids)
+        report = client.delete_report(args.ids)
+    if report.not_found and not report.deleted:
+        raise NotFoundError(
+            f"no such video id{'s' if len(report.not_found) > 1 else ''}: "
+            + ", ".join(report.not_found[:10])
+            + (" ..." if len(report.not_found) > 10 else "")
+            + " (nothing deleted)"
+        )
     if args.json:
-        print_json({"deleted": removed, "ids": args.ids})
+        print_json(report.to_dict())
     else:
-        print(f"deleted {removed} video(s)")
-    return 0
+        print(f"deleted {len(report.deleted)} video(s)")
+        if report.not_found:
+            print("not found: " + ", ".join(report.not_found))
+    return 1 if report.not_found else 0
 
 
 def run_check(args: argparse.Namespace) -> int:

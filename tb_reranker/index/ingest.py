@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from tb_reranker.index.store import FrameRecord, FrameStore, validate_video_id
 __all__ = [
     "IngestReport",
     "CheckReport",
+    "DeleteReport",
     "VIDEO_EXTENSIONS",
     "ingest",
     "delete",
@@ -74,10 +75,12 @@ class IngestReport:
     videos_per_s: float = 0.0  # ingested / seconds
     reindexed: int = 0  # of `ingested`: rows rebuilt from stored tokens without decoding
     ids: list[str] = field(default_factory=list)  # ids written, in input order
+    metadata_updated: int = 0  # unchanged files whose new metadata was written (not re-encoded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ingested": self.ingested,
+            "metadata_updated": self.metadata_updated,
             "unchanged": self.unchanged,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "seconds": round(self.seconds, 3),
@@ -88,7 +91,9 @@ class IngestReport:
 
     def summary(self) -> str:
         return (
-            f"ingested {self.ingested} (re-indexed {self.reindexed}), unchanged {self.unchanged}, "
+            f"ingested {self.ingested} (re-indexed {self.reindexed}), unchanged {self.unchanged}"
+            + (f" (metadata updated {self.metadata_updated})" if self.metadata_updated else "")
+            + ", "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({self.videos_per_s:.2f} videos/s)"
         )
 
@@ -154,6 +159,7 @@ def expand_paths(
     out: list[str] = []
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
+    lists_seen: set[str] = set()
 
     def add(path: Path) -> None:
         key = str(path.resolve())
@@ -166,15 +172,27 @@ def expand_paths(
             list_file = Path(item[1:])
             if base is not None and not list_file.is_absolute():
                 list_file = base / list_file
+            key = str(list_file.resolve())
+            if key in lists_seen:
+                problems.append((item, "list file includes itself (directly or not): skipped"))
+                return
+            lists_seen.add(key)
             try:
+                if list_file.exists() and not list_file.is_file():
+                    raise ValueError("not a regular file")
                 lines = list_file.read_text(encoding="utf-8").splitlines()
             except OSError as exc:
                 problems.append((item, f"cannot read list file: {exc.strerror or exc}"))
                 return
-            for line in lines:
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    expand(entry, list_file.parent)
+            except ValueError as exc:  # UnicodeDecodeError included
+                problems.append((item, f"cannot read list file: {exc}"))
+                return
+            entries = [line.strip() for line in lines]
+            entries = [e for e in entries if e and not e.startswith("#")]
+            if not entries:
+                problems.append((item, "list file holds no entries"))
+            for entry in entries:
+                expand(entry, list_file.parent)
             return
         path = Path(item).expanduser()
         if base is not None and not path.is_absolute():
@@ -298,6 +316,19 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> None:
             )
 
 
+def _user_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    from tb_reranker.index.milvus_index import ROW_FIELDS
+
+    return {k: v for k, v in row.items() if k not in ROW_FIELDS and k != "score"}
+
+
+def _same_json(value: Mapping[str, Any]) -> str:
+    """Canonical JSON of user metadata (Milvus returns numbers/dicts as they were written)."""
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _hash_file(path: str) -> str:
     from tb_reranker.video import content_hash
 
@@ -349,6 +380,9 @@ def ingest(
         raise InvalidInputError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
     _check_metadata(metadata)
     files, problems = expand_paths(paths)
+    if not files:
+        shown = "; ".join(f"{item}: {why}" for item, why in problems[:5]) or "no input given"
+        raise InvalidInputError(f"nothing to ingest: {shown}")
     videos_ids = video_ids_for(files, ids)
     report = IngestReport(failed=list(problems))
     _prepare_index(index, model)
@@ -369,6 +403,7 @@ def ingest(
             report.failed.append((path, exc.reason))
     to_encode: list[tuple[str, str]] = []
     to_reindex: list[tuple[str, str, FrameRecord]] = []
+    to_update: list[tuple[str, FrameRecord, dict[str, Any]]] = []
     for start in range(0, len(todo), _READ_BATCH):
         chunk = todo[start : start + _READ_BATCH]
         chunk_ids = [i for i, _ in chunk]
@@ -391,11 +426,29 @@ def ingest(
             )
             row = indexed.get(video_id)
             if in_store and row is not None and row.get("content_hash") == hashes[video_id]:
-                report.unchanged += 1
+                wanted = meta_for(video_id, path)
+                if wanted and _same_json(_user_fields(row)) != _same_json(wanted):
+                    assert record is not None
+                    to_update.append((video_id, record, wanted))  # same file, new metadata
+                else:
+                    report.unchanged += 1
             elif in_store and record is not None:
                 to_reindex.append((video_id, path, record))  # killed between store and Milvus
             else:
                 to_encode.append((video_id, path))
+
+    # 1b. unchanged files whose metadata changed: rewrite the row (same vector) and the record's
+    # copy of the metadata; no decoding or encoding
+    for start in range(0, len(to_update), _READ_BATCH):
+        chunk = to_update[start : start + _READ_BATCH]
+        vectors = index.get([i for i, _, _ in chunk], with_vectors=True)
+        records = {i: replace(record, metadata=meta) for i, record, meta in chunk}
+        store.put_many(records)  # store first, as everywhere
+        index.upsert(
+            [_row(i, records[i], vectors[i]["cls"], meta) for i, _, meta in chunk if i in vectors]
+        )
+        report.metadata_updated += len(chunk)
+        report.ids.extend(i for i, _, _ in chunk)
 
     total = len(to_encode) + len(to_reindex)
     bar = None
@@ -482,7 +535,7 @@ def ingest(
     finally:
         if bar is not None:
             bar.close()
-    if report.ingested:
+    if report.ingested or report.metadata_updated:
         index.flush()  # seal the new rows: indexed search instead of brute force over them
     report.seconds = time.perf_counter() - started
     report.videos_per_s = report.ingested / report.seconds if report.seconds > 0 else 0.0
@@ -502,20 +555,40 @@ def _with_uri(record: FrameRecord, path: str) -> FrameRecord:
 
 
 # ------------------------------------------------------------------------------- delete / check
-def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> int:
+@dataclass
+class DeleteReport:
+    """What one ``delete`` call did."""
+
+    deleted: list[str] = field(default_factory=list)  # ids that existed (index or store)
+    not_found: list[str] = field(default_factory=list)  # ids in neither place
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": len(self.deleted), "ids": self.deleted, "not_found": self.not_found}
+
+
+def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> DeleteReport:
     """Delete videos from Milvus first (they stop being found), then from the store.
 
-    Returns the number of ids requested. Missing ids are ignored in both places.
+    Returns which ids were deleted (found in the index or the store) and which were found in
+    neither (nothing to delete; reported, not an error here).
     """
     if isinstance(ids, str):
         raise InvalidInputError("pass a list of video ids, not a single string")
-    wanted = [validate_video_id(i) for i in ids]
+    wanted = list(dict.fromkeys(validate_video_id(i) for i in ids))
+    report = DeleteReport()
     if not wanted:
-        return 0
-    index.delete(wanted)
-    store.delete_many(wanted)
-    log.info("deleted %d videos", len(wanted))
-    return len(wanted)
+        return report
+    present = set(index.get(wanted))
+    for start in range(0, len(wanted), _READ_BATCH):
+        chunk = [i for i in wanted[start : start + _READ_BATCH] if i not in present]
+        present.update(i for i in chunk if store.contains(i))
+    report.deleted = [i for i in wanted if i in present]
+    report.not_found = [i for i in wanted if i not in present]
+    if report.deleted:
+        index.delete(report.deleted)
+        store.delete_many(report.deleted)
+    log.info("deleted %d videos (%d not found)", len(report.deleted), len(report.not_found))
+    return report
 
 
 def check(
