@@ -144,7 +144,8 @@ def encode_record(record: FrameRecord, dtype: np.dtype | type = np.float16) -> b
     """safetensors bytes of ``record``, tokens cast to ``dtype``."""
     from safetensors.numpy import save
 
-    tokens = np.ascontiguousarray(record.tokens, dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow to inf is refused just below
+        tokens = np.ascontiguousarray(record.tokens, dtype=dtype)
     if not np.isfinite(tokens).all():
         raise InvalidInputError("frame tokens contain NaN/inf (or overflow float16)")
     tensors = {
@@ -340,7 +341,7 @@ class LmdbFrameStore(FrameStore):
                 max_readers=256,
                 lock=True,
             )
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open frame-token store {str(self.path)!r}: {exc}") from exc
 
     def __repr__(self) -> str:
