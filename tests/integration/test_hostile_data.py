@@ -20,14 +20,8 @@ import pytest
 
 from tb_reranker import Client
 from tb_reranker.cli import main
-from tb_reranker.errors import (
-    DataCorruptionError,
-    InvalidInputError,
-    StoreError,
-    TBError,
-    grpc_status_name,
-)
-from tb_reranker.index import FrameRecord, LmdbFrameStore, VideoIndex
+from tb_reranker.errors import DataCorruptionError, NotFoundError, grpc_status_name
+from tb_reranker.index import LmdbFrameStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -305,3 +299,262 @@ def test_check_on_damaged_store_files(data_dir: Path, model, damage: str) -> Non
         assert len([line for line in result.stderr.splitlines() if ": error: " in line]) == 1
     elif damage != "lock_garbage":
         assert "store damage" in result.stdout or "only_in_index" in result.stdout
+
+
+# ----------------------------------------------------------------------------- CLI user errors
+@pytest.fixture(scope="module")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, videos) -> Path:
+    """One data dir with the three videos ingested, shared by the read-only hostile cases."""
+    root = tmp_path_factory.mktemp("hostile_shared") / "tb_data"
+    root.mkdir()
+    shutil.copytree(checkpoint, root / "checkpoint")
+    assert main(["ingest", *map(str, videos), "--data-dir", str(root)]) == 0
+    return root
+
+
+def _write(path: Path, data: bytes | str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8")
+    else:
+        path.write_bytes(data)
+    return str(path)
+
+
+def _user_error_cases(tmp: Path, videos: list[Path]) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv without --data-dir, text expected in the error line)."""
+    good = str(videos[0])
+    loop = tmp / "loop.txt"
+    return {
+        "delete-traversal": (["delete", "../etc/passwd"], "invalid video id"),
+        "delete-empty-id": (["delete", ""], "invalid video id"),
+        "delete-nul": (["delete", "a\x00b"], "invalid video id"),
+        "delete-slash": (["delete", "a/b"], "invalid video id"),
+        "delete-unknown": (["delete", "never_there"], "no such video id: never_there"),
+        "delete-unknowns": (["delete", "nope1", "nope2"], "no such video ids: nope1, nope2"),
+        "ingest-empty-list": (["ingest", "@" + _write(tmp / "empty.txt", b"")], "no entries"),
+        "ingest-comment-list": (
+            ["ingest", "@" + _write(tmp / "comments.txt", "# x\n\n")],
+            "no entries",
+        ),
+        "ingest-binary-list": (
+            ["ingest", "@" + _write(tmp / "bin.txt", b"\xff\xfe\x00")],
+            "cannot read list file",
+        ),
+        "ingest-self-list": (
+            ["ingest", "@" + _write(loop, f"@{loop.name}\n")],
+            "includes itself",
+        ),
+        "ingest-missing-list": (["ingest", f"@{tmp / 'absent.txt'}"], "cannot read list file"),
+        "ingest-missing-file": (["ingest", str(tmp / "absent.mp4")], "no such file"),
+        "ingest-empty-dir": (["ingest", str((tmp / "emptydir").resolve())], "no video file"),
+        "ingest-glob-nothing": (["ingest", str(tmp / "*.nothing")], "matches no file"),
+        "ingest-bad-name": (
+            ["ingest", _write(tmp / "my vidéo.mp4", Path(good).read_bytes())],
+            "invalid video ids",
+        ),
+        "ingest-metadata-not-json": (
+            ["ingest", good, "--metadata", _write(tmp / "m1.json", "{not json")],
+            "not valid JSON",
+        ),
+        "ingest-metadata-list": (
+            ["ingest", good, "--metadata", _write(tmp / "m2.json", "[1, 2]")],
+            "JSON object",
+        ),
+        "ingest-metadata-reserved": (
+            ["ingest", good, "--metadata", _write(tmp / "m3.json", '{"v0": {"cls": 1}}')],
+            "reserved",
+        ),
+        "ingest-metadata-dollar": (
+            ["ingest", good, "--metadata", _write(tmp / "m4.json", '{"v0": {"$meta": 1}}')],
+            "reserved",
+        ),
+        "ingest-metadata-scalar": (
+            ["ingest", good, "--metadata", _write(tmp / "m5.json", '{"v0": 3}')],
+            "must be a dict",
+        ),
+        "ingest-metadata-missing": (
+            ["ingest", good, "--metadata", str(tmp / "nowhere.json")],
+            "does not exist",
+        ),
+        "ingest-ids-traversal": (
+            ["ingest", good, "--ids", _write(tmp / "i1.json", json.dumps({good: "../x"}))],
+            "invalid video ids",
+        ),
+        "ingest-ids-duplicate": (
+            [
+                "ingest",
+                good,
+                str(videos[1]),
+                "--ids",
+                _write(tmp / "i2.json", json.dumps({good: "same", str(videos[1]): "same"})),
+            ],
+            "same video id",
+        ),
+        "ingest-batch-zero": (["ingest", good, "--batch-size", "0"], "batch_size"),
+        "search-limit-zero": (["search", "red", "--limit", "0"], "limit"),
+        "search-limit-huge": (["search", "red", "--limit", "100000000"], "limit"),
+        "search-blank-text": (["search", "   "], "non-empty"),
+        "search-long-text": (["search", "x" * 5000], "limit is 2048"),
+    }
+
+
+CASE_NAMES = [
+    "delete-traversal",
+    "delete-empty-id",
+    "delete-nul",
+    "delete-slash",
+    "delete-unknown",
+    "delete-unknowns",
+    "ingest-empty-list",
+    "ingest-comment-list",
+    "ingest-binary-list",
+    "ingest-self-list",
+    "ingest-missing-list",
+    "ingest-missing-file",
+    "ingest-empty-dir",
+    "ingest-glob-nothing",
+    "ingest-bad-name",
+    "ingest-metadata-not-json",
+    "ingest-metadata-list",
+    "ingest-metadata-reserved",
+    "ingest-metadata-dollar",
+    "ingest-metadata-scalar",
+    "ingest-metadata-missing",
+    "ingest-ids-traversal",
+    "ingest-ids-duplicate",
+    "ingest-batch-zero",
+    "search-limit-zero",
+    "search-limit-huge",
+    "search-blank-text",
+    "search-long-text",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_cli_user_errors_exit_2_and_lose_nothing(
+    capsys, shared_dir: Path, videos, tmp_path: Path, name: str
+) -> None:
+    (tmp_path / "emptydir").mkdir()
+    cases = _user_error_cases(tmp_path, videos)
+    assert sorted(cases) == sorted(CASE_NAMES)
+    argv, needle = cases[name]
+    code, _, err = tb(capsys, shared_dir, *argv)
+    assert_user_error(code, err, needle)
+    assert stored_ids(shared_dir) == (["v0", "v1", "v2"],) * 2
+
+
+def test_cli_check_on_a_fresh_dir_is_a_clean_error(capsys, data_dir: Path) -> None:
+    code, _, err = tb(capsys, data_dir, "check")
+    assert_user_error(code, err, "does not exist")
+
+
+# ----------------------------------------------------------------------------- hostile files
+@pytest.mark.timeout(180)
+def test_fifo_device_and_broken_videos_fail_alone(
+    capsys, data_dir: Path, videos, tmp_path: Path
+) -> None:
+    """A FIFO or a device named .mp4 used to hang ingestion forever; broken files fail alone."""
+    ingested(capsys, data_dir, videos[:1])
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    os.mkfifo(batch / "fifo.mp4")
+    (batch / "zero.mp4").symlink_to("/dev/zero")
+    (batch / "empty.mp4").write_bytes(b"")
+    (batch / "garbage.mp4").write_bytes(np.random.default_rng(1).bytes(4096))
+    (batch / "truncated.mp4").write_bytes(videos[1].read_bytes()[:300])
+    (batch / "text.mp4").write_text("hello, not a video\n")
+    (batch / "dir.mp4").mkdir()
+    shutil.copy(videos[2], batch / "good.mp4")
+    inputs = [str(batch / n) for n in ("fifo.mp4", "zero.mp4", "good.mp4")] + [str(batch)]
+    code, out, err = tb(capsys, data_dir, "ingest", *inputs, "--json")
+    report = json.loads(out)
+    assert code == 1, err
+    failed = {Path(f["path"]).name: f["reason"] for f in report["failed"]}
+    assert "not a regular file" in failed["fifo.mp4"] and "not a regular file" in failed["zero.mp4"]
+    assert {"empty.mp4", "garbage.mp4", "truncated.mp4", "text.mp4"} <= set(failed)
+    assert report["ids"] == ["good"]
+    assert stored_ids(data_dir) == (["good", "v0"],) * 2
+    assert "Traceback" not in err
+
+
+def test_changed_metadata_of_unchanged_file_is_written(capsys, data_dir: Path, videos) -> None:
+    meta = data_dir / "meta.json"
+    meta.write_text(json.dumps({"v0": {"lang": "en", "year": 2020}}))
+    code, _, err = tb(capsys, data_dir, "ingest", *map(str, videos), "--metadata", str(meta))
+    assert code == 0, err
+    meta.write_text(json.dumps({"v0": {"lang": "fr", "year": 2021, "tags": ["a", "b"]}}))
+    code, out, err = tb(
+        capsys, data_dir, "ingest", *map(str, videos), "--metadata", str(meta), "--json"
+    )
+    report = json.loads(out)
+    assert code == 0 and report["metadata_updated"] == 1 and report["ingested"] == 0, err
+    assert report["unchanged"] == 2 and report["ids"] == ["v0"]
+    with Client(data_dir=str(data_dir)) as client:
+        before = client.index.get(["v0"], with_vectors=True)["v0"]
+        hits = client.search("a red square", limit=3, filter='lang == "fr" and year == 2021')
+        assert [h.id for h in hits] == ["v0"] and hits[0].metadata["tags"] == ["a", "b"]
+        assert client.store.get("v0").metadata == {"lang": "fr", "year": 2021, "tags": ["a", "b"]}
+    # the same metadata again: nothing to do
+    code, out, _ = tb(
+        capsys, data_dir, "ingest", *map(str, videos), "--metadata", str(meta), "--json"
+    )
+    assert json.loads(out)["metadata_updated"] == 0 and json.loads(out)["unchanged"] == 3
+    with Client(data_dir=str(data_dir)) as client:
+        after = client.index.get(["v0"], with_vectors=True)["v0"]
+    np.testing.assert_array_equal(before["cls"], after["cls"])  # the vector was kept
+    code, out, _ = tb(capsys, data_dir, "check", "--json")
+    assert code == 0 and json.loads(out)["ok"]
+
+
+def test_delete_reports_unknown_ids(capsys, data_dir: Path, videos) -> None:
+    ingested(capsys, data_dir, videos)
+    code, out, err = tb(capsys, data_dir, "delete", "v1", "ghost", "--json")
+    assert code == 1, err
+    assert json.loads(out) == {"deleted": 1, "ids": ["v1"], "not_found": ["ghost"]}
+    assert stored_ids(data_dir) == (["v0", "v2"],) * 2
+    with Client(data_dir=str(data_dir)) as client:
+        assert client.delete(["v2", "ghost"]) == 1
+        with pytest.raises(NotFoundError, match="ghost"):
+            client.delete(["v0", "ghost"], missing_ok=False)
+        assert client.index.list_ids() == ["v0"]  # nothing deleted by the refused call
+
+
+def test_unparsable_record_found_and_repaired(capsys, data_dir: Path, videos) -> None:
+    ingested(capsys, data_dir, videos)
+    import lmdb
+
+    env = lmdb.open(str(data_dir / "frames"), subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"v2", b"\x00" * 5)
+        txn.put(b"stray", b"garbage that is not safetensors")
+    env.close()
+    with Client(data_dir=str(data_dir)) as client, pytest.raises(DataCorruptionError, match="v2"):
+        client.search("a blue square", limit=3)
+    code, out, _ = tb(capsys, data_dir, "check", "--repair", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["corrupt"] == ["stray", "v2"]
+    assert report["lost"] == {"stray": "", "v2": str(videos[2].resolve())}
+    assert stored_ids(data_dir) == (["v0", "v1"],) * 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "config-garbage", "no-config"])
+def test_damaged_checkpoint_is_a_clean_cli_error(
+    capsys, shared_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    broken = tmp_path / "ckpt"
+    shutil.copytree(shared_dir / "checkpoint", broken)
+    weights = broken / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x55
+        weights.write_bytes(bytes(data))
+    elif damage == "config-garbage":
+        (broken / "config.json").write_bytes(b"\x00\xff{")
+    else:
+        (broken / "config.json").unlink()
+    code, _, err = tb(capsys, shared_dir, "search", "red", "--checkpoint", str(broken))
+    assert_user_error(code, err)
+    assert stored_ids(shared_dir) == (["v0", "v1", "v2"],) * 2
