@@ -558,3 +558,39 @@ def test_damaged_checkpoint_is_a_clean_cli_error(
     code, _, err = tb(capsys, shared_dir, "search", "red", "--checkpoint", str(broken))
     assert_user_error(code, err)
     assert stored_ids(shared_dir) == (["v0", "v1", "v2"],) * 2
+
+
+def test_non_finite_tokens_over_grpc_are_data_loss(tmp_path: Path) -> None:
+    """The sidecar reports a poisoned record as DATA_LOSS naming the id (the server's data, not
+    the caller's request), and keeps serving the others."""
+    import grpc
+
+    from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
+    from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
+    from tb_reranker.server.config import ServerConfig
+    from tb_reranker.server.testing import ServerThread, build_tiny_components
+
+    components, ids = build_tiny_components(tmp_path, num_videos=6)
+    store = components.reranker.store
+
+    def poison(txn) -> None:
+        raw = bytearray(txn.get(b"vid-003"))
+        (header_len,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + header_len])
+        begin = 8 + header_len + header["tokens"]["data_offsets"][0]
+        raw[begin : begin + 8] = np.full(4, np.nan, dtype=np.float16).tobytes()
+        txn.put(b"vid-003", bytes(raw))
+
+    store._write(poison)  # noqa: SLF001
+    with (
+        ServerThread(ServerConfig(port=0), lambda: components) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        rerank = pb_grpc.RerankServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            rerank.Rerank(pb.RerankRequest(text="a dog", candidates_ids=ids), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "'vid-003'" in caught.value.details() and "NaN/inf" in caught.value.details()
+        good = [i for i in ids if i != "vid-003"]
+        reply = rerank.Rerank(pb.RerankRequest(text="a dog", candidates_ids=good), timeout=30)
+        assert len(reply.ranks) == len(good)
