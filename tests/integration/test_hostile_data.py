@@ -594,3 +594,59 @@ def test_non_finite_tokens_over_grpc_are_data_loss(tmp_path: Path) -> None:
         good = [i for i in ids if i != "vid-003"]
         reply = rerank.Rerank(pb.RerankRequest(text="a dog", candidates_ids=good), timeout=30)
         assert len(reply.ranks) == len(good)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_during_ingest_then_rerun_converges(
+    capsys, data_dir: Path, mp4_writer, tmp_path: Path
+) -> None:
+    """``kill -9`` a ``tb ingest`` process once it has stored its first video; re-running the
+    same command converges: every video once in both places, check OK."""
+    import signal
+    import time
+
+    folder = tmp_path / "many"
+    for i in range(8):
+        mp4_writer(folder / f"k{i}.mp4", mp4_writer.colours[i % 6], frames=6 + i)
+    keep = mp4_writer(tmp_path / "keep.mp4", mp4_writer.colours[0])
+    # in child processes only: Milvus Lite locks its file for the process that opened it
+    assert tb_process(data_dir, "ingest", str(keep)).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tb_reranker",
+            "ingest",
+            str(folder),
+            "--batch-size",
+            "1",
+            "--workers",
+            "1",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=str(tmp_path),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            with LmdbFrameStore(data_dir / "frames", readonly=True) as store:
+                if len(store) >= 2:  # "keep" + at least one of this batch
+                    break
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(30)
+    assert child.returncode == -signal.SIGKILL  # killed mid-way, not finished
+    code, out, err = tb(capsys, data_dir, "ingest", str(folder), "--json")
+    report = json.loads(out)
+    assert code == 0, err
+    assert report["ingested"] + report["unchanged"] == 8
+    assert report["unchanged"] + report["reindexed"] >= 1  # the killed run had written some
+    assert stored_ids(data_dir) == (sorted(["keep", *(f"k{i}" for i in range(8))]),) * 2
+    code, out, _ = tb(capsys, data_dir, "check", "--json")
+    assert code == 0 and json.loads(out)["ok"]
