@@ -62,6 +62,31 @@ def _is_invalid_input(exc: Exception) -> bool:
     )
 
 
+def _balanced(expr: str) -> bool:
+    """Whether the parentheses of a filter balance outside its string literals, so that
+    ``(expr)`` is one term when combined with other conditions (``x) or (true`` is not)."""
+    depth = 0
+    quote = ""
+    escaped = False
+    for char in expr:
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0 and not quote
+
+
 def _is_missing_collection(exc: Exception) -> bool:
     from pymilvus.exceptions import CollectionNotExistException
 
@@ -438,6 +463,10 @@ class VideoIndex:
         with ``ef`` raised by the selectivity (``ef · rows / matches``, at most 16384), and any
         query that still comes back short of ``min(limit, matches)`` is scored exactly.
         """
+        if not _balanced(filter):
+            raise InvalidInputError(
+                "filter has unbalanced parentheses or an unterminated string literal"
+            )
         consistency = kwargs.get("consistency_level")
         matches = self._count(filter, consistency)
         if matches == 0:

@@ -119,3 +119,21 @@ def test_filtered_search_keeps_metadata(filled) -> None:
     assert set(by_id) == {"test_000007", "test_000011"}
     assert by_id["test_000007"]["genre"] == GENRES[7 % 5] and by_id["test_000007"]["year"] == 2007
     assert by_id["test_000011"]["duration_s"] == 11.0
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        'id == "test_000001") or (id != ""',  # would escape the exact path's id-range paging
+        'id == "',
+        "((duration_s > 1)",
+        "duration_s > 1)",
+    ],
+)
+def test_unbalanced_filter_is_invalid_input(filled, expr: str) -> None:
+    from tb_reranker.errors import InvalidInputError
+
+    index, _, _ = filled
+    with pytest.raises(InvalidInputError, match="unbalanced|unterminated"):
+        index.search(np.ones(DIM, dtype=np.float32), 5, filter=expr)
+    assert index.count() == N  # nothing changed
