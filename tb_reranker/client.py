@@ -265,16 +265,35 @@ class Client:
             out.append(reordered[:limit])
         return out
 
-    def delete(self, ids: Sequence[str]) -> int:
-        """Remove videos from Milvus, then from the store. Returns how many were removed."""
-        from tb_reranker.index import delete
+    def delete(self, ids: Sequence[str], *, missing_ok: bool = True) -> int:
+        """Remove videos from Milvus, then from the store. Returns how many were removed (ids
+        found in neither are not counted; logged). ``missing_ok=False``: raise NotFoundError
+        naming them, and delete nothing, when any id is unknown."""
+        return len(self.delete_report(ids, missing_ok=missing_ok).deleted)
+
+    def delete_report(self, ids: Sequence[str], *, missing_ok: bool = True) -> Any:
+        """``delete`` returning the ``DeleteReport`` (``deleted`` and ``not_found`` ids)."""
+        from tb_reranker.index.ingest import delete
+        from tb_reranker.index.store import validate_video_id
 
         if isinstance(ids, str):
             ids = [ids]
-        removed = delete(list(ids), index=self.index, store=self.store)
+        ids = [validate_video_id(i) for i in ids]
+        if not missing_ok:
+            known = set(self.index.get(ids))
+            unknown = [i for i in ids if i not in known and not self.store.contains(i)]
+            if unknown:
+                raise NotFoundError(
+                    f"{len(unknown)} video ids not found (nothing deleted): "
+                    + ", ".join(unknown[:10])
+                    + (" ..." if len(unknown) > 10 else "")
+                )
+        report = delete(ids, index=self.index, store=self.store)
+        if report.not_found:
+            log.info("delete: %d ids not found: %s", len(report.not_found), report.not_found[:10])
         if self._reranker is not None:
-            self._reranker.invalidate(list(ids))
-        return removed
+            self._reranker.invalidate(ids)
+        return report
 
     def check(self, repair: bool = False) -> Any:
         """Find (and with ``repair=True`` fix) disagreement between Milvus and the store."""

@@ -103,6 +103,14 @@ class AuthenticationError(TBError):
     """Missing or wrong credentials."""
 
 
+class DataCorruptionError(StoreError):
+    """Stored data is damaged (unreadable entry, NaN/inf tokens, a broken store page): the
+    server's fault, not the caller's, and not retriable; ``tb check --repair`` fixes it."""
+
+
+__all__ += ["DataCorruptionError"]
+
+
 # One table: error type -> gRPC status code name. Order matters only for subclasses
 # (the first match in the MRO wins, see grpc_status_name).
 GRPC_STATUS: dict[type[BaseException], str] = {
@@ -119,6 +127,8 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     DeadlineExceededError: "DEADLINE_EXCEEDED",
     AuthenticationError: "UNAUTHENTICATED",
 }
+
+GRPC_STATUS[DataCorruptionError] = "DATA_LOSS"  # found before StoreError: MRO order
 
 
 def grpc_status_name(exc: BaseException) -> str:

@@ -105,13 +105,26 @@ def run_collection(args: argparse.Namespace) -> int:
 
 
 def run_delete(args: argparse.Namespace) -> int:
+    """Exit 0 when every id was deleted, 1 when some were not found (the others are deleted),
+    2 (NotFoundError) when none was found."""
+    from tb_reranker.errors import NotFoundError
+
     with client_from_args(args) as client:
-        removed = client.delete(args.ids)
+        report = client.delete_report(args.ids)
+    if report.not_found and not report.deleted:
+        raise NotFoundError(
+            f"no such video id{'s' if len(report.not_found) > 1 else ''}: "
+            + ", ".join(report.not_found[:10])
+            + (" ..." if len(report.not_found) > 10 else "")
+            + " (nothing deleted)"
+        )
     if args.json:
-        print_json({"deleted": removed, "ids": args.ids})
+        print_json(report.to_dict())
     else:
-        print(f"deleted {removed} video(s)")
-    return 0
+        print(f"deleted {len(report.deleted)} video(s)")
+        if report.not_found:
+            print("not found: " + ", ".join(report.not_found))
+    return 1 if report.not_found else 0
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -133,7 +146,13 @@ def run_check(args: argparse.Namespace) -> int:
             ids = getattr(report, name)
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
             print(f"{name}: {len(ids)}" + (f" ({shown})" if ids else ""))
+        for video_id, reason in list(report.reasons.items())[:10]:
+            print(f"corrupt {video_id}: {reason}")
+        for line in report.damage:
+            print(f"store damage: {line}")
         for action in report.actions:
             print(f"repaired: {action}")
+        for video_id, uri in report.lost.items():
+            print(f"lost {video_id}: re-ingest {uri or '(source unknown)'}")
         print("OK" if report.ok or report.repaired else "disagreements found (run with --repair)")
     return 0 if report.ok or report.repaired else 1

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from tb_reranker.index.store import FrameRecord, FrameStore, validate_video_id
 __all__ = [
     "IngestReport",
     "CheckReport",
+    "DeleteReport",
     "VIDEO_EXTENSIONS",
     "ingest",
     "delete",
@@ -74,10 +75,12 @@ class IngestReport:
     videos_per_s: float = 0.0  # ingested / seconds
     reindexed: int = 0  # of `ingested`: rows rebuilt from stored tokens without decoding
     ids: list[str] = field(default_factory=list)  # ids written, in input order
+    metadata_updated: int = 0  # unchanged files whose new metadata was written (not re-encoded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ingested": self.ingested,
+            "metadata_updated": self.metadata_updated,
             "unchanged": self.unchanged,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "seconds": round(self.seconds, 3),
@@ -88,7 +91,9 @@ class IngestReport:
 
     def summary(self) -> str:
         return (
-            f"ingested {self.ingested} (re-indexed {self.reindexed}), unchanged {self.unchanged}, "
+            f"ingested {self.ingested} (re-indexed {self.reindexed}), unchanged {self.unchanged}"
+            + (f" (metadata updated {self.metadata_updated})" if self.metadata_updated else "")
+            + ", "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({self.videos_per_s:.2f} videos/s)"
         )
 
@@ -104,11 +109,18 @@ class CheckReport:
     corrupt: list[str] = field(default_factory=list)  # store entries that cannot be read
     repaired: bool = False  # whether repair ran
     actions: list[str] = field(default_factory=list)  # what repair did, one line each
+    damage: list[str] = field(default_factory=list)  # store-level damage (broken pages)
+    reasons: dict[str, str] = field(default_factory=dict)  # corrupt id -> what is wrong
+    lost: dict[str, str] = field(default_factory=dict)  # dropped by repair: id -> source uri
 
     @property
     def ok(self) -> bool:
         return self.fingerprint_ok and not (
-            self.only_in_store or self.only_in_index or self.hash_mismatch or self.corrupt
+            self.only_in_store
+            or self.only_in_index
+            or self.hash_mismatch
+            or self.corrupt
+            or self.damage
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +133,9 @@ class CheckReport:
             "corrupt": list(self.corrupt),
             "repaired": self.repaired,
             "actions": list(self.actions),
+            "damage": list(self.damage),
+            "reasons": dict(self.reasons),
+            "lost": dict(self.lost),
         }
 
 
@@ -144,6 +159,7 @@ def expand_paths(
     out: list[str] = []
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
+    lists_seen: set[str] = set()
 
     def add(path: Path) -> None:
         key = str(path.resolve())
@@ -156,15 +172,27 @@ def expand_paths(
             list_file = Path(item[1:])
             if base is not None and not list_file.is_absolute():
                 list_file = base / list_file
+            key = str(list_file.resolve())
+            if key in lists_seen:
+                problems.append((item, "list file includes itself (directly or not): skipped"))
+                return
+            lists_seen.add(key)
             try:
+                if list_file.exists() and not list_file.is_file():
+                    raise ValueError("not a regular file")
                 lines = list_file.read_text(encoding="utf-8").splitlines()
             except OSError as exc:
                 problems.append((item, f"cannot read list file: {exc.strerror or exc}"))
                 return
-            for line in lines:
-                entry = line.strip()
-                if entry and not entry.startswith("#"):
-                    expand(entry, list_file.parent)
+            except ValueError as exc:  # UnicodeDecodeError included
+                problems.append((item, f"cannot read list file: {exc}"))
+                return
+            entries = [line.strip() for line in lines]
+            entries = [e for e in entries if e and not e.startswith("#")]
+            if not entries:
+                problems.append((item, "list file holds no entries"))
+            for entry in entries:
+                expand(entry, list_file.parent)
             return
         path = Path(item).expanduser()
         if base is not None and not path.is_absolute():
@@ -288,6 +316,19 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> None:
             )
 
 
+def _user_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    from tb_reranker.index.milvus_index import ROW_FIELDS
+
+    return {k: v for k, v in row.items() if k not in ROW_FIELDS and k != "score"}
+
+
+def _same_json(value: Mapping[str, Any]) -> str:
+    """Canonical JSON of user metadata (Milvus returns numbers/dicts as they were written)."""
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _hash_file(path: str) -> str:
     from tb_reranker.video import content_hash
 
@@ -339,6 +380,9 @@ def ingest(
         raise InvalidInputError(f"batch_size and workers must be >= 1, got {batch_size}, {workers}")
     _check_metadata(metadata)
     files, problems = expand_paths(paths)
+    if not files:
+        shown = "; ".join(f"{item}: {why}" for item, why in problems[:5]) or "no input given"
+        raise InvalidInputError(f"nothing to ingest: {shown}")
     videos_ids = video_ids_for(files, ids)
     report = IngestReport(failed=list(problems))
     _prepare_index(index, model)
@@ -359,6 +403,7 @@ def ingest(
             report.failed.append((path, exc.reason))
     to_encode: list[tuple[str, str]] = []
     to_reindex: list[tuple[str, str, FrameRecord]] = []
+    to_update: list[tuple[str, FrameRecord, dict[str, Any]]] = []
     for start in range(0, len(todo), _READ_BATCH):
         chunk = todo[start : start + _READ_BATCH]
         chunk_ids = [i for i, _ in chunk]
@@ -381,11 +426,29 @@ def ingest(
             )
             row = indexed.get(video_id)
             if in_store and row is not None and row.get("content_hash") == hashes[video_id]:
-                report.unchanged += 1
+                wanted = meta_for(video_id, path)
+                if wanted and _same_json(_user_fields(row)) != _same_json(wanted):
+                    assert record is not None
+                    to_update.append((video_id, record, wanted))  # same file, new metadata
+                else:
+                    report.unchanged += 1
             elif in_store and record is not None:
                 to_reindex.append((video_id, path, record))  # killed between store and Milvus
             else:
                 to_encode.append((video_id, path))
+
+    # 1b. unchanged files whose metadata changed: rewrite the row (same vector) and the record's
+    # copy of the metadata; no decoding or encoding
+    for start in range(0, len(to_update), _READ_BATCH):
+        chunk = to_update[start : start + _READ_BATCH]
+        vectors = index.get([i for i, _, _ in chunk], with_vectors=True)
+        records = {i: replace(record, metadata=meta) for i, record, meta in chunk}
+        store.put_many(records)  # store first, as everywhere
+        index.upsert(
+            [_row(i, records[i], vectors[i]["cls"], meta) for i, _, meta in chunk if i in vectors]
+        )
+        report.metadata_updated += len(chunk)
+        report.ids.extend(i for i, _, _ in chunk)
 
     total = len(to_encode) + len(to_reindex)
     bar = None
@@ -472,7 +535,7 @@ def ingest(
     finally:
         if bar is not None:
             bar.close()
-    if report.ingested:
+    if report.ingested or report.metadata_updated:
         index.flush()  # seal the new rows: indexed search instead of brute force over them
     report.seconds = time.perf_counter() - started
     report.videos_per_s = report.ingested / report.seconds if report.seconds > 0 else 0.0
@@ -492,20 +555,40 @@ def _with_uri(record: FrameRecord, path: str) -> FrameRecord:
 
 
 # ------------------------------------------------------------------------------- delete / check
-def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> int:
+@dataclass
+class DeleteReport:
+    """What one ``delete`` call did."""
+
+    deleted: list[str] = field(default_factory=list)  # ids that existed (index or store)
+    not_found: list[str] = field(default_factory=list)  # ids in neither place
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": len(self.deleted), "ids": self.deleted, "not_found": self.not_found}
+
+
+def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> DeleteReport:
     """Delete videos from Milvus first (they stop being found), then from the store.
 
-    Returns the number of ids requested. Missing ids are ignored in both places.
+    Returns which ids were deleted (found in the index or the store) and which were found in
+    neither (nothing to delete; reported, not an error here).
     """
     if isinstance(ids, str):
         raise InvalidInputError("pass a list of video ids, not a single string")
-    wanted = [validate_video_id(i) for i in ids]
+    wanted = list(dict.fromkeys(validate_video_id(i) for i in ids))
+    report = DeleteReport()
     if not wanted:
-        return 0
-    index.delete(wanted)
-    store.delete_many(wanted)
-    log.info("deleted %d videos", len(wanted))
-    return len(wanted)
+        return report
+    present = set(index.get(wanted))
+    for start in range(0, len(wanted), _READ_BATCH):
+        chunk = [i for i in wanted[start : start + _READ_BATCH] if i not in present]
+        present.update(i for i in chunk if store.contains(i))
+    report.deleted = [i for i in wanted if i in present]
+    report.not_found = [i for i in wanted if i not in present]
+    if report.deleted:
+        index.delete(report.deleted)
+        store.delete_many(report.deleted)
+    log.info("deleted %d videos (%d not found)", len(report.deleted), len(report.not_found))
+    return report
 
 
 def check(
@@ -522,7 +605,10 @@ def check(
     without a row (or with a row of another content hash: the store is written first, so it is
     the newer) are re-indexed from their tokens (``store_only="reindex"``, the video CLS being
     the L2-normalised mean of the real frames' features, as in the model) or deleted
-    (``store_only="delete"``); corrupt store entries are deleted from both.
+    (``store_only="delete"``); corrupt store entries (unparsable, NaN/inf tokens) are deleted
+    from both, and a store with damaged pages is rebuilt from its readable entries (the damaged
+    copy is moved aside). Videos dropped are listed in ``lost`` with their source uri: ingesting
+    those files again re-encodes them (the store no longer holds them, so nothing is skipped).
 
     Raises:
         ModelMismatchError: ``repair`` while the collection's fingerprint differs from the model's.
@@ -544,7 +630,6 @@ def check(
             f"collection {index.collection!r} was filled by model {index.stored_fingerprint()}, "
             f"not the loaded {index.fingerprint}; refusing to repair with another model's tokens"
         )
-    store_ids = set(store.list_ids())
     allowed = index.allow_fingerprint_mismatch
     index.allow_fingerprint_mismatch = allowed or not report.fingerprint_ok  # reads are harmless
     try:
@@ -554,33 +639,75 @@ def check(
         }
     finally:
         index.allow_fingerprint_mismatch = allowed
+    # every entry read (LMDB: in child processes, so a page that makes LMDB abort is reported,
+    # not fatal); the ids Milvus knows are probed one by one when the key listing is damaged
+    scan = store.scan(expected=sorted(index_hashes))
+    report.damage = list(scan.damage)
+    if scan.bad_keys:
+        report.damage.append(f"{len(scan.bad_keys)} keys that are not video ids")
+    report.reasons = dict(sorted(scan.corrupt.items()))
+    store_ids = set(scan.ok) | set(scan.corrupt)
     report.only_in_index = sorted(set(index_hashes) - store_ids)
-    both = sorted(store_ids & set(index_hashes))
-    candidates = sorted(store_ids - set(index_hashes))
+    report.corrupt = sorted(scan.corrupt)
+    readable = set(scan.ok)
+    both = sorted(readable & set(index_hashes))
+    candidates = sorted(readable - set(index_hashes))
     records: dict[str, FrameRecord] = {}
-    for video_id in both + candidates:
+    wanted = both + candidates
+    for start in range(0, len(wanted), _READ_BATCH):
+        chunk = wanted[start : start + _READ_BATCH]
         try:
-            found = store.get_many([video_id])
-        except StoreError:
-            report.corrupt.append(video_id)
-            continue
-        if video_id in found:
-            records[video_id] = found[video_id]
+            records.update(store.get_many(chunk))
+        except StoreError:  # changed since the scan: read one by one
+            for video_id in chunk:
+                try:
+                    records.update(store.get_many([video_id]))
+                except StoreError as exc:
+                    report.corrupt.append(video_id)
+                    report.reasons[video_id] = str(exc)
+    report.corrupt.sort()
     report.only_in_store = [i for i in candidates if i in records]
     report.hash_mismatch = [
         i for i in both if i in records and records[i].content_hash != index_hashes[i]
     ]
+    for video_id in report.corrupt:
+        log.warning("check: %s", report.reasons.get(video_id, f"{video_id}: unreadable"))
+    for line in report.damage:
+        log.warning("check: frame-token store damage: %s", line)
     if not repair:
         return report
 
     report.repaired = True
+    dropped = sorted(set(report.only_in_index) | set(report.corrupt))
+    if dropped:  # remember where their sources are: re-ingesting them restores them
+        rows = index.get(dropped)
+        report.lost = {i: str(rows.get(i, {}).get("uri", "")) for i in dropped}
+    if report.damage:
+        salvage = getattr(store, "salvage", None)
+        if salvage is None:
+            report.actions.append("store-level damage left as is (this backend cannot rebuild)")
+        else:
+            aside = salvage(sorted(readable))
+            report.actions.append(
+                f"rebuilt the frame-token store from its {len(readable)} readable entries; "
+                f"the damaged copy is kept at {aside}"
+            )
     if report.only_in_index:
         index.delete(report.only_in_index)
         report.actions.append(f"deleted {len(report.only_in_index)} index-only rows")
     if report.corrupt:
         index.delete(report.corrupt)
-        store.delete_many(report.corrupt)
-        report.actions.append(f"deleted {len(report.corrupt)} corrupt store entries")
+        if not report.damage:  # a rebuilt store holds none of them
+            store.delete_many(report.corrupt)
+        report.actions.append(
+            f"deleted {len(report.corrupt)} corrupt store entries and their rows: "
+            + ", ".join(report.corrupt[:10])
+            + (" ..." if len(report.corrupt) > 10 else "")
+        )
+    if report.lost:
+        report.actions.append(
+            f"{len(report.lost)} videos dropped: re-ingest their source files to restore them"
+        )
     stale = report.only_in_store + report.hash_mismatch
     if stale and store_only == "delete":
         index.delete(report.hash_mismatch)

@@ -39,6 +39,9 @@ ROW_FIELDS = ("id", "cls", *milvus_schema.SCALAR_FIELDS)
 _RESERVED = frozenset(ROW_FIELDS) | {"score", "$meta", "distance"}
 _BATCH = 1000  # rows per upsert / ids per get/delete request
 _MAX_LIMIT = 16384  # Milvus topk / query limit
+_MAX_EF = 16384  # HNSW search list cap (Milvus accepts up to 32768)
+_EXACT_PAGE = 4096  # rows (with vectors) per query of an exact filtered search
+EXACT_THRESHOLD = 4096  # filtered searches matching at most this many rows are scored exactly
 
 
 # MilvusException codes that mean "the request is malformed" (the caller's fault, not Milvus's):
@@ -76,6 +79,31 @@ def _is_invalid_input(exc: Exception) -> bool:
     )
 
 
+def _balanced(expr: str) -> bool:
+    """Whether the parentheses of a filter balance outside its string literals, so that
+    ``(expr)`` is one term when combined with other conditions (``x) or (true`` is not)."""
+    depth = 0
+    quote = ""
+    escaped = False
+    for char in expr:
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0 and not quote
+
+
 def _is_missing_collection(exc: Exception) -> bool:
     from pymilvus.exceptions import CollectionNotExistException
 
@@ -98,6 +126,8 @@ class VideoIndex:
         timeout: seconds for every Milvus call.
         index: the vector index definition (HNSW M 16 / efConstruction 200 / ef 64 by default).
         allow_fingerprint_mismatch: escape hatch: warn instead of raising on a mismatch.
+        exact_threshold: a filtered search matching at most this many rows scores them exactly
+            (complete and exact); above it, HNSW with ``ef`` raised by the selectivity.
     """
 
     def __init__(
@@ -111,6 +141,7 @@ class VideoIndex:
         timeout: float = 30.0,
         index: milvus_schema.IndexConfig | None = None,
         allow_fingerprint_mismatch: bool = False,
+        exact_threshold: int = EXACT_THRESHOLD,
     ) -> None:
         if not uri:
             raise InvalidInputError("empty Milvus URI")
@@ -123,6 +154,7 @@ class VideoIndex:
         self.timeout = timeout
         self.index_config = index or milvus_schema.IndexConfig()
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
+        self.exact_threshold = max(0, int(exact_threshold))
         self.is_lite = milvus_schema.is_lite_uri(self.uri)
         self._ready = False
         self._client = self._connect(token)
@@ -388,18 +420,30 @@ class VideoIndex:
             )
         if not np.isfinite(array).all():
             raise InvalidInputError("query vectors contain NaN/inf")
-        params = self.index_config.search_params(limit)
-        if ef is not None and "params" in params:
-            params["params"]["ef"] = max(int(ef), limit)
         kwargs: dict[str, Any] = {}
         if consistency_level:
             kwargs["consistency_level"] = consistency_level
+        if not filter:
+            return self._ann_search(array, limit, "", ef, kwargs)
+        return self._filtered_search(array, limit, filter, ef, kwargs)
+
+    def _ann_search(
+        self,
+        array: np.ndarray,
+        limit: int,
+        filter: str,  # noqa: A002
+        ef: int | None,
+        kwargs: dict[str, Any],
+    ) -> list[list[dict[str, Any]]]:
+        params = self.index_config.search_params(limit)
+        if ef is not None and "params" in params:
+            params["params"]["ef"] = min(max(int(ef), limit), _MAX_EF)
         results = self._call(
             "search",
             self._client.search,
             self.collection,
             data=array.tolist(),
-            filter=filter or "",
+            filter=filter,
             limit=limit,
             output_fields=self._output_fields(),
             search_params=params,
@@ -416,6 +460,90 @@ class VideoIndex:
                 row["id"] = str(row["id"])
                 rows.append(row)
             out.append(rows)
+        return out
+
+    def _filtered_search(
+        self,
+        array: np.ndarray,
+        limit: int,
+        filter: str,  # noqa: A002
+        ef: int | None,
+        kwargs: dict[str, Any],
+    ) -> list[list[dict[str, Any]]]:
+        """A filtered search that returns every match up to ``limit``.
+
+        HNSW with a filter walks the graph and drops the nodes that fail the filter: with a
+        narrow filter the walk ends before it met ``limit`` matches (measured: 7-85 of 100
+        three-id filters incomplete over 300 rows). So: count the matches first (one
+        ``count(*)`` query); ``matches <= exact_threshold`` → score the matching rows exactly
+        (their vectors fetched by the filter; the exact top-``limit``); otherwise search HNSW
+        with ``ef`` raised by the selectivity (``ef · rows / matches``, at most 16384), and any
+        query that still comes back short of ``min(limit, matches)`` is scored exactly.
+        """
+        if not _balanced(filter):
+            raise InvalidInputError(
+                "filter has unbalanced parentheses or an unterminated string literal"
+            )
+        consistency = kwargs.get("consistency_level")
+        matches = self._count(filter, consistency)
+        if matches == 0:
+            return [[] for _ in range(array.shape[0])]
+        if matches <= self.exact_threshold:
+            return self._exact_search(array, limit, filter, kwargs)
+        if ef is None:
+            total = max(self._count("", consistency), matches)
+            ef = math.ceil(max(self.index_config.ef, limit) * total / matches)
+        out = self._ann_search(array, limit, filter, ef, kwargs)
+        short = [q for q, rows in enumerate(out) if len(rows) < min(limit, matches)]
+        if short:
+            log.info(
+                "filtered search: %d of %d queries short of min(limit %d, matches %d); "
+                "scoring them exactly",
+                len(short),
+                len(out),
+                limit,
+                matches,
+            )
+            exact = self._exact_search(array[short], limit, filter, kwargs)
+            for q, rows in zip(short, exact, strict=True):
+                out[q] = rows
+        return out
+
+    def _exact_search(
+        self,
+        array: np.ndarray,
+        limit: int,
+        filter: str,  # noqa: A002
+        kwargs: dict[str, Any],
+    ) -> list[list[dict[str, Any]]]:
+        """Exact cosine top-``limit`` over the rows matching ``filter`` (pages of rows, a
+        running top-``limit`` per query: memory bounded by page + limit rows)."""
+        queries = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+        best_rows: list[dict[str, Any]] = []
+        best_scores = np.empty((array.shape[0], 0), dtype=np.float32)
+        fields = ["id", "cls", *self._output_fields()]
+        pages = self._iter_pages(filter, fields, kwargs.get("consistency_level"), _EXACT_PAGE)
+        for page in pages:
+            vectors = np.asarray([row["cls"] for row in page], dtype=np.float32)
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            rows = [self._flatten(row) for row in page]
+            scores = np.concatenate([best_scores, queries @ vectors.T], axis=1)
+            candidates = best_rows + rows
+            keep = min(limit, len(candidates))
+            # per query its own top-`keep`; rows kept = union of them (bounded by Q · limit)
+            top = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+            union = sorted(set(top.ravel().tolist()))
+            best_rows = [candidates[i] for i in union]
+            best_scores = scores[:, union]
+        out: list[list[dict[str, Any]]] = []
+        for q in range(array.shape[0]):
+            order = np.argsort(-best_scores[q], kind="stable")[:limit]
+            hits = []
+            for i in order:
+                row = {"id": str(best_rows[i]["id"]), "score": float(best_scores[q, i])}
+                row.update({k: v for k, v in best_rows[i].items() if k != "id"})
+                hits.append(row)
+            out.append(hits)
         return out
 
     def get(
@@ -456,14 +584,18 @@ class VideoIndex:
             )
         return len(wanted)
 
-    def _count(self, expr: str) -> int:
+    def _count(self, expr: str, consistency_level: str | None = "Strong") -> int:
+        """Rows matching ``expr`` (all for ""); ``consistency_level`` None = the collection's."""
+        kwargs: dict[str, Any] = {}
+        if consistency_level:
+            kwargs["consistency_level"] = consistency_level
         rows = self._call(
             "count",
             self._client.query,
             self.collection,
             filter=expr,
             output_fields=["count(*)"],
-            consistency_level="Strong",
+            **kwargs,
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -478,12 +610,32 @@ class VideoIndex:
         timestamp and misses rows written in the last seconds.
         """
         self._ensure_ready()
+        for page in self._iter_pages("", ("id", *fields), "Strong", page_size):
+            for row in page:
+                yield self._flatten(row)
+
+    def _iter_pages(
+        self,
+        filter: str,  # noqa: A002
+        fields: Sequence[str],
+        consistency_level: str | None,
+        page_size: int = 10000,
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Pages of the rows matching ``filter`` (``fields`` only), in id order.
+
+        Pages are id ranges ``[lo, hi)``: a range that returns more than ``page_size`` rows is
+        split at the median id of what came back (one query per range; ~2N/page_size queries).
+        """
         page_size = max(1, min(int(page_size), _MAX_LIMIT - 1))
         output = list(dict.fromkeys(["id", *fields]))
+        kwargs: dict[str, Any] = {}
+        if consistency_level:
+            kwargs["consistency_level"] = consistency_level
         stack: list[tuple[str, str | None]] = [("", None)]
         while stack:
             low, high = stack.pop()
-            parts = [f'id >= "{low}"' if low else 'id != ""']
+            parts = [f"({filter})"] if filter else []
+            parts.append(f'id >= "{low}"' if low else 'id != ""')
             if high is not None:
                 parts.append(f'id < "{high}"')
             rows = self._call(
@@ -493,12 +645,12 @@ class VideoIndex:
                 filter=" and ".join(parts),
                 output_fields=output,
                 limit=page_size + 1,
-                consistency_level="Strong",
+                **kwargs,
             )
             rows = sorted(rows, key=lambda r: str(r["id"]))
             if len(rows) <= page_size:
-                for row in rows:
-                    yield self._flatten(row)
+                if rows:
+                    yield rows
                 continue
             middle = str(rows[len(rows) // 2]["id"])  # > rows[0]: both halves hold rows
             stack.append((middle, high))

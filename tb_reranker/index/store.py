@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tb_reranker.errors import InvalidInputError, StoreError
+from tb_reranker.errors import DataCorruptionError, InvalidInputError, StoreError
 
 __all__ = [
     "FrameRecord",
@@ -144,7 +144,8 @@ def encode_record(record: FrameRecord, dtype: np.dtype | type = np.float16) -> b
     """safetensors bytes of ``record``, tokens cast to ``dtype``."""
     from safetensors.numpy import save
 
-    tokens = np.ascontiguousarray(record.tokens, dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow to inf is refused just below
+        tokens = np.ascontiguousarray(record.tokens, dtype=dtype)
     if not np.isfinite(tokens).all():
         raise InvalidInputError("frame tokens contain NaN/inf (or overflow float16)")
     tensors = {
@@ -186,7 +187,9 @@ def _tensor(header: dict[str, Any], name: str, data: Any, base: int) -> np.ndarr
 
 
 def decode_record(video_id: str, data: bytes | memoryview) -> FrameRecord:
-    """Parse safetensors bytes; any problem is a :class:`StoreError` naming ``video_id``.
+    """Parse safetensors bytes; any problem is a :class:`DataCorruptionError` naming
+    ``video_id`` (unparsable bytes, or tokens/timestamps that are not finite: encode_record never
+    writes those, so they can only come from damage on disk).
 
     The header is parsed directly (the safetensors format: u64 little-endian header length,
     JSON header, raw little-endian tensor bytes) so a read costs a few microseconds.
@@ -216,8 +219,15 @@ def decode_record(video_id: str, data: bytes | memoryview) -> FrameRecord:
             fingerprint=str(metadata.get("fingerprint", "")),
             metadata=user,
         )
+        if not np.isfinite(record.tokens).all():
+            raise ValueError("frame tokens contain NaN/inf")
+        if not np.isfinite(record.timestamps).all():
+            raise ValueError("timestamps contain NaN/inf")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt entry
-        raise StoreError(f"corrupt frame-token entry for video {video_id!r}: {exc}") from exc
+        raise DataCorruptionError(
+            f"corrupt frame-token entry for video {video_id!r}: {exc} "
+            "(run `tb check --repair`, then re-ingest it)"
+        ) from exc
     return record
 
 
@@ -251,6 +261,28 @@ class FrameStore(abc.ABC):
 
     def get(self, video_id: str) -> FrameRecord | None:
         return self.get_many([video_id]).get(video_id)
+
+    def scan(self, expected: Iterable[str] = ()) -> Any:
+        """Read every entry: a :class:`~tb_reranker.index.lmdb_scan.StoreScan` (ids that read
+        fine, corrupt ids with the reason, store-level damage). ``expected``: ids that should
+        be present (backends that can lose their key listing read these one by one)."""
+        from tb_reranker.index.lmdb_scan import StoreScan
+
+        scan = StoreScan()
+        try:
+            ids = list(self.list_ids())
+        except StoreError as exc:
+            scan.damage.append(f"listing the entries failed: {exc}")
+            ids = list(dict.fromkeys(expected))
+        for video_id in ids:
+            try:
+                found = self.get_many([video_id])
+            except StoreError as exc:
+                scan.corrupt[video_id] = str(exc)
+                continue
+            if video_id in found:
+                scan.ok.append(video_id)
+        return scan
 
     def __contains__(self, video_id: object) -> bool:
         return isinstance(video_id, str) and self.contains(video_id)
@@ -309,7 +341,7 @@ class LmdbFrameStore(FrameStore):
                 max_readers=256,
                 lock=True,
             )
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open frame-token store {str(self.path)!r}: {exc}") from exc
 
     def __repr__(self) -> str:
@@ -359,6 +391,10 @@ class LmdbFrameStore(FrameStore):
                     value = txn.get(video_id.encode())  # a memoryview valid inside the txn
                     if value is not None:
                         out[video_id] = decode_record(video_id, value)
+        except (self._lmdb.CorruptedError, self._lmdb.PageNotFoundError) as exc:
+            raise DataCorruptionError(
+                f"frame-token store {self.path.name!r} is damaged: {exc} (run `tb check`)"
+            ) from exc
         except self._lmdb.Error as exc:
             raise StoreError(f"frame-token store read failed: {exc}") from exc
         return out
@@ -376,9 +412,59 @@ class LmdbFrameStore(FrameStore):
 
     def list_ids(self) -> Iterator[str]:
         env = self._env_or_raise()
-        with env.begin() as txn:
-            keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        try:
+            with env.begin() as txn:
+                keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        except (self._lmdb.Error, UnicodeDecodeError) as exc:
+            raise DataCorruptionError(
+                f"frame-token store {self.path.name!r} is damaged: {exc} (run `tb check`)"
+            ) from exc
         yield from keys
+
+    def scan(self, expected: Iterable[str] = ()) -> Any:
+        """Every entry read in child processes (see :mod:`tb_reranker.index.lmdb_scan`): a
+        damaged page that makes LMDB abort kills a child, never this process."""
+        from tb_reranker.index.lmdb_scan import scan_lmdb
+
+        self._env_or_raise()
+        return scan_lmdb(self.path, expected)
+
+    def salvage(self, ids: list[str]) -> Path:
+        """Rebuild the environment from the entries ``ids`` (read fine by :meth:`scan`).
+
+        The readable entries are copied into a fresh environment (in a child process), the
+        damaged directory is moved aside to ``<path>.damaged-<time>`` (kept for forensics), and
+        the fresh one takes its place. Returns where the damaged copy went. Stop other processes
+        using the store first: they keep reading the damaged copy until they reopen it.
+        """
+        import shutil
+        import time
+
+        from tb_reranker.index.lmdb_scan import copy_lmdb
+
+        env = self._env_or_raise()
+        map_size = env.info()["map_size"]
+        fresh = self.path.with_name(self.path.name + ".salvage")
+        shutil.rmtree(fresh, ignore_errors=True)
+        copy_lmdb(self.path, fresh, ids)
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.close()
+        os.replace(self.path, aside)
+        os.replace(fresh, self.path)
+        self._env = self._lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            subdir=True,
+            writemap=False,
+            readahead=False,
+            meminit=False,
+            max_readers=256,
+            lock=True,
+        )
+        log.warning(
+            "frame-token store rebuilt from %d entries; damaged copy at %s", len(ids), aside
+        )
+        return aside
 
     def __len__(self) -> int:
         return int(self._env_or_raise().stat()["entries"])

@@ -86,6 +86,52 @@ def _read_document(directory: Path) -> dict[str, Any]:
     return document
 
 
+def _check_shapes(directory: Path, weights_path: Path, config: Any) -> None:
+    """Compare the config's parameter shapes with the weights file's header before any memory is
+    allocated: an edited config (``embed_dim: 1048576``) must not build a 14 GB model first.
+
+    The file's tensor shapes come from the safetensors header alone (``safe_open``); the
+    config's from the model built on the ``meta`` device (shapes without storage).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from tb_reranker.model.tokenbinder import TokenBinder
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:  # reads the header only
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {weights_path} is not a valid safetensors file: {exc}"
+        ) from exc
+    try:
+        with torch.device("meta"):
+            skeleton = TokenBinder(config, device="meta", load_pretrained=False)
+        expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - any config the model cannot be built from
+        raise CheckpointError(
+            f"checkpoint {directory}: config cannot build a model: {exc}"
+        ) from exc
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        f"{name} {found[name]} in the weights vs {expected[name]} from the config"
+        for name in set(expected) & set(found)
+        if found[name] != expected[name]
+    )
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            details.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
+        if mismatched:
+            details.append(f"shape mismatch {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
+        raise CheckpointError(
+            f"checkpoint {directory}: weights do not match the config: " + "; ".join(details)
+        )
+
+
 def load_checkpoint(directory: str | Path, device: str | torch.device | None = None) -> TokenBinder:
     """Rebuild the model saved in ``directory`` without the network.
 
@@ -113,6 +159,7 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
             f"{CONFIG_FILE} records {str(document['weights_sha256'])[:16]}…: the weights were "
             "modified or corrupted after saving"
         )
+    _check_shapes(directory, weights_path, config)
     try:
         tensors = load_file(str(weights_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -120,25 +167,6 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
             f"checkpoint {weights_path} is not a valid safetensors file: {exc}"
         ) from exc
     model = TokenBinder(config, device="cpu", load_pretrained=False)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(
-        f"{name} {tuple(tensors[name].shape)} vs {tuple(expected[name].shape)}"
-        for name in set(expected) & set(tensors)
-        if tuple(tensors[name].shape) != tuple(expected[name].shape)
-    )
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            details.append(f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}")
-        if mismatched:
-            details.append(f"shape mismatch {mismatched[:5]}{' …' if len(mismatched) > 5 else ''}")
-        raise CheckpointError(
-            f"checkpoint {directory}: weights do not match the config: " + "; ".join(details)
-        )
     model.load_state_dict(tensors, strict=True)
     fingerprint = model.fingerprint()
     if fingerprint != document["fingerprint"]:

@@ -86,10 +86,21 @@ class VideoClip:
 
 
 def content_hash(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of the file's bytes, read in chunks (for idempotent ingestion)."""
+    """Hex sha256 of the file's bytes, read in chunks (for idempotent ingestion).
+
+    Only regular files: a FIFO, a device (``/dev/zero``) or a socket named ``.mp4`` would block
+    or never end, so it is opened non-blocking and refused after ``fstat``.
+    """
+    import stat
+
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise VideoDecodeError(
+                    str(path), "not a regular file (a FIFO, device or socket): refused"
+                )
             while chunk := handle.read(chunk_size):
                 digest.update(chunk)
     except FileNotFoundError:

@@ -214,7 +214,8 @@ def test_unsafe_and_duplicate_ids_rejected(
 def test_delete_from_both(setup, model, videos_dir: Path) -> None:
     index, store = setup
     ingest([videos_dir], model=model, index=index, store=store, progress=False)
-    assert delete(["clip1", "clip3", "never"], index=index, store=store) == 3
+    report = delete(["clip1", "clip3", "never"], index=index, store=store)
+    assert report.deleted == ["clip1", "clip3"] and report.not_found == ["never"]
     assert all_ids(index, store) == (["clip0", "clip2"],) * 2
     with pytest.raises(InvalidInputError):
         delete(["../clip0"], index=index, store=store)

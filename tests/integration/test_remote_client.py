@@ -281,8 +281,8 @@ def test_sdk_client_remote_modes(setup, milvus_lite_uri, tmp_path):
 
 def test_retries_only_what_can_succeed_later(tmp_path):
     """UNAVAILABLE while the model loads is retried until it serves; a corrupt store entry
-    (StoreError, not retriable) fails at once with its own type."""
-    from tb_reranker.errors import StoreError
+    (DataCorruptionError: DATA_LOSS, not retriable) fails at once with its own type."""
+    from tb_reranker.errors import DataCorruptionError
 
     components, ids = build_tiny_components(tmp_path, num_videos=4)
     components.reranker.store._write(lambda txn: txn.put(b"vid-003", b"garbage"))  # noqa: SLF001
@@ -310,8 +310,8 @@ def test_retries_only_what_can_succeed_later(tmp_path):
             indicators = remote.encode(["a dog"])  # first attempt: "still loading", retried
             assert indicators.shape == (1, 4, 64)
             assert loading._value.get() >= 1  # noqa: SLF001
-            calls = running.server.metrics.requests.labels("RerankService/Rerank", "UNAVAILABLE")
-            with pytest.raises(StoreError, match="vid-003"):
+            calls = running.server.metrics.requests.labels("RerankService/Rerank", "DATA_LOSS")
+            with pytest.raises(DataCorruptionError, match="vid-003"):
                 remote.rerank(indicators, [ids])
             deadline = time.monotonic() + 5  # the server counts a call after replying
             while calls._value.get() < 1 and time.monotonic() < deadline:  # noqa: SLF001

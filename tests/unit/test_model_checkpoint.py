@@ -165,3 +165,58 @@ def test_pickle_disguised_as_weights_is_rejected(saved: Path) -> None:
     path.write_text(json.dumps(document))
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         load_checkpoint(saved)
+
+
+_EDITED_CONFIG_LOAD = """
+import json, resource, sys
+from pathlib import Path
+from tb_reranker.errors import CheckpointError
+from tb_reranker.model import load_checkpoint
+directory = Path(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_checkpoint(directory)
+    message = "loaded"
+except CheckpointError as exc:
+    message = "CheckpointError: " + str(exc)
+grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"message": message, "grew_mb": grew_mb}))
+"""
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("clip_cfg", "text_cfg", "vocab_size", 8_000_000),  # a 2 GB token embedding
+        ("clip_cfg", "embed_dim", 1_048_576),  # the issue's edit (terabytes)
+    ],
+    ids=["vocab", "embed_dim"],
+)
+def test_edited_config_is_refused_before_allocating(saved: Path, edit: tuple) -> None:
+    """The config is checked against the weights file's header (shapes) before any model is
+    built: the old code built the 2 GB model first (peak RSS +1.9 GB, measured), then refused."""
+    import subprocess
+    import sys
+
+    path = saved / "config.json"
+    document = json.loads(path.read_text())
+    target = document["config"]
+    for key in edit[:-2]:
+        target = target[key]
+    target[edit[-2]] = edit[-1]
+    path.write_text(json.dumps(document))
+    import os
+
+    root = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _EDITED_CONFIG_LOAD, str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["message"].startswith("CheckpointError: "), result
+    assert "shape mismatch" in result["message"] and "from the config" in result["message"]
+    assert result["grew_mb"] < 300, result
