@@ -27,12 +27,12 @@ test: $(STAMP)
 # The docker-compose stack for real: starts an engine if none answers (and stops only that one),
 # builds the images offline (`make images`), runs tests/docker, tears everything down.
 test-docker: $(STAMP)
-	PYTHON=$(BIN)/python bash docker/offline/test-docker.sh
+	PYTHON=$(abspath $(BIN))/python bash docker/offline/test-docker.sh
 
 # Every image the stack needs, built with no registry: debootstrap bases, a host wheelhouse,
 # the sidecar from docker/Dockerfile.cpu, stand-ins for Milvus/etcd/MinIO (docker/README.md).
 images: $(STAMP)
-	PYTHON=$(BIN)/python bash docker/offline/build-images.sh
+	PYTHON=$(abspath $(BIN))/python bash docker/offline/build-images.sh
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

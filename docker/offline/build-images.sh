@@ -26,6 +26,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 BUILD=${TB_DOCKER_BUILD_DIR:-$ROOT/build/docker}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
+case "$PY" in /*) ;; */*) PY=$PWD/$PY ;; esac  # the scripts change directory
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 TORCH_VERSION=2.14.1

@@ -7,6 +7,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv/bin/python}
+case "$PY" in /*) ;; */*) PY=$PWD/$PY ;; esac  # the scripts change directory
 ci() { case "${CI:-}" in 1|true|TRUE|yes) return 0 ;; esac; return 1; }
 
 if ! bash docker/offline/engine.sh start; then
