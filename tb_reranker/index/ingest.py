@@ -27,7 +27,7 @@ import numpy as np
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, StoreError, VideoDecodeError
 from tb_reranker.index.milvus_index import VideoIndex
-from tb_reranker.index.store import FrameRecord, FrameStore, validate_video_id
+from tb_reranker.stores import FrameRecord, FrameStore, validate_video_id
 
 __all__ = [
     "IngestReport",

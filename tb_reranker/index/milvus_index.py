@@ -1,7 +1,7 @@
 """The broad-view index: one Milvus row per video (its [CLS] vector + scalar fields + metadata).
 
 Works the same against Milvus Lite (a file path URI) and a Milvus server (``http://host:19530``
-plus a token). The schema and index definition live in :mod:`milvus_setup.schema`.
+plus a token). The schema and index definition live in :mod:`tb_reranker.index.schema`.
 
 Errors: pymilvus failures become :class:`IndexBackendError` (retriable), an unknown collection
 :class:`NotFoundError`, a malformed request (bad filter, wrong dimension) :class:`InvalidInputError`,
@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from milvus_setup import schema as milvus_schema
 from tb_reranker.errors import (
     IndexBackendError,
     InvalidInputError,
@@ -26,9 +25,9 @@ from tb_reranker.errors import (
     NotFoundError,
     TBError,
 )
-from tb_reranker.index.store import validate_video_id
-
-is_lite_uri = milvus_schema.is_lite_uri  # one rule for what a Milvus Lite URI is
+from tb_reranker.index import schema as milvus_schema
+from tb_reranker.index.schema import is_lite_uri
+from tb_reranker.stores.record import validate_video_id
 
 __all__ = ["VideoIndex", "ROW_FIELDS"]
 
@@ -155,7 +154,7 @@ class VideoIndex:
         self.index_config = index or milvus_schema.IndexConfig()
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.exact_threshold = max(0, int(exact_threshold))
-        self.is_lite = milvus_schema.is_lite_uri(self.uri)
+        self.is_lite = is_lite_uri(self.uri)
         self._ready = False
         self._client = self._connect(token)
 
@@ -200,7 +199,7 @@ class VideoIndex:
         return bool(self._call("has_collection", self._client.has_collection, self.collection))
 
     def describe(self) -> dict[str, Any]:
-        """JSON-friendly collection summary (see :func:`milvus_setup.schema.describe_collection`)."""
+        """JSON-friendly collection summary (see :func:`tb_reranker.index.schema.describe_collection`)."""
         return self._call(
             "describe", milvus_schema.describe_collection, self._client, self.collection
         )

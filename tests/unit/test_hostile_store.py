@@ -20,7 +20,7 @@ from tb_reranker.errors import (
     grpc_status_name,
 )
 from tb_reranker.index.ingest import _check_metadata, expand_paths
-from tb_reranker.index.store import (
+from tb_reranker.stores import (
     VIDEO_ID_PATTERN,
     FrameRecord,
     LmdbFrameStore,

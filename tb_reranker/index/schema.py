@@ -5,7 +5,7 @@ Fields (the primary key is the video id):
 ========================  ===================  ===============================================
 field                     type                 meaning
 ========================  ===================  ===============================================
-``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.index``)
+``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.stores``)
 ``cls``                   FLOAT_VECTOR(D)      L2-normalised video [CLS] = mean of frame features
 ``uri``                   VARCHAR(4096)        where the video file lives
 ``duration_s``            FLOAT                video duration in seconds
