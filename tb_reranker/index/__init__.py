@@ -7,7 +7,8 @@ Nothing heavy loads at import: pymilvus, lmdb, boto3 and torch are imported on f
 
 from __future__ import annotations
 
-from tb_reranker.index.ingest import CheckReport, IngestReport, check, delete, ingest
+from tb_reranker.index.ingest import IngestOptions, IngestReport, ingest
+from tb_reranker.index.maintenance import CheckReport, DeleteReport, check, delete
 from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.stores import (
     FrameRecord,
@@ -27,6 +28,8 @@ __all__ = [
     "ingest",
     "delete",
     "check",
+    "IngestOptions",
     "IngestReport",
     "CheckReport",
+    "DeleteReport",
 ]

@@ -4,7 +4,7 @@ video id) and :class:`StoreScan` (what a full read of a store found, for ``tb ch
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tb_reranker.errors import StoreError
@@ -57,6 +57,24 @@ class FrameStore(abc.ABC):
 
     def get(self, video_id: str) -> FrameRecord | None:
         return self.get_many([video_id]).get(video_id)
+
+    def get_readable(
+        self, ids: Sequence[str]
+    ) -> tuple[dict[str, FrameRecord], dict[str, StoreError]]:
+        """Like :meth:`get_many`, but one entry that cannot be read does not hide the others:
+        ``(records read, {id: its error})`` (the ids are read one by one after a failure)."""
+        try:
+            return self.get_many(ids), {}
+        except StoreError:
+            pass
+        records: dict[str, FrameRecord] = {}
+        errors: dict[str, StoreError] = {}
+        for video_id in ids:
+            try:
+                records.update(self.get_many([video_id]))
+            except StoreError as exc:
+                errors[video_id] = exc
+        return records, errors
 
     def scan(self, expected: Iterable[str] = ()) -> StoreScan:
         """Read every entry: a :class:`StoreScan` (ids that read fine, corrupt ids with the
