@@ -214,6 +214,18 @@ def test_the_library_does_not_import_the_deployment_tool() -> None:
     assert not offenders, f"tb_reranker imports milvus_setup: {offenders}"
 
 
+def test_the_layers_of_the_storage_and_index_packages() -> None:
+    """The frame stores know nothing of Milvus or the index; the schema needs nothing of ours
+    (the library and the deployment tool share it)."""
+    graph = import_graph()
+    for name, targets in graph.items():
+        if _is_under(name, "tb_reranker.stores"):
+            ours = {t for t in targets if not _is_under(t, "tb_reranker.stores")}
+            assert ours <= {"tb_reranker.errors"}, f"{name} imports {sorted(ours)}"
+    assert graph["tb_reranker.index.schema"] == set()
+    assert "tb_reranker.index.schema" in graph["milvus_setup.cli"]
+
+
 def test_allowed_edges_still_exist() -> None:
     """An allowed edge that is gone must leave ``ALLOWED_EDGES`` too (the list only shrinks)."""
     graph = import_graph()
