@@ -91,7 +91,7 @@ def measure_model(
 ) -> dict[str, Any]:
     """Ingest every clip of ``videos_dir`` with model ``name``; compare with the raw encoder."""
     from tb_reranker.index import VideoIndex, ingest, open_store
-    from tb_reranker.index.store import encode_record
+    from tb_reranker.stores import encode_record
 
     model = build_model(name)
     raw = raw_encoder(model, args.batch_size, repeats=args.raw_repeats, max_seconds=args.raw_s)

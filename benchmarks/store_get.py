@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tb_reranker.index.store import FrameRecord, LmdbFrameStore
+from tb_reranker.stores import FrameRecord, LmdbFrameStore
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -97,8 +97,8 @@ def _uri(args: argparse.Namespace) -> str:
 
 def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
     """Run ``action``; raises ``TBError`` subclasses for user/backend errors."""
-    from milvus_setup import schema
     from tb_reranker.errors import InvalidInputError
+    from tb_reranker.index import schema
     from tb_reranker.index.milvus_index import VideoIndex
 
     out = out or sys.stdout

@@ -273,8 +273,8 @@ class Client:
 
     def delete_report(self, ids: Sequence[str], *, missing_ok: bool = True) -> Any:
         """``delete`` returning the ``DeleteReport`` (``deleted`` and ``not_found`` ids)."""
-        from tb_reranker.index.ingest import delete
-        from tb_reranker.index.store import validate_video_id
+        from tb_reranker.index import delete
+        from tb_reranker.stores import validate_video_id
 
         if isinstance(ids, str):
             ids = [ids]

@@ -1,13 +1,16 @@
-"""Video index (Milvus), frame-token store (LMDB / S3) and the ingest pipeline.
+"""Video index (Milvus: schema and rows) and the ingest / delete / check pipeline.
 
+The frame stores live in :mod:`tb_reranker.stores`; their public names are re-exported here
+(``from tb_reranker.index import FrameRecord, open_store`` keeps working).
 Nothing heavy loads at import: pymilvus, lmdb, boto3 and torch are imported on first use.
 """
 
 from __future__ import annotations
 
-from tb_reranker.index.ingest import CheckReport, IngestReport, check, delete, ingest
+from tb_reranker.index.ingest import IngestOptions, IngestReport, ingest
+from tb_reranker.index.maintenance import CheckReport, DeleteReport, check, delete
 from tb_reranker.index.milvus_index import VideoIndex
-from tb_reranker.index.store import (
+from tb_reranker.stores import (
     FrameRecord,
     FrameStore,
     LmdbFrameStore,
@@ -25,6 +28,8 @@ __all__ = [
     "ingest",
     "delete",
     "check",
+    "IngestOptions",
     "IngestReport",
     "CheckReport",
+    "DeleteReport",
 ]

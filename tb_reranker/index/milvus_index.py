@@ -1,7 +1,7 @@
 """The broad-view index: one Milvus row per video (its [CLS] vector + scalar fields + metadata).
 
 Works the same against Milvus Lite (a file path URI) and a Milvus server (``http://host:19530``
-plus a token). The schema and index definition live in :mod:`milvus_setup.schema`.
+plus a token). The schema and index definition live in :mod:`tb_reranker.index.schema`.
 
 Errors: pymilvus failures become :class:`IndexBackendError` (retriable), an unknown collection
 :class:`NotFoundError`, a malformed request (bad filter, wrong dimension) :class:`InvalidInputError`,
@@ -10,6 +10,8 @@ and a collection filled by another model :class:`ModelMismatchError`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from milvus_setup import schema as milvus_schema
 from tb_reranker.errors import (
     IndexBackendError,
     InvalidInputError,
@@ -26,9 +27,9 @@ from tb_reranker.errors import (
     NotFoundError,
     TBError,
 )
-from tb_reranker.index.store import validate_video_id
-
-is_lite_uri = milvus_schema.is_lite_uri  # one rule for what a Milvus Lite URI is
+from tb_reranker.index import schema as milvus_schema
+from tb_reranker.index.schema import is_lite_uri
+from tb_reranker.stores.record import validate_video_id, validate_video_ids
 
 __all__ = ["VideoIndex", "ROW_FIELDS"]
 
@@ -113,6 +114,37 @@ def _is_missing_collection(exc: Exception) -> bool:
     return "collection" in text and ("not exist" in text or "not found" in text)
 
 
+def _positive_dim(dim: Any) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
+        raise InvalidInputError(f"dim must be a positive int, got {dim!r}")
+    return int(dim)
+
+
+def _fingerprint_text(fingerprint: Any) -> str:
+    if not isinstance(fingerprint, str):
+        raise InvalidInputError(f"fingerprint must be a string, got {type(fingerprint).__name__}")
+    return fingerprint
+
+
+@dataclasses.dataclass(frozen=True)
+class _Search:
+    """One validated search request, as the search paths pass it along."""
+
+    vectors: np.ndarray  # float32 [Q, D]
+    limit: int
+    filter: str  # "" = none
+    ef: int | None
+    consistency_level: str | None  # None = the collection's
+
+    def consistency(self) -> dict[str, Any]:
+        return _consistency(self.consistency_level)
+
+
+def _consistency(level: str | None) -> dict[str, Any]:
+    """The ``consistency_level`` keyword of a pymilvus call (none: the collection's level)."""
+    return {"consistency_level": level} if level else {}
+
+
 class VideoIndex:
     """The Milvus collection of video [CLS] vectors.
 
@@ -145,17 +177,15 @@ class VideoIndex:
     ) -> None:
         if not uri:
             raise InvalidInputError("empty Milvus URI")
-        if dim is not None and (not isinstance(dim, int) or dim <= 0):
-            raise InvalidInputError(f"dim must be a positive int, got {dim!r}")
         self.uri = str(uri)
         self.collection = collection
-        self.dim = dim
-        self.fingerprint = fingerprint
+        self._dim = None if dim is None else _positive_dim(dim)
+        self._fingerprint = None if fingerprint is None else _fingerprint_text(fingerprint)
         self.timeout = timeout
         self.index_config = index or milvus_schema.IndexConfig()
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.exact_threshold = max(0, int(exact_threshold))
-        self.is_lite = milvus_schema.is_lite_uri(self.uri)
+        self.is_lite = is_lite_uri(self.uri)
         self._ready = False
         self._client = self._connect(token)
 
@@ -192,6 +222,50 @@ class VideoIndex:
             raise IndexBackendError(f"Milvus {what} failed at {self.uri}: {exc}") from exc
 
     @property
+    def dim(self) -> int | None:
+        """Vector dimension D of the model bound to this index (None: not known yet)."""
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Fingerprint of the model bound to this index (None: do not check the collection's)."""
+        return self._fingerprint
+
+    def bind(self, *, fingerprint: str | None = None, dim: int | None = None) -> None:
+        """Bind this index to a model: adopt its ``fingerprint`` and ``dim`` where none is set.
+
+        Raises:
+            InvalidInputError: ``dim`` is not a positive int or ``fingerprint`` not a string.
+            ModelMismatchError: the index is bound to another fingerprint or dimension (then
+                nothing changes).
+        """
+        dim = None if dim is None else _positive_dim(dim)
+        fingerprint = None if fingerprint is None else _fingerprint_text(fingerprint)
+        if fingerprint is not None and self._fingerprint not in (None, fingerprint):
+            raise ModelMismatchError(
+                f"the index expects model {self._fingerprint} but the model given is {fingerprint}"
+            )
+        if dim is not None and self._dim not in (None, dim):
+            raise ModelMismatchError(
+                f"the index holds {self._dim}-d vectors, the model makes {dim}-d ones"
+            )
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
+        if dim is not None:
+            self._dim = dim
+
+    @contextlib.contextmanager
+    def tolerating_mismatch(self, tolerate: bool = True) -> Iterator[None]:
+        """Within the block (when ``tolerate``) a fingerprint mismatch is logged, not raised:
+        for reads that are harmless on another model's collection (``tb check`` listing rows)."""
+        allowed = self.allow_fingerprint_mismatch
+        self.allow_fingerprint_mismatch = allowed or tolerate
+        try:
+            yield
+        finally:
+            self.allow_fingerprint_mismatch = allowed
+
+    @property
     def client(self) -> Any:
         """The underlying ``pymilvus.MilvusClient`` (for advanced use)."""
         return self._client
@@ -200,7 +274,7 @@ class VideoIndex:
         return bool(self._call("has_collection", self._client.has_collection, self.collection))
 
     def describe(self) -> dict[str, Any]:
-        """JSON-friendly collection summary (see :func:`milvus_setup.schema.describe_collection`)."""
+        """JSON-friendly collection summary (see :func:`tb_reranker.index.schema.describe_collection`)."""
         return self._call(
             "describe", milvus_schema.describe_collection, self._client, self.collection
         )
@@ -222,9 +296,9 @@ class VideoIndex:
         for field in desc.get("fields", []):
             if field.get("name") == "cls":
                 dim = int(field["params"]["dim"])
-        if self.dim is None:
-            self.dim = dim
-        elif dim is not None and dim != self.dim:
+        if self._dim is None:
+            self._dim = dim
+        elif dim is not None and dim != self._dim:
             raise ModelMismatchError(
                 f"collection {self.collection!r} holds {dim}-d vectors but the model makes "
                 f"{self.dim}-d ones; use another collection or re-create it"
@@ -297,6 +371,7 @@ class VideoIndex:
 
     def set_fingerprint(self, fingerprint: str) -> None:
         """Record ``fingerprint`` on the collection (adopting it for an empty/unmarked one)."""
+        fingerprint = _fingerprint_text(fingerprint)
         self._call(
             "alter_collection_properties",
             milvus_schema.set_fingerprint,
@@ -304,7 +379,7 @@ class VideoIndex:
             self.collection,
             fingerprint,
         )
-        self.fingerprint = fingerprint
+        self._fingerprint = fingerprint
 
     def close(self) -> None:
         try:
@@ -420,35 +495,27 @@ class VideoIndex:
             )
         if not np.isfinite(array).all():
             raise InvalidInputError("query vectors contain NaN/inf")
-        kwargs: dict[str, Any] = {}
-        if consistency_level:
-            kwargs["consistency_level"] = consistency_level
-        if not filter:
-            return self._ann_search(array, limit, "", ef, kwargs)
-        return self._filtered_search(array, limit, filter, ef, kwargs)
+        query = _Search(array, limit, filter or "", ef, consistency_level or None)
+        if not query.filter:
+            return self._ann_search(query)
+        return self._filtered_search(query)
 
-    def _ann_search(
-        self,
-        array: np.ndarray,
-        limit: int,
-        filter: str,  # noqa: A002
-        ef: int | None,
-        kwargs: dict[str, Any],
-    ) -> list[list[dict[str, Any]]]:
+    def _ann_search(self, query: _Search) -> list[list[dict[str, Any]]]:
+        limit = query.limit
         params = self.index_config.search_params(limit)
-        if ef is not None and "params" in params:
-            params["params"]["ef"] = min(max(int(ef), limit), _MAX_EF)
+        if query.ef is not None and "params" in params:
+            params["params"]["ef"] = min(max(int(query.ef), limit), _MAX_EF)
         results = self._call(
             "search",
             self._client.search,
             self.collection,
-            data=array.tolist(),
-            filter=filter,
+            data=query.vectors.tolist(),
+            filter=query.filter,
             limit=limit,
             output_fields=self._output_fields(),
             search_params=params,
             anns_field="cls",
-            **kwargs,
+            **query.consistency(),
         )
         out: list[list[dict[str, Any]]] = []
         for hits in results:
@@ -462,14 +529,7 @@ class VideoIndex:
             out.append(rows)
         return out
 
-    def _filtered_search(
-        self,
-        array: np.ndarray,
-        limit: int,
-        filter: str,  # noqa: A002
-        ef: int | None,
-        kwargs: dict[str, Any],
-    ) -> list[list[dict[str, Any]]]:
+    def _filtered_search(self, query: _Search) -> list[list[dict[str, Any]]]:
         """A filtered search that returns every match up to ``limit``.
 
         HNSW with a filter walks the graph and drops the nodes that fail the filter: with a
@@ -480,20 +540,21 @@ class VideoIndex:
         with ``ef`` raised by the selectivity (``ef · rows / matches``, at most 16384), and any
         query that still comes back short of ``min(limit, matches)`` is scored exactly.
         """
-        if not _balanced(filter):
+        if not _balanced(query.filter):
             raise InvalidInputError(
                 "filter has unbalanced parentheses or an unterminated string literal"
             )
-        consistency = kwargs.get("consistency_level")
-        matches = self._count(filter, consistency)
+        limit = query.limit
+        matches = self._count(query.filter, query.consistency_level)
         if matches == 0:
-            return [[] for _ in range(array.shape[0])]
+            return [[] for _ in range(query.vectors.shape[0])]
         if matches <= self.exact_threshold:
-            return self._exact_search(array, limit, filter, kwargs)
-        if ef is None:
-            total = max(self._count("", consistency), matches)
+            return self._exact_search(query)
+        if query.ef is None:
+            total = max(self._count("", query.consistency_level), matches)
             ef = math.ceil(max(self.index_config.ef, limit) * total / matches)
-        out = self._ann_search(array, limit, filter, ef, kwargs)
+            query = dataclasses.replace(query, ef=ef)
+        out = self._ann_search(query)
         short = [q for q, rows in enumerate(out) if len(rows) < min(limit, matches)]
         if short:
             log.info(
@@ -504,25 +565,20 @@ class VideoIndex:
                 limit,
                 matches,
             )
-            exact = self._exact_search(array[short], limit, filter, kwargs)
+            exact = self._exact_search(dataclasses.replace(query, vectors=query.vectors[short]))
             for q, rows in zip(short, exact, strict=True):
                 out[q] = rows
         return out
 
-    def _exact_search(
-        self,
-        array: np.ndarray,
-        limit: int,
-        filter: str,  # noqa: A002
-        kwargs: dict[str, Any],
-    ) -> list[list[dict[str, Any]]]:
+    def _exact_search(self, query: _Search) -> list[list[dict[str, Any]]]:
         """Exact cosine top-``limit`` over the rows matching ``filter`` (pages of rows, a
         running top-``limit`` per query: memory bounded by page + limit rows)."""
+        array, limit = query.vectors, query.limit
         queries = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
         best_rows: list[dict[str, Any]] = []
         best_scores = np.empty((array.shape[0], 0), dtype=np.float32)
         fields = ["id", "cls", *self._output_fields()]
-        pages = self._iter_pages(filter, fields, kwargs.get("consistency_level"), _EXACT_PAGE)
+        pages = self._iter_pages(query.filter, fields, query.consistency_level, _EXACT_PAGE)
         for page in pages:
             vectors = np.asarray([row["cls"] for row in page], dtype=np.float32)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -550,9 +606,7 @@ class VideoIndex:
         self, ids: Sequence[str], *, with_vectors: bool = False, consistency_level: str = "Strong"
     ) -> dict[str, dict[str, Any]]:
         """Rows of ``ids`` that exist, by id (``cls`` included as float32 arrays on request)."""
-        if isinstance(ids, str):
-            raise InvalidInputError("pass a list of video ids, not a single string")
-        wanted = [validate_video_id(i) for i in ids]
+        wanted = validate_video_ids(ids)
         self._ensure_ready()
         out: dict[str, dict[str, Any]] = {}
         for start in range(0, len(wanted), _BATCH):
@@ -574,9 +628,7 @@ class VideoIndex:
 
     def delete(self, ids: Sequence[str]) -> int:
         """Delete rows by id (missing ids ignored). Returns how many ids were requested."""
-        if isinstance(ids, str):
-            raise InvalidInputError("pass a list of video ids, not a single string")
-        wanted = [validate_video_id(i) for i in ids]
+        wanted = validate_video_ids(ids)
         self._ensure_ready()
         for start in range(0, len(wanted), _BATCH):
             self._call(
@@ -586,16 +638,9 @@ class VideoIndex:
 
     def _count(self, expr: str, consistency_level: str | None = "Strong") -> int:
         """Rows matching ``expr`` (all for ""); ``consistency_level`` None = the collection's."""
-        kwargs: dict[str, Any] = {}
-        if consistency_level:
-            kwargs["consistency_level"] = consistency_level
+        where = {"filter": expr, "output_fields": ["count(*)"]}
         rows = self._call(
-            "count",
-            self._client.query,
-            self.collection,
-            filter=expr,
-            output_fields=["count(*)"],
-            **kwargs,
+            "count", self._client.query, self.collection, **where, **_consistency(consistency_level)
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -628,9 +673,7 @@ class VideoIndex:
         """
         page_size = max(1, min(int(page_size), _MAX_LIMIT - 1))
         output = list(dict.fromkeys(["id", *fields]))
-        kwargs: dict[str, Any] = {}
-        if consistency_level:
-            kwargs["consistency_level"] = consistency_level
+        kwargs = _consistency(consistency_level)
         stack: list[tuple[str, str | None]] = [("", None)]
         while stack:
             low, high = stack.pop()

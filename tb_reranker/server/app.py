@@ -395,7 +395,7 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
 
     def connect() -> VideoIndex:
         from tb_reranker.index import VideoIndex
-        from tb_reranker.index.milvus_index import is_lite_uri
+        from tb_reranker.index.schema import is_lite_uri
 
         uri = settings.milvus_uri
         if is_lite_uri(uri):

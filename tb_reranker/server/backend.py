@@ -42,7 +42,7 @@ __all__ = ["Backend", "Components", "RerankItem", "SearchDisabledError"]
 
 log = logging.getLogger(__name__)
 
-# the frame store's id rule (tb_reranker.index.store.VIDEO_ID_PATTERN), without importing it
+# the frame store's id rule (tb_reranker.stores.record.VIDEO_ID_PATTERN), without importing it
 _VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
 
 # largest |broad score| a caller may send: far beyond any similarity, small enough that
@@ -219,7 +219,7 @@ class Backend:
             raise InvalidInputError("candidate ids must be non-empty strings")
         bad = next((i for i in ids if not _VALID_ID.fullmatch(i) or ".." in i), None)
         if bad is not None:  # refused here, before it can fail a whole batch of other calls
-            from tb_reranker.index.store import validate_video_id
+            from tb_reranker.stores import validate_video_id
 
             validate_video_id(bad)  # raises with the rule spelled out
         if len(set(ids)) != len(ids):

@@ -14,7 +14,7 @@ import pytest
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
 from tb_reranker.index import FrameRecord, LmdbFrameStore, VideoIndex, check, delete, ingest
-from tb_reranker.index.ingest import expand_paths
+from tb_reranker.index.inputs import expand_paths
 
 
 @pytest.fixture(scope="module")
@@ -132,19 +132,28 @@ def test_changed_file_replaced(setup, model, tmp_path: Path, mp4_writer) -> None
     assert index.count() == 1 and len(store) == 1
 
 
-def test_crash_between_store_and_milvus_then_resume(setup, model, videos_dir: Path) -> None:
-    index, store = setup
-
+def test_crash_between_store_and_milvus_then_resume(
+    milvus_uri: str, unique_collection: str, tmp_path: Path, model, videos_dir: Path
+) -> None:
     class Crash(RuntimeError):
         pass
 
-    calls = []
+    class CrashingStore(LmdbFrameStore):
+        """Dies right after its second batch is written: the tokens are stored, the Milvus
+        write of that batch has not started (``ingest`` writes the store first)."""
 
-    def crash_on_second_batch(ids: list[str]) -> None:
-        calls.append(ids)
-        if len(calls) == 2:
-            raise Crash("killed")
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.batches: list[list[str]] = []
 
+        def put_many(self, records) -> None:
+            super().put_many(records)
+            self.batches.append(list(records))
+            if len(self.batches) == 2:
+                raise Crash("killed")
+
+    index = VideoIndex(milvus_uri, collection=unique_collection)
+    store = CrashingStore(tmp_path / "frames")
     with pytest.raises(Crash):
         ingest(
             [videos_dir],
@@ -153,8 +162,8 @@ def test_crash_between_store_and_milvus_then_resume(setup, model, videos_dir: Pa
             store=store,
             batch_size=2,
             progress=False,
-            after_store=crash_on_second_batch,
         )
+    assert store.batches == [["clip0", "clip1"], ["clip2", "clip3"]]
     # the first batch is in both, the second only in the store
     assert index.list_ids() == ["clip0", "clip1"]
     assert sorted(store.list_ids()) == ["clip0", "clip1", "clip2", "clip3"]
@@ -166,6 +175,7 @@ def test_crash_between_store_and_milvus_then_resume(setup, model, videos_dir: Pa
     assert all_ids(index, store) == (["clip0", "clip1", "clip2", "clip3"],) * 2
     assert check(index, store).ok
     assert index.count() == 4  # nothing duplicated
+    store.close()
 
 
 def test_corrupt_video_in_batch(setup, model, videos_dir: Path, tmp_path: Path) -> None:
@@ -255,10 +265,13 @@ def test_check_and_repair(setup, model, videos_dir: Path) -> None:
     assert all_ids(index, store) == (["clip1", "clip3", "orphan"],) * 2
 
 
-def test_fingerprint_mismatch_refused(setup, model, videos_dir: Path) -> None:
-    index, store = setup
-    index.dim = model.embed_dim
-    index.fingerprint = "some-other-model"
+def test_fingerprint_mismatch_refused(
+    setup, model, videos_dir: Path, milvus_uri: str, unique_collection: str
+) -> None:
+    _, store = setup
+    index = VideoIndex(
+        milvus_uri, collection=unique_collection, dim=model.embed_dim, fingerprint="other-model"
+    )
     index.create()
     fresh = VideoIndex(index.uri, collection=index.collection)
     with pytest.raises(ModelMismatchError):

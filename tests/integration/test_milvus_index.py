@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from milvus_setup import schema as milvus_schema
 from tb_reranker.errors import (
     AlreadyExistsError,
     InvalidInputError,
@@ -17,6 +16,7 @@ from tb_reranker.errors import (
     NotFoundError,
 )
 from tb_reranker.index import VideoIndex
+from tb_reranker.index import schema as milvus_schema
 
 DIM = 16
 
@@ -94,6 +94,46 @@ def test_fingerprint_mismatch_refused(milvus_uri: str, unique_collection: str) -
     )
     assert allowed.count() == 0
     assert not allowed.check_fingerprint()
+
+
+def test_the_index_owns_its_model_binding(milvus_lite_uri: str, unique_collection: str) -> None:
+    index = VideoIndex(milvus_lite_uri, collection=unique_collection)
+    assert index.dim is None and index.fingerprint is None
+    with pytest.raises(AttributeError):
+        index.dim = DIM  # read-only: set by the constructor or bind(), both validate
+    with pytest.raises(AttributeError):
+        index.fingerprint = "fp-1"
+    for bad in (0, -1, True, 2.0, "16"):
+        with pytest.raises(InvalidInputError):
+            index.bind(dim=bad)
+        with pytest.raises(InvalidInputError):
+            VideoIndex(milvus_lite_uri, collection=unique_collection, dim=bad)
+    with pytest.raises(InvalidInputError):
+        index.bind(fingerprint=7)
+    with pytest.raises(ModelMismatchError):  # checks both before it adopts either
+        VideoIndex(milvus_lite_uri, collection=unique_collection, dim=DIM).bind(
+            fingerprint="fp-1", dim=DIM + 1
+        )
+    index.bind(fingerprint="fp-1", dim=DIM)
+    index.bind(fingerprint="fp-1", dim=DIM)  # the same model again: fine
+    with pytest.raises(ModelMismatchError, match="fp-1"):
+        index.bind(fingerprint="fp-2", dim=DIM)
+    with pytest.raises(ModelMismatchError, match="-d"):
+        index.bind(dim=DIM + 1)
+    assert (index.fingerprint, index.dim) == ("fp-1", DIM)  # a refused bind changes nothing
+    half = VideoIndex(milvus_lite_uri, collection=unique_collection, dim=DIM)
+    with pytest.raises(ModelMismatchError):
+        half.bind(fingerprint="fp-1", dim=DIM + 1)
+    assert half.fingerprint is None
+
+    index.create()
+    other = VideoIndex(milvus_lite_uri, collection=unique_collection, fingerprint="fp-2")
+    with other.tolerating_mismatch():
+        assert other.count() == 0
+    with pytest.raises(ModelMismatchError):
+        other.count()
+    with other.tolerating_mismatch(False), pytest.raises(ModelMismatchError):
+        other.count()
 
 
 def test_upsert_search_filter_get_delete(milvus_uri: str, unique_collection: str) -> None:

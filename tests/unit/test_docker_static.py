@@ -43,7 +43,7 @@ IMAGE_VARS = {  # service -> the variable that replaces its image
     "milvus-standalone": "TB_MILVUS_IMAGE",
     SIDECAR: "TB_RERANKER_IMAGE",  # TB_RERANKER_CUDA_IMAGE with the GPU override
 }
-EXTRA_TB_VARS = {"TB_S3_ENDPOINT": REPO / "tb_reranker/index/s3_store.py"}  # not Settings fields
+EXTRA_TB_VARS = {"TB_S3_ENDPOINT": REPO / "tb_reranker/stores/s3_store.py"}  # not Settings fields
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 
 

@@ -19,8 +19,9 @@ from tb_reranker.errors import (
     StoreError,
     grpc_status_name,
 )
-from tb_reranker.index.ingest import _check_metadata, expand_paths
-from tb_reranker.index.store import (
+from tb_reranker.index.ingest import IngestOptions
+from tb_reranker.index.inputs import expand_paths
+from tb_reranker.stores import (
     VIDEO_ID_PATTERN,
     FrameRecord,
     LmdbFrameStore,
@@ -187,7 +188,7 @@ def test_store_round_trip_is_exact(tmp_path_factory, entries, metadata) -> None:
 def test_metadata_shape_checked_typed(metadata) -> None:
     reserved = {"id", "cls", "uri", "duration_s", "num_frames", "content_hash", "score"}
     try:
-        _check_metadata(metadata)
+        options = IngestOptions(metadata=metadata)  # checked once, where ingest's options are built
     except InvalidInputError:
         bad = [
             v
@@ -196,8 +197,24 @@ def test_metadata_shape_checked_typed(metadata) -> None:
         ]
         assert bad
         return
-    for value in metadata.values():
+    for key, value in metadata.items():
         assert isinstance(value, dict) and not set(value) & reserved
+        assert options.metadata_for(key, "/no/such/path") == (value or {})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"batch_size": 0},
+        {"workers": 0},
+        {"batch_size": True},
+        {"workers": "2"},
+        {"batch_size": 2.5},
+    ],
+)
+def test_ingest_options_refuse_bad_sizes(bad) -> None:
+    with pytest.raises(InvalidInputError):
+        IngestOptions(**bad)
 
 
 # ----------------------------------------------------------------------------- list files

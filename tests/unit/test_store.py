@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tb_reranker.errors import InvalidInputError, StoreError
-from tb_reranker.index.store import (
+from tb_reranker.stores import (
     FrameRecord,
     LmdbFrameStore,
     encode_record,

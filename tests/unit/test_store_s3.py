@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tb_reranker.errors import InvalidInputError, StoreError
-from tb_reranker.index.store import FrameRecord, open_store
+from tb_reranker.stores import FrameRecord, open_store
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
 

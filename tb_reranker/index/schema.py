@@ -5,7 +5,7 @@ Fields (the primary key is the video id):
 ========================  ===================  ===============================================
 field                     type                 meaning
 ========================  ===================  ===============================================
-``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.index``)
+``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.stores``)
 ``cls``                   FLOAT_VECTOR(D)      L2-normalised video [CLS] = mean of frame features
 ``uri``                   VARCHAR(4096)        where the video file lives
 ``duration_s``            FLOAT                video duration in seconds
@@ -166,16 +166,19 @@ def create_collection(
 
     index = index or IndexConfig()
     schema = build_schema(dim, fingerprint)
-    properties = _properties(dim, fingerprint)
-    try:
+
+    def create(config: IndexConfig) -> None:
         client.create_collection(
             name,
             schema=schema,
-            index_params=build_index_params(client, index),
+            index_params=build_index_params(client, config),
             consistency_level="Bounded",
-            properties=properties,
+            properties=_properties(dim, fingerprint),
             timeout=timeout,
         )
+
+    try:
+        create(index)
     except MilvusException as exc:
         if index.index_type != "HNSW" or "index type" not in str(exc).lower():
             raise
@@ -183,14 +186,7 @@ def create_collection(
         if client.has_collection(name, timeout=timeout):
             client.drop_collection(name, timeout=timeout)
         index = IndexConfig(index_type="AUTOINDEX", metric_type=index.metric_type, ef=index.ef)
-        client.create_collection(
-            name,
-            schema=schema,
-            index_params=build_index_params(client, index),
-            consistency_level="Bounded",
-            properties=properties,
-            timeout=timeout,
-        )
+        create(index)
     client.load_collection(name, timeout=timeout)
     log.info("created collection %s (dim %d, %s)", name, dim, index.index_type)
     return index

@@ -3,7 +3,7 @@
 A damaged LMDB page can make the LMDB library abort the process (an assertion: SIGABRT) or
 touch unmapped memory (SIGBUS) instead of returning an error; no Python code can catch that.
 ``tb check`` therefore reads the store in a child process (``python -m
-tb_reranker.index.lmdb_scan``) that reports each entry as one JSON line as it goes; the parent
+tb_reranker.stores.lmdb_scan``) that reports each entry as one JSON line as it goes; the parent
 sees where the child stopped and why, and tries again from the other end of the key order and
 by point reads of the ids it expects (from Milvus), skipping the id that killed a child.
 
@@ -24,29 +24,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StoreScan", "scan_lmdb", "copy_lmdb"]
+from tb_reranker.stores.base import StoreScan
+
+__all__ = ["scan_lmdb", "copy_lmdb"]
 
 log = logging.getLogger(__name__)
 
 _MAX_RESTARTS = 64  # point-read passes restarted after a child died on one id
-
-
-@dataclass
-class StoreScan:
-    """What a full read of a frame-token store found."""
-
-    ok: list[str] = field(default_factory=list)  # entries that read and decode
-    corrupt: dict[str, str] = field(default_factory=dict)  # id -> why it cannot be used
-    bad_keys: list[str] = field(default_factory=list)  # keys that are not valid ids (hex)
-    damage: list[str] = field(default_factory=list)  # store-level damage, one line each
-
-    @property
-    def ids(self) -> list[str]:
-        return sorted({*self.ok, *self.corrupt})
 
 
 # ------------------------------------------------------------------------------- child side
@@ -57,7 +44,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 def _verdict(key: bytes, value: Any) -> dict[str, Any]:
     from tb_reranker.errors import StoreError
-    from tb_reranker.index.store import decode_record, validate_video_id
+    from tb_reranker.stores.record import decode_record, validate_video_id
 
     try:
         video_id = validate_video_id(bytes(key).decode("utf-8"))
@@ -114,7 +101,7 @@ def _child(path: str, mode: str, dest: str | None) -> int:
 # ------------------------------------------------------------------------------ parent side
 def _run(path: Path, mode: str, stdin: str = "", dest: str | None = None, timeout: float = 3600):
     """Run one child pass; returns (lines, how it ended: None when it finished normally)."""
-    command = [sys.executable, "-m", "tb_reranker.index.lmdb_scan", str(path), mode]
+    command = [sys.executable, "-m", "tb_reranker.stores.lmdb_scan", str(path), mode]
     if dest:
         command.append(dest)
     env = dict(os.environ)

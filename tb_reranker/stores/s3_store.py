@@ -18,13 +18,13 @@ from urllib.parse import urlparse
 import numpy as np
 
 from tb_reranker.errors import InvalidInputError, StoreError
-from tb_reranker.index.store import (
+from tb_reranker.stores.base import FrameStore
+from tb_reranker.stores.record import (
     FrameRecord,
-    FrameStore,
-    _ids_list,
     decode_record,
     encode_record,
     validate_video_id,
+    validate_video_ids,
 )
 
 __all__ = ["S3FrameStore"]
@@ -132,7 +132,7 @@ class S3FrameStore(FrameStore):
             raise self._error(f"get {video_id!r}", exc) from exc
 
     def get_many(self, ids: Iterable[str]) -> dict[str, FrameRecord]:
-        wanted = _ids_list(ids)
+        wanted = validate_video_ids(ids)
         blobs = (
             list(self._pool.map(self._get_one, wanted))
             if len(wanted) > 1
@@ -145,7 +145,7 @@ class S3FrameStore(FrameStore):
         }
 
     def delete_many(self, ids: Iterable[str]) -> int:
-        wanted = _ids_list(ids)
+        wanted = validate_video_ids(ids)
         existing = [
             i
             for i, present in zip(wanted, self._pool.map(self.contains, wanted), strict=True)

@@ -1,0 +1,258 @@
+"""Delete videos, and check (and repair) the agreement of the Milvus index and the frame store.
+
+Both keep the ingest pipeline's invariant: the store is written first and cleared last, so a
+Milvus row always has its tokens, except after damage that :func:`check` finds and repairs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
+from tb_reranker.index.milvus_index import VideoIndex
+from tb_reranker.index.rows import READ_BATCH, video_row
+from tb_reranker.stores import FrameRecord, FrameStore, validate_video_ids
+
+__all__ = ["CheckReport", "DeleteReport", "check", "delete"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeleteReport:
+    """What one ``delete`` call did."""
+
+    deleted: list[str] = field(default_factory=list)  # ids that existed (index or store)
+    not_found: list[str] = field(default_factory=list)  # ids in neither place
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"deleted": len(self.deleted), "ids": self.deleted, "not_found": self.not_found}
+
+
+@dataclass
+class CheckReport:
+    """Disagreements between the Milvus index and the frame-token store."""
+
+    only_in_store: list[str] = field(default_factory=list)  # stored tokens, no Milvus row
+    only_in_index: list[str] = field(default_factory=list)  # Milvus row, no tokens (cannot rerank)
+    fingerprint_ok: bool = True  # collection fingerprint equals the model's (or unknown)
+    hash_mismatch: list[str] = field(default_factory=list)  # both present, content hashes differ
+    corrupt: list[str] = field(default_factory=list)  # store entries that cannot be read
+    repaired: bool = False  # whether repair ran
+    actions: list[str] = field(default_factory=list)  # what repair did, one line each
+    damage: list[str] = field(default_factory=list)  # store-level damage (broken pages)
+    reasons: dict[str, str] = field(default_factory=dict)  # corrupt id -> what is wrong
+    lost: dict[str, str] = field(default_factory=dict)  # dropped by repair: id -> source uri
+
+    @property
+    def ok(self) -> bool:
+        return self.fingerprint_ok and not (
+            self.only_in_store
+            or self.only_in_index
+            or self.hash_mismatch
+            or self.corrupt
+            or self.damage
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "fingerprint_ok": self.fingerprint_ok,
+            "only_in_store": list(self.only_in_store),
+            "only_in_index": list(self.only_in_index),
+            "hash_mismatch": list(self.hash_mismatch),
+            "corrupt": list(self.corrupt),
+            "repaired": self.repaired,
+            "actions": list(self.actions),
+            "damage": list(self.damage),
+            "reasons": dict(self.reasons),
+            "lost": dict(self.lost),
+        }
+
+
+def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> DeleteReport:
+    """Delete videos from Milvus first (they stop being found), then from the store.
+
+    Returns which ids were deleted (found in the index or the store) and which were found in
+    neither (nothing to delete; reported, not an error here).
+    """
+    wanted = list(dict.fromkeys(validate_video_ids(ids)))
+    report = DeleteReport()
+    if not wanted:
+        return report
+    present = set(index.get(wanted))
+    for start in range(0, len(wanted), READ_BATCH):
+        chunk = [i for i in wanted[start : start + READ_BATCH] if i not in present]
+        present.update(i for i in chunk if store.contains(i))
+    report.deleted = [i for i in wanted if i in present]
+    report.not_found = [i for i in wanted if i not in present]
+    if report.deleted:
+        index.delete(report.deleted)
+        store.delete_many(report.deleted)
+    log.info("deleted %d videos (%d not found)", len(report.deleted), len(report.not_found))
+    return report
+
+
+def check(
+    index: VideoIndex,
+    store: FrameStore,
+    repair: bool = False,
+    *,
+    model: Any = None,
+    store_only: str = "reindex",
+) -> CheckReport:
+    """Find (and with ``repair`` fix) disagreements between the index and the store.
+
+    Repair: Milvus rows without tokens are deleted (they cannot be reranked); store entries
+    without a row (or with a row of another content hash: the store is written first, so it is
+    the newer) are re-indexed from their tokens (``store_only="reindex"``, the video CLS being
+    the L2-normalised mean of the real frames' features, as in the model) or deleted
+    (``store_only="delete"``); corrupt store entries (unparsable, NaN/inf tokens) are deleted
+    from both, and a store with damaged pages is rebuilt from its readable entries (the damaged
+    copy is moved aside). Videos dropped are listed in ``lost`` with their source uri: ingesting
+    those files again re-encodes them (the store no longer holds them, so nothing is skipped).
+
+    Raises:
+        ModelMismatchError: ``repair`` while the collection's fingerprint differs from the model's.
+    """
+    if store_only not in ("reindex", "delete"):
+        raise InvalidInputError(f"store_only must be 'reindex' or 'delete', got {store_only!r}")
+    if model is not None and index.fingerprint is None:
+        index.bind(fingerprint=str(model.fingerprint()))
+    if not index.exists():
+        raise NotFoundError(f"Milvus collection {index.collection!r} does not exist at {index.uri}")
+    report = CheckReport(fingerprint_ok=index.check_fingerprint())
+    if repair and not report.fingerprint_ok:
+        raise ModelMismatchError(
+            f"collection {index.collection!r} was filled by model {index.stored_fingerprint()}, "
+            f"not the loaded {index.fingerprint}; refusing to repair with another model's tokens"
+        )
+    comparison = _Comparison(index, store, report)
+    comparison.run()
+    if repair:
+        comparison.repair(store_only)
+    return report
+
+
+class _Comparison:
+    """One ``check``: every Milvus row's content hash against every store entry."""
+
+    def __init__(self, index: VideoIndex, store: FrameStore, report: CheckReport) -> None:
+        self.index = index
+        self.store = store
+        self.report = report
+        self.records: dict[str, FrameRecord] = {}  # readable entries worth comparing
+        self.readable: set[str] = set()  # entries the scan read fine
+
+    def run(self) -> None:
+        report = self.report
+        # reading another model's rows is harmless: a mismatch is reported, not raised
+        with self.index.tolerating_mismatch(not report.fingerprint_ok):
+            index_hashes: dict[str, str] = {
+                str(row["id"]): str(row.get("content_hash", ""))
+                for row in self.index.iter_rows(("id", "content_hash"))
+            }
+        # every entry read (LMDB: in child processes, so a page that makes LMDB abort is
+        # reported, not fatal); the ids Milvus knows are probed one by one when the key
+        # listing is damaged
+        scan = self.store.scan(expected=sorted(index_hashes))
+        report.damage = list(scan.damage)
+        if scan.bad_keys:
+            report.damage.append(f"{len(scan.bad_keys)} keys that are not video ids")
+        report.reasons = dict(sorted(scan.corrupt.items()))
+        report.only_in_index = sorted(set(index_hashes) - set(scan.ok) - set(scan.corrupt))
+        report.corrupt = sorted(scan.corrupt)
+        self.readable = set(scan.ok)
+        both = sorted(self.readable & set(index_hashes))
+        candidates = sorted(self.readable - set(index_hashes))
+        self._read(both + candidates)
+        report.corrupt.sort()
+        report.only_in_store = [i for i in candidates if i in self.records]
+        report.hash_mismatch = [
+            i for i in both if i in self.records and self.records[i].content_hash != index_hashes[i]
+        ]
+        for video_id in report.corrupt:
+            log.warning("check: %s", report.reasons.get(video_id, f"{video_id}: unreadable"))
+        for line in report.damage:
+            log.warning("check: frame-token store damage: %s", line)
+
+    def _read(self, ids: list[str]) -> None:
+        for start in range(0, len(ids), READ_BATCH):
+            records, errors = self.store.get_readable(ids[start : start + READ_BATCH])
+            self.records.update(records)
+            for video_id, exc in errors.items():  # changed since the scan
+                self.report.corrupt.append(video_id)
+                self.report.reasons[video_id] = str(exc)
+
+    # ---------------------------------------------------------------- repair
+    def repair(self, store_only: str) -> None:
+        report = self.report
+        report.repaired = True
+        dropped = sorted(set(report.only_in_index) | set(report.corrupt))
+        if dropped:  # remember where their sources are: re-ingesting them restores them
+            rows = self.index.get(dropped)
+            report.lost = {i: str(rows.get(i, {}).get("uri", "")) for i in dropped}
+        if report.damage:
+            self._salvage()
+        self._drop_unusable()
+        stale = report.only_in_store + report.hash_mismatch
+        if stale and store_only == "delete":
+            self.index.delete(report.hash_mismatch)
+            self.store.delete_many(stale)
+            report.actions.append(f"deleted {len(stale)} store entries without a matching row")
+        elif stale:
+            self._reindex(stale)
+        for action in report.actions:
+            log.info("check --repair: %s", action)
+
+    def _salvage(self) -> None:
+        salvage = getattr(self.store, "salvage", None)
+        if salvage is None:
+            self.report.actions.append(
+                "store-level damage left as is (this backend cannot rebuild)"
+            )
+            return
+        aside = salvage(sorted(self.readable))
+        self.report.actions.append(
+            f"rebuilt the frame-token store from its {len(self.readable)} readable entries; "
+            f"the damaged copy is kept at {aside}"
+        )
+
+    def _drop_unusable(self) -> None:
+        """Rows without tokens, and corrupt entries with their rows, are deleted."""
+        report = self.report
+        if report.only_in_index:
+            self.index.delete(report.only_in_index)
+            report.actions.append(f"deleted {len(report.only_in_index)} index-only rows")
+        if report.corrupt:
+            self.index.delete(report.corrupt)
+            if not report.damage:  # a rebuilt store holds none of them
+                self.store.delete_many(report.corrupt)
+            report.actions.append(
+                f"deleted {len(report.corrupt)} corrupt store entries and their rows: "
+                + ", ".join(report.corrupt[:10])
+                + (" ..." if len(report.corrupt) > 10 else "")
+            )
+        if report.lost:
+            report.actions.append(
+                f"{len(report.lost)} videos dropped: re-ingest their source files to restore them"
+            )
+
+    def _reindex(self, stale: list[str]) -> None:
+        """Rows rebuilt from the stored tokens (the store is written first: it is the newer)."""
+        dim = self.index.dim if self.index.dim is not None else self.index.stored_dim()
+        rows = []
+        for video_id in stale:
+            record = self.records[video_id]
+            if record.tokens.shape[1] != dim:
+                raise ModelMismatchError(
+                    f"stored tokens of {video_id!r} are {record.tokens.shape[1]}-d, the collection "
+                    f"is {dim}-d"
+                )
+            rows.append(video_row(video_id, record, record.video_cls(), record.metadata))
+        self.index.upsert(rows)
+        self.index.flush()
+        self.report.actions.append(f"re-indexed {len(rows)} videos from their stored tokens")

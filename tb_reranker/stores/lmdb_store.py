@@ -1,0 +1,202 @@
+"""The local frame store: :class:`LmdbFrameStore`, one LMDB environment directory.
+
+Built for a million videos: ``put_many``/``delete_many`` are one write transaction each (atomic:
+all or nothing); the memory map grows by doubling when full; ``readahead=False`` for random
+reads. ``scan``/``salvage`` read the environment in child processes
+(:mod:`~tb_reranker.stores.lmdb_scan`) so a damaged page never kills the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tb_reranker.errors import DataCorruptionError, InvalidInputError, StoreError
+from tb_reranker.stores.base import FrameStore, StoreScan
+from tb_reranker.stores.record import (
+    FrameRecord,
+    decode_record,
+    encode_record,
+    validate_video_id,
+    validate_video_ids,
+)
+
+__all__ = ["LmdbFrameStore"]
+
+log = logging.getLogger(__name__)
+
+
+def _open_env(lmdb: Any, path: Path, map_size: int, readonly: bool = False) -> Any:
+    """One LMDB environment with the store's settings (random reads, many readers)."""
+    return lmdb.open(
+        str(path),
+        map_size=map_size,
+        subdir=True,
+        readonly=readonly,
+        writemap=False,
+        readahead=False,
+        meminit=False,
+        max_readers=256,
+        lock=True,
+    )
+
+
+class LmdbFrameStore(FrameStore):
+    """Local store in one LMDB environment directory.
+
+    Args:
+        path: the environment directory (created if missing).
+        dtype: token dtype on disk (float16 default; float32 to keep full precision).
+        map_size: initial map size in bytes; doubled whenever a write finds it full.
+        readonly: open read-only (no writes, many readers).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dtype: str = "float16",
+        map_size: int = 1 << 30,
+        readonly: bool = False,
+    ) -> None:
+        import lmdb
+
+        if dtype not in ("float16", "float32"):
+            raise InvalidInputError(f"store dtype must be float16 or float32, got {dtype!r}")
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self._lmdb = lmdb
+        try:
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
+            elif not self.path.is_dir():
+                raise StoreError(f"frame-token store {str(self.path)!r} does not exist")
+            self._env = _open_env(lmdb, self.path, map_size, readonly)
+        except (lmdb.Error, OSError) as exc:
+            raise StoreError(f"cannot open frame-token store {str(self.path)!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"LmdbFrameStore({str(self.path)!r})"
+
+    def _env_or_raise(self) -> Any:
+        if self._env is None:
+            raise StoreError(f"frame-token store {str(self.path)!r} is closed")
+        return self._env
+
+    def _write(self, fn: Any) -> Any:
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        env = self._env_or_raise()
+        while True:
+            try:
+                with env.begin(write=True) as txn:
+                    return fn(txn)
+            except self._lmdb.MapFullError:
+                new_size = env.info()["map_size"] * 2
+                log.info("frame-token store full; growing map to %d MiB", new_size >> 20)
+                env.set_mapsize(new_size)
+            except self._lmdb.Error as exc:
+                raise StoreError(f"frame-token store write failed: {exc}") from exc
+
+    def put_many(self, records: Mapping[str, FrameRecord]) -> None:
+        items = []
+        for video_id, record in records.items():
+            validate_video_id(video_id)
+            if not isinstance(record, FrameRecord):
+                raise InvalidInputError(f"value for {video_id!r} is not a FrameRecord")
+            items.append((video_id.encode(), encode_record(record, self.dtype)))
+
+        def write(txn: Any) -> None:
+            for key, value in items:
+                txn.put(key, value)
+
+        if items:
+            self._write(write)
+
+    def get_many(self, ids: Iterable[str]) -> dict[str, FrameRecord]:
+        wanted = validate_video_ids(ids)
+        env = self._env_or_raise()
+        out: dict[str, FrameRecord] = {}
+        try:
+            with env.begin(buffers=True) as txn:
+                for video_id in wanted:
+                    value = txn.get(video_id.encode())  # a memoryview valid inside the txn
+                    if value is not None:
+                        out[video_id] = decode_record(video_id, value)
+        except (self._lmdb.CorruptedError, self._lmdb.PageNotFoundError) as exc:
+            raise DataCorruptionError(
+                f"frame-token store {self.path.name!r} is damaged: {exc} (run `tb check`)"
+            ) from exc
+        except self._lmdb.Error as exc:
+            raise StoreError(f"frame-token store read failed: {exc}") from exc
+        return out
+
+    def delete_many(self, ids: Iterable[str]) -> int:
+        keys = [i.encode() for i in validate_video_ids(ids)]
+        if not keys:
+            return 0
+        return int(self._write(lambda txn: sum(1 for k in keys if txn.delete(k))))
+
+    def contains(self, video_id: str) -> bool:
+        key = validate_video_id(video_id).encode()
+        with self._env_or_raise().begin(buffers=True) as txn:
+            return txn.get(key) is not None
+
+    def list_ids(self) -> Iterator[str]:
+        env = self._env_or_raise()
+        try:
+            with env.begin() as txn:
+                keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
+        except (self._lmdb.Error, UnicodeDecodeError) as exc:
+            raise DataCorruptionError(
+                f"frame-token store {self.path.name!r} is damaged: {exc} (run `tb check`)"
+            ) from exc
+        yield from keys
+
+    def scan(self, expected: Iterable[str] = ()) -> StoreScan:
+        """Every entry read in child processes (see :mod:`tb_reranker.stores.lmdb_scan`): a
+        damaged page that makes LMDB abort kills a child, never this process."""
+        from tb_reranker.stores.lmdb_scan import scan_lmdb
+
+        self._env_or_raise()
+        return scan_lmdb(self.path, expected)
+
+    def salvage(self, ids: list[str]) -> Path:
+        """Rebuild the environment from the entries ``ids`` (read fine by :meth:`scan`).
+
+        The readable entries are copied into a fresh environment (in a child process), the
+        damaged directory is moved aside to ``<path>.damaged-<time>`` (kept for forensics), and
+        the fresh one takes its place. Returns where the damaged copy went. Stop other processes
+        using the store first: they keep reading the damaged copy until they reopen it.
+        """
+        import shutil
+        import time
+
+        from tb_reranker.stores.lmdb_scan import copy_lmdb
+
+        env = self._env_or_raise()
+        map_size = env.info()["map_size"]
+        fresh = self.path.with_name(self.path.name + ".salvage")
+        shutil.rmtree(fresh, ignore_errors=True)
+        copy_lmdb(self.path, fresh, ids)
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.close()
+        os.replace(self.path, aside)
+        os.replace(fresh, self.path)
+        self._env = _open_env(self._lmdb, self.path, map_size)
+        log.warning(
+            "frame-token store rebuilt from %d entries; damaged copy at %s", len(ids), aside
+        )
+        return aside
+
+    def __len__(self) -> int:
+        return int(self._env_or_raise().stat()["entries"])
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None

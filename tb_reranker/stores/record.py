@@ -1,0 +1,223 @@
+"""The frame record: one video's frame tokens ``[T, D]`` + timestamps, its bytes, and its id rule.
+
+One record = the bytes of a safetensors file (``safetensors.numpy.save``) holding ``tokens``
+and ``timestamps`` (and ``mask``), with the content hash, source uri, duration, model
+fingerprint and user metadata in the safetensors metadata. No pickle anywhere. Every backend
+(:mod:`~tb_reranker.stores.lmdb_store`, :mod:`~tb_reranker.stores.s3_store`) stores exactly
+these bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tb_reranker.errors import DataCorruptionError, InvalidInputError
+
+__all__ = [
+    "FrameRecord",
+    "validate_video_id",
+    "validate_video_ids",
+    "encode_record",
+    "decode_record",
+    "VIDEO_ID_PATTERN",
+]
+
+VIDEO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+_HASH_KEY = "content_hash"
+_FORMAT_KEY = "tb_format"
+_FORMAT = "frame_record/1"
+
+
+def validate_video_id(video_id: Any) -> str:
+    """Return ``video_id`` if it is a safe id, else raise :class:`InvalidInputError`.
+
+    Safe: 1-255 characters of ``[A-Za-z0-9._:-]``, starting with a letter or digit, no ``..``.
+    Such an id can never name a path outside the store (no ``/``, ``\\``, NUL, or ``..``).
+    """
+    if not isinstance(video_id, str):
+        raise InvalidInputError(f"video id must be a string, got {type(video_id).__name__}")
+    if not VIDEO_ID_PATTERN.fullmatch(video_id) or ".." in video_id:
+        shown = video_id if len(video_id) <= 80 else video_id[:77] + "..."
+        raise InvalidInputError(
+            f"invalid video id {shown!r}: use 1-255 characters of letters, digits and ._:- "
+            "starting with a letter or digit, without '..'"
+        )
+    return video_id
+
+
+def validate_video_ids(ids: Iterable[str]) -> list[str]:
+    """``ids`` as a list, each checked by :func:`validate_video_id` (a lone string is refused)."""
+    if isinstance(ids, str):
+        raise InvalidInputError("pass a list of video ids, not a single string")
+    return [validate_video_id(i) for i in ids]
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """Frame tokens of one video (plus what is needed to rebuild its Milvus row)."""
+
+    tokens: np.ndarray  # float16 (or float32) [T, D] per-frame features ([T·(1+P), D] with patches)
+    timestamps: np.ndarray  # float32 [T] seconds of each sampled frame in the video
+    content_hash: str  # sha256 hex of the source file the tokens were made from
+    mask: np.ndarray | None = None  # bool [T]: False = padded (repeated) frame; None = all real
+    uri: str = ""  # where the source video lives (to rebuild the Milvus row in `tb check --repair`)
+    duration_s: float = 0.0  # video duration in seconds
+    fingerprint: str = ""  # fingerprint of the model that made the tokens ("" = unknown)
+    metadata: dict[str, Any] | None = None  # user metadata (JSON-serialisable) of the Milvus row
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, np.ndarray) or self.tokens.ndim != 2:
+            raise InvalidInputError(
+                "FrameRecord.tokens must be a 2-D array [T, D], got "
+                f"{getattr(self.tokens, 'shape', type(self.tokens))}"
+            )
+        if self.tokens.dtype not in (np.float16, np.float32):
+            raise InvalidInputError(
+                f"FrameRecord.tokens dtype {self.tokens.dtype}: use float16 or float32"
+            )
+        if (
+            not isinstance(self.timestamps, np.ndarray)
+            or self.timestamps.ndim != 1
+            or self.timestamps.shape[0] == 0
+            or self.tokens.shape[0] % self.timestamps.shape[0] != 0
+        ):
+            raise InvalidInputError(
+                f"FrameRecord.timestamps must have shape [T] with T dividing the {self.tokens.shape[0]} "
+                f"token rows, got {getattr(self.timestamps, 'shape', type(self.timestamps))}"
+            )
+        if self.mask is not None and (
+            not isinstance(self.mask, np.ndarray) or self.mask.shape != self.timestamps.shape
+        ):
+            raise InvalidInputError(
+                f"FrameRecord.mask must have shape {list(self.timestamps.shape)}, "
+                f"got {getattr(self.mask, 'shape', type(self.mask))}"
+            )
+        if not isinstance(self.content_hash, str):
+            raise InvalidInputError("FrameRecord.content_hash must be a string")
+
+    @property
+    def num_frames(self) -> int:
+        """T, sampled frames (real + padded)."""
+        return int(self.timestamps.shape[0])
+
+    @property
+    def num_real_frames(self) -> int:
+        return self.num_frames if self.mask is None else int(np.count_nonzero(self.mask))
+
+    def frames_cls(self) -> np.ndarray:
+        """Per-frame features float32 [T, D] (row 0 of each frame's token group)."""
+        tokens = np.asarray(self.tokens, dtype=np.float32)
+        per_frame = tokens.shape[0] // self.num_frames
+        return tokens.reshape(self.num_frames, per_frame, -1)[:, 0]
+
+    def video_cls(self) -> np.ndarray:
+        """The video [CLS] float32 [D]: L2-normalised mean of the real frames' features.
+
+        The same definition as ``TokenBinder.pool_cls`` (checked by the tests), so a Milvus row
+        can be rebuilt from the store alone (up to the store's float16 rounding).
+        """
+        frames = self.frames_cls()
+        if self.mask is not None and self.mask.any():
+            frames = frames[self.mask.astype(bool)]
+        pooled = frames.mean(axis=0)
+        norm = float(np.linalg.norm(pooled))
+        return pooled / max(norm, 1e-12)
+
+
+def encode_record(record: FrameRecord, dtype: np.dtype | type = np.float16) -> bytes:
+    """safetensors bytes of ``record``, tokens cast to ``dtype``."""
+    from safetensors.numpy import save
+
+    with np.errstate(over="ignore"):  # overflow to inf is refused just below
+        tokens = np.ascontiguousarray(record.tokens, dtype=dtype)
+    if not np.isfinite(tokens).all():
+        raise InvalidInputError("frame tokens contain NaN/inf (or overflow float16)")
+    tensors = {
+        "tokens": tokens,
+        "timestamps": np.ascontiguousarray(record.timestamps, dtype=np.float32),
+    }
+    if record.mask is not None:
+        tensors["mask"] = np.ascontiguousarray(record.mask, dtype=np.uint8)
+    metadata = {
+        _HASH_KEY: record.content_hash,
+        _FORMAT_KEY: _FORMAT,
+        "uri": record.uri,
+        "duration_s": repr(float(record.duration_s)),
+        "fingerprint": record.fingerprint,
+    }
+    if record.metadata:
+        try:
+            metadata["metadata"] = json.dumps(record.metadata, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"metadata is not JSON-serialisable: {exc}") from exc
+    return save(tensors, metadata=metadata)
+
+
+_DTYPES = {"F16": np.float16, "F32": np.float32, "U8": np.uint8}
+
+
+def _tensor(header: dict[str, Any], name: str, data: Any, base: int) -> np.ndarray:
+    """One tensor of a safetensors buffer, bounds- and size-checked, copied out (writable)."""
+    info = header[name]
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    shape = [int(d) for d in info["shape"]]
+    begin, end = (int(v) for v in info["data_offsets"])
+    count = math.prod(shape)
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) - base:
+        raise ValueError(f"tensor {name!r} lies outside the buffer")
+    if end - begin != count * dtype.itemsize:
+        raise ValueError(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape).copy()
+
+
+def decode_record(video_id: str, data: bytes | memoryview) -> FrameRecord:
+    """Parse safetensors bytes; any problem is a :class:`DataCorruptionError` naming
+    ``video_id`` (unparsable bytes, or tokens/timestamps that are not finite: encode_record never
+    writes those, so they can only come from damage on disk).
+
+    The header is parsed directly (the safetensors format: u64 little-endian header length,
+    JSON header, raw little-endian tensor bytes) so a read costs a few microseconds.
+    """
+    try:
+        if len(data) < 8:
+            raise ValueError("truncated header")
+        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+        if header_len > len(data) - 8:
+            raise ValueError("header length past the end")
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        metadata = header.get("__metadata__") or {}
+        if metadata.get(_FORMAT_KEY) != _FORMAT:
+            raise ValueError(f"unknown format {metadata.get(_FORMAT_KEY)!r}")
+        base = 8 + header_len
+        mask = _tensor(header, "mask", data, base).astype(bool) if "mask" in header else None
+        user = json.loads(metadata["metadata"]) if metadata.get("metadata") else None
+        record = FrameRecord(
+            tokens=_tensor(header, "tokens", data, base),
+            timestamps=_tensor(header, "timestamps", data, base),
+            content_hash=str(metadata.get(_HASH_KEY, "")),
+            mask=mask,
+            uri=str(metadata.get("uri", "")),
+            duration_s=float(metadata.get("duration_s", "0") or 0.0),
+            fingerprint=str(metadata.get("fingerprint", "")),
+            metadata=user,
+        )
+        if not np.isfinite(record.tokens).all():
+            raise ValueError("frame tokens contain NaN/inf")
+        if not np.isfinite(record.timestamps).all():
+            raise ValueError("timestamps contain NaN/inf")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt entry
+        raise DataCorruptionError(
+            f"corrupt frame-token entry for video {video_id!r}: {exc} "
+            "(run `tb check --repair`, then re-ingest it)"
+        ) from exc
+    return record

@@ -1,0 +1,42 @@
+"""Shape rules of the code (issue 11), read from the source with ``ast``: no function longer
+than 80 lines in the packages listed (the rest of the library joins as it is rearranged)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_FUNCTION_LINES = 80
+CHECKED = ("tb_reranker/index", "tb_reranker/stores", "milvus_setup")
+
+
+def long_functions(folder: Path, limit: int) -> list[str]:
+    """``path:line name (lines)`` of every function under ``folder`` longer than ``limit``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path.relative_to(folder)}:{node.lineno} {node.name} ({lines})")
+    return found
+
+
+def test_the_rule_sees_a_long_function(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}\n")
+    assert long_functions(tmp_path, MAX_FUNCTION_LINES) == [
+        f"m.py:5 long ({1 + MAX_FUNCTION_LINES})"
+    ]
+    assert long_functions(tmp_path, MAX_FUNCTION_LINES + 1) == []
+
+
+def test_no_long_functions() -> None:
+    found = [
+        f"{folder}/{f}"
+        for folder in CHECKED
+        for f in long_functions(ROOT / folder, MAX_FUNCTION_LINES)
+    ]
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines: {found}"
