@@ -105,12 +105,20 @@ class IndicatorTextEncoder(nn.Module):
             return self.text_projection(x)
         return x @ self.text_projection
 
-    def forward(self, texts_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, texts_tokens: torch.Tensor, *, truncate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode tokenised texts.
 
         texts_tokens: [B, L'] int64 with L' <= context_length - m (SOT ... EOT, zero padded)
         returns (indicators [B, m, D] not normalised, eot_features [B, D] not normalised) where
         ``eot_features`` is the plain CLIP text feature (open_clip's ``encode_text``).
+
+        ``truncate`` (the default) runs the transformer on the first ``max(eot) + m + 1``
+        positions of the batch only: under the causal mask no later position can change any
+        output read here (the EOT and the indicators), so the result is the full-context one up
+        to float rounding, at a fraction of the cost for short texts. ``truncate=False`` runs
+        all ``context_length`` positions, as open_clip does (kept for tests and benchmarks).
         """
         batch_size, length = texts_tokens.shape
         if length > self.text_context_length:
@@ -119,15 +127,19 @@ class IndicatorTextEncoder(nn.Module):
             )
         cast_dtype = self.transformer.get_cast_dtype()
         full_tokens = F.pad(texts_tokens, (0, self.context_length - length))  # [B, L]
-        x = self.token_embedding(full_tokens).to(cast_dtype)  # [B, L, W]
         eot = eot_positions(full_tokens, self.pool_type, self.eos_id)  # [B]
+        positions = self.context_length
+        if truncate:  # one host sync per batch: the longest text decides how many positions run
+            positions = min(positions, int(eot.max()) + self.num_indicators + 1)
+        tokens = full_tokens[:, :positions]  # [B, P]
+        x = self.token_embedding(tokens).to(cast_dtype)  # [B, P, W]
         offsets = torch.arange(1, self.num_indicators + 1, device=x.device)  # [m]
         indicator_positions = eot.unsqueeze(1) + offsets.unsqueeze(0)  # [B, m]
         rows = torch.arange(batch_size, device=x.device).unsqueeze(1)  # [B, 1]
         indicators = self.indicators.to(cast_dtype).unsqueeze(0).expand(batch_size, -1, -1)
         x = x.index_put((rows.expand_as(indicator_positions), indicator_positions), indicators)
-        x = x + self.positional_embedding.to(cast_dtype)  # [B, L, W]
-        x = self.transformer(x, attn_mask=self.attn_mask)  # [B, L, W]
+        x = x + self.positional_embedding[:positions].to(cast_dtype)  # [B, P, W]
+        x = self.transformer(x, attn_mask=self.attn_mask[:positions, :positions])  # [B, P, W]
         x = self.ln_final(x)
         eot_features = self._project(x[rows.squeeze(1), eot])  # [B, D]
         indicator_states = x[rows, indicator_positions]  # [B, m, W]
