@@ -1,7 +1,8 @@
 """CPU cost of the focused-view fusion at K=10, T=12, D=512 (ViT-B/32 sizes), m=4.
 
 Builds only the fusion module (no CLIP towers) and times one query and a batch of 64, with the
-candidate K/V projected per call ("direct") or taken from a per-video cache ("cached"), for
+candidate K/V projected per call ("direct"), taken from a per-video cache ("cached"), or never
+formed ("tokens": the K/V-free path of issue 12, scores straight from the frame tokens), for
 both heads. Prints JSON: median ms per call, ms per query and queries/s.
 
     .venv/bin/python benchmarks/fusion_cpu.py [--threads N] [--repeats 30]
@@ -33,7 +34,7 @@ def _time(fn: Any, repeats: int, warmup: int = 3) -> float:
 
 
 def measure(
-    head: str, batch: int, cached: bool, *, k: int, t: int, d: int, m: int, repeats: int
+    head: str, batch: int, kv: str, *, k: int, t: int, d: int, m: int, repeats: int
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     fusion = FocusedFusion(
@@ -57,12 +58,18 @@ def measure(
     def from_cache() -> None:
         fusion(queries, cache)
 
+    candidates_tokens = frames_tokens.view(batch, k, t, d)
+
+    def from_tokens() -> None:
+        fusion(queries, cand_tokens=candidates_tokens)
+
+    calls = {"direct": direct, "cached": from_cache, "tokens": from_tokens}
     with torch.inference_mode():
-        seconds = _time(from_cache if cached else direct, repeats)
+        seconds = _time(calls[kv], repeats)
     return {
         "head": head,
         "batch": batch,
-        "kv": "cached" if cached else "direct",
+        "kv": kv,
         "ms_per_call": round(seconds * 1e3, 3),
         "ms_per_query": round(seconds * 1e3 / batch, 4),
         "queries_per_s": round(batch / seconds, 1),
@@ -81,10 +88,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = [
-        measure(head, batch, cached, k=args.k, t=args.t, d=args.d, m=args.m, repeats=args.repeats)
+        measure(head, batch, kv, k=args.k, t=args.t, d=args.d, m=args.m, repeats=args.repeats)
         for head in ("symmetric", "listwise")
         for batch in (1, 64)
-        for cached in (False, True)
+        for kv in ("direct", "tokens", "cached")
     ]
     report = {
         "benchmark": "fusion_cpu",
