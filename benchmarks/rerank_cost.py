@@ -96,11 +96,11 @@ def _cold_call(model: Any, store: Any, request: tuple[Any, ...], *, kv_free: boo
     records = store.get_many(flat)
     tokens = torch.from_numpy(
         np.stack([np.asarray(records[i].tokens) for i in flat]).astype(np.float32)
-    )  # [B*K, T, D]
+    ).to(model.device)  # [B*K, T, D]
     batch, k = len(ids), len(ids[0])
     with torch.inference_mode():
         cand_cls = model.pool_cls(tokens).view(batch, k, -1)
-        queries = torch.from_numpy(indicators)
+        queries = torch.from_numpy(indicators).to(model.device)
         if kv_free:
             scores = model.focused_scores(
                 queries, cand_cls, tokens.view(batch, k, *tokens.shape[1:]), validate=False
@@ -110,7 +110,7 @@ def _cold_call(model: Any, store: Any, request: tuple[Any, ...], *, kv_free: boo
             scores = model.focused_scores(
                 queries, cand_cls, cand_kv=kv.view(batch, k, *kv.shape[1:]), validate=False
             )
-        return scores.delta.numpy(), scores.frame_attention.argmax(-1).numpy()
+        return scores.delta.cpu().numpy(), scores.frame_attention.argmax(-1).cpu().numpy()
 
 
 def _round_robin(
@@ -152,6 +152,7 @@ def measure(
     seed: int,
     repeats: int,
     max_seconds: float,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Median/p95 ms per call of cached rerank, uncached rerank and bare fusion at (K, B)."""
     import torch
@@ -159,7 +160,9 @@ def measure(
     from tb_reranker.rerank import Reranker
 
     torch.manual_seed(seed)
-    model = build_fusion_model(embed_dim=DIM, num_frames=FRAMES, num_indicators=INDICATORS, top_k=k)
+    model = build_fusion_model(
+        embed_dim=DIM, num_frames=FRAMES, num_indicators=INDICATORS, top_k=k, device=device
+    )
     rng = np.random.default_rng(seed + 1000 * k + batch)
     requests = _requests(rng, num_videos, batch, k, count=4)
     cached = Reranker(model, store, cache_size=num_videos + 16)
@@ -176,15 +179,20 @@ def measure(
             records = store.get_many([i for row in ids for i in row])
             tokens = torch.from_numpy(
                 np.stack([records[i].tokens for row in ids for i in row]).astype(np.float32)
-            )
+            ).to(model.device)
             kv = model.project_candidates(tokens)
             bare_inputs.append(
-                (torch.from_numpy(indicators[:, 1:]).contiguous(), kv.view(batch, k, *kv.shape[1:]))
+                (
+                    torch.from_numpy(indicators[:, 1:]).contiguous().to(model.device),
+                    kv.view(batch, k, *kv.shape[1:]),
+                )
             )
 
     def bare(queries: torch.Tensor, kv: torch.Tensor) -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), model._autocast():
             model.fusion(queries, kv)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
 
     for request in requests:  # the two cold paths agree
         projected = _cold_call(model, store, request, kv_free=False)
@@ -233,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--target-repeats", type=int, default=400, help="timed calls of the p50 target"
     )
     parser.add_argument("--max-seconds", type=float, default=4.0, help="time cap per timing")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (model and fusion)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     configure_threads(args.threads)
@@ -255,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     seed=args.seed,
                     repeats=repeats,
                     max_seconds=max_seconds,
+                    device=args.device,
                 )
                 for k in ks
                 for batch in batches
@@ -268,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed=args.seed,
                 repeats=target_repeats,
                 max_seconds=max_seconds * 3,
+                device=args.device,
             )
             qps_row = measure(
                 10,
@@ -277,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed=args.seed,
                 repeats=repeats,
                 max_seconds=max_seconds * 2,
+                device=args.device,
             )
         finally:
             store.close()
@@ -292,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "m": INDICATORS,
         "head": "symmetric",
         "store": "lmdb",
+        "device": args.device,
         "videos": num_videos,
         "environment": environment(),
         "targets": {
