@@ -491,7 +491,6 @@ class TokenBinder(nn.Module):
         cand_kv: torch.Tensor | None,
     ) -> FocusedScores:
         """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
-        batch_size, num_candidates, _ = cand_cls.shape
         device = self.device
         indicators = indicators.to(device)
         cand_cls = cand_cls.to(device)
