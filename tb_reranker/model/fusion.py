@@ -74,7 +74,7 @@ class CrossAttentionBlock(nn.Module):
 
     def project_kv(self, tokens: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
         """tokens [N, T', D], position_embeddings [T', D] -> kv [N, 2, T', D]"""
-        x = self.ln_kv(tokens) + position_embeddings  # [N, T', D]
+        x = self.kv_inputs(tokens, position_embeddings)  # [N, T', D]
         return torch.stack([self.k_proj(x), self.v_proj(x)], dim=1)  # [N, 2, T', D]
 
     def rank_kv(self, rank_embeddings: torch.Tensor) -> torch.Tensor:
@@ -107,14 +107,125 @@ class CrossAttentionBlock(nn.Module):
         summary [B, K, Q, D] (heads concatenated))
         """
         batch_size, num_candidates, num_tokens, width = keys.shape
-        num_queries, heads, head_dim = queries.shape[1], self.heads, self.head_dim
+        num_queries, heads = queries.shape[1], self.heads
         few = batch_size * num_candidates <= _FEW_CANDIDATES
-        q = self.q_proj(self.ln_q(queries))  # [B, Q, D]
-        q = q.view(batch_size, num_queries, heads, head_dim).transpose(1, 2)  # [B, H, Q, d]
+        q = self._head_queries(queries)  # [B, H, Q, d]
         keys = keys.reshape(batch_size, num_candidates * num_tokens, width)  # [B, K*T', D]
         logits = _head_logits(q, keys, few)  # [B, H, Q, K*T']
         logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
-        logits = logits / math.sqrt(head_dim)
+        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale)
+        within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
+        within = within.permute(0, 3, 1, 2, 4).reshape(
+            batch_size * num_candidates, heads, num_queries, num_tokens
+        )
+        values = values.reshape(batch_size * num_candidates, num_tokens, width)
+        summary = _head_summaries(within, values, few)  # [B*K, Q, D]
+        summary = summary.view(batch_size, num_candidates, num_queries, width)
+        return self._finish(queries, _mix_candidates(mass, summary)), attention, mass, summary
+
+    def forward_tokens(
+        self,
+        queries: torch.Tensor,
+        inputs: torch.Tensor,
+        cand_mask: torch.Tensor | None = None,
+        rank_embeddings: torch.Tensor | None = None,
+        *,
+        tau: float = 1.0,
+        gumbel_scale: float = 0.0,
+        need_summary: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` without projecting the candidates' tokens (the K/V-free path).
+
+        inputs: [B, K, T', D], the block's ``ln_kv(tokens) + e_pos`` (see
+        :meth:`kv_inputs`); rank_embeddings: [K, D] or None. With q_h head h's query and
+        ``W_h``/``b_h`` head h's rows of a projection, a logit is ``q_h·(W_k,h x + b_k,h)
+        = (W_k,hᵀ q_h)·x + q_h·b_k,h``: the keys are never formed. An attended value is
+        ``Σ_t a_t (W_v,h x_t + b_v,h) = W_v,h (Σ_t a_t x_t) + (Σ_t a_t) b_v,h``: the D×D work
+        moves from the K·T' tokens to the Q queries (or the K·Q summaries). The rank embedding
+        e_k rides along with x (``W (x + e_k) + b``, as in :meth:`rank_kv`). Equal to
+        :meth:`forward` on ``project_kv`` + ``rank_kv`` up to float rounding, gradients included.
+        ``need_summary=False`` skips the per-candidate summaries (returned as None): only the
+        symmetric head's last block reads them.
+        """
+        batch_size, num_candidates, num_tokens, width = inputs.shape
+        num_queries, heads, head_dim = queries.shape[1], self.heads, self.head_dim
+        q = self._head_queries(queries)  # [B, H, Q, d]
+        # u_{h,q} = W_k,hᵀ q_h: [H, B*Q, d] @ [H, d, D] -> [B, H*Q, D]
+        key_weight = self.k_proj.weight.view(heads, head_dim, width)
+        u = torch.bmm(
+            q.transpose(0, 1).reshape(heads, batch_size * num_queries, head_dim), key_weight
+        )
+        u = u.view(heads, batch_size, num_queries, width).transpose(0, 1)
+        u = u.reshape(batch_size, heads * num_queries, width)
+        flat_inputs = inputs.reshape(batch_size, num_candidates * num_tokens, width)
+        logits = torch.bmm(u, flat_inputs.transpose(1, 2))  # [B, H*Q, K*T']
+        logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
+        # q_h·b_k,h shifts all of a query's logits alike (its softmax ignores it); it is added
+        # anyway so that k_proj.bias stays in the graph (a parameter without a gradient breaks
+        # DistributedDataParallel) and the logits are those of the projected keys
+        shift = (q * self.k_proj.bias.view(heads, 1, head_dim)).sum(dim=-1)  # [B, H, Q]
+        if rank_embeddings is not None:  # u·e_k, the same for every token of candidate k
+            rank_logits = torch.matmul(u, rank_embeddings.t())  # [B, H*Q, K]
+            shift = (
+                rank_logits.view(batch_size, heads, num_queries, num_candidates) + shift[..., None]
+            )
+            logits = logits + shift.unsqueeze(-1)
+        else:
+            logits = logits + shift[..., None, None]
+        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale)
+        # pooled inputs are laid out [rows, Q, H, D] so that head h's rows are one strided
+        # matrix (row stride H·D) that the value projection's bmm reads in place
+        if need_summary:
+            within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
+            weight = within.sum(dim=-1).permute(0, 3, 2, 1)  # [B, K, Q, H]: 1, 0 when padded
+            within = within.permute(0, 3, 2, 1, 4).reshape(
+                batch_size * num_candidates, num_queries * heads, num_tokens
+            )
+            pooled = torch.bmm(
+                within, inputs.reshape(batch_size * num_candidates, num_tokens, width)
+            )  # [B*K, Q*H, D]: Σ_t within_t x_t
+            pooled = pooled.view(batch_size, num_candidates, num_queries, heads, width)
+            if rank_embeddings is not None:
+                pooled = pooled + weight.unsqueeze(-1) * rank_embeddings[:, None, None]
+            summary = self._project_values(pooled, weight)  # [B, K, Q, D]
+            return self._finish(queries, _mix_candidates(mass, summary)), attention, mass, summary
+        flat_attention = attention.permute(0, 2, 1, 3, 4).reshape(
+            batch_size, num_queries * heads, num_candidates * num_tokens
+        )
+        pooled = torch.bmm(flat_attention, flat_inputs)  # [B, Q*H, D]: Σ_{k,t} a x
+        if rank_embeddings is not None:
+            flat_mass = mass.transpose(1, 2).reshape(
+                batch_size, num_queries * heads, num_candidates
+            )
+            pooled = pooled + torch.matmul(flat_mass, rank_embeddings)
+        pooled = pooled.view(batch_size, 1, num_queries, heads, width)
+        total = mass.sum(dim=-1).transpose(1, 2).unsqueeze(1)  # [B, 1, Q, H]
+        attended = self._project_values(pooled, total).view(batch_size, num_queries, width)
+        return self._finish(queries, attended), attention, mass, None
+
+    def kv_inputs(self, tokens: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
+        """tokens [..., T', D], position_embeddings [T', D] -> ``ln_kv(tokens) + e_pos``, the
+        input of the K/V projections (:meth:`project_kv`) and of :meth:`forward_tokens`."""
+        return self.ln_kv(tokens) + position_embeddings
+
+    def _head_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries [B, Q, D] -> projected per-head queries [B, H, Q, d]"""
+        batch_size, num_queries, _ = queries.shape
+        q = self.q_proj(self.ln_q(queries))  # [B, Q, D]
+        return q.view(batch_size, num_queries, self.heads, self.head_dim).transpose(1, 2)
+
+    def _attention(
+        self,
+        logits: torch.Tensor,
+        cand_mask: torch.Tensor | None,
+        tau: float,
+        gumbel_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled logits [B, H, Q, K, T'] -> (attention [B, H, Q, K, T'] (softmax over the
+        K·T' tokens, padded candidates 0, all 0 for a query with no real candidate), mass
+        [B, H, Q, K])."""
+        batch_size, heads, num_queries, num_candidates, num_tokens = logits.shape
+        logits = logits / math.sqrt(self.head_dim)
         if gumbel_scale > 0:
             logits = logits + gumbel_scale * gumbel_like(logits)
         logits = logits / tau
@@ -129,20 +240,36 @@ class CrossAttentionBlock(nn.Module):
         attention = torch.softmax(flat, dim=-1).view_as(logits)  # [B, H, Q, K, T']
         if any_real is not None:
             attention = attention * any_real
-        mass = attention.sum(dim=-1)  # [B, H, Q, K]
-        within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
-        within = within.permute(0, 3, 1, 2, 4).reshape(
-            batch_size * num_candidates, heads, num_queries, num_tokens
-        )
-        values = values.reshape(batch_size * num_candidates, num_tokens, width)
-        summary = _head_summaries(within, values, few)  # [B*K, Q, D]
-        summary = summary.view(batch_size, num_candidates, num_queries, width)
-        weights = mass.permute(0, 3, 2, 1).unsqueeze(-1)  # [B, K, Q, H, 1]
-        per_head = summary.view(batch_size, num_candidates, num_queries, heads, head_dim)
-        attended = (weights * per_head).sum(dim=1).reshape(batch_size, num_queries, width)
+        return attention, attention.sum(dim=-1)
+
+    def _project_values(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Head h's value projection of head h's pooled inputs, plus its bias times the pooled
+        attention: pooled [B, K', Q, H, D], weight [B, K', Q, H] -> [B, K', Q, D] (heads
+        concatenated)."""
+        batch_size, count, num_queries, heads, width = pooled.shape
+        head_dim = self.head_dim
+        value_weight = self.v_proj.weight.view(heads, head_dim, width)  # [H, d, D]
+        rows = pooled.reshape(-1, heads, width).transpose(0, 1)  # [H, B*K'*Q, D], strided
+        projected = torch.bmm(rows, value_weight.transpose(1, 2))  # [H, B*K'*Q, d]
+        projected = projected.transpose(0, 1).view(batch_size, count, num_queries, heads, head_dim)
+        bias = self.v_proj.bias.view(heads, head_dim)
+        projected = projected + weight.unsqueeze(-1) * bias
+        return projected.reshape(batch_size, count, num_queries, width)
+
+    def _finish(self, queries: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Residual output projection and FFN: queries, attended [B, Q, D] -> queries [B, Q, D]"""
         queries = queries + self.out_proj(attended)
-        queries = queries + self.mlp(self.ln_mlp(queries))
-        return queries, attention, mass, summary
+        return queries + self.mlp(self.ln_mlp(queries))
+
+
+def _mix_candidates(mass: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """``attention @ values`` from the per-candidate parts: mass [B, H, Q, K], summary
+    [B, K, Q, D] -> Σ_k mass_k summary_k [B, Q, D]."""
+    batch_size, num_candidates, num_queries, width = summary.shape
+    heads = mass.shape[1]
+    weights = mass.permute(0, 3, 2, 1).unsqueeze(-1)  # [B, K, Q, H, 1]
+    per_head = summary.view(batch_size, num_candidates, num_queries, heads, width // heads)
+    return (weights * per_head).sum(dim=1).reshape(batch_size, num_queries, width)
 
 
 def _head_logits(q: torch.Tensor, keys: torch.Tensor, few: bool) -> torch.Tensor:
@@ -276,36 +403,69 @@ class FocusedFusion(nn.Module):
     def forward(
         self,
         queries: torch.Tensor,
-        cand_kv: torch.Tensor,
+        cand_kv: torch.Tensor | None = None,
         cand_mask: torch.Tensor | None = None,
+        *,
+        cand_tokens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Δ scores and attention.
+        """Δ scores and attention, from cached K/V or straight from the candidates' tokens.
 
-        queries: [B, Q, D] (indicators I_2..I_m); cand_kv: [B, K, n_blocks, 2, T', D] (read in
-        place: a free view when it is a permuted ``[n_blocks, 2, B*K, T', D]`` gather, as the
-        ``Reranker`` passes it); cand_mask: [B, K] bool or None.
+        queries: [B, Q, D] (indicators I_2..I_m); exactly one of cand_kv: [B, K, n_blocks, 2,
+        T', D] (``project_candidates`` output, read in place: a free view when it is a permuted
+        ``[n_blocks, 2, B*K, T', D]`` gather, as the ``Reranker`` passes it) and cand_tokens:
+        [B, K, T', D] (the stored frame tokens: the K/V are never formed, see
+        :meth:`CrossAttentionBlock.forward_tokens`; the cheap path for uncached candidates);
+        cand_mask: [B, K] bool or None. Both paths give the same result up to float rounding.
         returns (delta [B, K] (0 at padded candidates), token_attention [B, K, T'])
         """
-        num_candidates = cand_kv.shape[1]
+        if (cand_kv is None) == (cand_tokens is None):
+            raise ValueError("give exactly one of cand_kv and cand_tokens")
+        source = cand_kv if cand_kv is not None else cand_tokens
+        assert source is not None
+        num_candidates = source.shape[1]
         if self.head_type == "listwise" and num_candidates > self.max_candidates:
             raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
         gumbel_scale = self.gumbel_scale if self.training else 0.0
+        rank_embeddings = (
+            None if self.rank_embedding is None else self.rank_embedding[:num_candidates]
+        )
         attention = mass = summary = None
-        for index, block in enumerate(self.blocks):
-            keys = cand_kv[:, :, index, 0]  # [B, K, T', D]
-            values = cand_kv[:, :, index, 1]  # [B, K, T', D]
-            if self.rank_embedding is not None:
-                rank = block.rank_kv(self.rank_embedding[:num_candidates])  # [2, K, D]
-                keys = keys + rank[0][None, :, None, :]
-                values = values + rank[1][None, :, None, :]
-            queries, attention, mass, summary = block(
-                queries, keys, values, cand_mask, tau=self.gumbel_tau, gumbel_scale=gumbel_scale
-            )
-        assert attention is not None and mass is not None and summary is not None
+        if cand_tokens is not None:
+            positions = self.position_embeddings(cand_tokens.shape[2])
+            last = self.num_blocks - 1
+            for index, block in enumerate(self.blocks):
+                queries, attention, mass, summary = block.forward_tokens(
+                    queries,
+                    block.kv_inputs(cand_tokens, positions),
+                    cand_mask,
+                    rank_embeddings,
+                    tau=self.gumbel_tau,
+                    gumbel_scale=gumbel_scale,
+                    need_summary=index == last and self.head_type == "symmetric",
+                )
+        else:
+            assert cand_kv is not None
+            for index, block in enumerate(self.blocks):
+                keys = cand_kv[:, :, index, 0]  # [B, K, T', D]
+                values = cand_kv[:, :, index, 1]  # [B, K, T', D]
+                if rank_embeddings is not None:
+                    rank = block.rank_kv(rank_embeddings)  # [2, K, D]
+                    keys = keys + rank[0][None, :, None, :]
+                    values = values + rank[1][None, :, None, :]
+                queries, attention, mass, summary = block(
+                    queries,
+                    keys,
+                    values,
+                    cand_mask,
+                    tau=self.gumbel_tau,
+                    gumbel_scale=gumbel_scale,
+                )
+        assert attention is not None and mass is not None
         token_attention = attention.mean(dim=(1, 2))  # [B, K, T']
         if self.head_type == "listwise":
             delta = self.head(queries.reshape(queries.shape[0], -1))[:, :num_candidates]
         else:
+            assert summary is not None
             delta = self._symmetric_delta(queries, mass, summary, cand_mask)
         if cand_mask is not None:
             delta = delta.masked_fill(~cand_mask, 0.0)

@@ -491,21 +491,18 @@ class TokenBinder(nn.Module):
         cand_kv: torch.Tensor | None,
     ) -> FocusedScores:
         """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
-        batch_size, num_candidates, _ = cand_cls.shape
         device = self.device
         indicators = indicators.to(device)
         cand_cls = cand_cls.to(device)
         with self._autocast():
-            if cand_kv is None:
+            queries = self._fusion_queries(indicators)
+            if cand_kv is None:  # uncached: the K/V-free path (never projects the tokens)
                 assert cand_tokens is not None
-                flat = cand_tokens.to(device).reshape(
-                    batch_size * num_candidates, *cand_tokens.shape[2:]
+                delta, token_attention = self.fusion(
+                    queries, cand_mask=cand_mask, cand_tokens=cand_tokens.to(device).float()
                 )
-                cand_kv = self.fusion.project_candidates(flat.float())
-                cand_kv = cand_kv.view(batch_size, num_candidates, *cand_kv.shape[1:])
-            delta, token_attention = self.fusion(
-                self._fusion_queries(indicators), cand_kv.to(device), cand_mask
-            )
+            else:
+                delta, token_attention = self.fusion(queries, cand_kv.to(device), cand_mask)
         return self._assemble(
             indicators[:, 0], cand_cls, delta.float(), token_attention.float(), cand_mask
         )

@@ -24,7 +24,17 @@ def test_rerank_cost_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert (result["T"], result["D"], result["m"]) == (12, 512, 4)
     assert result["environment"]["torch_threads"] == 1
     targets = result["targets"]
-    assert set(targets) == {"p50_ms_one_query_K10", "queries_per_s_batch64_K10"}
+    assert set(targets) == {
+        "p50_ms_one_query_K10",
+        "queries_per_s_batch64_K10",
+        "cold_p50_ms_one_query_K10",
+        "cold_queries_per_s_batch64_K10",
+    }
+    cold_latency = targets["cold_p50_ms_one_query_K10"]
+    cold_throughput = targets["cold_queries_per_s_batch64_K10"]
+    assert cold_latency["target"] == 1.0 and cold_throughput["target"] == 2500.0
+    assert cold_latency["met"] == (cold_latency["measured"] <= 1.0)
+    assert cold_throughput["met"] == (cold_throughput["measured"] >= 2500.0)
     latency, throughput = targets["p50_ms_one_query_K10"], targets["queries_per_s_batch64_K10"]
     assert latency["target"] == 1.0 and throughput["target"] == 2000.0
     assert latency["measured"] > 0 and throughput["measured"] > 0
@@ -33,11 +43,18 @@ def test_rerank_cost_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     cells = {(row["K"], row["batch"]) for row in result["results"]}
     assert cells == {(5, 1), (5, 8), (10, 1), (10, 8)}
     for row in result["results"]:
-        for name in ("rerank_cached", "rerank_uncached", "bare_fusion"):
+        for name in (
+            "rerank_cached",
+            "rerank_uncached",
+            "bare_fusion",
+            "cold_projected",
+            "cold_kv_free",
+        ):
             timing = row[name]
             assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
             assert timing["queries_per_s"] == pytest.approx(
                 row["batch"] * 1e3 / timing["median_ms"], rel=1e-2
             )
         assert row["cached_over_uncached"] > 0 and row["cached_over_bare"] > 0
+        assert row["cold_projected_over_kv_free"] > 0 and row["kv_free_over_cached"] > 0
         assert 0.0 < row["cache_hit_rate"] <= 1.0

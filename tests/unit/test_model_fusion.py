@@ -340,10 +340,11 @@ _EQUIVALENCE_MASK = torch.tensor(
 
 
 def _perturbed_fusion(head: str, blocks: int, dtype: torch.dtype) -> FocusedFusion:
+    """``head``: "symmetric", "listwise" (with rank embeddings) or "symmetric+rank"."""
     torch.manual_seed(0)
-    fusion = FocusedFusion(
-        64, 3, 6, 5, blocks=blocks, heads=4, head=head, rank_embedding=head == "listwise"
-    )
+    rank = head != "symmetric"
+    head = head.removesuffix("+rank")
+    fusion = FocusedFusion(64, 3, 6, 5, blocks=blocks, heads=4, head=head, rank_embedding=rank)
     with torch.no_grad():
         for param in fusion.parameters():
             param.add_(torch.randn_like(param) * 0.1)
@@ -454,3 +455,108 @@ def test_unvalidated_focused_scores_equal_the_checked_ones() -> None:
     assert torch.equal(trusted.frame_attention, checked.frame_attention)
     with pytest.raises(InvalidInputError, match="NaN"):  # the default still checks
         model.focused_scores(indicators * float("nan"), cand_cls, cand_mask=mask, cand_kv=cand_kv)
+
+
+# ---- the K/V-free path (issue 12): scores straight from the candidates' tokens ------------------
+def _token_inputs(dtype: torch.dtype):
+    """queries [4, 3, 64] and candidate tokens [4, 5, 6, 64] (leaves)."""
+    generator = torch.Generator().manual_seed(5)
+    queries = torch.randn(4, 3, 64, generator=generator).to(dtype).requires_grad_()
+    tokens = torch.randn(4, 5, 6, 64, generator=generator).to(dtype).requires_grad_()
+    return queries, tokens
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "symmetric+rank"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_token_path_equals_the_plain_formulation(head, blocks):
+    """float32 inference: the K/V-free path gives the plain formulation's Δ and attention on
+    the projected K/V, with and without a mask (one query fully padded), rank embedding included
+    for the listwise head."""
+    fusion = _perturbed_fusion(head, blocks, torch.float32)
+    queries, tokens = _token_inputs(torch.float32)
+    for mask in (None, _EQUIVALENCE_MASK):
+        with torch.inference_mode():
+            delta, attention = fusion(queries, cand_mask=mask, cand_tokens=tokens)
+            cand_kv = fusion.project_candidates(tokens.reshape(20, 6, 64)).view(
+                4, 5, blocks, 2, 6, 64
+            )
+            expected_delta, expected_attention = _reference_fusion(fusion, queries, cand_kv, mask)
+            cached_delta, _ = fusion(queries, cand_kv, mask)
+        assert delta.abs().max() > 1e-3
+        torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attention, expected_attention, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(delta, cached_delta, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "symmetric+rank"])
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_token_path_gradients_equal_the_plain_formulation(head, blocks):
+    """Training (Gumbel noise on, float64): the same values and gradients (every parameter,
+    the queries, the tokens) as the plain formulation on the projected K/V."""
+    for mask in (None, _EQUIVALENCE_MASK):
+        results = []
+        for formulation in ("tokens", "reference"):
+            fusion = _perturbed_fusion(head, blocks, torch.float64).train()
+            queries, tokens = _token_inputs(torch.float64)
+            torch.manual_seed(7)  # the same Gumbel noise, drawn in the same order
+            if formulation == "tokens":
+                delta, attention = fusion(queries, cand_mask=mask, cand_tokens=tokens)
+            else:
+                cand_kv = fusion.project_candidates(tokens.reshape(20, 6, 64))
+                cand_kv = cand_kv.view(4, 5, blocks, 2, 6, 64)
+                noises = [
+                    fusion.gumbel_scale * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
+                    for _ in range(blocks)
+                ]
+                delta, attention = _reference_fusion(fusion, queries, cand_kv, mask, noises)
+            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
+            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
+            loss.backward()
+            grads = {name: p.grad for name, p in fusion.named_parameters()}
+            results.append((delta.detach(), attention.detach(), queries.grad, tokens.grad, grads))
+        (delta, attention, queries_grad, tokens_grad, grads), expected = results
+        assert delta.abs().max() > 1e-3
+        torch.testing.assert_close(delta, expected[0], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(attention, expected[1], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(queries_grad, expected[2], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(tokens_grad, expected[3], atol=1e-10, rtol=1e-9)
+        assert grads.keys() == expected[4].keys()
+        for name, grad in grads.items():
+            reference = expected[4][name]
+            if reference is None:
+                assert grad is None, name
+                continue
+            assert grad is not None, name
+            torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-9, msg=name)
+
+
+def test_focused_scores_on_tokens_never_projects_them(monkeypatch) -> None:
+    """``focused_scores(cand_tokens=...)`` takes the K/V-free path: no K/V projection runs, and
+    the scores equal those on the projected K/V."""
+    model = TokenBinder(TokenBinderConfig.tiny(fusion_blocks=2)).eval()
+    _randomise_head(model)
+    indicators, cand_cls, cand_tokens = _inputs()
+    with torch.inference_mode():
+        cand_kv = model.project_candidates(cand_tokens.reshape(B * K, T, D))
+        cached = model.focused_scores(
+            indicators, cand_cls, cand_kv=cand_kv.view(B, K, *cand_kv.shape[1:])
+        )
+    calls = []
+    for block in model.fusion.blocks:
+        block.k_proj.register_forward_hook(lambda *args: calls.append("k"))
+        block.v_proj.register_forward_hook(lambda *args: calls.append("v"))
+    with torch.inference_mode():
+        direct = model.focused_scores(indicators, cand_cls, cand_tokens)
+    assert calls == []
+    assert direct.delta.abs().max() > 1e-3
+    torch.testing.assert_close(direct.final, cached.final, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(direct.frame_attention, cached.frame_attention, rtol=1e-5, atol=1e-6)
+
+
+def test_fusion_needs_exactly_one_candidate_source() -> None:
+    fusion = _perturbed_fusion("symmetric", 1, torch.float32)
+    queries, tokens = _token_inputs(torch.float32)
+    with pytest.raises(ValueError, match="exactly one"):
+        fusion(queries.detach())
+    with pytest.raises(ValueError, match="exactly one"):
+        fusion(queries.detach(), torch.zeros(4, 5, 1, 2, 6, 64), cand_tokens=tokens.detach())
