@@ -8,10 +8,7 @@ query (batch 1) and a batch of 64 queries of 3-20 words it times, alternating in
 the same run (the machine is shared and noisy):
 
 * ``full``: the indicator text tower over all 77 positions (``truncate=False``: today's path),
-* ``truncated``: the same tower up to the batch's last ``eot + m`` position (the default; on
-  CPU float32 with prepacked linear weights),
-* ``truncated_unpacked``: the same positions through open_clip's own modules (the share of the
-  gain that is the truncation alone),
+* ``truncated``: the same tower up to the batch's last ``eot + m`` position (the default),
 * ``open_clip``: open_clip's own ``encode_text`` at full context (the plain CLIP retrieval a
   user would otherwise run),
 * ``tokenize``: the tokenizer alone (it is in every ``encode_text`` call on strings).
@@ -149,16 +146,10 @@ def measure(
         for got, expected in zip(truncated, full, strict=True)
     )
 
-    def run(truncate: bool, packed: bool = True) -> Any:
+    def run(truncate: bool) -> Any:
         def call() -> None:
-            state = model.text._packed  # the prepacked CPU pass, switched off for the comparison
-            broken = state.broken
-            state.broken = broken or not packed
-            try:
-                with torch.inference_mode(), model._autocast():
-                    model.text(tokens, truncate=truncate)
-            finally:
-                state.broken = broken
+            with torch.inference_mode(), model._autocast():
+                model.text(tokens, truncate=truncate)
 
         return call
 
@@ -170,13 +161,7 @@ def measure(
         model.tokenize(texts)
 
     timings = _interleaved(
-        {
-            "full": run(False),
-            "truncated": run(True),
-            "truncated_unpacked": run(True, packed=False),
-            "open_clip": plain,
-            "tokenize": tokenize,
-        },
+        {"full": run(False), "truncated": run(True), "open_clip": plain, "tokenize": tokenize},
         rounds=rounds,
         per_round=per_round,
         max_seconds=max_seconds,
@@ -192,9 +177,6 @@ def measure(
         row[name] = timing.to_dict()
     row["speedup_full_over_truncated"] = round(
         timings["full"].median_ms / timings["truncated"].median_ms, 3
-    )
-    row["speedup_full_over_truncated_unpacked"] = round(
-        timings["full"].median_ms / timings["truncated_unpacked"].median_ms, 3
     )
     row["speedup_open_clip_over_truncated"] = round(
         timings["open_clip"].median_ms / timings["truncated"].median_ms, 3

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["IndicatorTextEncoder", "eot_positions"]
 
@@ -22,68 +17,6 @@ def eot_positions(texts_tokens: torch.Tensor, pool_type: str, eos_id: int | None
     if pool_type == "eos":
         return (texts_tokens == eos_id).int().argmax(dim=-1)
     return texts_tokens.argmax(dim=-1)  # "argmax": CLIP's EOT id is the largest in the vocab
-
-
-class _PackedTower:
-    """oneDNN-prepacked copies of the text transformer's linear weights, for the CPU float32
-    inference pass (:meth:`IndicatorTextEncoder._transformer`).
-
-    A short text is 10-20 rows per linear layer: a plain ``F.linear`` then spends most of its
-    time re-packing the cold weight matrix on every call; prepacked weights skip that (the
-    arithmetic is the same fp32 one, the result equal to float rounding). Rebuilt when a weight
-    changes; never copied or pickled (a deep copy starts empty).
-    """
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.layers: list[dict[str, Any]] = []
-        self.broken = False  # the ops failed once on this torch build: never try again
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _PackedTower:
-        return _PackedTower()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
-
-
-def _supported_blocks(transformer: nn.Module) -> list[nn.Module] | None:
-    """The open_clip residual blocks when the prepacked pass can replace their linear layers
-    exactly (open_clip's own Transformer and ResidualAttentionBlock, plain self-attention)."""
-    try:
-        from open_clip.transformer import ResidualAttentionBlock, Transformer
-    except ImportError:  # pragma: no cover - open_clip is a dependency
-        return None
-    if type(transformer) is not Transformer:
-        return None
-    blocks = list(getattr(transformer, "resblocks", []))
-    for block in blocks:
-        attention = getattr(block, "attn", None)
-        mlp = getattr(block, "mlp", None)
-        if (
-            type(block) is not ResidualAttentionBlock
-            or hasattr(block, "ln_1_kv")
-            or not isinstance(attention, nn.MultiheadAttention)
-            or not attention._qkv_same_embed_dim
-            or attention.in_proj_bias is None
-            or attention.bias_k is not None
-            or attention.add_zero_attn
-            or not isinstance(mlp, nn.Sequential)
-            or list(mlp._modules) != ["c_fc", "gelu", "c_proj"]
-            or not all(isinstance(mlp[i], nn.Linear) and mlp[i].bias is not None for i in (0, 2))
-        ):
-            return None
-    return blocks
-
-
-def _packed_ops_available() -> bool:
-    return bool(
-        torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
 
 
 class IndicatorTextEncoder(nn.Module):
@@ -134,7 +67,6 @@ class IndicatorTextEncoder(nn.Module):
             eot_embedding = self.token_embedding.weight[eot_id].detach().clone().float()
             noise = torch.randn(num_indicators, width) * init_std
         self.indicators = nn.Parameter(eot_embedding.unsqueeze(0) + noise)  # [m, W]
-        self._packed = _PackedTower()
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -207,91 +139,8 @@ class IndicatorTextEncoder(nn.Module):
         indicators = self.indicators.to(cast_dtype).unsqueeze(0).expand(batch_size, -1, -1)
         x = x.index_put((rows.expand_as(indicator_positions), indicator_positions), indicators)
         x = x + self.positional_embedding[:positions].to(cast_dtype)  # [B, P, W]
-        attn_mask = self.attn_mask[:positions, :positions]
-        if truncate:
-            x = self._transformer(x, attn_mask)  # [B, P, W]
-        else:  # exactly open_clip's own call
-            x = self.transformer(x, attn_mask=attn_mask)  # [B, P, W]
+        x = self.transformer(x, attn_mask=self.attn_mask[:positions, :positions])  # [B, P, W]
         x = self.ln_final(x)
         eot_features = self._project(x[rows.squeeze(1), eot])  # [B, D]
         indicator_states = x[rows, indicator_positions]  # [B, m, W]
         return self._project(indicator_states), eot_features
-
-    def _transformer(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """The text transformer on x [B, P, W]: with prepacked linear weights for CPU float32
-        inference (no autograd, no autocast) when the ops and the block layout allow, else
-        open_clip's own forward."""
-        layers = self._packed_layers(x)
-        if layers is None:
-            return self.transformer(x, attn_mask=attn_mask)
-        try:
-            return _packed_forward(self.transformer.resblocks, layers, x, attn_mask)
-        except RuntimeError as exc:  # an op this torch build lacks or refuses: fall back
-            logger.warning("prepacked text transformer failed (%s); using open_clip's", exc)
-            self._packed.broken = True
-            return self.transformer(x, attn_mask=attn_mask)
-
-    def _packed_layers(self, x: torch.Tensor) -> list[dict[str, Any]] | None:
-        packed = self._packed
-        if (
-            packed.broken
-            or x.device.type != "cpu"
-            or x.dtype != torch.float32
-            or torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu")
-        ):
-            return None
-        blocks = _supported_blocks(self.transformer)
-        if not blocks or not _packed_ops_available():
-            packed.broken = True
-            return None
-        weights = [
-            (
-                block.attn.in_proj_weight,
-                block.attn.out_proj.weight,
-                block.mlp[0].weight,
-                block.mlp[2].weight,
-            )
-            for block in blocks
-        ]
-        key = tuple((w.data_ptr(), w._version) for layer in weights for w in layer)
-        if packed.key != key:
-            try:
-                packed.layers = [
-                    {
-                        name: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-                        for name, weight in zip(("qkv", "out", "fc", "proj"), layer, strict=True)
-                    }
-                    for layer in weights
-                ]
-            except RuntimeError as exc:
-                logger.warning("cannot prepack the text transformer's weights: %s", exc)
-                packed.broken = True
-                return None
-            packed.key = key
-        return packed.layers
-
-
-def _packed_forward(
-    blocks: Any, layers: list[dict[str, Any]], x: torch.Tensor, attn_mask: torch.Tensor
-) -> torch.Tensor:
-    """open_clip's ResidualAttentionBlock stack (pre-LN self-attention + MLP, residual) with the
-    four linear layers of each block on prepacked weights. x [B, P, W] -> [B, P, W]"""
-    batch_size, positions, width = x.shape
-
-    def linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(inputs, weight, bias, "none", [], "")
-
-    attn_mask = attn_mask.to(x.dtype)
-    for block, packed in zip(blocks, layers, strict=True):
-        attention = block.attn
-        heads = attention.num_heads
-        qkv = linear(block.ln_1(x), packed["qkv"], attention.in_proj_bias)  # [B, P, 3W]
-        qkv = qkv.view(batch_size, positions, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
-        attended = attended.transpose(1, 2).reshape(batch_size, positions, width)
-        x = x + block.ls_1(linear(attended, packed["out"], attention.out_proj.bias))
-        mlp = block.mlp
-        hidden = mlp.gelu(linear(block.ln_2(x), packed["fc"], mlp.c_fc.bias))
-        x = x + block.ls_2(linear(hidden, packed["proj"], mlp.c_proj.bias))
-    return x

@@ -44,7 +44,7 @@ def _candidates(model: TokenBinder, batch: int = 3, k: int = 5, seed: int = 0):
 
 
 class _Dtypes:
-    """Output dtypes of the fusion's query projection and the text tower's first MLP activation."""
+    """Output dtypes of the fusion's query projection and the text tower's first MLP."""
 
     def __init__(self, model: TokenBinder) -> None:
         self.fusion: list[torch.dtype] = []
@@ -53,7 +53,7 @@ class _Dtypes:
             model.fusion.blocks[0].q_proj.register_forward_hook(
                 lambda _m, _i, out: self.fusion.append(out.dtype)
             ),
-            model.clip.transformer.resblocks[0].mlp.gelu.register_forward_hook(
+            model.clip.transformer.resblocks[0].mlp.register_forward_hook(
                 lambda _m, _i, out: self.text.append(out.dtype)
             ),
         ]

@@ -35,8 +35,7 @@ def _one_thread():
 
 class _Dtypes:
     """Records the output dtype of the fusion's query projection and of the text tower's
-    first MLP activation (after its first linear layer, on either text path): the matmuls
-    autocast decides."""
+    first attention block: the matmuls autocast decides."""
 
     def __init__(self, model: TokenBinder) -> None:
         self.fusion: list[torch.dtype] = []
@@ -48,7 +47,7 @@ class _Dtypes:
             model.fusion.blocks[0].k_proj.register_forward_hook(
                 lambda _m, _i, out: self.fusion.append(out.dtype)
             ),
-            model.clip.transformer.resblocks[0].mlp.gelu.register_forward_hook(
+            model.clip.transformer.resblocks[0].mlp.register_forward_hook(
                 lambda _m, _i, out: self.text.append(out.dtype)
             ),
         ]

@@ -51,13 +51,11 @@ def vit_b32_text() -> TokenBinder:
 
 
 class _PositionsSeen:
-    """Records the sequence length the text transformer's first block runs on (its first
-    LayerNorm sees [B, P, W] on both the prepacked and open_clip's pass)."""
+    """Records the sequence length the text transformer is called with."""
 
     def __init__(self, model: TokenBinder) -> None:
         self.lengths: list[int] = []
-        first_norm = model.text.transformer.resblocks[0].ln_1
-        self._handle = first_norm.register_forward_pre_hook(self._hook)
+        self._handle = model.text.transformer.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args) -> None:
         self.lengths.append(int(args[0].shape[1]))
@@ -181,38 +179,3 @@ def test_vit_b32_text_tower_truncates_exactly(vit_b32_text: TokenBinder, texts) 
     torch.testing.assert_close(
         plain, torch.nn.functional.normalize(full[1], dim=-1), rtol=1e-5, atol=1e-5
     )
-
-
-def test_prepacked_cpu_pass_is_used_and_follows_weight_updates() -> None:
-    """CPU float32 inference runs the transformer on prepacked weights (the full-context path
-    never does); an in-place weight update repacks, so the result still equals the module pass;
-    a deep copy starts without the packed copies and gives the same result."""
-    model = TokenBinder(TokenBinderConfig.tiny()).eval()
-    tokens = model.tokenize([MEDIUM, SHORT])
-    with torch.no_grad():
-        full = model.text(tokens, truncate=False)
-        assert model.text._packed.key is None
-        packed = model.text(tokens)
-    assert model.text._packed.key is not None and not model.text._packed.broken
-    _assert_same(packed, full)
-    with torch.no_grad():
-        fc = model.clip.transformer.resblocks[1].mlp.c_fc.weight
-        fc.add_(torch.randn_like(fc) * 0.5)
-        updated = model.text(tokens)
-        updated_full = model.text(tokens, truncate=False)
-    assert (updated[0] - packed[0]).abs().max() > 1e-3  # the update reached the packed pass
-    _assert_same(updated, updated_full)
-    twin = copy.deepcopy(model)
-    assert twin.text._packed.key is None
-    with torch.no_grad():
-        _assert_same(twin.text(tokens), updated_full)
-
-
-def test_bfloat16_autocast_and_autograd_take_open_clips_pass() -> None:
-    model = TokenBinder(TokenBinderConfig.tiny(), precision="bfloat16").eval()
-    tokens = model.tokenize([MEDIUM])
-    with torch.no_grad():
-        model.encode_text_tokens(tokens)  # bf16 autocast: not the fp32 prepacked pass
-    assert model.text._packed.key is None
-    indicators, _ = model.text(tokens)  # autograd on
-    assert model.text._packed.key is None and indicators.requires_grad
