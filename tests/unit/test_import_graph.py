@@ -35,8 +35,6 @@ ALLOWED_EDGES: frozenset[tuple[str, str]] = frozenset(
         # index/store.py <-> index/s3_store.py (the frame stores get their own package)
         ("tb_reranker.index.store", "tb_reranker.index.s3_store"),
         ("tb_reranker.index.s3_store", "tb_reranker.index.store"),
-        # the remote SDK imports the server's conversions (they move to tb_reranker/wire/)
-        ("tb_reranker.remote", "tb_reranker.server.convert"),
         # the library imports the deployment tool (the Milvus schema moves into the library)
         ("tb_reranker.index.milvus_index", "milvus_setup.schema"),
     }
