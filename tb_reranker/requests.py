@@ -86,7 +86,8 @@ def check_text(text: Any, limits: Limits = DEFAULT_LIMITS) -> str:
         raise InvalidInputError("query text is empty (give a non-empty string)")
     if len(text) > limits.max_text_chars:
         raise InvalidInputError(
-            f"query text has {len(text)} characters, over max_text_chars={limits.max_text_chars}"
+            f"query text has {len(text)} characters; the limit is {limits.max_text_chars} "
+            f"(max_text_chars={limits.max_text_chars})"
         )
     return text
 
