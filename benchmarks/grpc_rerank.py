@@ -65,7 +65,7 @@ def build(kind: str, directory: Path, seed: int) -> tuple[Any, list[str]]:
 def requests_for(reranker: Any, ids: list[str], count: int, seed: int) -> list[Any]:
     """``count`` Rerank requests: random indicators, a window of K ids, descending broad scores."""
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
-    from tb_reranker.server.convert import tensor_to_proto
+    from tb_reranker.wire.convert import tensor_to_proto
 
     rng = np.random.default_rng(seed)
     m, dim = reranker.num_indicators, reranker.embed_dim
@@ -143,7 +143,7 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     import grpc
 
     from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
-    from tb_reranker.server.convert import tensor_from_proto
+    from tb_reranker.wire.convert import tensor_from_proto
 
     repeats = 40 if args.quick else 300
     calls = 10 if args.quick else 40

@@ -6,9 +6,9 @@ names that need them (PEP 562 module ``__getattr__``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from tb_reranker._lazy import lazy_attributes
 from tb_reranker.errors import (
     CheckpointError,
     IndexBackendError,
@@ -57,8 +57,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.types import Hit
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tb_reranker' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

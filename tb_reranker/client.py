@@ -3,11 +3,16 @@
 Defaults are embedded (Milvus Lite file, local LMDB store, in-process reranker, all under
 ``./tb_data``); every argument can also come from a ``TB_*`` variable (see ``Settings``).
 
-Remote mode (``reranker="host:port"``): the query is still encoded here when a checkpoint is
-available (the text tower is cheap and keeps broad-only search alive when the sidecar is down),
-Milvus is searched from here, and the sidecar reranks the candidates. If the sidecar cannot be
-reached, ``search`` returns the broad-only hits marked ``reranked=False`` (logged once) unless
-``strict=True``. Without a local checkpoint the sidecar also encodes the text.
+Both modes run the one search pipeline, ``rerank.TwoStageSearch``, with another
+``RerankBackend``: in process (``reranker="local"``), or remote (``reranker="host:port"``), where
+the query is still encoded here when a checkpoint is available (the text tower is cheap and keeps
+broad-only search alive when the sidecar is down), Milvus is searched from here, and the sidecar
+reranks the candidates. If the sidecar cannot be reached, ``search`` returns the broad-only hits
+marked ``reranked=False`` (logged once) unless ``strict=True``. Without a local checkpoint the
+sidecar does all of it against its own collection (one hop: ``RemoteReranker.search``).
+
+``Client`` is a facade: it checks the arguments once (``tb_reranker.requests``), makes one call
+and returns what it got.
 """
 
 from __future__ import annotations
@@ -20,14 +25,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tb_reranker.config import Settings
-from tb_reranker.errors import InvalidInputError, NotFoundError, RerankerUnavailableError
-from tb_reranker.filters import check_filter
+from tb_reranker.errors import InvalidInputError, NotFoundError
+from tb_reranker.requests import Limits, SearchRequest
 from tb_reranker.types import Hit
 
 if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.index import FrameStore, VideoIndex
     from tb_reranker.model import TokenBinder
-    from tb_reranker.rerank import Reranker
+    from tb_reranker.remote import RemoteReranker
+    from tb_reranker.rerank.backend import RerankBackend
+    from tb_reranker.rerank.local import Reranker
+    from tb_reranker.rerank.pipeline import TwoStageSearch
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -91,8 +99,9 @@ class Client:
         self._store: FrameStore | None = None
         self._index: VideoIndex | None = None
         self._reranker: Reranker | None = None
-        self._remote: Any = None
-        self._warned_degraded = False
+        self._remote: RemoteReranker | None = None
+        self._pipeline: TwoStageSearch | None = None
+        self._limits = Limits.sdk()
 
     # ------------------------------------------------------------------ lazy parts
     @property
@@ -139,13 +148,13 @@ class Client:
     @property
     def reranker(self) -> Reranker:
         if self._reranker is None:
-            from tb_reranker.rerank import Reranker
+            from tb_reranker.rerank.local import Reranker
 
             self._reranker = Reranker(self.model, self.store)
         return self._reranker
 
     @property
-    def remote(self) -> Any:
+    def remote(self) -> RemoteReranker:
         if self._remote is None:
             from tb_reranker.remote import RemoteReranker
 
@@ -194,76 +203,41 @@ class Client:
         filter: str | None = None,
     ) -> list[list[Hit]]:
         """Batch search: one list of hits per query text, encoded and reranked together."""
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a list of strings")
-        texts = list(texts)
-        if not texts:
-            raise InvalidInputError("no query texts given (search_many needs at least one)")
-        if any(not isinstance(text, str) for text in texts):
-            raise InvalidInputError("every query must be a string")
-        filter = check_filter(filter)
+        request = SearchRequest.build(
+            texts, limit=limit, rerank=rerank, filter=filter, limits=self._limits, texts_only=True
+        )
+        if self.is_remote and not self._has_local_model():
+            return self.remote.search_request(request)  # one hop: the sidecar does it all
+        return self.pipeline.run(request)
+
+    @property
+    def pipeline(self) -> TwoStageSearch:
+        """The two-stage search over this client's index and reranker backend."""
+        if self._pipeline is None:
+            from tb_reranker.rerank.pipeline import TwoStageSearch
+
+            self._pipeline = TwoStageSearch(
+                self.index,
+                self._backend(),
+                limits=self._limits,
+                degrade=self.is_remote and not self.strict,
+            )
+        return self._pipeline
+
+    def _has_local_model(self) -> bool:
+        return self._model is not None or (Path(self.settings.checkpoint) / "config.json").exists()
+
+    def _backend(self) -> RerankBackend:
+        from tb_reranker.rerank.backend import InProcessBackend, ModelInfo, encode_texts
+
         if not self.is_remote:
-            return self.reranker.search(
-                self.index, texts, limit=limit, rerank=rerank, filter=filter
-            )
-        return self._search_remote(texts, limit=limit, rerank=rerank, filter=filter)
+            return InProcessBackend(self.reranker)
+        from tb_reranker.remote import RemoteBackend
 
-    def _search_remote(
-        self, texts: list[str], *, limit: int, rerank: bool, filter: str | None
-    ) -> list[list[Hit]]:
-        from tb_reranker.rerank import Reranker
-
-        local_model = (
-            self._model is not None or (Path(self.settings.checkpoint) / "config.json").exists()
+        model = self.model
+        return RemoteBackend(
+            self.remote, encode=functools.partial(encode_texts, model), info=ModelInfo.of(model)
         )
-        if not local_model:  # one hop: the sidecar encodes, searches Milvus and reranks
-            return self.remote.search(texts, limit=limit, rerank=rerank, filter=filter)
-        encoder = Reranker(self.model, self.store, cache_size=0)
-        indicators = encoder.encode(texts)
-        fetch = encoder.search(
-            self.index,
-            indicators,
-            limit=max(limit, encoder.top_k) if rerank else limit,
-            rerank=False,
-            filter=filter,
-        )
-        if not rerank:
-            return fetch
-        try:
-            results = self.remote.rerank(
-                indicators,
-                [[h.id for h in hits] for hits in fetch],
-                [[h.broad_score for h in hits] for hits in fetch],
-            )
-        except RerankerUnavailableError:
-            if self.strict:
-                raise
-            if not self._warned_degraded:
-                log.warning(
-                    "reranker %s unavailable: returning broad-only results", self.settings.reranker
-                )
-                self._warned_degraded = True
-            return [hits[:limit] for hits in fetch]
-        out: list[list[Hit]] = []
-        for hits, result in zip(fetch, results, strict=True):
-            reordered = []
-            for rank, candidate in enumerate(result.candidates, start=1):
-                hit = hits[candidate.index]
-                reordered.append(
-                    Hit(
-                        id=hit.id,
-                        score=candidate.score,
-                        broad_score=hit.broad_score,
-                        delta=candidate.delta,
-                        rank=rank,
-                        reranked=candidate.reranked,
-                        broad_rank=hit.broad_rank,
-                        best_frame_s=candidate.best_frame_s,
-                        metadata=hit.metadata,
-                    )
-                )
-            out.append(reordered[:limit])
-        return out
 
     def delete(self, ids: Sequence[str], *, missing_ok: bool = True) -> int:
         """Remove videos from Milvus, then from the store. Returns how many were removed (ids

@@ -41,13 +41,62 @@ def _recall(ranks: list[int], k: int) -> float:
     return 100.0 * sum(1 for r in ranks if r <= k) / max(len(ranks), 1)
 
 
+def _checkpoint(root: Path, config: DemoConfig) -> tuple[Path, bool]:
+    """The demo's checkpoint under ``root``: reused when made with the same settings, else
+    trained. Returns (directory, reused)."""
+    from tb_reranker.training import train_synthetic
+
+    checkpoint = root / "checkpoint"
+    stamp = root / "checkpoint.json"
+    wanted = {"seed": config.seed, "num_train": config.num_train, "epochs": config.epochs}
+    reuse = (
+        (checkpoint / "config.json").exists()
+        and stamp.exists()
+        and (json.loads(stamp.read_text()) == wanted)
+    )
+    if not reuse:
+        trained = train_synthetic(
+            root / "synth",
+            root / "train",
+            seed=config.seed,
+            epochs=config.epochs,
+            progress=config.progress,
+        )
+        if checkpoint.exists():
+            shutil.rmtree(checkpoint)
+        shutil.copytree(trained, checkpoint)
+        stamp.write_text(json.dumps(wanted))
+    return checkpoint, reuse
+
+
+def _show_examples(client: Any, examples: list[tuple[str, str]], out: Callable[[str], None]):
+    out("[4/5] example queries (rank: reranked position, broad: position before rerank)")
+    for text, gt in examples:
+        hits = client.search(text, limit=5)
+        out(f'  query: "{text}"   (ground truth: {gt})')
+        for hit in hits:
+            mark = "  <-- ground truth" if hit.id == gt else ""
+            out(
+                f"    rank {hit.rank}  broad {hit.broad_rank:>2}  score {hit.score:+.3f} "
+                f"(broad {hit.broad_score:+.3f}, delta {hit.delta:+.3f})  {hit.id}{mark}"
+            )
+
+
+def _ranks(captions: list[tuple[str, str]], results: list[list[Any]], limit: int) -> list[int]:
+    """1-based rank of each query's ground truth (``limit + 1`` when not returned)."""
+    found = []
+    for (_, gt), hits in zip(captions, results, strict=True):
+        ids = [hit.id for hit in hits]
+        found.append(ids.index(gt) + 1 if gt in ids else limit + 1)
+    return found
+
+
 def run_demo(
     config: DemoConfig = DemoConfig(), out: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Run the demo; print a readable account through ``out``; return the figures."""
     from tb_reranker.client import Client
     from tb_reranker.data import load_dataset
-    from tb_reranker.training import train_synthetic
     from tb_reranker.video.synth import generate
 
     root = Path(config.data_dir)
@@ -70,26 +119,7 @@ def run_demo(
     )
 
     t0 = time.perf_counter()
-    checkpoint = root / "checkpoint"
-    stamp = root / "checkpoint.json"
-    wanted = {"seed": config.seed, "num_train": config.num_train, "epochs": config.epochs}
-    reuse = (
-        (checkpoint / "config.json").exists()
-        and stamp.exists()
-        and (json.loads(stamp.read_text()) == wanted)
-    )
-    if not reuse:
-        trained = train_synthetic(
-            root / "synth",
-            root / "train",
-            seed=config.seed,
-            epochs=config.epochs,
-            progress=config.progress,
-        )
-        if checkpoint.exists():
-            shutil.rmtree(checkpoint)
-        shutil.copytree(trained, checkpoint)
-        stamp.write_text(json.dumps(wanted))
+    checkpoint, reuse = _checkpoint(root, config)
     timings["train_s"] = time.perf_counter() - t0
     how = "reused" if reuse else f"trained in {timings['train_s']:.0f} s"
     out(f"[2/5] checkpoint: {checkpoint} ({how})")
@@ -102,17 +132,7 @@ def run_demo(
         out(f"[3/5] ingest into Milvus Lite + local store: {report.summary()}")
 
         captions = [(video.captions[0], video.video_id) for video in test.videos]
-        examples = captions[: config.examples]
-        out("[4/5] example queries (rank: reranked position, broad: position before rerank)")
-        for text, gt in examples:
-            hits = client.search(text, limit=5)
-            out(f'  query: "{text}"   (ground truth: {gt})')
-            for hit in hits:
-                mark = "  <-- ground truth" if hit.id == gt else ""
-                out(
-                    f"    rank {hit.rank}  broad {hit.broad_rank:>2}  score {hit.score:+.3f} "
-                    f"(broad {hit.broad_score:+.3f}, delta {hit.delta:+.3f})  {hit.id}{mark}"
-                )
+        _show_examples(client, captions[: config.examples], out)
 
         t0 = time.perf_counter()
         texts = [text for text, _ in captions]
@@ -121,14 +141,8 @@ def run_demo(
         reranked = client.search_many(texts, limit=limit, rerank=True)
         timings["search_s"] = time.perf_counter() - t0
 
-    def ranks(results: list[list[Any]]) -> list[int]:
-        found = []
-        for (_, gt), hits in zip(captions, results, strict=True):
-            ids = [hit.id for hit in hits]
-            found.append(ids.index(gt) + 1 if gt in ids else limit + 1)
-        return found
-
-    broad_ranks, reranked_ranks = ranks(broad), ranks(reranked)
+    broad_ranks = _ranks(captions, broad, limit)
+    reranked_ranks = _ranks(captions, reranked, limit)
     figures = {
         "queries": len(captions),
         "broad": {"R@1": _recall(broad_ranks, 1), "R@5": _recall(broad_ranks, 5)},

@@ -1,9 +1,8 @@
-"""One error hierarchy for the whole project, and the table that maps it to gRPC status codes.
+"""One error hierarchy for the whole project.
 
 Every error a user can cause or meet is a ``TBError`` subclass. ``retriable`` says whether the
-same call may succeed later without changes (as in pymilvus). The gRPC server maps errors to
-status codes with :data:`GRPC_STATUS` alone; status names are strings here so that this module
-imports nothing heavy (``grpc.StatusCode[name]`` resolves them at the wire).
+same call may succeed later without changes (as in pymilvus). The tables that map these types to
+gRPC and HTTP statuses (and back) are ``tb_reranker.wire.status``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ __all__ = [
     "ResourceExhaustedError",
     "DeadlineExceededError",
     "AuthenticationError",
-    "GRPC_STATUS",
-    "grpc_status_name",
+    "DataCorruptionError",
 ]
 
 
@@ -106,34 +104,3 @@ class AuthenticationError(TBError):
 class DataCorruptionError(StoreError):
     """Stored data is damaged (unreadable entry, NaN/inf tokens, a broken store page): the
     server's fault, not the caller's, and not retriable; ``tb check --repair`` fixes it."""
-
-
-__all__ += ["DataCorruptionError"]
-
-
-# One table: error type -> gRPC status code name. Order matters only for subclasses
-# (the first match in the MRO wins, see grpc_status_name).
-GRPC_STATUS: dict[type[BaseException], str] = {
-    InvalidInputError: "INVALID_ARGUMENT",
-    NotFoundError: "NOT_FOUND",
-    AlreadyExistsError: "ALREADY_EXISTS",
-    CheckpointError: "FAILED_PRECONDITION",
-    ModelMismatchError: "FAILED_PRECONDITION",
-    VideoDecodeError: "INVALID_ARGUMENT",
-    StoreError: "UNAVAILABLE",
-    IndexBackendError: "UNAVAILABLE",
-    RerankerUnavailableError: "UNAVAILABLE",
-    ResourceExhaustedError: "RESOURCE_EXHAUSTED",
-    DeadlineExceededError: "DEADLINE_EXCEEDED",
-    AuthenticationError: "UNAUTHENTICATED",
-}
-
-GRPC_STATUS[DataCorruptionError] = "DATA_LOSS"  # found before StoreError: MRO order
-
-
-def grpc_status_name(exc: BaseException) -> str:
-    """The gRPC status code name for ``exc``; ``INTERNAL`` for anything not in the table."""
-    for klass in type(exc).__mro__:
-        if klass in GRPC_STATUS:
-            return GRPC_STATUS[klass]
-    return "INTERNAL"

@@ -1,15 +1,21 @@
 """Remote transport of the SDK: the gRPC sidecar (``tb serve``) behind the ``Reranker`` verbs.
 
-``RemoteReranker(target)`` has the same ``encode`` / ``rerank`` / ``search`` / ``invalidate``
-signatures and result types as the in-process :class:`tb_reranker.rerank.Reranker`, so
-``Client(reranker="host:port")`` swaps one for the other. ``AsyncRemoteReranker`` is its asyncio
-twin (same verbs, awaitable).
+``RemoteReranker(target)`` has the ``encode`` / ``rerank`` / ``invalidate`` / ``info`` verbs of
+the in-process :class:`tb_reranker.rerank.Reranker` with the same result types, plus ``search``
+(the sidecar's own two-stage search against *its* Milvus collection). ``RemoteBackend`` is the
+``RerankBackend`` over it that ``TwoStageSearch`` uses (``Client(reranker="host:port")``).
+``AsyncRemoteReranker`` is the asyncio twin (same verbs, awaitable).
+
+Arguments are checked here for types and shapes (``tb_reranker.requests`` with
+``Limits.syntax_only()``); the numeric limits are the server's own settings, checked there and
+mapped back to the same error type. Conversions and error tables are ``tb_reranker.wire``: the
+SDK never imports the server.
 
 Every call carries a deadline (``timeout``). Only UNAVAILABLE is retried, with exponential
 backoff and jitter (``retries`` extra attempts), and not when the server says the cause is not
 retriable (a corrupt store entry, ``StoreError``); every other status maps straight back to the
 ``tb_reranker.errors`` type the server raised (sent in the ``tb-error-type`` trailer) or, for
-statuses from the transport itself, to the type of :data:`STATUS_ERRORS`.
+statuses from the transport itself, to the type of ``wire.status.STATUS_ERRORS``.
 
 The queries of one ``rerank``/``search`` call are sent as concurrent RPCs, which the server's
 micro-batcher fuses into one device batch.
@@ -20,58 +26,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 
-from tb_reranker import errors
-from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
-from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tb_reranker.auth import check_token
-from tb_reranker.errors import (
-    AuthenticationError,
-    DeadlineExceededError,
-    InvalidInputError,
-    NotFoundError,
-    RerankerUnavailableError,
-    ResourceExhaustedError,
-    TBError,
-)
-from tb_reranker.filters import check_filter
-from tb_reranker.server.convert import (
+from tb_reranker.errors import InvalidInputError, RerankerUnavailableError, TBError
+from tb_reranker.requests import Limits, RerankRequest, SearchRequest, check_texts
+from tb_reranker.rerank.backend import ModelInfo
+from tb_reranker.types import Hit, RerankResult
+from tb_reranker.wire import pb, pb_grpc
+from tb_reranker.wire.convert import (
     hit_from_proto,
-    metadata_from_proto,
+    info_from_proto,
+    rerank_request_to_proto,
+    rerank_result_from_proto,
+    search_request_to_proto,
     tensor_from_proto,
-    tensor_to_proto,
 )
+from tb_reranker.wire.status import ERROR_TYPE_KEY, STATUS_ERRORS, named_error
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tb_reranker.types import Hit, RerankResult
-
-__all__ = ["RemoteReranker", "AsyncRemoteReranker", "TLSConfig", "STATUS_ERRORS", "check_target"]
+__all__ = [
+    "RemoteReranker",
+    "AsyncRemoteReranker",
+    "RemoteBackend",
+    "TLSConfig",
+    "check_target",
+    "map_rpc_error",
+]
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPE_KEY = "tb-error-type"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-
-# status code -> error type when the server did not name one (transport-level failures)
-STATUS_ERRORS: dict[grpc.StatusCode, type[TBError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.UNAVAILABLE: RerankerUnavailableError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
-}
+_SYNTAX = Limits.syntax_only()  # the server checks its own numeric limits
 
 
 @dataclass(frozen=True)
@@ -127,13 +119,7 @@ def _named_error(exc: grpc.RpcError) -> type[TBError] | None:
     trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailers or ():
         if key == ERROR_TYPE_KEY:
-            named = getattr(errors, str(value), None)
-            if (
-                isinstance(named, type)
-                and issubclass(named, TBError)
-                and named is not errors.VideoDecodeError  # (path, reason) constructor
-            ):
-                return named
+            return named_error(str(value))
     return None
 
 
@@ -153,7 +139,7 @@ def map_rpc_error(exc: grpc.RpcError, target: str = "") -> TBError:
     named = _named_error(exc)
     if named is not None:
         return named(details)
-    kind = STATUS_ERRORS.get(code)
+    kind = STATUS_ERRORS.get(code.name)
     if code == grpc.StatusCode.UNAVAILABLE:
         return RerankerUnavailableError(f"reranker at {target} is unavailable: {details}")
     if kind is not None:
@@ -201,94 +187,37 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-# ---------------------------------------------------------------------- request/response helpers
-def _queries(indicators: Any) -> np.ndarray:
-    array = np.asarray(indicators, dtype=np.float32)
-    if array.ndim == 2:
-        array = array[None]
-    if array.ndim != 3 or array.shape[0] == 0:
-        raise InvalidInputError(f"indicators must have shape [Q, m, D], got {list(array.shape)}")
-    return array
+# ---------------------------------------------------------------------- requests
+def _encode_message(texts: Sequence[str]) -> pb.EncodeRequest:
+    return pb.EncodeRequest(texts=check_texts(texts, _SYNTAX))
 
 
-def _rerank_requests(
-    indicators: Any,
-    candidates_ids: Sequence[Sequence[str]],
-    broad_scores: Sequence[Sequence[float]] | None,
-    top_n: int | None,
-    strict: bool,
-    contents_hashes: Sequence[Sequence[str | None]] | None,
+def _rerank_messages(
+    indicators: Any, candidates_ids: Any, broad_scores: Any, options: dict[str, Any]
 ) -> list[pb.RerankRequest]:
-    queries = _queries(indicators)
-    if isinstance(candidates_ids, str) or len(candidates_ids) != len(queries):
-        raise InvalidInputError(f"{len(queries)} queries but {len(candidates_ids)} candidate lists")
-    if broad_scores is not None and len(broad_scores) != len(queries):
-        raise InvalidInputError(f"{len(queries)} queries but {len(broad_scores)} score lists")
-    if top_n is not None and top_n <= 0:
-        raise InvalidInputError(f"top_n must be positive, got {top_n}")
-    requests = []
-    for q, ids in enumerate(candidates_ids):
-        if isinstance(ids, str):
-            raise InvalidInputError("each query's candidates must be a list of ids")
-        request = pb.RerankRequest(
-            indicators=tensor_to_proto(queries[q]),
-            candidates_ids=list(ids),
-            top_n=top_n or 0,
-            strict=strict,
-        )
-        if broad_scores is not None:
-            request.broad_scores.extend(float(s) for s in broad_scores[q])
-        if contents_hashes is not None and contents_hashes[q] is not None:
-            request.contents_hashes.extend(h or "" for h in contents_hashes[q])
-        requests.append(request)
-    return requests
+    """``rerank``'s arguments (``options``: top_n, strict, contents_hashes) → one message per
+    query, checked for types and shapes first."""
+    request = RerankRequest.build(
+        indicators, candidates_ids, broad_scores, shape=None, limits=_SYNTAX, **options
+    )
+    return rerank_request_to_proto(request)
 
 
-def _rerank_result(response: pb.RerankResponse) -> RerankResult:
-    from tb_reranker.types import RerankedCandidate, RerankResult
-
-    candidates = [
-        RerankedCandidate(
-            id=rank.id,
-            index=int(rank.index),
-            score=float(rank.score),
-            broad_score=float(rank.broad_score),
-            delta=float(rank.delta),
-            best_frame_s=float(rank.best_frame_s) if rank.HasField("best_frame_s") else None,
-            reranked=bool(rank.reranked),
-        )
-        for rank in response.ranks
-    ]
-    return RerankResult(
-        candidates=candidates,
-        missing_ids=[missing.id for missing in response.missing],
-        timings=metadata_from_proto(response.metadata),
+def _search_messages(queries: Any, options: dict[str, Any]) -> list[pb.SearchRequest]:
+    """``search``'s arguments (``options``: limit, rerank, filter) → one message per query."""
+    return search_request_to_proto(
+        SearchRequest.build(queries, shape=None, limits=_SYNTAX, **options)
     )
 
 
-def _search_requests(
-    queries: Any, limit: int, rerank: bool, filter: str | None
-) -> list[pb.SearchRequest]:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
-        raise InvalidInputError(f"limit must be a positive integer, got {limit!r}")
-    if isinstance(queries, str):
-        raise InvalidInputError("queries must be a list (use Client.search for one text)")
-    # syntax and type here; the length and depth limits are the server's (its own settings)
-    filter = check_filter(filter, max_chars=sys.maxsize, max_depth=sys.maxsize)
-    common = {"limit": limit, "rerank": rerank, "filter": filter or ""}
-    if len(queries) and isinstance(queries[0], str):
-        return [pb.SearchRequest(text=text, **common) for text in queries]
-    return [
-        pb.SearchRequest(indicators=tensor_to_proto(query), **common) for query in _queries(queries)
-    ]
+def _invalidate_message(videos_ids: Sequence[str] | None) -> pb.InvalidateRequest:
+    if videos_ids is None:
+        return pb.InvalidateRequest(all=True)
+    return pb.InvalidateRequest(videos_ids=list(videos_ids))
 
 
-def _info_dict(response: pb.InfoResponse) -> dict[str, Any]:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(
-        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+def _hits(response: pb.SearchResponse) -> list[Hit]:
+    return [hit_from_proto(hit) for hit in response.hits]
 
 
 # ---------------------------------------------------------------------- sync
@@ -316,6 +245,9 @@ class _RemoteBase:
         self._options = _channel_options(self._tls, max_message_bytes)
         self._info: dict[str, Any] | None = None
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r})"
+
 
 class RemoteReranker(_RemoteBase):
     """The ``Reranker`` verbs over gRPC.
@@ -329,24 +261,8 @@ class RemoteReranker(_RemoteBase):
         max_message_bytes: gRPC message size limit of this channel.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: TLSConfig | bool | None = None,
-        timeout: float = 30.0,
-        retries: int = 3,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(
-            target,
-            token=token,
-            tls=tls,
-            timeout=timeout,
-            retries=retries,
-            max_message_bytes=max_message_bytes,
-        )
+    def __init__(self, target: str, **options: Any) -> None:
+        super().__init__(target, **options)
         self._channel = (
             grpc.secure_channel(target, self._tls.credentials(), options=self._options)
             if self._tls is not None
@@ -366,9 +282,8 @@ class RemoteReranker(_RemoteBase):
         results: list[Any] = [None] * len(requests)
         pending = list(range(len(requests)))
         for attempt in range(self.retries + 1):
-            deadline_s = self.timeout
             futures = {
-                n: method.future(requests[n], timeout=deadline_s, metadata=self._metadata)
+                n: method.future(requests[n], timeout=self.timeout, metadata=self._metadata)
                 for n in pending
             }
             failed: list[int] = []
@@ -402,68 +317,53 @@ class RemoteReranker(_RemoteBase):
     # -- verbs
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Texts → indicators ``[Q, m, D]`` float32."""
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a list of strings, not one string")
-        response = self._call(self._encode.Encode, pb.EncodeRequest(texts=list(texts)))
+        response = self._call(self._encode.Encode, _encode_message(texts))
         return tensor_from_proto(response.indicators, name="indicators")
 
     def rerank(
-        self,
-        indicators: Any,
-        candidates_ids: Sequence[Sequence[str]],
-        broad_scores: Sequence[Sequence[float]] | None = None,
-        *,
-        top_n: int | None = None,
-        strict: bool = False,
-        contents_hashes: Sequence[Sequence[str | None]] | None = None,
+        self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any
     ) -> list[RerankResult]:
-        """Same contract as ``Reranker.rerank``; one RPC per query, sent concurrently."""
-        requests = _rerank_requests(
-            indicators, candidates_ids, broad_scores, top_n, strict, contents_hashes
-        )
-        return [_rerank_result(r) for r in self._call_many(self._rerank.Rerank, requests)]
+        """Same contract as ``Reranker.rerank`` (``top_n``, ``strict``, ``contents_hashes``);
+        one RPC per query, sent concurrently."""
+        return self._reranked(_rerank_messages(indicators, candidates_ids, broad_scores, options))
 
-    def search(
-        self,
-        index_or_queries: Any,
-        queries: Sequence[str] | Any | None = None,
-        *,
-        limit: int = 10,
-        rerank: bool = True,
-        filter: str | None = None,
-        max_limit: int = 1024,
-    ) -> list[list[Hit]]:
-        """Same contract as ``Reranker.search``, run by the sidecar against *its* collection.
+    def rerank_request(self, request: RerankRequest) -> list[RerankResult]:
+        """``rerank`` of an already validated request."""
+        return self._reranked(rerank_request_to_proto(request))
 
-        Call as ``search(queries, ...)`` or, like ``Reranker.search``, ``search(index, queries,
-        ...)``: the index is then ignored, the sidecar queries the Milvus collection it was
-        started with.
-        """
-        queries = index_or_queries if queries is None else queries
-        if limit > max_limit:
-            raise InvalidInputError(f"limit {limit} exceeds the maximum of {max_limit}")
-        requests = _search_requests(queries, limit, rerank, filter)
-        responses = self._call_many(self._search.Search, requests)
-        return [[hit_from_proto(hit) for hit in response.hits] for response in responses]
+    def _reranked(self, messages: list[pb.RerankRequest]) -> list[RerankResult]:
+        return [rerank_result_from_proto(r) for r in self._call_many(self._rerank.Rerank, messages)]
+
+    def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
+        """Two-stage search run by the sidecar against *its* Milvus collection: one hit list
+        per query text (or indicator set of ``[Q, m, D]``); ``limit`` (10), ``rerank`` (True),
+        ``filter`` (None) as in ``Client.search``."""
+        return self._searched(_search_messages(queries, options))
+
+    def search_request(self, request: SearchRequest) -> list[list[Hit]]:
+        """``search`` of an already validated request."""
+        return self._searched(search_request_to_proto(request))
+
+    def _searched(self, messages: list[pb.SearchRequest]) -> list[list[Hit]]:
+        return [_hits(r) for r in self._call_many(self._search.Search, messages)]
 
     def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
         """Forget the sidecar's cached projections of these videos (all when ``None``)."""
-        request = (
-            pb.InvalidateRequest(all=True)
-            if videos_ids is None
-            else pb.InvalidateRequest(videos_ids=list(videos_ids))
-        )
-        self._call(self._rerank.Invalidate, request)
+        self._call(self._rerank.Invalidate, _invalidate_message(videos_ids))
 
     def info(self) -> dict[str, Any]:
         """Server versions, model fingerprint and dims, limits, cache stats."""
-        return _info_dict(self._call(self._info_stub.Info, pb.InfoRequest()))
+        return info_from_proto(self._call(self._info_stub.Info, pb.InfoRequest()))
 
     # -- model facts (cached from Info)
     def _model_info(self) -> dict[str, Any]:
         if self._info is None or not self._info.get("model_fingerprint"):
             self._info = self.info()
         return self._info
+
+    def model_info(self) -> ModelInfo:
+        """The served model's shape and K (one Info call, then cached)."""
+        return ModelInfo.of(self)
 
     @property
     def embed_dim(self) -> int:
@@ -490,8 +390,43 @@ class RemoteReranker(_RemoteBase):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class RemoteBackend:
+    """``RerankBackend`` over a sidecar: reranks there; encodes there too, or here with
+    ``encode`` (a local text tower keeps broad-only search alive while the sidecar is down).
+
+    Args:
+        remote: the ``RemoteReranker`` of the sidecar.
+        encode: validated texts → indicators ``[Q, m, D]`` in this process (None: the sidecar).
+        info: the model's ``ModelInfo`` when known here (None: asked from the sidecar once).
+    """
+
+    def __init__(
+        self,
+        remote: RemoteReranker,
+        *,
+        encode: Callable[[Sequence[str]], np.ndarray] | None = None,
+        info: ModelInfo | None = None,
+    ) -> None:
+        self.remote = remote
+        self._encode = encode
+        self._info = info
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if self._encode is not None:
+            return self._encode(texts)
+        return self.remote.encode(texts)
+
+    def rerank(self, request: RerankRequest) -> list[RerankResult]:
+        return self.remote.rerank_request(request)
+
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = self.remote.model_info()
+        return self._info
+
     def __repr__(self) -> str:
-        return f"RemoteReranker({self.target!r})"
+        return f"RemoteBackend({self.remote!r})"
 
 
 # ---------------------------------------------------------------------- async
@@ -529,62 +464,38 @@ class AsyncRemoteReranker(_RemoteBase):
                 raise map_rpc_error(exc, self.target) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise InvalidInputError("texts must be a list of strings, not one string")
-        response = await self._call(
-            "EncodeService", "Encode", pb.EncodeRequest(texts=list(texts)), pb.EncodeResponse
+    async def _call_many(
+        self, service: str, method: str, requests: Sequence[Any], response_type: Any
+    ) -> list[Any]:
+        return list(
+            await asyncio.gather(*(self._call(service, method, r, response_type) for r in requests))
         )
+
+    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+        request = _encode_message(texts)
+        response = await self._call("EncodeService", "Encode", request, pb.EncodeResponse)
         return tensor_from_proto(response.indicators, name="indicators")
 
     async def rerank(
-        self,
-        indicators: Any,
-        candidates_ids: Sequence[Sequence[str]],
-        broad_scores: Sequence[Sequence[float]] | None = None,
-        *,
-        top_n: int | None = None,
-        strict: bool = False,
-        contents_hashes: Sequence[Sequence[str | None]] | None = None,
+        self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any
     ) -> list[RerankResult]:
-        requests = _rerank_requests(
-            indicators, candidates_ids, broad_scores, top_n, strict, contents_hashes
-        )
-        responses = await asyncio.gather(
-            *(self._call("RerankService", "Rerank", r, pb.RerankResponse) for r in requests)
-        )
-        return [_rerank_result(r) for r in responses]
+        messages = _rerank_messages(indicators, candidates_ids, broad_scores, options)
+        responses = await self._call_many("RerankService", "Rerank", messages, pb.RerankResponse)
+        return [rerank_result_from_proto(r) for r in responses]
 
-    async def search(
-        self,
-        index_or_queries: Any,
-        queries: Sequence[str] | Any | None = None,
-        *,
-        limit: int = 10,
-        rerank: bool = True,
-        filter: str | None = None,
-        max_limit: int = 1024,
-    ) -> list[list[Hit]]:
-        queries = index_or_queries if queries is None else queries
-        if limit > max_limit:
-            raise InvalidInputError(f"limit {limit} exceeds the maximum of {max_limit}")
-        requests = _search_requests(queries, limit, rerank, filter)
-        responses = await asyncio.gather(
-            *(self._call("SearchService", "Search", r, pb.SearchResponse) for r in requests)
-        )
-        return [[hit_from_proto(hit) for hit in response.hits] for response in responses]
+    async def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
+        """Like ``RemoteReranker.search`` (``limit``, ``rerank``, ``filter``)."""
+        messages = _search_messages(queries, options)
+        responses = await self._call_many("SearchService", "Search", messages, pb.SearchResponse)
+        return [_hits(r) for r in responses]
 
     async def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
-        request = (
-            pb.InvalidateRequest(all=True)
-            if videos_ids is None
-            else pb.InvalidateRequest(videos_ids=list(videos_ids))
-        )
+        request = _invalidate_message(videos_ids)
         await self._call("RerankService", "Invalidate", request, pb.InvalidateResponse)
 
     async def info(self) -> dict[str, Any]:
         response = await self._call("InfoService", "Info", pb.InfoRequest(), pb.InfoResponse)
-        self._info = _info_dict(response)
+        self._info = info_from_proto(response)
         return self._info
 
     async def close(self) -> None:
@@ -597,6 +508,3 @@ class AsyncRemoteReranker(_RemoteBase):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return f"AsyncRemoteReranker({self.target!r})"

@@ -6,8 +6,9 @@ Public API: :class:`ServerConfig`, :class:`TBServer`, :class:`Components`, :func
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tb_reranker._lazy import lazy_attributes
 
 __all__ = ["ServerConfig", "TBServer", "Components", "serve", "load_components"]
 
@@ -25,8 +26,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.server.config import ServerConfig
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'tb_reranker.server' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -13,6 +13,7 @@ from typing import Any
 from tb_reranker.auth import check_token
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
+from tb_reranker.requests import DEFAULT_LIMITS, MAX_TEXTS, Limits
 
 __all__ = ["ServerConfig", "ENV_PREFIX"]
 
@@ -32,9 +33,10 @@ class ServerConfig:
     tls_cert: str = ""  # PEM server certificate chain file ("" = plaintext)
     tls_key: str = ""  # PEM private key file of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle: clients must present a cert it signed (mTLS)
-    max_candidates: int = 1000  # candidate ids per Rerank call, and the largest Search limit
-    max_text_chars: int = 2048  # characters per query text
-    max_texts: int = 256  # texts per Encode call
+    # input limits (defaults: tb_reranker.requests.DEFAULT_LIMITS; see ``limits``)
+    max_candidates: int = DEFAULT_LIMITS.max_candidates  # ids per Rerank, largest Search limit
+    max_text_chars: int = DEFAULT_LIMITS.max_text_chars  # characters per query text
+    max_texts: int = MAX_TEXTS  # texts per Encode call
     max_message_bytes: int = 16 * 1024 * 1024  # gRPC receive/send message size limit
     max_concurrency: int = 64  # calls in flight (queued in a batch included) before shedding
     batching: bool = True  # dynamic micro-batching of concurrent Encode/Rerank calls
@@ -45,8 +47,8 @@ class ServerConfig:
     dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
     grace_s: float = 10.0  # graceful shutdown: in-flight calls get this long to finish
     io_threads: int = 4  # threads for Milvus calls (Search)
-    max_filter_chars: int = 16384  # characters of a Search filter expression
-    max_filter_depth: int = 32  # nested (), [] and {} in a Search filter expression
+    max_filter_chars: int = DEFAULT_LIMITS.max_filter_chars  # characters of a Search filter
+    max_filter_depth: int = DEFAULT_LIMITS.max_filter_depth  # nested (), [] and {} in a filter
 
     def __post_init__(self) -> None:
         for name in ("max_candidates", "max_text_chars", "max_texts", "max_message_bytes"):
@@ -69,6 +71,17 @@ class ServerConfig:
             raise InvalidInputError("mTLS (tls_client_ca) needs tls_cert and tls_key")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidInputError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+    @property
+    def limits(self) -> Limits:
+        """The input limits every RPC and HTTP route is checked against."""
+        return Limits(
+            max_text_chars=self.max_text_chars,
+            max_texts=self.max_texts,
+            max_candidates=self.max_candidates,
+            max_filter_chars=self.max_filter_chars,
+            max_filter_depth=self.max_filter_depth,
+        )
 
     @property
     def tls(self) -> bool:

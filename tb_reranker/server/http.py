@@ -38,11 +38,12 @@ from typing import Any
 from aiohttp import web
 
 import tb_reranker
-from tb_reranker.errors import InvalidInputError, TBError, grpc_status_name
-from tb_reranker.server.backend import Backend, RerankItem
+from tb_reranker.errors import InvalidInputError, TBError
+from tb_reranker.server.backend import Backend
 from tb_reranker.server.interceptors import ConcurrencyLimitInterceptor, bearer_matches
 from tb_reranker.server.metrics import ServerMetrics
 from tb_reranker.server.scrub import public_message
+from tb_reranker.wire.status import HTTP_STATUS, grpc_status_name
 
 __all__ = ["build_provider_app", "build_metrics_app", "MISSING_SCORE"]
 
@@ -50,16 +51,6 @@ log = logging.getLogger(__name__)
 
 MISSING_SCORE = -1000.0  # score of documents whose id has no frame tokens in the store
 _MIN_STEP = 1e-6  # gap that keeps the scores strictly decreasing along TokenBinder's order
-
-_HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "UNAUTHENTICATED": 401,
-    "NOT_FOUND": 404,
-    "FAILED_PRECONDITION": 412,
-    "RESOURCE_EXHAUSTED": 429,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,7 +67,7 @@ async def scored_documents(
     """(index into ``documents``, score) in TokenBinder order, missing ids last."""
     if not isinstance(query, str):
         raise InvalidInputError("'query' must be a string")
-    result, _ = await backend.rerank(RerankItem(candidates_ids=documents, text=query))
+    _, result, _ = await backend.rerank(candidates_ids=documents, text=query)
     ranked: list[tuple[int, float]] = []
     previous = float("inf")
     for candidate in result.candidates:
@@ -175,74 +166,120 @@ def _top_n(body: dict[str, Any]) -> int | None:
     return top_n
 
 
-def build_provider_app(
-    backend: Backend,
-    *,
-    token: str = "",
-    limiter: ConcurrencyLimitInterceptor | None = None,
-    metrics: ServerMetrics | None = None,
-) -> web.Application:
-    """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``)."""
+def _guard_middleware(
+    token: str, limiter: ConcurrencyLimitInterceptor | None, metrics: ServerMetrics | None
+) -> Any:
+    """Auth and load shedding on POST routes, one error mapping, request metrics."""
     expected = token.encode()
+
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        if expected and not bearer_matches(request.headers.get("Authorization"), expected):
+            return _error(401, "missing or invalid bearer token", "Unauthorized")
+        if limiter is None:
+            return await handler(request)
+        if not limiter.try_acquire():
+            return _error(429, limiter.busy_message(), "Overloaded")
+        try:
+            return await handler(request)
+        finally:
+            limiter.release()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         response: web.StreamResponse | None = None
-        acquired = False
         try:
-            if request.method == "POST":
-                if expected and not bearer_matches(request.headers.get("Authorization"), expected):
-                    response = _error(401, "missing or invalid bearer token", "Unauthorized")
-                    return response
-                if limiter is not None:
-                    if not limiter.try_acquire():
-                        response = _error(429, limiter.busy_message(), "Overloaded")
-                        return response
-                    acquired = True
-            response = await handler(request)
-            return response
+            response = await answer(request, handler)
         except web.HTTPException as exc:
             if exc.status < 400:
                 response = exc
                 raise
             # aiohttp's own refusals (413 body too large, 404, 405) as JSON like ours
             response = _error(exc.status, exc.reason, type(exc).__name__.removeprefix("HTTP"))
-            return response
         except BodyError as exc:
             response = _error(exc.status, exc.message, exc.kind)
-            return response
         except TBError as exc:
-            name = grpc_status_name(exc)
-            status = _HTTP_STATUS.get(name, 500)
-            log.log(
-                logging.DEBUG if status < 500 and status != 412 else logging.WARNING,
-                "%s %s: %s: %s",
-                request.method,
-                request.path,
-                type(exc).__name__,
-                exc,
-            )
-            response = _error(status, public_message(exc), name)
-            return response
+            response = _tb_error(request, exc)
         except Exception:
             log.exception("internal error in %s %s", request.method, request.path)
             response = _error(500, "internal server error (details in the server log)", "Internal")
-            return response
         finally:
-            if acquired and limiter is not None:
-                limiter.release()
             if metrics is not None:
                 status = response.status if response is not None else 500
                 metrics.http_requests.labels(route, str(status)).inc()
+        return response
 
-    async def read_json(request: web.Request) -> dict[str, Any]:
-        return parse_body(await request.read(), request.headers.get("Content-Type"))
+    return guard
 
-    async def rerank(request: web.Request) -> web.Response:
+
+def _tb_error(request: web.Request, exc: TBError) -> web.Response:
+    name = grpc_status_name(exc)
+    status = HTTP_STATUS.get(name, 500)
+    log.log(
+        logging.DEBUG if status < 500 and status != 412 else logging.WARNING,
+        "%s %s: %s: %s",
+        request.method,
+        request.path,
+        type(exc).__name__,
+        exc,
+    )
+    return _error(status, public_message(exc), name)
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    return parse_body(await request.read(), request.headers.get("Content-Type"))
+
+
+def _tei_answer(texts: list[str], ranked: list[tuple[int, float]], return_text: bool) -> Any:
+    return [
+        {"index": n, "score": score, **({"text": texts[n]} if return_text else {})}
+        for n, score in ranked
+    ]
+
+
+def _weaviate_answer(query: Any, documents: list[str], ranked: list[tuple[int, float]]) -> Any:
+    """Weaviate reads "scores" (input order), vLLM clients "results" (best first)."""
+    scores = dict(ranked)
+    return {
+        "id": str(uuid.uuid4()),
+        "model": "tokenbinder",
+        "query": query,
+        "scores": [
+            {"document": d, "score": scores[n]} for n, d in enumerate(documents) if n in scores
+        ],
+        "results": [{"index": n, "relevance_score": score} for n, score in ranked],
+    }
+
+
+def _cohere_answer(
+    documents: list[str], ranked: list[tuple[int, float]], return_documents: bool
+) -> Any:
+    return {
+        "id": str(uuid.uuid4()),
+        "results": [
+            {
+                "index": n,
+                "relevance_score": score,
+                **({"document": {"text": documents[n]}} if return_documents else {}),
+            }
+            for n, score in ranked
+        ],
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+    }
+
+
+class _Routes:
+    """The provider routes over one ``Backend``."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def rerank(self, request: web.Request) -> web.Response:
         """TEI (``texts``) or Weaviate (``documents``), told apart by the body's keys."""
-        body = await read_json(request)
+        body = await _read_json(request)
         if ("texts" in body) == ("documents" in body):
             raise InvalidInputError(
                 "POST /rerank takes either 'texts' (TEI) or 'documents' (Weaviate), not both"
@@ -250,59 +287,30 @@ def build_provider_app(
         if "texts" in body:
             texts = _documents(body, "texts")
             return_text = _flag(body, "return_text")
-            ranked = await scored_documents(backend, body.get("query"), texts)
-            return web.json_response(
-                [
-                    {"index": n, "score": score, **({"text": texts[n]} if return_text else {})}
-                    for n, score in ranked
-                ]
-            )
-        # Weaviate reranker-transformers and vLLM (Milvus provider "vllm") post the same body;
-        # the answer carries both shapes: Weaviate reads "scores", vLLM clients read "results".
+            ranked = await scored_documents(self.backend, body.get("query"), texts)
+            return web.json_response(_tei_answer(texts, ranked, return_text))
+        # Weaviate reranker-transformers and vLLM (Milvus provider "vllm") post the same body
         documents = _documents(body, "documents")
-        ranked = await scored_documents(backend, body.get("query"), documents, _top_n(body))
-        scores = dict(ranked)
-        return web.json_response(
-            {
-                "id": str(uuid.uuid4()),
-                "model": "tokenbinder",
-                "query": body.get("query"),
-                "scores": [
-                    {"document": d, "score": scores[n]}
-                    for n, d in enumerate(documents)
-                    if n in scores
-                ],
-                "results": [{"index": n, "relevance_score": score} for n, score in ranked],
-            }
-        )
+        top_n = _top_n(body)
+        ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
+        return web.json_response(_weaviate_answer(body.get("query"), documents, ranked))
 
-    async def cohere_rerank(request: web.Request) -> web.Response:
-        body = await read_json(request)
+    async def cohere_rerank(self, request: web.Request) -> web.Response:
+        body = await _read_json(request)
         documents = _documents(body, "documents")
         return_documents = _flag(body, "return_documents")
-        ranked = await scored_documents(backend, body.get("query"), documents, _top_n(body))
-        return web.json_response(
-            {
-                "id": str(uuid.uuid4()),
-                "results": [
-                    {
-                        "index": n,
-                        "relevance_score": score,
-                        **({"document": {"text": documents[n]}} if return_documents else {}),
-                    }
-                    for n, score in ranked
-                ],
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
-            }
-        )
+        top_n = _top_n(body)
+        ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
+        return web.json_response(_cohere_answer(documents, ranked, return_documents))
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.Response(status=204 if backend.ready else 503)
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.Response(status=204 if self.backend.ready else 503)
 
-    async def live(request: web.Request) -> web.Response:
+    async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
-    async def meta(request: web.Request) -> web.Response:
+    async def meta(self, request: web.Request) -> web.Response:
+        backend = self.backend
         info: dict[str, Any] = {"name": "tokenbinder", "version": tb_reranker.__version__}
         if backend.components is not None:
             model = backend.components.reranker.model
@@ -316,14 +324,27 @@ def build_provider_app(
             )
         return web.json_response({"model": info})
 
-    app = web.Application(middlewares=[guard], client_max_size=backend.config.max_message_bytes)
+
+def build_provider_app(
+    backend: Backend,
+    *,
+    token: str = "",
+    limiter: ConcurrencyLimitInterceptor | None = None,
+    metrics: ServerMetrics | None = None,
+) -> web.Application:
+    """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``)."""
+    routes = _Routes(backend)
+    app = web.Application(
+        middlewares=[_guard_middleware(token, limiter, metrics)],
+        client_max_size=backend.config.max_message_bytes,
+    )
     app[BACKEND_KEY] = backend
-    app.router.add_post("/rerank", rerank)
-    app.router.add_post("/v1/rerank", cohere_rerank)
-    app.router.add_post("/v2/rerank", cohere_rerank)
-    app.router.add_get("/.well-known/ready", ready)
-    app.router.add_get("/.well-known/live", live)
-    app.router.add_get("/meta", meta)
+    app.router.add_post("/rerank", routes.rerank)
+    app.router.add_post("/v1/rerank", routes.cohere_rerank)
+    app.router.add_post("/v2/rerank", routes.cohere_rerank)
+    app.router.add_get("/.well-known/ready", routes.ready)
+    app.router.add_get("/.well-known/live", routes.live)
+    app.router.add_get("/meta", routes.meta)
     if metrics is not None:
         app.router.add_get("/metrics", _metrics_handler(metrics))
     return app

@@ -1,7 +1,7 @@
 """The ``tb_reranker.v1`` servicers: thin translation between messages and the ``Backend``.
 
 Errors are mapped to status codes in one place (:func:`_rpc`): ``TBError`` subclasses through
-``tb_reranker.errors.GRPC_STATUS``; anything else is logged once with its traceback and returned
+``tb_reranker.wire.status.GRPC_STATUS``; anything else is logged once with its traceback and returned
 as INTERNAL without internals.
 """
 
@@ -18,23 +18,18 @@ import grpc
 from grpc import aio
 
 import tb_reranker
-from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
-from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
-from tb_reranker.errors import (
-    DeadlineExceededError,
-    IndexBackendError,
-    InvalidInputError,
-    TBError,
-    grpc_status_name,
-)
-from tb_reranker.server.backend import Backend, RerankItem, SearchDisabledError
-from tb_reranker.server.convert import (
+from tb_reranker.errors import DeadlineExceededError, IndexBackendError, InvalidInputError, TBError
+from tb_reranker.server.backend import Backend, SearchDisabledError
+from tb_reranker.server.scrub import public_message
+from tb_reranker.wire import pb, pb_grpc
+from tb_reranker.wire.convert import (
     hit_to_proto,
     metadata_to_proto,
+    rerank_result_to_proto,
     tensor_from_proto,
     tensor_to_proto,
 )
-from tb_reranker.server.scrub import public_message
+from tb_reranker.wire.status import ERROR_TYPE_KEY, grpc_status_name
 
 __all__ = [
     "EncodeServicer",
@@ -48,7 +43,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 API_VERSION = "tb_reranker.v1"
-ERROR_TYPE_KEY = "tb-error-type"  # trailing metadata: the TBError class name behind a status
 _DESCRIPTOR = pb.DESCRIPTOR
 SERVICE_NAMES = {
     "encode": _DESCRIPTOR.services_by_name["EncodeService"].full_name,
@@ -132,26 +126,15 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
 
     @_rpc
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext):
-        which = request.WhichOneof("query")
-        if which is None:
-            raise _invalid("the query is missing: set text or indicators")
-        item = RerankItem(
+        query, result, timings = await self.backend.rerank(
             candidates_ids=list(request.candidates_ids),
-            text=request.text if which == "text" else None,
-            indicators=(
-                tensor_from_proto(request.indicators, name="indicators")
-                if which == "indicators"
-                else None
-            ),
+            **_query_of(request),
             broad_scores=list(request.broad_scores) if len(request.broad_scores) else None,
+            contents_hashes=list(request.contents_hashes) if len(request.contents_hashes) else None,
             top_n=int(request.top_n) or None,
             strict=bool(request.strict),
-            contents_hashes=[h or None for h in request.contents_hashes]
-            if len(request.contents_hashes)
-            else None,
         )
-        result, timings = await self.backend.rerank(item)
-        return rerank_response(result, item.candidates_ids, timings)
+        return rerank_result_to_proto(result, query.candidates_ids, timings)
 
     @_rpc
     async def Invalidate(self, request: pb.InvalidateRequest, context: aio.ServicerContext):
@@ -162,33 +145,6 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
         return pb.InvalidateResponse()
 
 
-def rerank_response(result: Any, candidates_ids: list[str], timings: dict[str, int]):
-    """``RerankResult`` → ``RerankResponse`` (missing ids keep their request index)."""
-    positions = {video_id: n for n, video_id in enumerate(candidates_ids)}
-    ranks = []
-    for candidate in result.candidates:
-        rank = pb.RankedCandidate(
-            id=candidate.id,
-            index=candidate.index,
-            score=candidate.score,
-            broad_score=candidate.broad_score,
-            delta=candidate.delta,
-            reranked=bool(getattr(candidate, "reranked", True)),
-        )
-        if candidate.best_frame_s is not None:
-            rank.best_frame_s = candidate.best_frame_s
-        ranks.append(rank)
-    missing = [
-        pb.MissingCandidate(
-            id=video_id,
-            index=positions[video_id],
-            reason=pb.MISSING_REASON_NOT_IN_STORE,
-        )
-        for video_id in result.missing_ids
-    ]
-    return pb.RerankResponse(ranks=ranks, missing=missing, metadata=metadata_to_proto(timings))
-
-
 class SearchServicer(pb_grpc.SearchServiceServicer):
     def __init__(self, backend: Backend, on_milvus_status: Callable[[bool], Any] | None = None):
         self.backend = backend
@@ -196,17 +152,10 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext):
-        which = request.WhichOneof("query")
-        if which is None:
-            raise _invalid("the query is missing: set text or indicators")
-        query = (
-            request.text
-            if which == "text"
-            else tensor_from_proto(request.indicators, name="indicators")
-        )
+        query = _query_of(request)
         try:
             hits, timings = await self.backend.search(
-                query,
+                query.get("text", query.get("indicators")),
                 limit=int(request.limit) or 10,
                 rerank=bool(request.rerank),
                 filter=request.filter or None,
@@ -265,8 +214,14 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         return response
 
 
-def _invalid(message: str) -> TBError:
-    return InvalidInputError(message)
+def _query_of(request: pb.RerankRequest | pb.SearchRequest) -> dict[str, Any]:
+    """The request's query oneof as ``{"text": str}`` or ``{"indicators": array}``."""
+    which = request.WhichOneof("query")
+    if which is None:
+        raise InvalidInputError("the query is missing: set text or indicators")
+    if which == "text":
+        return {"text": request.text}
+    return {"indicators": tensor_from_proto(request.indicators, name="indicators")}
 
 
 def add_servicers(

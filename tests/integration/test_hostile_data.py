@@ -20,8 +20,9 @@ import pytest
 
 from tb_reranker import Client
 from tb_reranker.cli import main
-from tb_reranker.errors import DataCorruptionError, NotFoundError, grpc_status_name
+from tb_reranker.errors import DataCorruptionError, NotFoundError
 from tb_reranker.index import LmdbFrameStore
+from tb_reranker.wire.status import grpc_status_name
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tb_reranker.server.config import ServerConfig
-from tb_reranker.server.convert import tensor_to_proto
 from tb_reranker.server.testing import ServerThread, build_tiny_components, tiny_records
+from tb_reranker.wire.convert import tensor_to_proto
 
 TOKEN = "hostile-suite-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -651,14 +651,16 @@ def test_sdk_empty_query_list_and_non_string_filter(world, tmp_path):
     from tb_reranker import Client
     from tb_reranker.errors import InvalidInputError
     from tb_reranker.remote import RemoteReranker
+    from tb_reranker.rerank import InProcessBackend, TwoStageSearch
 
     components = world.running.server.backend.components
     reranker, index = components.reranker, components.index
+    pipeline = TwoStageSearch(index, InProcessBackend(reranker))
     with pytest.raises(InvalidInputError, match="no quer"):
-        reranker.search(index, [])
+        pipeline.search([])
     for bad in (5, ["id"], {"id": "a"}):
         with pytest.raises(InvalidInputError, match="filter must be a string"):
-            reranker.search(index, ["a dog"], filter=bad)
+            pipeline.search(["a dog"], filter=bad)
     client = Client(
         uri=world.db_path,
         collection="hostile",

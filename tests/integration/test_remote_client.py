@@ -21,7 +21,7 @@ from tb_reranker.errors import (
     RerankerUnavailableError,
 )
 from tb_reranker.remote import AsyncRemoteReranker, RemoteReranker
-from tb_reranker.rerank import RerankResult
+from tb_reranker.rerank import InProcessBackend, RerankResult, TwoStageSearch
 from tb_reranker.server.backend import Components
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.testing import ServerThread, build_tiny_components
@@ -96,6 +96,12 @@ def _same_hits(remote: list[list[Hit]], local: list[list[Hit]]) -> None:
             assert a.broad_score == pytest.approx(b.broad_score, abs=TOL)
 
 
+def _local_search(components: Components, queries, **options) -> list[list[Hit]]:
+    """The in-process two-stage search over the test collection."""
+    backend = InProcessBackend(components.reranker)
+    return TwoStageSearch(components.index, backend).search(queries, **options)
+
+
 def test_remote_equals_in_process(setup):
     running, components, ids = setup
     local = components.reranker
@@ -119,17 +125,15 @@ def test_remote_equals_in_process(setup):
             remote.rerank(indicators[1:], [candidates[1]], strict=True)
 
         remote_hits = remote.search(TEXTS, limit=12)
-        local_hits = local.search(components.index, TEXTS, limit=12)
+        local_hits = _local_search(components, TEXTS, limit=12)
         _same_hits(remote_hits, local_hits)
         assert remote_hits[0][0].metadata["genre"] in ("even", "odd")
         assert any(h.rank != h.broad_rank for h in remote_hits[0])  # reranking moved something
-        # Reranker.search(index, queries) calling style, filter and no rerank
-        filtered = remote.search(None, [TEXTS[0]], limit=5, rerank=False, filter='genre == "even"')
+        # filter and no rerank
+        filtered = remote.search([TEXTS[0]], limit=5, rerank=False, filter='genre == "even"')
         _same_hits(
             filtered,
-            local.search(
-                components.index, [TEXTS[0]], limit=5, rerank=False, filter='genre == "even"'
-            ),
+            _local_search(components, [TEXTS[0]], limit=5, rerank=False, filter='genre == "even"'),
         )
         assert filtered[0] and all(h.metadata["genre"] == "even" for h in filtered[0])
         by_indicators = remote.search(indicators[:1], limit=5)
@@ -186,7 +190,7 @@ def test_async_remote(setup):
 
     indicators, results, hits, info = asyncio.run(main())
     _same(results, local.rerank(indicators, [ids[:10], ids[5:15]]))
-    _same_hits(hits, local.search(components.index, TEXTS[:1], limit=6))
+    _same_hits(hits, _local_search(components, TEXTS[:1], limit=6))
     assert info["embed_dim"] == 64
 
 
@@ -258,7 +262,7 @@ def test_sdk_client_remote_modes(setup, milvus_lite_uri, tmp_path):
     from tb_reranker.client import Client
 
     running, components, ids = setup
-    expected = components.reranker.search(components.index, [TEXTS[0]], limit=8)[0]
+    expected = _local_search(components, [TEXTS[0]], limit=8)[0]
     one_hop = Client(reranker=running.target, checkpoint=str(tmp_path / "no-checkpoint"))
     two_hops = Client(
         uri=milvus_lite_uri,
@@ -277,6 +281,36 @@ def test_sdk_client_remote_modes(setup, milvus_lite_uri, tmp_path):
     finally:
         one_hop.close()
         two_hops.close()
+
+
+def test_sdk_client_degrades_to_broad_only_when_the_sidecar_is_down(
+    setup, milvus_lite_uri, tmp_path, tiny_unused_port, caplog
+):
+    """Two hops, nothing listening: the broad-only hits (``reranked=False``, Milvus order, the
+    same as ``rerank=False``), logged once; ``strict=True`` raises instead."""
+    from tb_reranker.client import Client
+    from tb_reranker.errors import RerankerUnavailableError
+
+    _, components, _ = setup
+    broad = _local_search(components, [TEXTS[0]], limit=8, rerank=False)[0]
+    options = {
+        "uri": milvus_lite_uri,
+        "collection": components.index.collection,
+        "store": str(tmp_path / "unused-store"),
+        "model": components.reranker.model,
+        "reranker": f"127.0.0.1:{tiny_unused_port}",
+        "timeout": 2,
+    }
+    with Client(**options) as client, caplog.at_level("WARNING", logger="tb_reranker"):
+        for _ in range(2):
+            hits = client.search(TEXTS[0], limit=8)
+            assert [h.id for h in hits] == [h.id for h in broad] and len(hits) == 8
+            assert not any(h.reranked for h in hits)
+            assert [h.rank for h in hits] == [h.broad_rank for h in hits] == list(range(1, 9))
+            assert [h.score for h in hits] == [h.broad_score for h in hits]
+    assert sum("unavailable" in r.getMessage() for r in caplog.records) == 1
+    with Client(**options, strict=True) as client, pytest.raises(RerankerUnavailableError):
+        client.search(TEXTS[0], limit=8)
 
 
 def test_retries_only_what_can_succeed_later(tmp_path):

@@ -21,8 +21,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
 from tb_reranker.server.config import ServerConfig
-from tb_reranker.server.convert import tensor_from_proto, tensor_to_proto
 from tb_reranker.server.testing import ServerThread, build_tiny_components
+from tb_reranker.wire.convert import tensor_from_proto, tensor_to_proto
 
 SERVICES = [
     "tb_reranker.v1.EncodeService",

@@ -9,15 +9,25 @@ import pytest
 
 from tb_reranker import errors
 from tb_reranker.config import Settings
+from tb_reranker.wire import status
 
 
 def test_every_error_maps_to_a_status_and_unknown_is_internal():
-    for klass in errors.GRPC_STATUS:
+    for klass in status.GRPC_STATUS:
         assert issubclass(klass, errors.TBError)
-    assert errors.grpc_status_name(errors.InvalidInputError("x")) == "INVALID_ARGUMENT"
-    assert errors.grpc_status_name(errors.VideoDecodeError("a.mp4", "bad")) == "INVALID_ARGUMENT"
-    assert errors.grpc_status_name(errors.ResourceExhaustedError("busy")) == "RESOURCE_EXHAUSTED"
-    assert errors.grpc_status_name(RuntimeError("boom")) == "INTERNAL"
+    assert status.grpc_status_name(errors.InvalidInputError("x")) == "INVALID_ARGUMENT"
+    assert status.grpc_status_name(errors.VideoDecodeError("a.mp4", "bad")) == "INVALID_ARGUMENT"
+    assert status.grpc_status_name(errors.ResourceExhaustedError("busy")) == "RESOURCE_EXHAUSTED"
+    assert status.grpc_status_name(RuntimeError("boom")) == "INTERNAL"
+    # every status name the tables use is a real gRPC status; every HTTP answer is an error
+    import grpc
+
+    names = {*status.GRPC_STATUS.values(), *status.STATUS_ERRORS, *status.HTTP_STATUS}
+    assert all(name in grpc.StatusCode.__members__ for name in names)
+    assert all(400 <= code < 600 for code in status.HTTP_STATUS.values())
+    assert status.named_error("InvalidInputError") is errors.InvalidInputError
+    assert status.named_error("VideoDecodeError") is None  # (path, reason) constructor
+    assert status.named_error("RuntimeError") is None
 
 
 def test_retriable_defaults_and_override():

@@ -13,12 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tb_reranker.errors import (
-    DataCorruptionError,
-    InvalidInputError,
-    StoreError,
-    grpc_status_name,
-)
+from tb_reranker.errors import DataCorruptionError, InvalidInputError, StoreError
 from tb_reranker.index.ingest import IngestOptions
 from tb_reranker.index.inputs import expand_paths
 from tb_reranker.stores import (
@@ -29,6 +24,7 @@ from tb_reranker.stores import (
     encode_record,
     validate_video_id,
 )
+from tb_reranker.wire.status import grpc_status_name
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,14 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tb_reranker", "milvus_setup")
 GENERATED = ("tb_reranker._pb",)  # protoc output: not ours to arrange
 
-# Known edges that break the rules, to be removed by the rest of issue 11. Each one must still
-# exist (the test fails when an entry is stale, so this list only shrinks).
-ALLOWED_EDGES: frozenset[tuple[str, str]] = frozenset(
-    {
-        # the remote SDK imports the server's conversions (they move to tb_reranker/wire/)
-        ("tb_reranker.remote", "tb_reranker.server.convert"),
-    }
-)
+# Known edges that break the rules (none left since issue 11). An entry must still exist (the
+# test fails when one is stale), so this list can only shrink.
+ALLOWED_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 def module_name(path: Path) -> str:

@@ -11,7 +11,8 @@ from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.server import protogen
 from tb_reranker.server.config import ServerConfig
-from tb_reranker.server.convert import (
+from tb_reranker.types import Hit
+from tb_reranker.wire.convert import (
     hit_from_proto,
     hit_to_proto,
     metadata_from_proto,
@@ -19,7 +20,6 @@ from tb_reranker.server.convert import (
     tensor_from_proto,
     tensor_to_proto,
 )
-from tb_reranker.types import Hit
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path):

@@ -1,0 +1,40 @@
+"""Reranking: the in-process ``Reranker``, the ``RerankBackend`` protocol and the one search
+pipeline ``TwoStageSearch``.
+
+| module | concern |
+|---|---|
+| ``backend`` | ``RerankBackend`` (encode, rerank, info), ``ModelInfo``, ``InProcessBackend`` |
+| ``pipeline`` | ``TwoStageSearch``: Milvus broad search + rerank, the one place hits are made |
+| ``local`` | ``Reranker``: model + frame store + K/V cache, in process |
+| ``cache`` | ``KVCache``: the per-video K/V slab (LRU, content hashes, lock choreography) |
+| ``batch`` | one rerank call's steps: plan, gather, fuse, assemble |
+
+Importing the package does not import torch: ``Reranker`` loads on first use (PEP 562). The input limits are ``tb_reranker.requests``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tb_reranker._lazy import lazy_attributes
+from tb_reranker.rerank.backend import InProcessBackend, ModelInfo, RerankBackend
+from tb_reranker.rerank.pipeline import TwoStageSearch
+from tb_reranker.types import RerankedCandidate, RerankResult
+
+__all__ = [
+    "Reranker",
+    "RerankBackend",
+    "InProcessBackend",
+    "ModelInfo",
+    "TwoStageSearch",
+    "RerankResult",
+    "RerankedCandidate",
+]
+
+_LAZY = {"Reranker": "tb_reranker.rerank.local"}  # imports torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tb_reranker.rerank.local import Reranker
+
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -1,0 +1,217 @@
+"""The in-process reranker: query indicators + candidate ids → focused-view scores, reordered.
+
+``Reranker`` joins the model, the frame-token store and the K/V cache (``rerank.cache``):
+
+1. ``encode``: texts → indicators ``[Q, m, D]`` (I_1 drives Milvus, I_2..I_m the fusion);
+2. ``rerank``: per query, candidates sorted by broad score, their per-video projected K/V
+   fetched from the cache or computed from the store's frame tokens, one batched fusion over all
+   queries, ``S = S' + Δ``; candidates past the model's K keep their broad order below
+   (the steps are the functions of ``rerank.batch``).
+
+``encode`` and ``rerank`` validate their arguments (the SDK boundary) into a ``RerankRequest``;
+``rerank_request`` takes one already validated (by the server, the search pipeline) and checks
+nothing again. Two-stage search over a Milvus index is ``rerank.pipeline.TwoStageSearch``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tb_reranker.errors import InvalidInputError, ModelMismatchError
+from tb_reranker.requests import Limits, RerankRequest, check_texts
+from tb_reranker.rerank.backend import ModelInfo, encode_texts
+from tb_reranker.rerank.batch import (
+    FusionBatch,
+    Plan,
+    assemble,
+    fuse,
+    gather_batch,
+    missing_ids,
+    plan_queries,
+    unique_ids,
+)
+from tb_reranker.rerank.cache import KVCache, Rows
+from tb_reranker.types import RerankResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tb_reranker.index import FrameStore
+    from tb_reranker.model import TokenBinder
+
+__all__ = ["Reranker"]
+
+
+def _stack(records: dict[str, Any], ids: list[str], field: str, dtype: Any) -> np.ndarray:
+    return np.stack([np.asarray(getattr(records[i], field), dtype=dtype) for i in ids])
+
+
+def _frames_mask(records: dict[str, Any], ids: list[str], num_frames: int) -> np.ndarray | None:
+    """``[N, T]`` valid-frame masks, or ``None`` when no record has one."""
+    masks = [getattr(records[i], "mask", None) for i in ids]
+    if all(mask is None for mask in masks):
+        return None
+    full = np.ones(num_frames, dtype=bool)
+    return np.stack([np.asarray(m, dtype=bool) if m is not None else full for m in masks])
+
+
+class Reranker:
+    """TokenBinder's focused view over a frame-token store, in process.
+
+    Args:
+        model: a loaded ``TokenBinder`` (eval mode is enforced).
+        store: the ``FrameStore`` holding each video's frame tokens.
+        cache_size: videos whose projected K/V are kept (LRU); 0 disables the cache.
+        cache_ttl_s: how long a cached entry is trusted when the caller gives no content hash.
+        max_candidates: candidates per query accepted by ``rerank`` (beyond the model's K,
+            candidates keep their broad order).
+    """
+
+    def __init__(
+        self,
+        model: TokenBinder,
+        store: FrameStore,
+        *,
+        cache_size: int = 4096,
+        cache_ttl_s: float = 300.0,
+        max_candidates: int = 1000,
+    ) -> None:
+        self.model = model.eval()
+        self.store = store
+        self.cache = KVCache(cache_size, cache_ttl_s)
+        self.limits = Limits.sdk(max_candidates=max_candidates)
+        self.device = next(model.parameters()).device
+        self.embed_dim = int(model.embed_dim)
+        self.num_indicators = int(model.num_indicators)
+        self.top_k = int(model.top_k)
+        self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
+        self._fingerprint: str | None = None  # the model's, computed at the first store read
+
+    @property
+    def max_candidates(self) -> int:
+        return self.limits.max_candidates
+
+    def info(self) -> ModelInfo:
+        return ModelInfo.of(self.model)
+
+    # ------------------------------------------------------------------ the SDK verbs
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts → indicators ``[Q, m, D]`` float32 (L2-normalised; I_1 = ``[:, 0]``)."""
+        return encode_texts(self.model, check_texts(texts, self.limits))
+
+    def rerank(
+        self,
+        indicators: Any,
+        candidates_ids: Sequence[Sequence[str]],
+        broad_scores: Sequence[Sequence[float]] | None = None,
+        *,
+        top_n: int | None = None,
+        strict: bool = False,
+        contents_hashes: Sequence[Sequence[str | None]] | None = None,
+    ) -> list[RerankResult]:
+        """Rerank each query's candidates jointly (the one-to-many focused view).
+
+        Args:
+            indicators: ``[Q, m, D]`` (or ``[m, D]`` for one query).
+            candidates_ids: Q lists of video ids (no duplicates within a list).
+            broad_scores: Q lists of S' aligned with the ids; ``None`` → computed from the
+                stored tokens (cosine of I_1 with the normalised mean frame token).
+            top_n: return only the best ``top_n`` per query.
+            strict: raise ``NotFoundError`` for ids the store lacks instead of reporting them.
+            contents_hashes: optional Q lists of content hashes (validates cached K/V).
+
+        Returns:
+            Q ``RerankResult``; the first ``min(K, found)`` candidates by broad score are
+            reranked, the rest follow in broad order, ids missing from the store come last.
+        """
+        request = RerankRequest.build(
+            indicators,
+            candidates_ids,
+            broad_scores,
+            top_n=top_n,
+            strict=strict,
+            contents_hashes=contents_hashes,
+            shape=(self.num_indicators, self.embed_dim),
+            limits=self.limits,
+        )
+        return self.rerank_request(request)
+
+    def rerank_request(self, request: RerankRequest) -> list[RerankResult]:
+        """``rerank`` of an already validated request (nothing is checked again)."""
+        t_start = time.perf_counter_ns()
+        queries = torch.from_numpy(request.indicators).to(self.device)  # [Q, m, D]
+        t_fetch = time.perf_counter_ns()
+
+        def plan(rows: Rows) -> tuple[list[Plan], FusionBatch | None]:
+            plans = plan_queries(queries, request, rows)
+            return plans, gather_batch(plans, rows, self.top_k)
+
+        rows, (plans, batch) = self.cache.collect(unique_ids(request), self._fetch, plan)
+        t_fused = time.perf_counter_ns()
+        missing = missing_ids(request, rows.index)
+        focused = fuse(self.model, queries, batch, len(plans))
+        t_done = time.perf_counter_ns()
+        timings = {
+            "fetch_ns": t_fused - t_fetch,
+            "fusion_ns": t_done - t_fused,
+            "total_ns": t_done - t_start,
+            "batch_size": len(plans),
+        }
+        return assemble(plans, focused, missing, request.top_n, timings)
+
+    def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
+        """Forget cached projections of these videos (all when ``None``)."""
+        self.cache.invalidate(videos_ids)
+
+    # ------------------------------------------------------------------ store → rows
+    def _fetch(self, videos_ids: list[str]) -> tuple[Rows, dict[str, str]]:
+        """One store batch for ``videos_ids``, projected in one model call -> rows, hashes."""
+        records = self.store.get_many(list(videos_ids))
+        self._check_identity(records)
+        fetched = [video_id for video_id in videos_ids if video_id in records]
+        if not fetched:
+            return Rows.empty(), {}
+        tokens = np.stack([np.asarray(records[i].tokens) for i in fetched])  # [N, T', D]
+        if tokens.ndim != 3 or tokens.shape[-1] != self.embed_dim:
+            raise InvalidInputError(
+                f"stored frame tokens have dim {tokens.shape[-1]}, "
+                f"the model expects {self.embed_dim}: was the store made by another model?"
+            )
+        frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
+        mask = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
+        with torch.inference_mode():
+            kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
+            frames_mask = None if mask is None else torch.from_numpy(mask).to(self.device)
+            cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's pooling
+        rows = Rows(
+            index={video_id: n for n, video_id in enumerate(fetched)},
+            kv=kv.permute(1, 2, 0, 3, 4).contiguous(),  # [n_blocks, 2, N, T', D]
+            cls=cls,
+            timestamps=_stack(records, fetched, "timestamps", np.float32),  # [N, T]
+        )
+        return rows, {video_id: records[video_id].content_hash for video_id in fetched}
+
+    def _check_identity(self, records: dict[str, Any]) -> None:
+        """Refuse frame tokens written by another model (each record names its model).
+
+        Tokens of another vision tower are vectors of another space: scoring them would give
+        plausible-looking, meaningless numbers. Records without a fingerprint (written by hand
+        or by an old version) are accepted, as a collection without one is.
+        """
+        if self._fingerprint is None:
+            self._fingerprint = str(self.model.fingerprint())
+        foreign = sorted(
+            video_id
+            for video_id, record in records.items()
+            if getattr(record, "fingerprint", "") and record.fingerprint != self._fingerprint
+        )
+        if foreign:
+            other = records[foreign[0]].fingerprint
+            raise ModelMismatchError(
+                f"{len(foreign)} stored videos (e.g. {foreign[0]!r}) hold frame tokens of model "
+                f"{other[:12]}, but the loaded model is {self._fingerprint[:12]}: serve the "
+                "checkpoint that ingested them, or re-ingest with this one"
+            )

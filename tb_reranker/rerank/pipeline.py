@@ -1,0 +1,161 @@
+"""The one search pipeline: Milvus broad search, then the focused-view rerank.
+
+``TwoStageSearch(index, backend)`` serves ``Client`` in both modes (in-process backend, or the
+remote backend that reranks on a sidecar) and the sidecar's own ``SearchService``:
+
+1. texts → indicators with ``backend.encode`` (or indicators given);
+2. ANN top-``max(limit, K)`` from Milvus with I_1 (``index.search``), with the filter;
+3. ``backend.rerank`` of each query's candidates (broad scores and content hashes from Milvus);
+4. hits: the reranked order, then rows whose tokens the store lacks in broad order, cut to
+   ``limit`` (:func:`broad_hits` / :func:`reranked_hits`, the only places ``Hit``s are made).
+
+With ``degrade=True`` (the SDK's non-strict remote mode) a backend that cannot be reached
+(``RerankerUnavailableError``) gives the broad-only hits, marked ``reranked=False`` and logged
+once, instead of an error. Only the standard library and numpy are imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tb_reranker.errors import RerankerUnavailableError
+from tb_reranker.requests import DEFAULT_LIMITS, Limits, RerankRequest, SearchRequest
+from tb_reranker.types import Hit, RerankResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from tb_reranker.index import VideoIndex
+    from tb_reranker.rerank.backend import RerankBackend
+
+__all__ = ["TwoStageSearch", "broad_hits", "reranked_hits"]
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]  # one Milvus hit: id, score, content_hash and the output fields
+_RESERVED = {"id", "score", "cls"}
+
+
+def _hit(row: Row, rank: int, broad_rank: int, **scored: Any) -> Hit:
+    """``row`` as a ``Hit``; ``scored`` (score, delta, reranked, best_frame_s) if reranked."""
+    broad = float(row["score"])
+    return Hit(
+        id=str(row["id"]),
+        score=float(scored.get("score", broad)),
+        broad_score=broad,
+        delta=float(scored.get("delta", 0.0)),
+        rank=rank,
+        reranked=bool(scored.get("reranked", False)),
+        broad_rank=broad_rank,
+        best_frame_s=scored.get("best_frame_s"),
+        metadata={key: value for key, value in row.items() if key not in _RESERVED},
+    )
+
+
+def broad_hits(rows: Sequence[Row], limit: int) -> list[Hit]:
+    """Milvus's order, not reranked."""
+    return [_hit(row, r, r) for r, row in enumerate(rows[:limit], start=1)]
+
+
+def reranked_hits(rows: Sequence[Row], result: RerankResult, limit: int) -> list[Hit]:
+    """The reranked order of ``rows``, then the rows the store lacks in broad order."""
+    hits: list[Hit] = []
+    for candidate in result.candidates:
+        hits.append(
+            _hit(
+                rows[candidate.index],
+                len(hits) + 1,
+                candidate.index + 1,
+                score=candidate.score,
+                delta=candidate.delta,
+                reranked=candidate.reranked,
+                best_frame_s=candidate.best_frame_s,
+            )
+        )
+    seen = {c.index for c in result.candidates}
+    for r, row in enumerate(rows):
+        if r not in seen:  # no tokens in the store: broad order, after the others
+            hits.append(_hit(row, len(hits) + 1, r + 1))
+    return hits[:limit]
+
+
+@dataclass
+class TwoStageSearch:
+    """Broad search in ``index``, rerank by ``backend``; one hit list per query.
+
+    Args:
+        index: the Milvus ``VideoIndex`` of the model's videos.
+        backend: a ``RerankBackend`` (in process or remote).
+        limits: the limits ``search`` validates against (``run`` trusts its request).
+        degrade: return broad-only hits when the backend is unreachable instead of raising.
+    """
+
+    index: VideoIndex
+    backend: RerankBackend
+    limits: Limits = field(default=DEFAULT_LIMITS, kw_only=True)
+    degrade: bool = field(default=False, kw_only=True)
+    _warned: bool = field(default=False, init=False, repr=False)  # degradation logged once
+
+    def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
+        """Two-stage search for query texts or indicators ``[Q, m, D]``, validated here;
+        ``limit`` (10), ``rerank`` (True) and ``filter`` (None) as in ``Client.search``."""
+        info = self.backend.info()
+        return self.run(
+            SearchRequest.build(queries, shape=info.shape, limits=self.limits, **options)
+        )
+
+    def run(self, request: SearchRequest) -> list[list[Hit]]:
+        """``search`` of an already validated request."""
+        t0 = time.perf_counter_ns()
+        indicators = (
+            request.indicators if request.texts is None else self.backend.encode(request.texts)
+        )
+        t1 = time.perf_counter_ns()
+        fetch = max(request.limit, self.backend.info().top_k) if request.rerank else request.limit
+        broad = self.index.search(indicators[:, 0], fetch, filter=request.filter)
+        t2 = time.perf_counter_ns()
+        results = self._rerank(indicators, broad) if request.rerank else None
+        log.debug(
+            "search: %d queries, encode %.1f ms, ann %.1f ms, rerank %.1f ms",
+            len(broad),
+            (t1 - t0) / 1e6,
+            (t2 - t1) / 1e6,
+            (time.perf_counter_ns() - t2) / 1e6,
+        )
+        if results is None:
+            return [broad_hits(rows, request.limit) for rows in broad]
+        return [
+            reranked_hits(rows, result, request.limit)
+            for rows, result in zip(broad, results, strict=True)
+        ]
+
+    def _rerank(self, indicators: np.ndarray, broad: list[list[Row]]) -> list[RerankResult] | None:
+        """Per query the backend's result (empty for no rows); ``None`` when degraded."""
+        results = [RerankResult([]) for _ in broad]
+        nonempty = [q for q, rows in enumerate(broad) if rows]
+        if not nonempty:
+            return results
+        request = RerankRequest(
+            indicators=indicators[nonempty],
+            candidates_ids=[[str(row["id"]) for row in broad[q]] for q in nonempty],
+            broad_scores=[[float(row["score"]) for row in broad[q]] for q in nonempty],
+            contents_hashes=[
+                [row.get("content_hash") or None for row in broad[q]] for q in nonempty
+            ],
+        )
+        try:
+            reranked = self.backend.rerank(request)
+        except RerankerUnavailableError as exc:
+            if not self.degrade:
+                raise
+            if not self._warned:
+                log.warning("reranker unavailable (%s): returning broad-only results", exc)
+                self._warned = True
+            return None
+        for q, result in zip(nonempty, reranked, strict=True):
+            results[q] = result
+        return results
