@@ -210,8 +210,8 @@ def test_sidecar_serves_on_cuda(tmp_path: Path) -> None:
     from tb_reranker.config import Settings
     from tb_reranker.server.app import load_components
     from tb_reranker.server.config import ServerConfig
-    from tb_reranker.server.convert import tensor_from_proto
     from tb_reranker.server.testing import ServerThread
+    from tb_reranker.wire.convert import tensor_from_proto
 
     checkpoint, store, ids = _checkpoint_and_store(tmp_path)
     settings = Settings.from_env(checkpoint=str(checkpoint), store=str(store))
