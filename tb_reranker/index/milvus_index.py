@@ -33,6 +33,12 @@ from tb_reranker.stores.record import validate_video_id, validate_video_ids
 
 __all__ = ["VideoIndex", "ROW_FIELDS"]
 
+# Milvus Lite 3.2's in-process gRPC server keeps gRPC's default keepalive policy (a ping without
+# data at most every 5 min, GOAWAY "too_many_pings" after two early ones), while pymilvus pings
+# every 10 s even with no call in flight; a shared Lite channel then dies now and then
+# (UNAVAILABLE "Too many pings", seen in the test suite). A local server needs no idle pings.
+LITE_GRPC_OPTIONS = {"grpc.keepalive_permit_without_calls": 0}
+
 log = logging.getLogger(__name__)
 
 # fields every row carries (besides dynamic metadata)
@@ -200,7 +206,8 @@ class VideoIndex:
         try:
             from pymilvus import MilvusClient
 
-            return MilvusClient(uri=self.uri, token=token, timeout=self.timeout)
+            options = {"grpc_options": LITE_GRPC_OPTIONS} if self.is_lite else {}
+            return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
         except Exception as exc:  # noqa: BLE001
             raise IndexBackendError(f"cannot connect to Milvus at {self.uri}: {exc}") from exc
 

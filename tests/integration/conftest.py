@@ -86,8 +86,12 @@ def unique_collection(request: pytest.FixtureRequest) -> Iterator[str]:
     if uri is not None:
         from pymilvus import MilvusClient
 
+        from tb_reranker.index.milvus_index import LITE_GRPC_OPTIONS
+        from tb_reranker.index.schema import is_lite_uri
+
+        options = {"grpc_options": LITE_GRPC_OPTIONS} if is_lite_uri(uri) else {}
         with contextlib.suppress(Exception):
-            client = MilvusClient(uri=uri)
+            client = MilvusClient(uri=uri, **options)
             if client.has_collection(name):
                 client.drop_collection(name)
             client.close()

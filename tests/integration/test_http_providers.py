@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from tb_reranker.index.milvus_index import LITE_GRPC_OPTIONS
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.http import MISSING_SCORE
 from tb_reranker.server.testing import ServerThread, build_tiny_components
@@ -149,7 +150,7 @@ def test_milvus_lite_cohere_provider_uses_tokenbinder(setup, milvus_lite_uri):
     from pymilvus import DataType, Function, FunctionType, MilvusClient
 
     running, components, ids = setup
-    client = MilvusClient(uri=milvus_lite_uri)
+    client = MilvusClient(uri=milvus_lite_uri, grpc_options=LITE_GRPC_OPTIONS)
     collection = f"t_http_cohere_{os.getpid()}"
     schema = client.create_schema(auto_id=False)
     schema.add_field("pk", DataType.INT64, is_primary=True)
