@@ -453,19 +453,8 @@ def _check(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _checked_args(
-    num_train: int,
-    num_val: int,
-    num_test: int,
-    seed: int,
-    size: int,
-    num_frames: int,
-    fps: int,
-    families: Sequence[str],
-    jitter: str,
-    workers: int | None,
-) -> tuple[dict[str, int], tuple[str, ...], int]:
-    """Check :func:`generate`'s arguments; return (counts per split, families, workers)."""
+def _checked_counts(num_train: int, num_val: int, num_test: int) -> dict[str, int]:
+    """Clips per split, checked (at least one clip in all)."""
     counts = {
         "train": _check("num_train", num_train, 0),
         "val": _check("num_val", num_val, 0),
@@ -473,6 +462,11 @@ def _checked_args(
     }
     if sum(counts.values()) == 0:
         raise InvalidInputError("nothing to generate: all split counts are 0")
+    return counts
+
+
+def _check_clip(seed: int, size: int, num_frames: int, fps: int, jitter: str) -> None:
+    """Check the seed and the look of the clips."""
     _check("seed", seed, 0)
     if _check("size", size, 16) % 2:
         raise InvalidInputError(f"size must be even (yuv420p), got {size}")
@@ -481,14 +475,17 @@ def _checked_args(
     _check("fps", fps, 1)
     if jitter not in JITTERS:
         raise InvalidInputError(f"jitter must be one of {list(JITTERS)}, got {jitter!r}")
+
+
+def _checked_families(families: Sequence[str]) -> tuple[str, ...]:
+    """The hard-negative families, checked: distinct names from ``FAMILIES``, at least one."""
     families = tuple(families)
     unknown = [f for f in families if f not in FAMILIES]
     if not families or unknown or len(set(families)) != len(families):
         raise InvalidInputError(
             f"families must be distinct names from {list(FAMILIES)}, got {list(families)}"
         )
-    workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
-    return counts, families, workers
+    return families
 
 
 def _clear_output(root: Path, videos_dir: Path) -> None:
@@ -589,9 +586,10 @@ def generate(
         AlreadyExistsError: ``out_dir`` holds another dataset (different arguments) and not force.
     """
     started = time.perf_counter()
-    counts, families, workers = _checked_args(
-        num_train, num_val, num_test, seed, size, num_frames, fps, families, jitter, workers
-    )
+    counts = _checked_counts(num_train, num_val, num_test)
+    _check_clip(seed, size, num_frames, fps, jitter)
+    families = _checked_families(families)
+    workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
 
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
