@@ -7,6 +7,7 @@ store under ``./tb_data`` + the in-process reranker.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,36 @@ def env(name: str, default: str | None = None) -> str | None:
     """``TB_<NAME>`` from the environment (empty strings count as unset)."""
     value = os.environ.get(ENV_PREFIX + name.upper())
     return value if value not in (None, "") else default
+
+
+def fields_from_env(
+    cls: type,
+    overrides: dict[str, Any],
+    prefix: str,
+    parse: Callable[[str, str, type], Any],
+    what: str,
+) -> dict[str, Any]:
+    """Arguments for the dataclass ``cls``: each field from ``overrides`` when given (not
+    None), else from ``TB_<prefix><FIELD>`` read by ``parse(name, raw, type of the default)``,
+    else left out (its default). ``TypeError`` names the ``overrides`` ``cls`` has no field for."""
+    unknown = set(overrides) - {f.name for f in fields(cls)}
+    if unknown:
+        raise TypeError(f"unknown {what}: {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        given = overrides.get(f.name)
+        if given is not None:
+            values[f.name] = given
+            continue
+        raw = env(prefix + f.name)
+        if raw is not None:
+            values[f.name] = parse(f.name, raw, type(f.default))
+    return values
+
+
+def _parse_plain(name: str, raw: str, kind: type) -> Any:
+    """A ``TB_*`` value as the field's type (strings as they are)."""
+    return raw if kind is str else kind(raw)
 
 
 @dataclass(frozen=True)
@@ -41,18 +72,7 @@ class Settings:
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         """Arguments win over ``TB_*`` variables, which win over defaults. ``None`` = not given."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            given = overrides.get(f.name)
-            if given is not None:
-                values[f.name] = given
-                continue
-            raw = env(f.name)
-            if raw is not None:
-                values[f.name] = type(f.default)(raw) if not isinstance(f.default, str) else raw
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown settings: {sorted(unknown)}")
+        values = fields_from_env(cls, overrides, "", _parse_plain, "settings")
         return cls(**values).resolved()
 
     def resolved(self) -> Settings:

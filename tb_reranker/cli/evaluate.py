@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tb_reranker.cli.train import EnvOption, add_options, parse_bool, resolve_env
-from tb_reranker.errors import InvalidInputError, NotFoundError
+from tb_reranker.errors import NotFoundError
 
 __all__ = ["register", "run_eval", "run_ablate", "EVAL_OPTIONS", "ABLATE_OPTIONS"]
 
@@ -84,11 +84,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from tb_reranker.training.evaluate import evaluate, format_table, plot_recall_curves
     from tb_reranker.training.features import load_video_captions
 
-    resolve_env(args, EVAL_OPTIONS)
-    if not args.checkpoint:
-        raise InvalidInputError("--checkpoint (or TB_CHECKPOINT) is required")
-    if not args.data:
-        raise InvalidInputError("--data (or TB_DATA) is required")
+    resolve_env(args, EVAL_OPTIONS, required=("checkpoint", "data"))
     if not Path(args.checkpoint).is_dir():
         raise NotFoundError(f"checkpoint directory {args.checkpoint} does not exist")
     if args.threads:
@@ -120,11 +116,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     from tb_reranker.config import env
     from tb_reranker.training.ablation import ablate, format_ablation, parse_sweep
 
-    resolve_env(args, ABLATE_OPTIONS)
-    if not args.data:
-        raise InvalidInputError("--data (or TB_DATA) is required")
-    if not args.out:
-        raise InvalidInputError("--out (or TB_OUT) is required")
+    resolve_env(args, ABLATE_OPTIONS, required=("data", "out"))
     specs = args.sweep
     if specs is None and env("SWEEP"):
         specs = [s for s in env("SWEEP", "").split(";") if s.strip()]

@@ -67,10 +67,13 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[EnvOption]) -
             )
 
 
-def resolve_env(args: argparse.Namespace, options: Sequence[EnvOption]) -> None:
+def resolve_env(
+    args: argparse.Namespace, options: Sequence[EnvOption], required: Sequence[str] = ()
+) -> None:
     """Fill every option left unset on the command line from ``TB_<NAME>``, then its fallback.
 
-    A malformed variable raises ``InvalidInputError`` naming it (the CLI exits 2).
+    A malformed variable, or an option of ``required`` (destinations) left empty, raises
+    ``InvalidInputError`` naming it (the CLI exits 2).
     """
     for option in options:
         if getattr(args, option.dest, None) is not None:
@@ -88,6 +91,9 @@ def resolve_env(args: argparse.Namespace, options: Sequence[EnvOption]) -> None:
                 f"TB_{option.env_name}={raw!r} must be one of {', '.join(option.choices)}"
             )
         setattr(args, option.dest, value)
+    for option in options:
+        if option.dest in required and not getattr(args, option.dest):
+            raise InvalidInputError(f"{option.flag} (or TB_{option.env_name}) is required")
 
 
 # Flags shared by `tb train` and `tb ablate` (model overrides and optimisation).
@@ -177,11 +183,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tb_reranker.training import TrainConfig, train
 
-    resolve_env(args, TRAIN_OPTIONS)
-    if not args.data:
-        raise InvalidInputError("--data (or TB_DATA) is required")
-    if not args.out:
-        raise InvalidInputError("--out (or TB_OUT) is required")
+    resolve_env(args, TRAIN_OPTIONS, required=("data", "out"))
     config = TrainConfig(
         data_root=args.data,
         out_dir=args.out,

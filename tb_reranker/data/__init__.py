@@ -15,6 +15,7 @@ annotation files raise :class:`~tb_reranker.errors.NotFoundError`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from tb_reranker.data.base import (
@@ -92,6 +93,62 @@ def _resolve(entry: VideoEntry) -> Path | None:
     return None
 
 
+def _videos_path(
+    loader: DatasetLoader, root: Path, videos_dir: str | Path | None, check_files: bool
+) -> Path | None:
+    """The folder of the video files: ``videos_dir`` (checked when ``check_files``), else the
+    loader's conventional folder under ``root`` (or ``root``), else None (the loader decides)."""
+    if videos_dir is not None:
+        videos_path = Path(videos_dir).expanduser()
+        if check_files and not videos_path.is_dir():
+            raise NotFoundError(f"videos directory not found: {videos_path}")
+        return videos_path
+    if loader.videos_dirs:
+        return _default_videos_dir(root, loader.videos_dirs)
+    return None
+
+
+def _video_items(
+    entries: Sequence[VideoEntry], check_files: bool
+) -> tuple[list[VideoItem], list[str]]:
+    """(the entries as items with their file path, the ids whose file was not found)."""
+    videos: list[VideoItem] = []
+    missing: list[str] = []
+    for entry in entries:
+        path = _resolve(entry) if check_files else entry.candidates[0]
+        if path is None:
+            missing.append(entry.video_id)
+            continue
+        videos.append(
+            VideoItem(
+                video_id=entry.video_id,
+                path=str(path),
+                captions=entry.captions,
+                start_s=entry.start_s,
+                end_s=entry.end_s,
+            )
+        )
+    return videos, missing
+
+
+def _warn_missing(name: str, split: str, missing: list[str], num_entries: int, where: str) -> None:
+    """Log the video files not found (the first few ids), with a hint when none was."""
+    hint = " - none at all: pass videos_dir (the folder holding them)" * (
+        len(missing) == num_entries
+    )
+    logger.warning(
+        "%s %s: %d of %d video files not found under %s (skipped): %s%s%s",
+        name,
+        split,
+        len(missing),
+        num_entries,
+        where,
+        ", ".join(missing[:_MISSING_SHOWN]),
+        ", ..." if len(missing) > _MISSING_SHOWN else "",
+        hint,
+    )
+
+
 def load_dataset(
     name: str,
     root: str | Path,
@@ -123,53 +180,17 @@ def load_dataset(
     root_path = Path(root).expanduser()
     if not root_path.is_dir():
         raise NotFoundError(f"dataset directory not found: {root_path}")
-    videos_path: Path | None
-    if videos_dir is not None:
-        videos_path = Path(videos_dir).expanduser()
-        if check_files and not videos_path.is_dir():
-            raise NotFoundError(f"videos directory not found: {videos_path}")
-    elif loader.videos_dirs:
-        videos_path = _default_videos_dir(root_path, loader.videos_dirs)
-    else:
-        videos_path = None
+    videos_path = _videos_path(loader, root_path, videos_dir, check_files)
     entries = loader.read(root_path, split, videos_path)
     if not entries:
         raise InvalidInputError(
             f"dataset {loader.name!r} under {root_path} has no video in split {split!r}"
         )
 
-    videos: list[VideoItem] = []
-    missing: list[str] = []
-    for entry in entries:
-        path = _resolve(entry) if check_files else entry.candidates[0]
-        if path is None:
-            missing.append(entry.video_id)
-            continue
-        videos.append(
-            VideoItem(
-                video_id=entry.video_id,
-                path=str(path),
-                captions=entry.captions,
-                start_s=entry.start_s,
-                end_s=entry.end_s,
-            )
-        )
+    videos, missing = _video_items(entries, check_files)
     where = str(videos_path if videos_path is not None else root_path)
     if missing:
-        hint = " - none at all: pass videos_dir (the folder holding them)" * (
-            len(missing) == len(entries)
-        )
-        logger.warning(
-            "%s %s: %d of %d video files not found under %s (skipped): %s%s%s",
-            loader.name,
-            split,
-            len(missing),
-            len(entries),
-            where,
-            ", ".join(missing[:_MISSING_SHOWN]),
-            ", ..." if len(missing) > _MISSING_SHOWN else "",
-            hint,
-        )
+        _warn_missing(loader.name, split, missing, len(entries), where)
     dataset = VideoTextDataset(
         name=loader.name,
         root=str(root_path),

@@ -232,6 +232,15 @@ def clean_caption(path: Path, value: Any, where: str) -> str:
     return " ".join(value.split())
 
 
+def clean_captions(path: Path, values: Any, where: str, not_a_list: str) -> list[str]:
+    """The non-blank captions of the list ``values``, cleaned by :func:`clean_caption` (the
+    i-th named ``where[i]``); ``not_a_list`` is the problem reported when it is not a list."""
+    if not isinstance(values, list):
+        raise malformed(path, not_a_list)
+    texts = [clean_caption(path, text, f"{where}[{i}]") for i, text in enumerate(values)]
+    return [text for text in texts if text]
+
+
 def video_candidates(
     videos_dir: Path, stem: str, extensions: Sequence[str] = VIDEO_EXTENSIONS
 ) -> tuple[Path, ...]:

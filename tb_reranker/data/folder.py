@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from tb_reranker.data.base import (
     DatasetLoader,
     VideoEntry,
-    clean_caption,
+    clean_captions,
     malformed,
     read_text,
 )
@@ -59,14 +59,12 @@ def _read(root: Path, split: str, videos_dir: Path | None) -> list[VideoEntry]:
         record_split = record.get("split")
         if not isinstance(record_split, str):
             raise malformed(path, f'line {line_number}: "split" must be a string')
-        raw_captions = record.get("captions")
-        if not isinstance(raw_captions, list):
-            raise malformed(path, f'line {line_number}: "captions" must be a list of strings')
-        captions = [
-            clean_caption(path, text, f"line {line_number} captions[{i}]")
-            for i, text in enumerate(raw_captions)
-        ]
-        captions = [text for text in captions if text]
+        captions = clean_captions(
+            path,
+            record.get("captions"),
+            f"line {line_number} captions",
+            f'line {line_number}: "captions" must be a list of strings',
+        )
         if not captions:
             raise malformed(path, f"line {line_number}: video {video_id!r} has no caption")
         relative = record.get("path", f"videos/{video_id}.mp4")

@@ -20,7 +20,7 @@ from pathlib import Path
 from tb_reranker.data.base import (
     DatasetLoader,
     VideoEntry,
-    clean_caption,
+    clean_captions,
     malformed,
     read_id_list,
     read_json,
@@ -45,14 +45,13 @@ def _read_file(path: Path) -> dict[str, list[str]]:
     for i, item in enumerate(data):
         if not isinstance(item, dict) or not isinstance(item.get("videoID"), str):
             raise malformed(path, f'item {i} has no string "videoID"')
-        english = item.get("enCap")
-        if not isinstance(english, list):
-            raise malformed(path, f'item {i} ({item["videoID"]}) has no "enCap" list')
-        texts = [
-            clean_caption(path, text, f"{item['videoID']}.enCap[{j}]")
-            for j, text in enumerate(english)
-        ]
-        captions.setdefault(item["videoID"].strip(), []).extend(text for text in texts if text)
+        texts = clean_captions(
+            path,
+            item.get("enCap"),
+            f"{item['videoID']}.enCap",
+            f'item {i} ({item["videoID"]}) has no "enCap" list',
+        )
+        captions.setdefault(item["videoID"].strip(), []).extend(texts)
     return captions
 
 

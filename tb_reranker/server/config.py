@@ -7,11 +7,11 @@ before binding a non-loopback address.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from tb_reranker.auth import check_token
-from tb_reranker.config import env
+from tb_reranker.config import fields_from_env
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.requests import DEFAULT_LIMITS, MAX_TEXTS, Limits
 
@@ -90,20 +90,7 @@ class ServerConfig:
     @classmethod
     def from_env(cls, **overrides: Any) -> ServerConfig:
         """Build from arguments (``None`` = not given), then ``TB_SERVE_*``, then defaults."""
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown server settings: {sorted(unknown)}")
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            given = overrides.get(f.name)
-            if given is not None:
-                values[f.name] = given
-                continue
-            raw = env(ENV_PREFIX + f.name)
-            if raw is None:
-                continue
-            values[f.name] = _parse(f.name, raw, type(f.default))
-        return cls(**values)
+        return cls(**fields_from_env(cls, overrides, ENV_PREFIX, _parse, "server settings"))
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:

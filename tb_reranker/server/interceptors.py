@@ -132,6 +132,11 @@ class DecodeGuardInterceptor(aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001 - DecodeError, or anything odd in the bytes
                 return Undecodable(f"{type(exc).__name__}: {exc}")
 
+        async def reject_undecodable(request: Any, context: aio.ServicerContext) -> None:
+            if isinstance(request, Undecodable):
+                self._note(method, request.reason)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
         kwargs = {
             "request_deserializer": safe_deserialize,
             "response_serializer": handler.response_serializer,
@@ -140,9 +145,7 @@ class DecodeGuardInterceptor(aio.ServerInterceptor):
             behavior = handler.unary_unary
 
             async def unary(request: Any, context: aio.ServicerContext) -> Any:
-                if isinstance(request, Undecodable):
-                    self._note(method, request.reason)
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                await reject_undecodable(request, context)
                 return await behavior(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
@@ -150,9 +153,7 @@ class DecodeGuardInterceptor(aio.ServerInterceptor):
         if inspect.isasyncgenfunction(stream_behavior):
 
             async def streaming(request: Any, context: aio.ServicerContext) -> Any:
-                if isinstance(request, Undecodable):
-                    self._note(method, request.reason)
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                await reject_undecodable(request, context)
                 async for item in stream_behavior(request, context):
                     yield item
 
@@ -160,9 +161,7 @@ class DecodeGuardInterceptor(aio.ServerInterceptor):
 
         async def writing(request: Any, context: aio.ServicerContext) -> Any:
             # a servicer that sends with context.write (grpc_health's Watch)
-            if isinstance(request, Undecodable):
-                self._note(method, request.reason)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            await reject_undecodable(request, context)
             return await stream_behavior(request, context)
 
         return grpc.unary_stream_rpc_method_handler(writing, **kwargs)

@@ -104,7 +104,6 @@ def ablate(
     "t2v": {"broad": metrics, "reranked": metrics}, "v2t": {...}}``.
     """
     from tb_reranker.model import load_checkpoint
-    from tb_reranker.training.evaluate import evaluate
     from tb_reranker.training.features import load_video_captions
     from tb_reranker.training.loop import TrainConfig, train
 
@@ -130,39 +129,54 @@ def ablate(
     base = {factor: getattr(base_model.config, field) for factor, field in SWEEP_FIELDS.items()}
     del base_model
     test = load_video_captions(dataset, data_root, eval_split)
-    rows: list[dict[str, Any]] = []
-    for variant in _variants(base, sweep):
-        name = "-".join(f"{k}{v}" for k, v in variant.items())
-        started = time.monotonic()
-        checkpoint = train(
-            replace(
-                base_config,
-                out_dir=str(out_dir / name),
-                init_checkpoint=str(init_checkpoint),
-                init_fresh=("fusion.",),
-                freeze_backbone=True,
-                epochs=epochs,
-                **variant,
-            )
+    return [
+        _run_variant(variant, base_config, out_dir, init_checkpoint, epochs, test)
+        for variant in _variants(base, sweep)
+    ]
+
+
+def _run_variant(
+    variant: dict[str, Any],
+    base_config: Any,
+    out_dir: Path,
+    init_checkpoint: str | os.PathLike,
+    epochs: int,
+    test: Any,
+) -> dict[str, Any]:
+    """Fine-tune one variant from ``init_checkpoint`` (frozen backbone, fresh fusion module),
+    evaluate it on ``test``; return its row."""
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.training.evaluate import evaluate
+    from tb_reranker.training.loop import train
+
+    name = "-".join(f"{k}{v}" for k, v in variant.items())
+    started = time.monotonic()
+    checkpoint = train(
+        replace(
+            base_config,
+            out_dir=str(out_dir / name),
+            init_checkpoint=str(init_checkpoint),
+            init_fresh=("fusion.",),
+            freeze_backbone=True,
+            epochs=epochs,
+            **variant,
         )
-        model = load_checkpoint(checkpoint, device=device)
-        result = evaluate(model, test, cache_dir=cache_dir or ".tb_cache", progress=False)
-        rows.append(
-            {
-                **variant,
-                "checkpoint": str(checkpoint),
-                "seconds": round(time.monotonic() - started, 1),
-                "t2v": result["t2v"],
-                "v2t": result["v2t"],
-            }
-        )
-        log.info(
-            "ablation %s: t2v R@1 %.1f -> %.1f",
-            name,
-            result["t2v"]["broad"]["R@1"],
-            result["t2v"]["reranked"]["R@1"],
-        )
-    return rows
+    )
+    model = load_checkpoint(checkpoint, device=base_config.device)
+    result = evaluate(model, test, cache_dir=base_config.cache_dir or ".tb_cache", progress=False)
+    log.info(
+        "ablation %s: t2v R@1 %.1f -> %.1f",
+        name,
+        result["t2v"]["broad"]["R@1"],
+        result["t2v"]["reranked"]["R@1"],
+    )
+    return {
+        **variant,
+        "checkpoint": str(checkpoint),
+        "seconds": round(time.monotonic() - started, 1),
+        "t2v": result["t2v"],
+        "v2t": result["v2t"],
+    }
 
 
 def format_ablation(rows: list[dict[str, Any]]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from tb_reranker.training.features import (
     VideoCaptionSet,
     as_video_caption_set,
     load_features,
-    load_frames,
+    load_model_frames,
 )
 
 __all__ = ["evaluate", "score_matrices", "recall_curve", "plot_recall_curves", "format_table"]
@@ -139,12 +140,9 @@ def evaluate(
     if k < 1:
         raise InvalidInputError(f"k must be >= 1, got {k}")
     device = next(model.parameters()).device
-    frame_set = load_frames(
+    frame_set = load_model_frames(
+        model,
         videos,
-        num_frames=model.num_frames,
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
@@ -159,50 +157,23 @@ def evaluate(
         progress=progress,
     )
     texts = [caption for captions in videos.captions for caption in captions]
-    text_to_video = [i for i, captions in enumerate(videos.captions) for _ in captions]  # [M]
-    texts_per_video: list[list[int]] = []  # [N][C_i] text indices of each video
-    start = 0
-    for captions in videos.captions:
-        texts_per_video.append(list(range(start, start + len(captions))))
-        start += len(captions)
     indicators = _encode_texts(model, texts, batch_size, progress)  # [M, m, D]
     mats = score_matrices(
         model, indicators, features.cls, features.frames_tokens, k=k, batch_size=batch_size
     )
-    broad = mats["broad"]  # [M, N]
-    t2v_broad = ranks_from_scores(broad, text_to_video)
-    t2v_reranked = ranks_from_scores(
-        rerank_topk(broad, mats["candidates"], mats["final"]), text_to_video
-    )
-    broad_v = broad.t()  # [N, M]
-    v2t_broad = ranks_from_scores(broad_v, texts_per_video)
-    v2t_reranked = ranks_from_scores(
-        rerank_topk(broad_v, mats["candidates_v"], mats["final_v"]), texts_per_video
-    )
+    ranks = _ranks(mats, videos.captions)
     k_eff = mats["candidates"].shape[1]
-
     max_k = curve_k or max(10, k_eff + 5)
     result: dict[str, Any] = {
         "k": k_eff,
         "num_videos": len(videos),
         "num_texts": len(texts),
-        "t2v": {
-            "broad": retrieval_metrics(t2v_broad),
-            "reranked": retrieval_metrics(t2v_reranked),
-        },
-        "v2t": {
-            "broad": retrieval_metrics(v2t_broad),
-            "reranked": retrieval_metrics(v2t_reranked),
+        **{
+            d: {v: retrieval_metrics(r) for v, r in by_view.items()} for d, by_view in ranks.items()
         },
         "curves": {
-            "t2v": {
-                "broad": recall_curve(t2v_broad, max_k),
-                "reranked": recall_curve(t2v_reranked, max_k),
-            },
-            "v2t": {
-                "broad": recall_curve(v2t_broad, max_k),
-                "reranked": recall_curve(v2t_reranked, max_k),
-            },
+            d: {v: recall_curve(r, max_k) for v, r in by_view.items()}
+            for d, by_view in ranks.items()
         },
     }
     log.info(
@@ -216,6 +187,35 @@ def evaluate(
         k_eff,
     )
     return result
+
+
+def _ranks(
+    mats: dict[str, torch.Tensor], captions: Sequence[Sequence[str]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """1-based ranks of the right answers, ``{"t2v"|"v2t": {"broad"|"reranked": ranks}}``, from
+    :func:`score_matrices`' output; text j (flattened in order) describes its own video."""
+    text_to_video = [i for i, caps in enumerate(captions) for _ in caps]  # [M]
+    texts_per_video: list[list[int]] = []  # [N][C_i] text indices of each video
+    start = 0
+    for caps in captions:
+        texts_per_video.append(list(range(start, start + len(caps))))
+        start += len(caps)
+    broad = mats["broad"]  # [M, N]
+    broad_v = broad.t()  # [N, M]
+    return {
+        "t2v": {
+            "broad": ranks_from_scores(broad, text_to_video),
+            "reranked": ranks_from_scores(
+                rerank_topk(broad, mats["candidates"], mats["final"]), text_to_video
+            ),
+        },
+        "v2t": {
+            "broad": ranks_from_scores(broad_v, texts_per_video),
+            "reranked": ranks_from_scores(
+                rerank_topk(broad_v, mats["candidates_v"], mats["final_v"]), texts_per_video
+            ),
+        },
+    }
 
 
 def plot_recall_curves(result: dict[str, Any], path: str | os.PathLike, title: str = "") -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "load_video_captions",
     "as_video_caption_set",
     "load_frames",
+    "load_model_frames",
     "load_features",
 ]
 
@@ -287,6 +288,27 @@ def load_frames(
         )
         log.info("cached frames of %d videos in %s", len(kept), cache_path)
     return FrameSet(videos.subset(kept), frames_tensor, masks_tensor, key=key)
+
+
+def load_model_frames(
+    model: torch.nn.Module,
+    videos: VideoCaptionSet,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = False,
+) -> FrameSet:
+    """:func:`load_frames` with the frame count, size and normalisation ``model`` expects."""
+    return load_frames(
+        videos,
+        num_frames=model.num_frames,
+        image_size=model.image_size,
+        mean=model.image_mean,
+        std=model.image_std,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
+    )
 
 
 @torch.no_grad()

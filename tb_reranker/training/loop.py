@@ -40,7 +40,7 @@ from tb_reranker.training.features import (
     FrameSet,
     VideoCaptionSet,
     load_features,
-    load_frames,
+    load_model_frames,
     load_video_captions,
 )
 
@@ -344,14 +344,7 @@ def train(
     called around each epoch (epochs count from 1); an exception raised there stops training
     (the checkpoints written so far stay valid for ``resume``).
     """
-    from tb_reranker.model import (
-        TokenBinder,
-        load_checkpoint,
-        param_groups,
-        resolve_device,
-        save_checkpoint,
-        tokenbinder_loss,
-    )
+    from tb_reranker.model import resolve_device, save_checkpoint
 
     out_dir = Path(config.out_dir)
     device = resolve_device(config.device)
@@ -363,64 +356,123 @@ def train(
             f"{out_dir} already holds checkpoint {previous[1].name}; "
             "pass --resume to continue it or choose another --out"
         )
-
-    state_meta: dict[str, Any] | None = None
-    state_tensors: dict[str, torch.Tensor] | None = None
-    if config.resume and previous is not None:
-        start_epoch, ckpt_dir = previous
-        state_meta, state_tensors = read_train_state(ckpt_dir)
-        model = load_checkpoint(ckpt_dir)
-        saved = state_meta.get("train_config", {})
-        for name in ("epochs", "batch_size", "lr", "backbone_lr", "grad_accum", "seed"):
-            if getattr(config, name) is not None and saved.get(name) not in (
-                None,
-                getattr(config, name),
-            ):
-                log.warning(
-                    "resume: %s=%s differs from the checkpoint's %s; using the checkpoint's",
-                    name,
-                    getattr(config, name),
-                    saved.get(name),
-                )
-        known = set(TrainConfig.field_names())
-        merged = {k: v for k, v in saved.items() if k in known}
-        merged.update(
-            data_root=config.data_root,
-            out_dir=config.out_dir,
-            cache_dir=config.cache_dir,
-            device=config.device,
-            progress=config.progress,
-            workers=config.workers,
-            threads=config.threads,
-            resume=True,
-        )
-        config = TrainConfig(**merged).resolved(_is_tiny(model.config))
-        log.info("resuming from %s (epoch %d done)", ckpt_dir, start_epoch)
-    else:
-        if config.resume:
-            log.info("resume: no complete checkpoint in %s, starting fresh", out_dir)
-        start_epoch = 0
-        if config.init_checkpoint:
-            source = load_checkpoint(config.init_checkpoint)
-            config = config.resolved(_is_tiny(source.config))
-            model = TokenBinder(_apply_overrides(source.config, config))
-            fresh = _load_matching(model, source, tuple(config.init_fresh))
-            log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
-        else:
-            model_config = build_model_config(config)
-            config = config.resolved(_is_tiny(model_config))
-            model = TokenBinder(_apply_overrides(model_config, config))  # + preset gumbel_scale
+    start = _start_model(config, out_dir, previous)
+    config, model = start.config, start.model
     torch.manual_seed(config.seed)  # Gumbel noise; data order has its own seeded generator
     model.to(device)
 
+    data = _load_train_data(config, model, device)
+    plan = _StepPlan.of(config, len(data.videos))
+    optimizer, scheduler = _optimizer_and_scheduler(model, config, plan)
+    history = _restore_train_state(start, optimizer, scheduler)
+    if start.epoch >= config.epochs:
+        log.info("nothing to do: %d of %d epochs done", start.epoch, config.epochs)
+        return previous[1] if previous else out_dir
+
+    model.precision = "auto" if config.amp else "float32"  # "auto": bf16 autocast on CUDA only
+    _log_plan(config, plan, len(data.videos), device)
+    last_dir = previous[1] if previous else out_dir
+    for epoch in range(start.epoch + 1, config.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, optimizer)
+        stats = _run_epoch(model, data, config, plan, epoch, optimizer, scheduler, device)
+        history.append(stats)
+        last_dir = write_checkpoint(
+            out_dir,
+            epoch,
+            save_model=functools.partial(save_checkpoint, model),
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scalars={
+                "epoch": epoch,
+                "global_step": epoch * plan.steps_per_epoch,
+                "train_config": config.to_dict(),
+                "history": history,
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, last_dir, stats)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return last_dir
+
+
+@dataclass
+class _Start:
+    """Where training starts: the (resolved) config, the model, the epochs already done and,
+    when resuming, the saved optimizer/scheduler/RNG state."""
+
+    config: TrainConfig
+    model: Any  # TokenBinder
+    epoch: int = 0
+    state_meta: dict[str, Any] | None = None
+    state_tensors: dict[str, torch.Tensor] | None = None
+
+
+def _start_model(config: TrainConfig, out_dir: Path, previous: tuple[int, Path] | None) -> _Start:
+    """The model to train: the latest checkpoint when resuming, else a fresh or initialised one."""
+    if config.resume and previous is not None:
+        return _resume(config, *previous)
+    from tb_reranker.model import TokenBinder, load_checkpoint
+
+    if config.resume:
+        log.info("resume: no complete checkpoint in %s, starting fresh", out_dir)
+    if config.init_checkpoint:
+        source = load_checkpoint(config.init_checkpoint)
+        config = config.resolved(_is_tiny(source.config))
+        model = TokenBinder(_apply_overrides(source.config, config))
+        fresh = _load_matching(model, source, tuple(config.init_fresh))
+        log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
+    else:
+        model_config = build_model_config(config)
+        config = config.resolved(_is_tiny(model_config))
+        model = TokenBinder(_apply_overrides(model_config, config))  # + preset gumbel_scale
+    return _Start(config, model)
+
+
+def _resume(config: TrainConfig, start_epoch: int, ckpt_dir: Path) -> _Start:
+    """Continue ``ckpt_dir``: its model and training config (the checkpoint's hyper-parameters
+    win over ``config``'s, with a warning; paths and machine settings come from ``config``)."""
+    from tb_reranker.model import load_checkpoint
+
+    state_meta, state_tensors = read_train_state(ckpt_dir)
+    model = load_checkpoint(ckpt_dir)
+    saved = state_meta.get("train_config", {})
+    for name in ("epochs", "batch_size", "lr", "backbone_lr", "grad_accum", "seed"):
+        if getattr(config, name) is not None and saved.get(name) not in (
+            None,
+            getattr(config, name),
+        ):
+            log.warning(
+                "resume: %s=%s differs from the checkpoint's %s; using the checkpoint's",
+                name,
+                getattr(config, name),
+                saved.get(name),
+            )
+    known = set(TrainConfig.field_names())
+    merged = {k: v for k, v in saved.items() if k in known}
+    merged.update(
+        data_root=config.data_root,
+        out_dir=config.out_dir,
+        cache_dir=config.cache_dir,
+        device=config.device,
+        progress=config.progress,
+        workers=config.workers,
+        threads=config.threads,
+        resume=True,
+    )
+    config = TrainConfig(**merged).resolved(_is_tiny(model.config))
+    log.info("resuming from %s (epoch %d done)", ckpt_dir, start_epoch)
+    return _Start(config, model, start_epoch, state_meta, state_tensors)
+
+
+def _load_train_data(config: TrainConfig, model: Any, device: torch.device) -> _TrainData:
+    """Decode (or read from the cache) the training videos; with ``freeze_backbone`` their
+    vision features too. At least two videos must decode."""
     videos = load_video_captions(config.dataset, config.data_root, config.split)
     cache_dir = config.cache_dir or os.environ.get("TB_CACHE_DIR") or ".tb_cache"
-    frame_set = load_frames(
+    frame_set = load_model_frames(
+        model,
         videos,
-        num_frames=model.num_frames,
-        image_size=model.image_size,
-        mean=model.image_mean,
-        std=model.image_std,
         cache_dir=cache_dir,
         workers=config.workers,
         progress=config.progress,
@@ -432,17 +484,39 @@ def train(
         data = _TrainData(frame_set.videos, None, features, frame_set.masks)
     else:
         data = _TrainData(frame_set.videos, frame_set, None, frame_set.masks)
-    num_videos = len(data.videos)
-    if num_videos < 2:
-        raise InvalidInputError(f"need at least 2 training videos, got {num_videos}")
+    if len(data.videos) < 2:
+        raise InvalidInputError(f"need at least 2 training videos, got {len(data.videos)}")
+    return data
 
-    batch_size = min(config.batch_size, num_videos)
-    micro_size = max(1, batch_size // config.grad_accum)
-    steps_per_epoch = num_videos // batch_size  # full batches only (InfoNCE wants equal sizes)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(config.warmup) if config.warmup >= 1 else int(config.warmup * total_steps)
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """Batch sizes and step counts of a run."""
+
+    batch_size: int
+    micro_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, num_videos: int) -> _StepPlan:
+        batch_size = min(config.batch_size, num_videos)
+        micro_size = max(1, batch_size // config.grad_accum)
+        steps_per_epoch = num_videos // batch_size  # full batches only (InfoNCE: equal sizes)
+        if config.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+        total_steps = steps_per_epoch * config.epochs
+        warmup = config.warmup
+        warmup_steps = int(warmup) if warmup >= 1 else int(warmup * total_steps)
+        return cls(batch_size, micro_size, steps_per_epoch, total_steps, warmup_steps)
+
+
+def _optimizer_and_scheduler(
+    model: Any, config: TrainConfig, plan: _StepPlan
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the two parameter groups and the warm-up + cosine schedule."""
+    from tb_reranker.model import param_groups
 
     optimizer = torch.optim.AdamW(
         param_groups(model, config.lr, config.backbone_lr, config.weight_decay),
@@ -450,115 +524,129 @@ def train(
         eps=1e-6,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, warmup_steps, config.min_lr_ratio)
+        optimizer, _lr_lambda(plan.total_steps, plan.warmup_steps, config.min_lr_ratio)
     )
-    history: list[dict[str, float]] = []
-    if state_meta is not None and state_tensors is not None:
-        try:
-            optimizer.load_state_dict(
-                optimizer_state_from_files(state_tensors, state_meta["optimizer"])
-            )
-            scheduler.load_state_dict(
-                {**scheduler.state_dict(), **state_meta.get("scheduler", {}), "lr_lambdas": [None]}
-            )
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot restore the optimizer state: {exc}") from exc
-        set_rng_state(state_tensors, state_meta.get("rng", {}))
-        history = list(state_meta.get("history", []))
-    if start_epoch >= config.epochs:
-        log.info("nothing to do: %d of %d epochs done", start_epoch, config.epochs)
-        return previous[1] if previous else out_dir
+    return optimizer, scheduler
 
-    model.precision = "auto" if config.amp else "float32"  # "auto": bf16 autocast on CUDA only
+
+def _restore_train_state(
+    start: _Start, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> list[dict[str, float]]:
+    """Load a resumed run's optimizer, scheduler and RNG state; return its history so far
+    (empty for a fresh run)."""
+    if start.state_meta is None or start.state_tensors is None:
+        return []
+    state_meta, state_tensors = start.state_meta, start.state_tensors
+    try:
+        optimizer.load_state_dict(
+            optimizer_state_from_files(state_tensors, state_meta["optimizer"])
+        )
+        scheduler.load_state_dict(
+            {**scheduler.state_dict(), **state_meta.get("scheduler", {}), "lr_lambdas": [None]}
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot restore the optimizer state: {exc}") from exc
+    set_rng_state(state_tensors, state_meta.get("rng", {}))
+    return list(state_meta.get("history", []))
+
+
+def _log_plan(config: TrainConfig, plan: _StepPlan, num_videos: int, device: torch.device) -> None:
     log.info(
         "training %d videos, %d epochs x %d steps (batch %d, accum %d), lr %.2g / backbone %.2g, "
         "%s on %s",
         num_videos,
         config.epochs,
-        steps_per_epoch,
-        batch_size,
+        plan.steps_per_epoch,
+        plan.batch_size,
         config.grad_accum,
         config.lr,
         config.backbone_lr,
         "frozen backbone" if config.freeze_backbone else "end to end",
         device,
     )
-    last_dir = previous[1] if previous else out_dir
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch, optimizer)
-        model.train()
-        order, captions_idx = _epoch_order(
-            data.videos.captions, config.seed, epoch, bool(config.hard_negatives)
-        )
-        steps = range(steps_per_epoch)
-        bar = None
-        if config.progress:
-            from tqdm import tqdm
 
-            bar = tqdm(steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-            steps = bar
-        started = time.monotonic()
-        sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
-        for step in steps:
-            batch = order[step * batch_size : (step + 1) * batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = broad_value = focus_value = 0.0
-            for micro in batch.split(micro_size):
-                texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
-                videos_input, frames_mask = _batch_videos(data, micro, device)
-                losses = tokenbinder_loss(model, texts, videos_input, frames_mask=frames_mask)
-                (losses["loss"] / config.grad_accum).backward()
-                loss_value += float(losses["loss"].detach()) / config.grad_accum
-                broad_value += float(losses["broad"]) / config.grad_accum
-                focus_value += float(losses["focus"]) / config.grad_accum
-            if not math.isfinite(loss_value):
-                raise InvalidInputError(
-                    f"loss is {loss_value} at epoch {epoch} step {step}: lower the learning rate"
-                )
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():  # CLIP clamps the learned temperature at 100
-                model.clip.logit_scale.clamp_(0, math.log(100))
-            sums["loss"] += loss_value
-            sums["broad"] += broad_value
-            sums["focus"] += focus_value
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+
+def _run_epoch(
+    model: Any,
+    data: _TrainData,
+    config: TrainConfig,
+    plan: _StepPlan,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
+) -> dict[str, float]:
+    """One epoch of optimizer steps; return its mean losses, epoch number and seconds."""
+    model.train()
+    order, captions_idx = _epoch_order(
+        data.videos.captions, config.seed, epoch, bool(config.hard_negatives)
+    )
+    steps: Any = range(plan.steps_per_epoch)
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
+        steps = bar
+    started = time.monotonic()
+    sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
+    for step in steps:
+        batch = order[step * plan.batch_size : (step + 1) * plan.batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        values = _accumulate_gradients(model, data, batch, captions_idx, config, plan, device)
+        if not math.isfinite(values["loss"]):
+            raise InvalidInputError(
+                f"loss is {values['loss']} at epoch {epoch} step {step}: lower the learning rate"
+            )
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        with torch.no_grad():  # CLIP clamps the learned temperature at 100
+            model.clip.logit_scale.clamp_(0, math.log(100))
+        for key, value in values.items():
+            sums[key] += value
         if bar is not None:
-            bar.close()
-        stats = {k: v / max(1, steps_per_epoch) for k, v in sums.items()}
-        stats["epoch"] = epoch
-        stats["seconds"] = round(time.monotonic() - started, 2)
-        history.append(stats)
-        log.info(
-            "epoch %d/%d: loss %.4f (broad %.4f, focus %.4f) in %.1fs",
-            epoch,
-            config.epochs,
-            stats["loss"],
-            stats["broad"],
-            stats["focus"],
-            stats["seconds"],
-        )
-        last_dir = write_checkpoint(
-            out_dir,
-            epoch,
-            save_model=functools.partial(save_checkpoint, model),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scalars={
-                "epoch": epoch,
-                "global_step": epoch * steps_per_epoch,
-                "train_config": config.to_dict(),
-                "history": history,
-            },
-        )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, last_dir, stats)
-    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-    return last_dir
+            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    if bar is not None:
+        bar.close()
+    stats = {k: v / max(1, plan.steps_per_epoch) for k, v in sums.items()}
+    stats["epoch"] = epoch
+    stats["seconds"] = round(time.monotonic() - started, 2)
+    log.info(
+        "epoch %d/%d: loss %.4f (broad %.4f, focus %.4f) in %.1fs",
+        epoch,
+        config.epochs,
+        stats["loss"],
+        stats["broad"],
+        stats["focus"],
+        stats["seconds"],
+    )
+    return stats
+
+
+def _accumulate_gradients(
+    model: Any,
+    data: _TrainData,
+    batch: torch.Tensor,
+    captions_idx: list[int],
+    config: TrainConfig,
+    plan: _StepPlan,
+    device: torch.device,
+) -> dict[str, float]:
+    """Forward and backward the micro-batches of ``batch``; return the step's losses."""
+    from tb_reranker.model import tokenbinder_loss
+
+    values = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
+    for micro in batch.split(plan.micro_size):
+        texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
+        videos_input, frames_mask = _batch_videos(data, micro, device)
+        losses = tokenbinder_loss(model, texts, videos_input, frames_mask=frames_mask)
+        (losses["loss"] / config.grad_accum).backward()
+        values["loss"] += float(losses["loss"].detach()) / config.grad_accum
+        values["broad"] += float(losses["broad"]) / config.grad_accum
+        values["focus"] += float(losses["focus"]) / config.grad_accum
+    return values
 
 
 def _load_matching(

@@ -453,6 +453,101 @@ def _check(name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def _checked_counts(num_train: int, num_val: int, num_test: int) -> dict[str, int]:
+    """Clips per split, checked (at least one clip in all)."""
+    counts = {
+        "train": _check("num_train", num_train, 0),
+        "val": _check("num_val", num_val, 0),
+        "test": _check("num_test", num_test, 0),
+    }
+    if sum(counts.values()) == 0:
+        raise InvalidInputError("nothing to generate: all split counts are 0")
+    return counts
+
+
+def _check_clip(seed: int, size: int, num_frames: int, fps: int, jitter: str) -> None:
+    """Check the seed and the look of the clips."""
+    _check("seed", seed, 0)
+    if _check("size", size, 16) % 2:
+        raise InvalidInputError(f"size must be even (yuv420p), got {size}")
+    if _check("num_frames", num_frames, 4) % 2:
+        raise InvalidInputError(f"num_frames must be even (two equal halves), got {num_frames}")
+    _check("fps", fps, 1)
+    if jitter not in JITTERS:
+        raise InvalidInputError(f"jitter must be one of {list(JITTERS)}, got {jitter!r}")
+
+
+def _checked_families(families: Sequence[str]) -> tuple[str, ...]:
+    """The hard-negative families, checked: distinct names from ``FAMILIES``, at least one."""
+    families = tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if not families or unknown or len(set(families)) != len(families):
+        raise InvalidInputError(
+            f"families must be distinct names from {list(FAMILIES)}, got {list(families)}"
+        )
+    return families
+
+
+def _clear_output(root: Path, videos_dir: Path) -> None:
+    """Create ``videos_dir``; remove the index files and the clips this generator names."""
+    videos_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("meta.json", "captions.jsonl"):
+        (root / stale).unlink(missing_ok=True)  # the output is incomplete from here on
+    for old in videos_dir.iterdir():  # only files this generator names, never anything else
+        if _CLIP_ID.match(old.name) or old.name.endswith(".part.mp4"):
+            old.unlink()
+
+
+def _warn_repeated_captions(specs: Sequence[_ClipSpec]) -> None:
+    """Warn when a val/test split repeats a caption (ambiguous retrieval ground truth)."""
+    for split in ("val", "test"):  # train repeats captions by design (many renders per pair)
+        captions = [s.caption for s in specs if s.split == split]
+        if len(set(captions)) < len(captions):
+            log.warning(
+                "split %s: %d clips but only %d distinct captions (more groups than the"
+                " families hold): retrieval ground truth is ambiguous for repeats",
+                split,
+                len(captions),
+                len(set(captions)),
+            )
+
+
+def _write_index(
+    root: Path,
+    specs: Sequence[_ClipSpec],
+    params: dict[str, Any],
+    seed: int,
+    counts: dict[str, int],
+    started: float,
+) -> tuple[dict[str, Any], float]:
+    """Write ``captions.jsonl``, then ``meta.json`` (last: it marks the output complete);
+    return the meta and the seconds since ``started`` (``time.perf_counter``)."""
+    lines = [
+        json.dumps(
+            {
+                "video_id": s.video_id,
+                "path": f"videos/{s.video_id}.mp4",
+                "captions": [s.caption],
+                "split": s.split,
+                "family": s.family,
+            }
+        )
+        for s in specs
+    ]
+    _write_atomic(root / "captions.jsonl", "\n".join(lines) + "\n")
+    elapsed = time.perf_counter() - started
+    meta = {
+        "params": params,
+        "seed": seed,
+        "counts": counts,
+        "generator_version": GENERATOR_VERSION,
+        "num_clips": len(specs),
+        "clips_per_s": round(len(specs) / max(elapsed, 1e-9), 1),
+    }
+    _write_atomic(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+    return meta, elapsed
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     *,
@@ -491,27 +586,9 @@ def generate(
         AlreadyExistsError: ``out_dir`` holds another dataset (different arguments) and not force.
     """
     started = time.perf_counter()
-    counts = {
-        "train": _check("num_train", num_train, 0),
-        "val": _check("num_val", num_val, 0),
-        "test": _check("num_test", num_test, 0),
-    }
-    if sum(counts.values()) == 0:
-        raise InvalidInputError("nothing to generate: all split counts are 0")
-    _check("seed", seed, 0)
-    if _check("size", size, 16) % 2:
-        raise InvalidInputError(f"size must be even (yuv420p), got {size}")
-    if _check("num_frames", num_frames, 4) % 2:
-        raise InvalidInputError(f"num_frames must be even (two equal halves), got {num_frames}")
-    _check("fps", fps, 1)
-    if jitter not in JITTERS:
-        raise InvalidInputError(f"jitter must be one of {list(JITTERS)}, got {jitter!r}")
-    families = tuple(families)
-    unknown = [f for f in families if f not in FAMILIES]
-    if not families or unknown or len(set(families)) != len(families):
-        raise InvalidInputError(
-            f"families must be distinct names from {list(FAMILIES)}, got {list(families)}"
-        )
+    counts = _checked_counts(num_train, num_val, num_test)
+    _check_clip(seed, size, num_frames, fps, jitter)
+    families = _checked_families(families)
     workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
 
     root = Path(out_dir)
@@ -529,50 +606,14 @@ def generate(
         )
 
     videos_dir = root / "videos"
-    videos_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("meta.json", "captions.jsonl"):
-        (root / stale).unlink(missing_ok=True)  # the output is incomplete from here on
-    for old in videos_dir.iterdir():  # only files this generator names, never anything else
-        if _CLIP_ID.match(old.name) or old.name.endswith(".part.mp4"):
-            old.unlink()
+    _clear_output(root, videos_dir)
 
     specs = _plan(counts, families, seed)
-    for split in ("val", "test"):  # train repeats captions by design (many renders per pair)
-        captions = [s.caption for s in specs if s.split == split]
-        if len(set(captions)) < len(captions):
-            log.warning(
-                "split %s: %d clips but only %d distinct captions (more groups than the"
-                " families hold): retrieval ground truth is ambiguous for repeats",
-                split,
-                len(captions),
-                len(set(captions)),
-            )
+    _warn_repeated_captions(specs)
     jobs = [(spec, str(videos_dir), seed, size, num_frames, fps, jitter) for spec in specs]
     _run_jobs(jobs, workers, progress)
 
-    lines = [
-        json.dumps(
-            {
-                "video_id": s.video_id,
-                "path": f"videos/{s.video_id}.mp4",
-                "captions": [s.caption],
-                "split": s.split,
-                "family": s.family,
-            }
-        )
-        for s in specs
-    ]
-    _write_atomic(root / "captions.jsonl", "\n".join(lines) + "\n")
-    elapsed = time.perf_counter() - started
-    meta = {
-        "params": params,
-        "seed": seed,
-        "counts": counts,
-        "generator_version": GENERATOR_VERSION,
-        "num_clips": len(specs),
-        "clips_per_s": round(len(specs) / max(elapsed, 1e-9), 1),
-    }
-    _write_atomic(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+    meta, elapsed = _write_index(root, specs, params, seed, counts, started)
     log.info("wrote %d clips to %s in %.1f s", len(specs), root, elapsed)
     return SynthResult(root, counts, len(specs), False, elapsed, meta)
 

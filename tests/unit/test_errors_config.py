@@ -88,3 +88,23 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no TokenBinder checkpoint" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train"], "--data (or TB_DATA) is required"),
+        (["train", "--data", "d"], "--out (or TB_OUT) is required"),
+        (["eval", "--data", "d"], "--checkpoint (or TB_CHECKPOINT) is required"),
+        (["eval", "--checkpoint", "c"], "--data (or TB_DATA) is required"),
+        (["ablate", "--out", "o"], "--data (or TB_DATA) is required"),
+        (["ablate", "--data", "d"], "--out (or TB_OUT) is required"),
+    ],
+)
+def test_cli_names_a_missing_required_option(argv, message, monkeypatch, capsys):
+    from tb_reranker.cli import main
+
+    for name in ("TB_DATA", "TB_OUT", "TB_CHECKPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
