@@ -9,18 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tb_reranker._lazy import lazy_attributes
-from tb_reranker.errors import (
-    CheckpointError,
-    IndexBackendError,
-    InvalidInputError,
-    ModelMismatchError,
-    NotFoundError,
-    RerankerUnavailableError,
-    ResourceExhaustedError,
-    StoreError,
-    TBError,
-    VideoDecodeError,
-)
+from tb_reranker.errors import *  # noqa: F403 - every typed error is public API
+from tb_reranker.errors import __all__ as _errors
 
 __version__ = "0.1.0"
 
@@ -39,16 +29,7 @@ __all__ = [
     "Hit",
     "TokenBinder",
     "TokenBinderConfig",
-    "TBError",
-    "InvalidInputError",
-    "NotFoundError",
-    "CheckpointError",
-    "ModelMismatchError",
-    "VideoDecodeError",
-    "StoreError",
-    "IndexBackendError",
-    "RerankerUnavailableError",
-    "ResourceExhaustedError",
+    *_errors,  # TBError and every subclass a caller may catch
 ]
 
 if TYPE_CHECKING:  # pragma: no cover

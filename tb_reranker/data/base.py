@@ -149,10 +149,10 @@ class DatasetLoader:
     """A registered dataset format."""
 
     name: str  # canonical name (key of LOADERS)
-    splits: tuple[str, ...]  # split names accepted by ``read``
     # (root, split, videos_dir) -> entries; videos_dir is None only when videos_dirs is empty
     # and the caller gave none (the loader then uses paths from its annotations)
     read: Callable[[Path, str, Path | None], list[VideoEntry]]
+    splits: tuple[str, ...] = ("train", "val", "test")  # split names accepted by ``read``
     # default video folders under root, the first existing one wins (root itself if none)
     videos_dirs: tuple[str, ...] = ("videos",)
     description: str = ""  # one line for ``tb`` help and error messages

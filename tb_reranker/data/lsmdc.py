@@ -82,7 +82,6 @@ def _read(root: Path, split: str, videos_dir: Path) -> list[VideoEntry]:
 
 LSMDC = DatasetLoader(
     name="lsmdc",
-    splits=("train", "val", "test"),
     read=_read,
     videos_dirs=("videos", "avi"),
     description="LSMDC 2016 (LSMDC16_annos_training.csv, LSMDC16_challenge_1000_publictect.csv)",

@@ -70,7 +70,6 @@ def _read(root: Path, split: str, videos_dir: Path) -> list[VideoEntry]:
 
 MSVD = DatasetLoader(
     name="msvd",
-    splits=("train", "val", "test"),
     read=_read,
     videos_dirs=("YouTubeClips", "videos"),
     description="MSVD, CLIP4Clip files (train/val/test_list.txt, raw-captions.pkl)",

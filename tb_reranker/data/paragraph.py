@@ -136,7 +136,6 @@ def _read_activitynet(root: Path, split: str, videos_dir: Path) -> list[VideoEnt
 
 DIDEMO = DatasetLoader(
     name="didemo",
-    splits=("train", "val", "test"),
     read=_read_didemo,
     videos_dirs=("videos", "DiDeMo_Videos"),
     description="DiDeMo paragraph-to-video (train/val/test_data.json, optional <split>_list.txt)",
@@ -144,7 +143,6 @@ DIDEMO = DatasetLoader(
 
 ACTIVITYNET = DatasetLoader(
     name="activitynet",
-    splits=("train", "val", "test"),
     read=_read_activitynet,
     videos_dirs=("videos", "Activity_Videos"),
     description="ActivityNet Captions paragraph-to-video (train.json, val_1.json)",

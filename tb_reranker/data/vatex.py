@@ -85,7 +85,6 @@ def _read(root: Path, split: str, videos_dir: Path) -> list[VideoEntry]:
 
 VATEX = DatasetLoader(
     name="vatex",
-    splits=("train", "val", "test"),
     read=_read,
     videos_dirs=("videos", "vatex_videos"),
     description="VATEX English captions (vatex_training_v1.0.json, vatex_validation_v1.0.json)",
