@@ -11,7 +11,6 @@ pool through the one search pipeline, ``TwoStageSearch``. This is the server's i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -52,7 +51,7 @@ class Components:
     reranker: Reranker  # the in-process pipeline (model, frame store, K/V cache)
     index: VideoIndex | None = None  # None: SearchService answers FAILED_PRECONDITION
     device: str = "cpu"  # where the model lives ("cpu", "cuda:0")
-    dtype: str = "float32"  # "float32" or "bfloat16" (autocast on cuda)
+    dtype: str = "float32"  # the model's precision, "float32" or "bfloat16" (it runs the autocast)
 
 
 @dataclass
@@ -122,15 +121,6 @@ class Backend:
             return None
         cache = getattr(self.components.reranker, "cache", None)
         return None if cache is None else cache.stats()
-
-    def _device_context(self) -> contextlib.AbstractContextManager:
-        """bfloat16 autocast on cuda when configured; nothing on cpu."""
-        components = self.components
-        if components is not None and components.dtype == "bfloat16":
-            import torch
-
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _shape(self) -> tuple[int, int]:
         """``(m, D)`` of the served model (``RerankerUnavailableError`` while loading)."""
@@ -204,25 +194,23 @@ class Backend:
     # ------------------------------------------------------------------ pool functions
     def _run_search(self, pipeline: TwoStageSearch, request: SearchRequest) -> list[Hit]:
         """I/O thread: one two-stage search; Milvus failures become the server's errors."""
-        with self._device_context():
-            try:
-                return pipeline.run(request)[0]
-            except NotFoundError as exc:  # the collection is gone: the server's problem
-                log.warning("Search is not serving: %s", exc)
-                raise SearchDisabledError(f"Search is not serving: {exc}") from exc
-            except TBError:
-                raise
-            except Exception as exc:
-                if _is_milvus_error(exc):
-                    raise IndexBackendError(f"Milvus search failed: {exc}") from exc
-                raise
+        try:
+            return pipeline.run(request)[0]
+        except NotFoundError as exc:  # the collection is gone: the server's problem
+            log.warning("Search is not serving: %s", exc)
+            raise SearchDisabledError(f"Search is not serving: {exc}") from exc
+        except TBError:
+            raise
+        except Exception as exc:
+            if _is_milvus_error(exc):
+                raise IndexBackendError(f"Milvus search failed: {exc}") from exc
+            raise
 
     def _run_encode(self, items: Sequence[list[str]]) -> list[tuple[np.ndarray, int]]:
         """Device thread: one encoder call for all texts of the batch, split per call."""
         flat = [text for texts in items for text in texts]
         started = time.perf_counter_ns()
-        with self._device_context():
-            indicators = InProcessBackend(self.reranker).encode(flat)  # [sum Q, m, D]
+        indicators = InProcessBackend(self.reranker).encode(flat)  # [sum Q, m, D]
         encode_ns = time.perf_counter_ns() - started
         out, start = [], 0
         for texts in items:
@@ -233,10 +221,9 @@ class Backend:
     def _run_rerank(self, items: Sequence[RerankItem]) -> list[Any]:
         """Device thread: encode the text queries at once, then one fusion for the batch."""
         backend = InProcessBackend(self.reranker)
-        with self._device_context():
-            indicators = self._indicators(backend, items)
-            request = RerankRequest.of_queries([item.query for item in items], indicators)
-            results = backend.rerank(request)
+        indicators = self._indicators(backend, items)
+        request = RerankRequest.of_queries([item.query for item in items], indicators)
+        results = backend.rerank(request)
         return [_finish(item, result) for item, result in zip(items, results, strict=True)]
 
     @staticmethod
