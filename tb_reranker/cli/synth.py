@@ -24,6 +24,8 @@ _DEFAULTS: dict[str, tuple[type, Any]] = {
     "fps": (int, 8),
     "families": (str, "order"),
     "jitter": (str, "frame"),
+    "background": (str, "plain"),
+    "holdout": (float, 0.25),
     "workers": (int, 0),
 }
 
@@ -50,7 +52,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--families",
         default=None,
-        help="comma-separated hard-negative families: order, motion (order)",
+        help="comma-separated hard-negative families: order, motion, colour (order)",
+    )
+    parser.add_argument(
+        "--background",
+        default=None,
+        choices=("plain", "noisy"),
+        help="plain, or noisy: a texture redrawn every frame + grey distractor discs (plain)",
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=None,
+        help="fraction of motion/colour combinations never shown in train (0.25)",
     )
     parser.add_argument(
         "--jitter",
@@ -102,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         fps=values["fps"],
         families=families,
         jitter=values["jitter"],
+        background=values["background"],
+        holdout=values["holdout"],
         workers=values["workers"] or None,
         force=args.force or (env("SYNTH_FORCE") or "").lower() in ("1", "true", "yes", "on"),
         progress=not args.no_progress,

@@ -9,8 +9,19 @@ Families (each clip belongs to one; hard-negative twins are consecutive clips of
         twin shows the same two objects in the other order, so the mean-pooled frames of the
         two clips are nearly identical and only the order tells them apart.
     ``motion`` (optional): one object crossing the frame; caption ``"a red square moving
-        left"`` (or right / up / down). The twin moves the other way along the same axis: the
+        left"`` (right / left, down / up, down-right / up-left, down-left / up-right: 24
+        objects x 4 axes = 96 groups). The twin moves the other way along the same axis: the
         same positions are visited in reverse order.
+    ``colour`` (optional): one shape whose colour changes linearly over the clip; caption
+        ``"a square turning from red to blue"`` (4 shapes x 28 unordered pairs of the 8
+        ``CHANGE_COLOURS`` = 112 groups). The twin changes the other way (blue to red) and
+        visits the same per-frame placements in reverse order: frame t of one twin is frame
+        F-1-t of the other, up to noise.
+    Held-out combinations: a fraction ``holdout`` (default 0.25) of the motion and colour
+    groups (an object with an axis; a shape with a colour pair) never appears in train, though
+    each of its words does; test takes them first, marked ``"heldout": true``.
+    Backgrounds: ``plain`` (default) or ``noisy`` (a texture redrawn every frame plus three
+    grey distractor discs per frame, from the clip's own RNG).
 
 Splits
     Clips ``2j`` and ``2j+1`` of every split are the two twins of group ``j`` (an odd count
@@ -21,7 +32,7 @@ Splits
     position, size, brightness and noise): the prototype's set-up ("3,000 training clips over
     all ordered pairs, a test set of 500 fresh renders holding both orders of 250 pairs").
     Captions are unique within val and test while their groups do not repeat (≤ 552 order
-    clips, ≤ 96 motion clips); past that a warning says captions repeat (train repeats
+    clips, ≤ 192 motion clips, ≤ 224 colour clips); past that a warning says captions repeat (train repeats
     captions by design: many renders of each ordered pair).
 
 Rendering
@@ -69,6 +80,8 @@ __all__ = [
     "COLOURS",
     "SHAPES",
     "FAMILIES",
+    "BACKGROUNDS",
+    "CHANGE_COLOURS",
     "Appearance",
     "SynthResult",
     "draw_appearance",
@@ -78,7 +91,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"  # 3: colour family, 4 motion axes, noisy backgrounds, held-out combos;
+# the order family's clips are bit-identical to version 2's
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -89,12 +103,32 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
 }
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
-FAMILIES: tuple[str, ...] = ("order", "motion")
+FAMILIES: tuple[str, ...] = ("order", "motion", "colour")
+BACKGROUNDS: tuple[str, ...] = ("plain", "noisy")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 JITTERS: tuple[str, ...] = ("frame", "clip")  # object placement drawn per frame / per clip
 DIRECTIONS: dict[str, tuple[str, str]] = {
     "horizontal": ("right", "left"),
     "vertical": ("down", "up"),
+    "diagonal": ("down-right", "up-left"),
+    "antidiagonal": ("down-left", "up-right"),
+}
+# unit steps (dx, dy) of each motion direction (image y grows downwards)
+_STEPS: dict[str, tuple[int, int]] = {
+    "right": (1, 0),
+    "left": (-1, 0),
+    "down": (0, 1),
+    "up": (0, -1),
+    "down-right": (1, 1),
+    "up-left": (-1, -1),
+    "down-left": (-1, 1),
+    "up-right": (1, -1),
+}
+# the colour family's palette (wider than COLOURS, so that it holds enough distinct groups)
+CHANGE_COLOURS: dict[str, tuple[int, int, int]] = {
+    **COLOURS,
+    "orange": (245, 140, 25),
+    "cyan": (40, 215, 225),
 }
 
 _OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)  # 24
@@ -119,10 +153,11 @@ class _ClipSpec:
     video_id: str  # "<split>_<index:06d>"
     split: str  # train | val | test
     index: int  # index within the split (RNG stream)
-    family: str  # order | motion
+    family: str  # order | motion | colour
     objects: tuple[tuple[str, str], ...]  # (colour, shape) shown, in order of appearance
-    direction: str  # motion family: right | left | down | up; "" for order
+    direction: str  # motion family: right | left | down | up | ...; "" otherwise
     caption: str  # the one caption
+    heldout: bool = False  # its combination never appears in train (motion / colour families)
 
 
 def _describe(obj: tuple[str, str]) -> str:
@@ -132,18 +167,62 @@ def _describe(obj: tuple[str, str]) -> str:
 def _caption(family: str, objects: Sequence[tuple[str, str]], direction: str) -> str:
     if family == "order":
         return f"{_describe(objects[0])} then {_describe(objects[1])}"
+    if family == "colour":
+        return f"a {objects[0][1]} turning from {objects[0][0]} to {objects[1][0]}"
     return f"{_describe(objects[0])} moving {direction}"
 
 
-def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_ClipSpec]:
-    """Which clip shows what: twins in consecutive slots, group families round-robin."""
+def _family_groups(family: str) -> list[tuple[Any, ...]]:
+    """The twin groups of a combination family (each group = two twins, reversed in time)."""
+    if family == "motion":  # 24 objects x 4 axes = 96
+        return [(o, axis) for o in range(len(_OBJECTS)) for axis in DIRECTIONS]
+    colours = list(CHANGE_COLOURS)  # 4 shapes x 28 unordered colour pairs = 112
+    return [(shape, a, b) for shape in SHAPES for a, b in combinations(colours, 2)]
+
+
+def _held_out_count(num_groups: int, holdout: float) -> int:
+    """Groups of a combination family kept out of train (at least one is left to train on)."""
+    if holdout <= 0:
+        return 0
+    return min(num_groups - 1, max(1, round(holdout * num_groups)))
+
+
+def _combination_clip(
+    family: str, group: tuple[Any, ...], twin: int
+) -> tuple[tuple[tuple[str, str], ...], str]:
+    """(objects, direction) of twin 0 / 1 of a motion or colour group."""
+    if family == "motion":
+        obj, axis = group
+        return (_OBJECTS[obj],), DIRECTIONS[axis][twin]
+    shape, a, b = group
+    first, second = (a, b) if twin == 0 else (b, a)
+    return ((first, shape), (second, shape)), ""
+
+
+def _plan(
+    counts: dict[str, int], families: Sequence[str], seed: int, holdout: float = 0.0
+) -> list[_ClipSpec]:
+    """Which clip shows what: twins in consecutive slots, group families round-robin.
+
+    Combination families (motion, colour): a seeded permutation of their groups; with
+    ``holdout`` > 0 its first ``round(holdout * groups)`` groups never appear in train, test
+    takes groups from the start of the permutation (the held-out ones first), val from its end.
+    """
     plan_rng = np.random.default_rng([seed, 7919])
     pairs = list(combinations(range(len(_OBJECTS)), 2))  # 276 unordered pairs
     held = [pairs[i] for i in plan_rng.permutation(len(pairs))]  # test from start, val from end
     train_pairs = [pairs[i] for i in plan_rng.permutation(len(pairs))]
-    motion_groups = [(o, axis) for o in range(len(_OBJECTS)) for axis in DIRECTIONS]  # 48
-    held_motion = [motion_groups[i] for i in plan_rng.permutation(len(motion_groups))]
-    train_motion = [motion_groups[i] for i in plan_rng.permutation(len(motion_groups))]
+    # drawn after the order family's permutations, so the order family's plan is version 2's;
+    # the colour family has its own stream
+    combo: dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], int]] = {}
+    for family in ("motion", "colour"):
+        groups = _family_groups(family)
+        rng = plan_rng if family == "motion" else np.random.default_rng([seed, 7919, 2])
+        permuted = [groups[i] for i in rng.permutation(len(groups))]
+        count = _held_out_count(len(groups), holdout)
+        trainable = permuted[count:]
+        train_groups = [trainable[i] for i in rng.permutation(len(trainable))]
+        combo[family] = (permuted, train_groups, count)
 
     specs: list[_ClipSpec] = []
     for split in SPLITS:
@@ -151,6 +230,7 @@ def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_C
             group, twin = divmod(index, 2)  # twins 0 and 1 of a group are hard negatives
             family = families[group % len(families)]
             k = group // len(families)  # the group's number within its family
+            heldout = False
             if family == "order":
                 if split == "train":
                     a, b = train_pairs[k % len(train_pairs)]
@@ -159,16 +239,21 @@ def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_C
                 else:
                     a, b = held[-1 - (k % len(held))]
                 first, second = (a, b) if twin == 0 else (b, a)
-                objects = (_OBJECTS[first], _OBJECTS[second])
+                objects: tuple[tuple[str, str], ...] = (_OBJECTS[first], _OBJECTS[second])
                 direction = ""
             else:
-                source = train_motion if split == "train" else held_motion
-                if split == "val":
-                    obj, axis = source[-1 - (k % len(source))]
+                permuted, train_groups, count = combo[family]
+                if split == "train":
+                    position = -1
+                    chosen = train_groups[k % len(train_groups)]
+                elif split == "val":
+                    position = len(permuted) - 1 - (k % len(permuted))
+                    chosen = permuted[position]
                 else:
-                    obj, axis = source[k % len(source)]
-                objects = (_OBJECTS[obj],)
-                direction = DIRECTIONS[axis][twin]
+                    position = k % len(permuted)
+                    chosen = permuted[position]
+                heldout = 0 <= position < count
+                objects, direction = _combination_clip(family, chosen, twin)
             specs.append(
                 _ClipSpec(
                     video_id=f"{split}_{index:06d}",
@@ -178,6 +263,7 @@ def _plan(counts: dict[str, int], families: Sequence[str], seed: int) -> list[_C
                     objects=objects,
                     direction=direction,
                     caption=_caption(family, objects, direction),
+                    heldout=heldout,
                 )
             )
     return specs
@@ -240,8 +326,9 @@ def draw_appearance(
 ) -> Appearance:
     """Random background and object placement/size/brightness for one twin group.
 
-    ``frames_per_object > 0`` (order family) also draws a fresh placement for every frame of
-    each object's half (``Appearance.frames_placements``), shared by both twins.
+    ``frames_per_object > 0`` also draws a fresh placement for every frame of each object's
+    span (``Appearance.frames_placements``), shared by both twins: the order family's objects
+    (half a clip each) and the colour family's one object (the whole clip).
     """
     level = rng.uniform(15.0, 55.0)
     tint = rng.uniform(-6.0, 6.0, size=3)
@@ -249,12 +336,26 @@ def draw_appearance(
     background = (level + tint + texture).astype(np.float32)
     placed = tuple(_placement(family, size, rng) for _ in range(2 if family == "order" else 1))
     frames_placements = None
-    if frames_per_object > 0 and family == "order":
+    if frames_per_object > 0 and family in ("order", "colour"):
         frames_placements = tuple(
             np.array([_placement(family, size, rng) for _ in range(frames_per_object)])
             for _ in placed
         )
     return Appearance(background, placed, frames_placements)
+
+
+def _clutter(size: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy background of ``count`` frames: (additive texture [F, S, S, 1] redrawn every frame,
+    grey distractor discs: coverage [F, S, S, 1] and grey level [F, 1, 1, 1])."""
+    texture = rng.normal(0.0, 10.0, size=(count, size, size, 1)).astype(np.float32)
+    cover = np.zeros((count, size, size, 1), dtype=np.float32)
+    level = rng.uniform(70.0, 150.0, size=(count, 1, 1, 1)).astype(np.float32)
+    for _ in range(3):  # three grey discs per frame at fresh places (no hue: never an object)
+        xs = rng.uniform(0.0, size, size=count)
+        ys = rng.uniform(0.0, size, size=count)
+        radii = rng.uniform(size * 0.06, size * 0.12, size=count)
+        cover = np.maximum(cover, _shape_masks("circle", size, xs, ys, radii)[..., None])
+    return texture, np.concatenate([cover, level * np.ones_like(cover)], axis=-1)
 
 
 def render_clip(
@@ -265,45 +366,61 @@ def render_clip(
     *,
     num_frames: int,
     rng: np.random.Generator,
+    background: str = "plain",
 ) -> np.ndarray:
     """Render one clip: uint8 RGB frames [F, S, S, 3].
 
     ``order``: ``objects[i]`` drawn with ``appearance.objects[i]`` in half i of the clip.
-    ``motion``: ``objects[0]`` crossing the frame towards ``direction``. ``rng`` adds the
-    per-frame 1-pixel wobble and pixel noise.
+    ``motion``: ``objects[0]`` crossing the frame towards ``direction``. ``colour``: one shape
+    (``objects[0][1]``) whose colour goes linearly from ``objects[0][0]`` at the first frame to
+    ``objects[1][0]`` at the last. ``rng`` adds the per-frame 1-pixel wobble and pixel noise,
+    and with ``background="noisy"`` a texture redrawn every frame plus three grey distractor
+    discs per frame at fresh places.
     """
     size = appearance.background.shape[0]
     frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    backgrounds = np.broadcast_to(appearance.background, (num_frames, size, size, 3))
+    if background == "noisy":
+        texture, clutter = _clutter(size, num_frames, rng)
+        cover, level = clutter[..., :1], clutter[..., 1:]
+        backgrounds = (backgrounds + texture) * (1.0 - cover) + level * cover
     if family == "order":
         half = num_frames // 2
         spans = [(0, half), (half, num_frames)]
     else:
         spans = [(0, num_frames)]
     for i, ((first, stop), (colour, shape), (cx, cy, radius, gain)) in enumerate(
-        zip(spans, objects, appearance.objects, strict=True)
+        zip(spans, objects, appearance.objects, strict=False)
     ):
         count = stop - first
         xs = np.full(count, cx, dtype=np.float64)
         ys = np.full(count, cy, dtype=np.float64)
         radii = np.full(count, radius, dtype=np.float64)
         gains = np.full(count, gain, dtype=np.float64)
-        if appearance.frames_placements is not None and family == "order":
+        if appearance.frames_placements is not None and family in ("order", "colour"):
             per_frame = appearance.frames_placements[i][:count]  # [count, 4]
             xs, ys, radii, gains = (per_frame[:, j].copy() for j in range(4))
-        rgb = np.asarray(COLOURS[colour], dtype=np.float32)[None] * gains[:, None]  # [count, 3]
-        track = np.linspace(radius, size - radius, num_frames)  # motion: edge to edge
-        if direction in ("left", "up"):
-            track = track[::-1]
-        if direction in ("left", "right"):
-            xs = track[first:stop].copy()
-        elif direction in ("up", "down"):
-            ys = track[first:stop].copy()
+        if family == "colour":  # from objects[0]'s colour to objects[1]'s, linearly
+            start = np.asarray(CHANGE_COLOURS[objects[0][0]], dtype=np.float32)
+            end = np.asarray(CHANGE_COLOURS[objects[1][0]], dtype=np.float32)
+            mix = np.linspace(0.0, 1.0, count, dtype=np.float32)[:, None]
+            base = start[None] * (1.0 - mix) + end[None] * mix  # [count, 3]
+        else:
+            base = np.asarray(COLOURS[colour], dtype=np.float32)[None]
+        rgb = base * gains[:, None]  # [count, 3]
+        if family == "motion":  # edge to edge along the direction's axis (both for diagonals)
+            track = np.linspace(radius, size - radius, num_frames)
+            dx, dy = _STEPS[direction]
+            if dx:
+                xs = (track if dx > 0 else track[::-1])[first:stop].copy()
+            if dy:
+                ys = (track if dy > 0 else track[::-1])[first:stop].copy()
         wobble = rng.integers(-1, 2, size=(count, 2))  # 1-pixel jitter per frame
         covers = _shape_masks(shape, size, xs + wobble[:, 0], ys + wobble[:, 1], radii)
         covers = covers[..., None]  # [K, S, S, 1]
         noise = rng.normal(0.0, 4.0, size=(count, size, size, 3))
         colours = rgb[:, None, None, :].astype(np.float32)  # [K, 1, 1, 3]
-        images = appearance.background * (1.0 - covers) + colours * covers + noise
+        images = backgrounds[first:stop] * (1.0 - covers) + colours * covers + noise
         frames[first:stop] = np.clip(np.rint(images), 0, 255).astype(np.uint8)
     return frames
 
@@ -353,8 +470,8 @@ def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
     os.replace(tmp, path)
 
 
-def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str]) -> str:
-    spec, videos_dir, seed, size, num_frames, fps, jitter = job
+def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str]) -> str:
+    spec, videos_dir, seed, size, num_frames, fps, jitter, background = job
     split_code = SPLITS.index(spec.split)
     group, twin = divmod(spec.index, 2)
     # both twins of a group share the appearance; wobble and noise are per clip
@@ -362,7 +479,9 @@ def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str]) -> str:
         spec.family,
         size,
         np.random.default_rng([seed, split_code, group, 0]),
-        frames_per_object=num_frames // 2 if jitter == "frame" else 0,
+        frames_per_object=(num_frames if spec.family == "colour" else num_frames // 2)
+        if jitter == "frame"
+        else 0,
     )
     if twin == 1 and spec.family == "order":  # B then A: B keeps its look, A keeps its look
         placements = appearance.frames_placements
@@ -371,9 +490,20 @@ def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str]) -> str:
             appearance.objects[::-1],
             placements[::-1] if placements is not None else None,
         )
+    if twin == 1 and spec.family == "colour" and appearance.frames_placements is not None:
+        # the reversed colour change visits the same placements in reverse order: frame t of
+        # one twin is frame F-1-t of the other (up to per-clip noise)
+        reversed_placements = tuple(p[::-1].copy() for p in appearance.frames_placements)
+        appearance = Appearance(appearance.background, appearance.objects, reversed_placements)
     rng = np.random.default_rng([seed, split_code, spec.index, 1])
     frames = render_clip(
-        spec.family, spec.objects, spec.direction, appearance, num_frames=num_frames, rng=rng
+        spec.family,
+        spec.objects,
+        spec.direction,
+        appearance,
+        num_frames=num_frames,
+        rng=rng,
+        background=background,
     )
     _encode(Path(videos_dir) / f"{spec.video_id}.mp4", frames, fps)
     return spec.video_id
@@ -387,8 +517,10 @@ def _params(
     fps: int,
     families: Sequence[str],
     jitter: str,
+    background: str = "plain",
+    holdout: float = 0.0,
 ) -> dict[str, Any]:
-    return {
+    params = {
         "generator": "tb_reranker.video.synth",
         "version": GENERATOR_VERSION,
         "seed": seed,
@@ -402,6 +534,12 @@ def _params(
         "colours": list(COLOURS),
         "shapes": list(SHAPES),
     }
+    # only where they matter, so the default benchmark's arguments read as before
+    if background != "plain":
+        params["background"] = background
+    if any(f in ("motion", "colour") for f in families):
+        params["holdout"] = holdout
+    return params
 
 
 def _is_complete(root: Path, params: dict[str, Any]) -> dict[str, Any] | None:
@@ -530,6 +668,7 @@ def _write_index(
                 "captions": [s.caption],
                 "split": s.split,
                 "family": s.family,
+                **({"heldout": True} if s.heldout else {}),
             }
         )
         for s in specs
@@ -560,6 +699,8 @@ def generate(
     fps: int = 8,
     families: Sequence[str] = ("order",),
     jitter: str = "frame",
+    background: str = "plain",
+    holdout: float = 0.25,
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -577,6 +718,11 @@ def generate(
         jitter: ``"frame"``: order-family objects get a fresh position, size and brightness in
             every frame (shared by both twins); ``"clip"``: one placement per object for the
             whole clip (generator version 1's look) plus the 1-pixel wobble.
+        background: ``"plain"`` (a static textured level) or ``"noisy"`` (plus a texture
+            redrawn every frame and three grey distractor discs per frame).
+        holdout: fraction of the motion / colour families' combinations never shown in train
+            (test takes them first; ``captions.jsonl`` marks them ``"heldout": true``). The
+            order family is unaffected.
         workers: processes for rendering+encoding (default: CPU count; 1 = in this process).
         force: regenerate even if an output exists (identical or not).
         progress: show a tqdm progress bar.
@@ -589,12 +735,18 @@ def generate(
     counts = _checked_counts(num_train, num_val, num_test)
     _check_clip(seed, size, num_frames, fps, jitter)
     families = _checked_families(families)
+    if background not in BACKGROUNDS:
+        raise InvalidInputError(
+            f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
+        )
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise InvalidInputError(f"holdout must be a number in [0, 1), got {holdout!r}")
     workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
 
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise InvalidInputError(f"output path exists and is not a folder: {root}")
-    params = _params(counts, seed, size, num_frames, fps, families, jitter)
+    params = _params(counts, seed, size, num_frames, fps, families, jitter, background, holdout)
     done = _is_complete(root, params)
     if done is not None and not force:
         log.info("%s already holds this dataset (same arguments): nothing to do", root)
@@ -608,9 +760,11 @@ def generate(
     videos_dir = root / "videos"
     _clear_output(root, videos_dir)
 
-    specs = _plan(counts, families, seed)
+    specs = _plan(counts, families, seed, holdout)
     _warn_repeated_captions(specs)
-    jobs = [(spec, str(videos_dir), seed, size, num_frames, fps, jitter) for spec in specs]
+    jobs = [
+        (spec, str(videos_dir), seed, size, num_frames, fps, jitter, background) for spec in specs
+    ]
     _run_jobs(jobs, workers, progress)
 
     meta, elapsed = _write_index(root, specs, params, seed, counts, started)

@@ -185,9 +185,7 @@ def test_motion_family(tmp_path: Path) -> None:
     records = read_records(root)
     assert [r["family"] for r in records] == ["order", "order", "motion", "motion"] * 2
     right, left = records[2], records[3]
-    assert right["captions"][0].endswith("moving right") or right["captions"][0].endswith(
-        "moving down"
-    )
+    assert right["captions"][0].rsplit(" ", 1)[1] in ("right", "down", "down-right", "down-left")
     assert left["captions"][0].rsplit(" ", 1)[0] == right["captions"][0].rsplit(" ", 1)[0]
     a = raw_frames(root / right["path"]).astype(np.float32)
     b = raw_frames(root / left["path"]).astype(np.float32)
@@ -203,7 +201,10 @@ def test_motion_family(tmp_path: Path) -> None:
         {"size": 33},
         {"size": 8},
         {"num_frames": 7},
-        {"families": ("order", "colour")},
+        {"families": ("order", "size")},
+        {"background": "busy"},
+        {"holdout": 1.0},
+        {"holdout": -0.1},
         {"families": ()},
         {"workers": 0},
         {"jitter": "pixel"},
@@ -231,3 +232,143 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["synth", str(out), "--train", "many"])
     assert info.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def families_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "families"
+    generate(
+        root,
+        num_train=120,
+        num_val=0,
+        num_test=24,
+        seed=11,
+        families=("order", "motion", "colour"),
+        background="noisy",
+        workers=2,
+        progress=False,
+    )
+    return root
+
+
+def test_new_families_captions_and_layout(families_dataset: Path) -> None:
+    records = read_records(families_dataset)
+    tests = [r for r in records if r["split"] == "test"]
+    assert [r["family"] for r in tests[:6]] == ["order"] * 2 + ["motion"] * 2 + ["colour"] * 2
+    captions = [r["captions"][0] for r in tests]
+    assert len(set(captions)) == len(captions)  # unique ground truth
+    opposite = {"right": "left", "down": "up", "down-right": "up-left", "down-left": "up-right"}
+    opposite.update({v: k for k, v in opposite.items()})
+    for j in range(0, len(tests), 2):
+        one, two = tests[j]["captions"][0], tests[j + 1]["captions"][0]
+        if tests[j]["family"] == "motion":
+            (obj, d1), (obj2, d2) = one.split(" moving "), two.split(" moving ")
+            assert obj == obj2 and opposite[d1] == d2
+        elif tests[j]["family"] == "colour":
+            shape, change = one.split(" turning from ")
+            a, b = change.split(" to ")
+            assert two == f"{shape} turning from {b} to {a}" and a != b
+
+
+def test_held_out_combinations_never_in_train(families_dataset: Path) -> None:
+    records = read_records(families_dataset)
+    train = {r["captions"][0] for r in records if r["split"] == "train"}
+    held = [r for r in records if r.get("heldout")]
+    assert held and all(r["split"] == "test" and r["family"] != "order" for r in held)
+    assert not {r["captions"][0] for r in held} & train
+    # ... though every word of a held-out caption is seen in train (a new combination)
+    train_words = {w for c in train for w in c.split()}
+    assert all(set(r["captions"][0].split()) <= train_words for r in held)
+    # test takes the held-out groups first; with holdout 0 none is held out
+    seen = [r for r in records if r["split"] == "test" and r["family"] != "order"]
+    assert all(r.get("heldout") for r in seen[:4])
+
+
+def test_plan_held_out_share_and_zero() -> None:
+    from tb_reranker.video.synth import _plan
+
+    counts = {"train": 2000, "val": 0, "test": 200}
+    for family, groups in (("motion", 96), ("colour", 112)):
+        specs = _plan(counts, (family,), seed=3, holdout=0.25)
+        held = {s.caption for s in specs if s.heldout}
+        train = {s.caption for s in specs if s.split == "train"}
+        assert len(held) == 2 * round(0.25 * groups) and not held & train
+        assert len(train) == 2 * (groups - round(0.25 * groups))  # all the others are trained
+        specs = _plan(counts, (family,), seed=3, holdout=0.0)
+        assert not any(s.heldout for s in specs)
+        assert len({s.caption for s in specs if s.split == "train"}) == 2 * groups
+
+
+def test_new_family_twins_are_time_reversed(tmp_path: Path) -> None:
+    """Motion and colour twins show the same frames in reverse order: they differ only in
+    temporal order (up to per-clip noise and wobble), in the encoded clips."""
+    root = tmp_path / "plain"
+    families = ("motion", "colour")
+    generate(root, num_train=0, num_val=0, num_test=8, seed=8, families=families, progress=False)
+    records = read_records(root)
+    for first in range(0, len(records), 2):
+        family = records[first]["family"]
+        a = raw_frames(root / records[first]["path"]).astype(np.float32)
+        b = raw_frames(root / records[first + 1]["path"]).astype(np.float32)
+        assert np.abs(a - b[::-1]).mean() < 0.5 * np.abs(a - b).mean(), family
+        assert np.abs(a.mean(0) - b.mean(0)).mean() < 0.35 * np.abs(a - b).mean(), family
+
+
+def test_render_twins_exactly_reversed_without_noise() -> None:
+    """With the per-clip randomness removed, a colour/motion twin is exactly the original
+    played backwards, and an order twin has exactly the original's frames, halves swapped."""
+    from tb_reranker.video.synth import Appearance, draw_appearance, render_clip
+
+    class NoNoise:  # the rng render_clip uses for wobble and pixel noise, silenced
+        def integers(self, low: int, high: int, size: tuple[int, ...]) -> np.ndarray:
+            return np.zeros(size, dtype=np.int64)
+
+        def normal(self, mean: float, std: float, size: tuple[int, ...]) -> np.ndarray:
+            return np.zeros(size)
+
+    frames = 8
+    app = draw_appearance("colour", 32, np.random.default_rng(1), frames_per_object=frames)
+    rev = Appearance(app.background, app.objects, tuple(p[::-1] for p in app.frames_placements))
+    red_blue = (("red", "square"), ("blue", "square"))
+    a = render_clip("colour", red_blue, "", app, num_frames=frames, rng=NoNoise())
+    b = render_clip("colour", red_blue[::-1], "", rev, num_frames=frames, rng=NoNoise())
+    np.testing.assert_array_equal(a, b[::-1])
+    assert np.abs(a.astype(float) - b).mean() > 5
+    app = draw_appearance("motion", 32, np.random.default_rng(2))
+    for d1, d2 in (("right", "left"), ("down", "up"), ("down-left", "up-right")):
+        a = render_clip("motion", (("red", "cross"),), d1, app, num_frames=frames, rng=NoNoise())
+        b = render_clip("motion", (("red", "cross"),), d2, app, num_frames=frames, rng=NoNoise())
+        np.testing.assert_array_equal(a, b[::-1])
+
+
+def test_new_families_deterministic(families_dataset: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    generate(
+        again,
+        num_train=120,
+        num_val=0,
+        num_test=24,
+        seed=11,
+        families=("order", "motion", "colour"),
+        background="noisy",
+        workers=1,
+        progress=False,
+    )
+    assert (again / "captions.jsonl").read_bytes() == (
+        families_dataset / "captions.jsonl"
+    ).read_bytes()
+    for record in read_records(families_dataset)[::7]:
+        path = record["path"]
+        assert (again / path).read_bytes() == (families_dataset / path).read_bytes(), path
+
+
+def test_noisy_background_changes_every_frame(tmp_path: Path) -> None:
+    looks = {}
+    for background in ("plain", "noisy"):
+        root = tmp_path / background
+        generate(
+            root, num_train=0, num_val=0, num_test=2, seed=4, background=background, progress=False
+        )
+        frames = raw_frames(root / "videos" / "test_000000.mp4").astype(np.float32)
+        looks[background] = np.abs(np.diff(frames[:8], axis=0)).mean()  # object A's half
+    assert looks["noisy"] > looks["plain"] + 4  # clutter and texture redrawn every frame
