@@ -101,7 +101,13 @@ MODEL_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--indicators", "indicators", int, "override m, the number of query indicators"),
     EnvOption("--top-k", "top_k", int, "override K, the focused-view candidates"),
     EnvOption("--fusion-blocks", "fusion_blocks", int, "override the number of fusion blocks"),
-    EnvOption("--head", "head", str, "override the head", choices=("symmetric", "listwise")),
+    EnvOption(
+        "--head",
+        "head",
+        str,
+        "override the head",
+        choices=("symmetric", "listwise", "listwise_slots"),
+    ),
     EnvOption("--gumbel-scale", "gumbel_scale", float, "override the Gumbel noise scale (0 = off)"),
 )
 OPTIM_OPTIONS: tuple[EnvOption, ...] = (
@@ -126,6 +132,12 @@ OPTIM_OPTIONS: tuple[EnvOption, ...] = (
         "warmup",
         float,
         "warm-up: fraction of steps (<1) or steps (paper 0.05, synthetic 0 = constant lr)",
+    ),
+    EnvOption(
+        "--min-lr-ratio",
+        "min_lr_ratio",
+        float,
+        "cosine decays to lr x this (paper 0; synthetic 1 = constant lr)",
     ),
     EnvOption("--grad-accum", "grad_accum", int, "micro-batches per step", fallback=1),
     EnvOption("--grad-clip", "grad_clip", float, "max gradient norm, 0 = off", fallback=0.0),
@@ -202,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
         backbone_lr=args.backbone_lr,
         weight_decay=args.weight_decay,
         warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio,
         grad_accum=args.grad_accum,
         grad_clip=args.grad_clip,
         freeze_backbone=bool(args.freeze_backbone),

@@ -18,7 +18,7 @@ TINY_CLIP_CFG: dict[str, Any] = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
-_HEADS = ("symmetric", "listwise")
+_HEADS = ("symmetric", "listwise", "listwise_slots")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class TokenBinderConfig:
     fusion_blocks: int = 1  # cross-attention blocks in the focused-view fusion
     fusion_heads: int = 8  # attention heads in each fusion block (must divide embed dim)
     fusion_mlp_ratio: float = 4.0  # FFN hidden width / embed dim in each fusion block
-    head: str = "symmetric"  # "symmetric" (shared per-candidate MLP) or "listwise" (K-output MLP)
+    head: str = "symmetric"  # "symmetric" (shared per-candidate MLP), "listwise" (the paper's
+    # K-output MLP) or "listwise_slots" (K-output MLP over the K slots' own features)
     head_hidden: int = 0  # hidden width of the head MLP; 0 = embed dim
     rank_embedding: bool | None = None  # add rank embeddings to candidate K/V; None = listwise only
     gumbel_tau: float = 1.0  # softmax temperature of the fusion attention (train and eval)
@@ -93,7 +94,7 @@ class TokenBinderConfig:
     def uses_rank_embedding(self) -> bool:
         """Whether candidate K/V get rank embeddings (default: listwise head only)."""
         if self.rank_embedding is None:
-            return self.head == "listwise"
+            return self.head in ("listwise", "listwise_slots")
         return bool(self.rank_embedding)
 
     # ---- presets -------------------------------------------------------------------------------

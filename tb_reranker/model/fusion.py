@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FocusedScores", "FocusedFusion", "CrossAttentionBlock"]
+__all__ = ["FocusedScores", "FocusedFusion", "CrossAttentionBlock", "LISTWISE_HEADS"]
+
+# heads with one output per rank slot (at most ``max_candidates`` candidates, rank embeddings)
+LISTWISE_HEADS = ("listwise", "listwise_slots")
 
 _FEW_CANDIDATES = 32  # B*K up to which all heads go in one block-diagonal bmm
 
@@ -319,6 +322,9 @@ class FocusedFusion(nn.Module):
 
     Heads:
       * ``listwise`` (paper): Δ_1..Δ_K = MLP(concat(Ĩ_2..Ĩ_m)), K = ``max_candidates`` outputs.
+      * ``listwise_slots``: the same K-output MLP fed the per-candidate features below of all
+        K slots, in rank order (slot k's input is candidate k's own): the smallest change that
+        binds the paper's K outputs to slots (docs/method.md).
       * ``symmetric``: Δ_k = MLP(features of candidate k) with one shared MLP, where the
         features of k are, per fused indicator q, ``Ĩ_q ⊙ s_{q,k}`` (s = the candidate's
         attended value summary, attention renormalised within k) and ``K_real · mass_{q,k}``
@@ -365,6 +371,11 @@ class FocusedFusion(nn.Module):
         hidden = head_hidden or width
         if head == "listwise":
             in_features = num_queries * width
+            out_features = max_candidates
+        elif head == "listwise_slots":
+            # the paper's K-output MLP, fed per-slot features (those of the symmetric head) of
+            # all K slots in rank order instead of the K-pooled fused indicators
+            in_features = max_candidates * num_queries * (width + 1)
             out_features = max_candidates
         elif head == "symmetric":
             in_features = num_queries * (width + 1)
@@ -423,7 +434,7 @@ class FocusedFusion(nn.Module):
         source = cand_kv if cand_kv is not None else cand_tokens
         assert source is not None
         num_candidates = source.shape[1]
-        if self.head_type == "listwise" and num_candidates > self.max_candidates:
+        if self.head_type in LISTWISE_HEADS and num_candidates > self.max_candidates:
             raise ValueError(f"listwise head scores at most {self.max_candidates} candidates")
         gumbel_scale = self.gumbel_scale if self.training else 0.0
         rank_embeddings = (
@@ -441,7 +452,7 @@ class FocusedFusion(nn.Module):
                     rank_embeddings,
                     tau=self.gumbel_tau,
                     gumbel_scale=gumbel_scale,
-                    need_summary=index == last and self.head_type == "symmetric",
+                    need_summary=index == last and self.head_type != "listwise",
                 )
         else:
             assert cand_kv is not None
@@ -464,12 +475,51 @@ class FocusedFusion(nn.Module):
         token_attention = attention.mean(dim=(1, 2))  # [B, K, T']
         if self.head_type == "listwise":
             delta = self.head(queries.reshape(queries.shape[0], -1))[:, :num_candidates]
+        elif self.head_type == "listwise_slots":
+            assert summary is not None
+            delta = self._slots_delta(queries, mass, summary, cand_mask)
         else:
             assert summary is not None
             delta = self._symmetric_delta(queries, mass, summary, cand_mask)
         if cand_mask is not None:
             delta = delta.masked_fill(~cand_mask, 0.0)
         return delta, token_attention  # [B, K], [B, K, T']
+
+    def _candidate_features(
+        self,
+        queries: torch.Tensor,
+        mass: torch.Tensor,
+        summary: torch.Tensor,
+        cand_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Per-candidate features, per fused indicator q: ``Ĩ_q ⊙ s_{q,k}`` and ``K_real ·
+        mass_{q,k}``: queries [B, Q, D], mass [B, H, Q, K], summary [B, K, Q, D] -> [B, K, Q, D+1]
+        """
+        batch_size, num_candidates = summary.shape[:2]
+        products = queries.unsqueeze(1) * summary  # [B, K, Q, D]
+        if cand_mask is None:
+            real: float | torch.Tensor = float(num_candidates)
+        else:
+            real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
+        mass_feature = mass.mean(dim=1) * real  # [B, Q, K], 1 when uniform over real candidates
+        return torch.cat([products, mass_feature.transpose(1, 2).unsqueeze(-1)], dim=-1)
+
+    def _slots_delta(
+        self,
+        queries: torch.Tensor,
+        mass: torch.Tensor,
+        summary: torch.Tensor,
+        cand_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The ``listwise_slots`` head: one K-output MLP over the features of all K slots, in
+        rank order (padded and missing slots are zeros) -> Δ [B, K]."""
+        features = self._candidate_features(queries, mass, summary, cand_mask)  # [B, K, Q, D+1]
+        batch_size, num_candidates = features.shape[:2]
+        if cand_mask is not None:
+            features = features * cand_mask[:, :, None, None].to(features.dtype)
+        if num_candidates < self.max_candidates:
+            features = F.pad(features, (0, 0, 0, 0, 0, self.max_candidates - num_candidates))
+        return self.head(features.reshape(batch_size, -1))[:, :num_candidates]
 
     def _symmetric_delta(
         self,

@@ -454,7 +454,10 @@ class TokenBinder(nn.Module):
             )
         if num_candidates == 0:
             raise InvalidInputError("no candidates: K must be >= 1")
-        position_bound = self.config.head == "listwise" or self.fusion.rank_embedding is not None
+        position_bound = (
+            self.config.head in ("listwise", "listwise_slots")
+            or self.fusion.rank_embedding is not None
+        )
         if position_bound and num_candidates > self.top_k:
             raise InvalidInputError(
                 f"K={num_candidates} candidates but this model scores at most top_k={self.top_k}"

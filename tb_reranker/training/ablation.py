@@ -59,9 +59,11 @@ def parse_sweep(specs: list[str]) -> dict[str, list[Any]]:
             )
         items = [v.strip() for v in values.split(",") if v.strip()]
         if factor == "head":
-            bad = [v for v in items if v not in ("symmetric", "listwise")]
+            bad = [v for v in items if v not in ("symmetric", "listwise", "listwise_slots")]
             if bad:
-                raise InvalidInputError(f"bad head value(s) {bad}: symmetric or listwise")
+                raise InvalidInputError(
+                    f"bad head value(s) {bad}: symmetric, listwise or listwise_slots"
+                )
             sweep[factor] = items
         else:
             try:

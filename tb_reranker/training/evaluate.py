@@ -68,7 +68,7 @@ def score_matrices(
     num_texts, num_videos = indicators.shape[0], videos_cls.shape[0]
     k_eff = min(k, num_videos)
     model_k = int(model.top_k)
-    if k > model_k and getattr(model.config, "head", "") == "listwise":
+    if k > model_k and getattr(model.config, "head", "") in ("listwise", "listwise_slots"):
         raise InvalidInputError(f"the listwise head scores at most K={model_k} candidates, got {k}")
     width = max(k_eff, model_k)  # pad short candidate lists to the model's K with a mask
     broad = indicators[:, 0] @ videos_cls.t()  # [M, N]

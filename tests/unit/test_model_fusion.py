@@ -48,7 +48,7 @@ def symmetric() -> TokenBinder:
     return TokenBinder(TokenBinderConfig.tiny()).eval()
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 def test_untrained_model_keeps_broad_order(head: str) -> None:
     model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
     indicators, cand_cls, cand_tokens = _inputs()
@@ -80,8 +80,9 @@ def test_symmetric_head_is_permutation_equivariant(symmetric: TokenBinder) -> No
     torch.testing.assert_close(permuted.frame_attention, scores.frame_attention[:, permutation])
 
 
-def test_listwise_head_depends_on_rank() -> None:
-    model = TokenBinder(TokenBinderConfig.tiny(head="listwise")).eval()
+@pytest.mark.parametrize("head", ["listwise", "listwise_slots"])
+def test_listwise_head_depends_on_rank(head: str) -> None:
+    model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
     assert model.fusion.rank_embedding is not None
     _randomise_head(model)
     indicators, cand_cls, cand_tokens = _inputs()
@@ -126,7 +127,7 @@ def test_gumbel_scale_zero_trains_deterministically() -> None:
     torch.testing.assert_close(first.final, evaluated.final)
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 def test_cached_kv_gives_the_same_scores(head: str) -> None:
     model = TokenBinder(TokenBinderConfig.tiny(head=head, fusion_blocks=2)).eval()
     _randomise_head(model)
@@ -140,7 +141,9 @@ def test_cached_kv_gives_the_same_scores(head: str) -> None:
         cand_kv = torch.cat(per_video).view(B, K, *per_video[0].shape[1:])
         cached = model.focused_scores(indicators, cand_cls, cand_kv=cand_kv)
     assert cand_kv.shape == (B, K, 2, 2, T, D)
-    torch.testing.assert_close(cached.final, direct.final, rtol=1e-5, atol=1e-6)
+    # the slots head sums 10 slots x 3 queries x 65 features through random weights
+    atol = 1e-5 if head == "listwise_slots" else 1e-6
+    torch.testing.assert_close(cached.final, direct.final, rtol=1e-5, atol=atol)
     torch.testing.assert_close(cached.frame_attention, direct.frame_attention, rtol=1e-5, atol=1e-6)
 
 
@@ -240,8 +243,9 @@ def test_v2t_scores_each_pair_like_a_single_candidate_t2v(head: str) -> None:
     assert torch.isinf(v2t.final[0, 2]) and v2t.delta[0, 2] == 0
 
 
-def test_listwise_head_takes_fewer_than_top_k_candidates() -> None:
-    model = TokenBinder(TokenBinderConfig.tiny(head="listwise")).eval()
+@pytest.mark.parametrize("head", ["listwise", "listwise_slots"])
+def test_listwise_head_takes_fewer_than_top_k_candidates(head: str) -> None:
+    model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
     _randomise_head(model)
     indicators, cand_cls, cand_tokens = _inputs(k=3)
     with torch.no_grad():
@@ -328,7 +332,15 @@ def _reference_fusion(
         mass_feature = (mass.mean(dim=1) * real).unsqueeze(-1)
         features = torch.cat([products, mass_feature], dim=-1)  # [B, Q, K, D+1]
         features = features.permute(0, 2, 1, 3).reshape(batch_size, num_candidates, -1)
-        delta = fusion.head(features).squeeze(-1)
+        if fusion.head_type == "listwise_slots":  # all K slots' features into one K-output MLP
+            if cand_mask is not None:
+                features = features * cand_mask.unsqueeze(-1).to(features.dtype)
+            slots = torch.zeros(batch_size, fusion.max_candidates, features.shape[-1])
+            slots = slots.to(features.dtype)
+            slots[:, :num_candidates] = features
+            delta = fusion.head(slots.reshape(batch_size, -1))[:, :num_candidates]
+        else:
+            delta = fusion.head(features).squeeze(-1)
     if cand_mask is not None:
         delta = delta.masked_fill(~cand_mask, 0.0)
     return delta, token_attention
@@ -367,7 +379,7 @@ def _fusion_inputs(blocks: int, dtype: torch.dtype, cached: bool, fusion: Focuse
     return queries, leaf, cand_kv
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 @pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("few_candidates", [0, 10**6])  # per-head bmm / block-diagonal bmm
 def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidates, monkeypatch):
@@ -392,7 +404,7 @@ def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidate
     torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 @pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("few_candidates", [0, 10**6])
 @pytest.mark.parametrize("cached", [True, False])
@@ -466,7 +478,7 @@ def _token_inputs(dtype: torch.dtype):
     return queries, tokens
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise", "symmetric+rank"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots", "symmetric+rank"])
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_token_path_equals_the_plain_formulation(head, blocks):
     """float32 inference: the K/V-free path gives the plain formulation's Δ and attention on
@@ -488,7 +500,7 @@ def test_token_path_equals_the_plain_formulation(head, blocks):
         torch.testing.assert_close(delta, cached_delta, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise", "symmetric+rank"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots", "symmetric+rank"])
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_token_path_gradients_equal_the_plain_formulation(head, blocks):
     """Training (Gumbel noise on, float64): the same values and gradients (every parameter,
@@ -560,3 +572,29 @@ def test_fusion_needs_exactly_one_candidate_source() -> None:
         fusion(queries.detach())
     with pytest.raises(ValueError, match="exactly one"):
         fusion(queries.detach(), torch.zeros(4, 5, 1, 2, 6, 64), cand_tokens=tokens.detach())
+
+
+def test_listwise_slots_output_k_reads_slot_k() -> None:
+    """The slot-bound head: Δ_k follows candidate k's own features. Swapping two candidates
+    changes the inputs of exactly those two slots; the pure listwise head, whose input is the
+    pooled fused indicators, changes its slots' Δ only through attention-mass shifts."""
+    model = TokenBinder(TokenBinderConfig.tiny(head="listwise_slots")).eval()
+    _randomise_head(model)
+    indicators, cand_cls, cand_tokens = _inputs()
+    with torch.no_grad():
+        fusion = model.fusion
+        queries = model._fusion_queries(indicators)
+        inputs = []
+        for tokens in (cand_tokens, cand_tokens[:, [1, 0, *range(2, K)]]):
+            positions = fusion.position_embeddings(T)
+            block = fusion.blocks[0]
+            _, _, mass, summary = block.forward_tokens(
+                queries,
+                block.kv_inputs(tokens, positions),
+                None,
+                fusion.rank_embedding[:K],
+            )
+            inputs.append(fusion._candidate_features(queries, mass, summary, None))
+    unchanged = (inputs[0] - inputs[1]).abs().amax(dim=(0, 2, 3))  # per slot
+    assert unchanged[0] > 1e-3 and unchanged[1] > 1e-3
+    assert unchanged[2:].max() < 0.5 * unchanged[:2].min()  # others move only via the softmax
