@@ -245,7 +245,7 @@ def test_hard_negative_order_keeps_word_order_twins_together():
 def test_presets_fill_schedule_fields_and_explicit_values_win():
     synthetic = TrainConfig(data_root="d", out_dir="o", preset="synthetic").resolved(True)
     assert (synthetic.weight_decay, synthetic.warmup, synthetic.min_lr_ratio) == (0.05, 0.0, 1.0)
-    assert synthetic.epochs == 20 and synthetic.hard_negatives is False
+    assert synthetic.epochs == 30 and synthetic.hard_negatives is False
     paper = TrainConfig(data_root="d", out_dir="o", preset="paper").resolved(False)
     assert (paper.weight_decay, paper.warmup, paper.min_lr_ratio) == (0.2, 0.05, 0.0)
     mine = TrainConfig(data_root="d", out_dir="o", weight_decay=0.1, warmup=3, min_lr_ratio=0.5)
