@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser"]
 
 # command group modules (tb_reranker.cli.<name>), each exposing register(subparsers)
 COMMAND_MODULES = (
+    "init",
     "synth",
     "train",
     "evaluate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from tb_reranker.model.text import IndicatorTextEncoder
 __all__ = ["TokenBinder", "build_clip"]
 
 logger = logging.getLogger(__name__)
+
+# the state-dict prefix of the vision tower; its weights are the vision fingerprint's
+_VISION_PREFIX = "clip.visual."
+VISION_IDENTITY_VERSION = 1  # bump when what the vision fingerprint covers changes
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,7 +169,7 @@ class TokenBinder(nn.Module):
             )
         self._apply_freezing()
         self._tokenizer: Any = None
-        self._fingerprint_cache: tuple[tuple[Any, ...], str] | None = None
+        self._fingerprint_cache: tuple[tuple[Any, ...], tuple[str, str, str]] | None = None
         self._precision = check_precision(precision)
         self.eval()
         self.to(resolve_device(device))
@@ -290,7 +295,11 @@ class TokenBinder(nn.Module):
         texts_tokens = self._check_tokens(texts_tokens)
         with self._autocast():
             indicators, eot_features = self.text(texts_tokens)
-        return F.normalize(indicators.float(), dim=-1), F.normalize(eot_features.float(), dim=-1)
+        indicators = F.normalize(indicators.float(), dim=-1)
+        eot_features = F.normalize(eot_features.float(), dim=-1)
+        if self.config.broad_query == "clip":  # I_1 is CLIP's own text feature
+            indicators = torch.cat([eot_features.unsqueeze(1), indicators[:, 1:]], dim=1)
+        return indicators, eot_features
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """list[str] (or tokens [B, L']) -> indicators [B, m, D], L2-normalised; I_1 = [:, 0]."""
@@ -606,10 +615,49 @@ class TokenBinder(nn.Module):
 
     # ---- identity and checkpoints --------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Stable hex hash of the config and every weight (name, dtype, shape, bytes).
+        """Stable hex hash of the config and every weight (name, dtype, shape, bytes): the whole
+        model. Checkpoints are verified against it.
 
         Cached until a parameter changes (in-place updates bump tensor versions).
         """
+        return self._identities()[0]
+
+    def vision_fingerprint(self) -> str:
+        """Hash of everything that makes the stored data: the vision tower's architecture and
+        weights, the frame sampling (T, the uniform rule) and the frame normalisation (image
+        size, mean, std, patch tokens). The Milvus collection and the frame-token store record
+        it; any checkpoint with the same vision fingerprint serves them as they are."""
+        return self._identities()[1]
+
+    def query_fingerprint(self) -> str:
+        """Hash of the query side: the config and every weight outside the vision tower (text
+        tower, indicators, fusion, logit scale). Retraining it never needs a re-ingest."""
+        return self._identities()[2]
+
+    def _vision_spec(self) -> dict[str, Any]:
+        config = self.config
+        if config.clip_cfg is not None:
+            arch: Any = {
+                "embed_dim": config.clip_cfg.get("embed_dim"),
+                "vision_cfg": config.clip_cfg.get("vision_cfg"),
+                "quick_gelu": bool(config.clip_cfg.get("quick_gelu", False)),
+            }
+        else:
+            arch = config.clip_model
+        return {
+            "identity": VISION_IDENTITY_VERSION,
+            "arch": arch,
+            "num_frames": config.num_frames,
+            "sampling": "uniform",  # tb_reranker.video.decode: T frames uniformly over the video
+            "use_patch_tokens": config.use_patch_tokens,
+            "image_size": self.image_size,
+            "mean": list(self.image_mean),
+            "std": list(self.image_std),
+            "tokens": "l2-normalised per frame, [CLS] = normalised mean over real frames",
+        }
+
+    def _identities(self) -> tuple[str, str, str]:
+        """(whole model, vision side, query side) fingerprints, computed in one pass."""
         state = self.state_dict()
         key = tuple(
             (name, tensor.data_ptr(), tensor._version, str(tensor.device))
@@ -617,14 +665,20 @@ class TokenBinder(nn.Module):
         )
         if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
             return self._fingerprint_cache[1]
-        digest = hashlib.sha256()
-        digest.update(self.config.to_json().encode())
+        whole, vision, query = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        whole.update(self.config.to_json().encode())
+        vision.update(json.dumps(self._vision_spec(), sort_keys=True).encode())
+        query.update(b"query|" + self.config.to_json().encode())
         for name in sorted(state):
             tensor = state[name].detach()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
             flat = tensor.to("cpu").contiguous().reshape(-1)
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-        value = digest.hexdigest()[:32]
+            data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            side = vision if name.startswith(_VISION_PREFIX) else query
+            for digest in (whole, side):
+                digest.update(header)
+                digest.update(data)
+        value = (whole.hexdigest()[:32], vision.hexdigest()[:32], query.hexdigest()[:32])
         self._fingerprint_cache = (key, value)
         return value
 

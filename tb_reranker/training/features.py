@@ -3,8 +3,9 @@
 Decoding is the slow part of an epoch on a CPU, so the frames of a split are decoded once per
 (dataset files, T, image size, normalisation) and cached as one fp16 safetensors file; with a
 frozen vision backbone the per-video features are cached the same way, keyed by the model's
-fingerprint. Cache files are written to a temporary name and renamed, so an interrupted run
-never leaves a half file that a later run would trust.
+vision fingerprint (they depend on nothing else: retraining the query side reuses them). Cache
+files are written to a temporary name and renamed, so an interrupted run never leaves a half
+file that a later run would trust.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FrameSet:
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Frozen-backbone features of a :class:`FrameSet` (model fingerprint in the key)."""
+    """Frozen-backbone features of a :class:`FrameSet` (vision fingerprint in the key)."""
 
     videos: VideoCaptionSet  # same videos as the FrameSet
     cls: torch.Tensor  # [N, D] float32, L2-normalised video CLS
@@ -321,8 +322,10 @@ def load_features(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> FeatureSet:
-    """``model.encode_frames`` over all frames, once; cached by model fingerprint + frames key."""
-    key = _hash({"v": _CACHE_VERSION, "model": model.fingerprint(), "frames": frame_set.key})
+    """``model.encode_frames`` over all frames, once; cached by vision fingerprint + frames key."""
+    key = _hash(
+        {"v": _CACHE_VERSION, "vision": model.vision_fingerprint(), "frames": frame_set.key}
+    )
     cache_path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     if cache_path is not None:
         cached = _read_cache(cache_path, key)

@@ -419,7 +419,8 @@ def _start_model(config: TrainConfig, out_dir: Path, previous: tuple[int, Path] 
     if config.init_checkpoint:
         source = load_checkpoint(config.init_checkpoint)
         config = config.resolved(_is_tiny(source.config))
-        model = TokenBinder(_apply_overrides(source.config, config))
+        # the weights come from the checkpoint: its `pretrained` (a tag, a file) is not read
+        model = TokenBinder(_apply_overrides(source.config, config), load_pretrained=False)
         fresh = _load_matching(model, source, tuple(config.init_fresh))
         log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
     else:
