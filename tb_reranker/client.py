@@ -141,7 +141,8 @@ class Client:
                 token=self.settings.milvus_token,
                 collection=self.settings.collection,
                 dim=model.embed_dim,
-                fingerprint=model.fingerprint(),
+                fingerprint=model.vision_fingerprint(),
+                model_fingerprint=model.fingerprint(),
             )
         return self._index
 

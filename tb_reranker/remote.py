@@ -381,6 +381,11 @@ class RemoteReranker(_RemoteBase):
     def fingerprint(self) -> str:
         return str(self._model_info()["model_fingerprint"])
 
+    @property
+    def vision_fingerprint(self) -> str:
+        """The served model's vision fingerprint ("" from a sidecar older than the field)."""
+        return str(self._model_info().get("vision_fingerprint", ""))
+
     def close(self) -> None:
         self._channel.close()
 

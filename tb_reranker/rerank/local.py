@@ -88,7 +88,8 @@ class Reranker:
         self.num_indicators = int(model.num_indicators)
         self.top_k = int(model.top_k)
         self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
-        self._fingerprint: str | None = None  # the model's, computed at the first store read
+        self._fingerprint: str | None = None  # the model's vision one, at the first store read
+        self._model_fingerprint = ""  # the whole model's (legacy records carry it)
 
     @property
     def max_candidates(self) -> int:
@@ -195,23 +196,30 @@ class Reranker:
         return rows, {video_id: records[video_id].content_hash for video_id in fetched}
 
     def _check_identity(self, records: dict[str, Any]) -> None:
-        """Refuse frame tokens written by another model (each record names its model).
+        """Refuse frame tokens written by another vision model (each record names its model).
 
         Tokens of another vision tower are vectors of another space: scoring them would give
-        plausible-looking, meaningless numbers. Records without a fingerprint (written by hand
-        or by an old version) are accepted, as a collection without one is.
+        plausible-looking, meaningless numbers. A record names the vision fingerprint of the
+        model that made it (or, written before the identity was split, that model's whole
+        fingerprint: accepted when it is the loaded model's). Records without a fingerprint
+        (written by hand or by an old version) are accepted, as a collection without one is.
         """
         if self._fingerprint is None:
-            self._fingerprint = str(self.model.fingerprint())
+            self._fingerprint = str(self.model.vision_fingerprint())
+            self._model_fingerprint = str(self.model.fingerprint())
+        accepted = ("", self._fingerprint, self._model_fingerprint)
         foreign = sorted(
             video_id
             for video_id, record in records.items()
-            if getattr(record, "fingerprint", "") and record.fingerprint != self._fingerprint
+            if getattr(record, "fingerprint", "") not in accepted
         )
         if foreign:
             other = records[foreign[0]].fingerprint
             raise ModelMismatchError(
                 f"{len(foreign)} stored videos (e.g. {foreign[0]!r}) hold frame tokens of model "
-                f"{other[:12]}, but the loaded model is {self._fingerprint[:12]}: serve the "
-                "checkpoint that ingested them, or re-ingest with this one"
+                f"{other}, but the loaded checkpoint's vision side is {self._fingerprint}: serve "
+                "a checkpoint with their vision side, run `tb migrate --checkpoint "
+                "THE_CHECKPOINT_THAT_INGESTED_THEM` if the store predates vision fingerprints, "
+                "or re-index them with this checkpoint (`tb ingest VIDEOS --checkpoint CHECKPOINT "
+                "--collection NEW_NAME --store NEW_DIR`)"
             )

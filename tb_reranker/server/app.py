@@ -388,7 +388,9 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
     return Components(reranker=reranker, index=None, device=str(device), dtype=dtype)
 
 
-def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> ConnectIndexFn:
+def _index_connector(
+    settings: Settings, fingerprints: Callable[[], tuple[str, str]]
+) -> ConnectIndexFn:
     """Opens the configured collection, never creating anything: a Lite database file that is
     not there, or a collection that does not exist, is ``NotFoundError`` (the sidecar only
     reads; ``tb ingest`` creates them)."""
@@ -405,11 +407,13 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
                     f"Milvus Lite database {path} does not exist (ingest videos into it first, "
                     "or point --milvus-uri at an existing database)"
                 )
+        vision, whole = fingerprints()
         index = VideoIndex(
             uri,
             token=settings.milvus_token,
             collection=settings.collection,
-            fingerprint=fingerprint(),
+            fingerprint=vision,
+            model_fingerprint=whole,
         )
         try:
             if not index.exists():
@@ -417,7 +421,7 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
                     f"Milvus collection {settings.collection!r} does not exist at {uri} "
                     "(ingest videos into it first, or choose --collection)"
                 )
-            index.count()  # checks the dimension and the model fingerprint, loads the collection
+            index.count()  # checks the dimension and the vision fingerprint, loads the collection
         except BaseException:
             index.close()
             raise
@@ -442,13 +446,16 @@ async def serve(
     """
     server: TBServer | None = None
 
-    def fingerprint() -> str:
-        return server.backend.fingerprint if server is not None else ""
+    def fingerprints() -> tuple[str, str]:
+        """(vision, whole-model) fingerprints of the served model."""
+        if server is None:
+            return "", ""
+        return server.backend.vision_fingerprint, server.backend.fingerprint
 
     server = TBServer(
         config,
         lambda: load_components(settings, config),
-        connect_index=_index_connector(settings, fingerprint) if search else None,
+        connect_index=_index_connector(settings, fingerprints) if search else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

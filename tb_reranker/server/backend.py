@@ -70,7 +70,9 @@ class Backend:
         self.limits = config.limits
         self.metrics = metrics
         self.components: Components | None = None
-        self.fingerprint = ""
+        self.fingerprint = ""  # the whole model's
+        self.vision_fingerprint = ""  # what the collection and the store must record
+        self.query_fingerprint = ""
         self.index_error: str | None = None  # why Milvus is not connected (None: not tried/ok)
         # a non-transient reason Search cannot serve (missing database or collection, another
         # model's collection): raised as is instead of "not reachable yet"
@@ -94,10 +96,12 @@ class Backend:
 
     # ------------------------------------------------------------------ lifecycle
     async def attach(self, components: Components) -> None:
-        """Start serving ``components`` (computes the model fingerprint once, off the loop)."""
+        """Start serving ``components`` (computes the model fingerprints once, off the loop)."""
         loop = asyncio.get_running_loop()
         model = components.reranker.model
         self.fingerprint = await loop.run_in_executor(self._device_executor, model.fingerprint)
+        self.vision_fingerprint = model.vision_fingerprint()  # cached by the same pass
+        self.query_fingerprint = model.query_fingerprint()
         self.components = components
 
     async def close(self) -> None:
