@@ -8,9 +8,7 @@ baseline); search over real MP4 files ingested into Milvus Lite must give exactl
 
 from __future__ import annotations
 
-import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,36 +21,14 @@ from tb_reranker.model.config import TINY_CLIP_CFG
 TEXTS = ["a red square moving right", "a blue square", "grey"]
 
 
-def tiny_clip(seed: int = 3):
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    torch.manual_seed(seed)
-    cfg = copy.deepcopy(TINY_CLIP_CFG)
-    return CLIP(
-        embed_dim=cfg["embed_dim"],
-        vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
-        text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
-    ).eval()
-
-
-def save_tiny_clip(path: Path, seed: int = 3) -> Path:
-    """A tiny open_clip CLIP's weights as a local .safetensors file (what a user downloads)."""
-    from safetensors.torch import save_file
-
-    state = tiny_clip(seed).state_dict()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory, mp4_writer) -> dict:
+def library(tmp_path_factory: pytest.TempPathFactory, mp4_writer, tiny_clip) -> dict:
     root = tmp_path_factory.mktemp("zero_shot")
-    weights = save_tiny_clip(root / "weights" / "tiny_clip.safetensors")
+    weights = tiny_clip.save(root / "weights" / "tiny_clip.safetensors")
     videos = []
     for i, colour in enumerate(mp4_writer.colours[:5]):
         videos.append(mp4_writer(root / "videos" / f"v{i}.mp4", colour, frames=6 + 3 * i))
-    return {"root": root, "weights": weights, "videos": videos}
+    return {"root": root, "weights": weights, "videos": videos, "clip": tiny_clip}
 
 
 def test_init_writes_plain_clip(library: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -69,7 +45,7 @@ def test_init_writes_plain_clip(library: dict, capsys: pytest.CaptureFixture[str
     model = load_checkpoint(out)
     assert model.config.broad_query == "clip"
     # the CLIP weights are the file's, bit for bit
-    reference = tiny_clip(seed=99)  # other random weights, then the file's
+    reference = library["clip"].build(seed=99)  # other random weights, then the file's
     open_clip.load_checkpoint(reference, str(library["weights"]))
     ours = {k.removeprefix("clip."): v for k, v in model.state_dict().items() if k[:5] == "clip."}
     for name, tensor in reference.state_dict().items():
@@ -95,7 +71,7 @@ def _clip_mean_pooling(library: dict, num_frames: int) -> dict[str, np.ndarray]:
 
     from tb_reranker.video import decode_video
 
-    reference = tiny_clip(seed=99)
+    reference = library["clip"].build(seed=99)
     open_clip.load_checkpoint(reference, str(library["weights"]))
     tokens = open_clip.SimpleTokenizer(context_length=TINY_CLIP_CFG["text_cfg"]["context_length"])
     with torch.no_grad():
