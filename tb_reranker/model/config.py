@@ -127,8 +127,13 @@ class TokenBinderConfig:
 
     @classmethod
     def vit_b_32(cls, **overrides: Any) -> TokenBinderConfig:
-        """The paper's ViT-B/32 setting with OpenAI CLIP weights (downloads them: needs network)."""
-        values: dict[str, Any] = dict(clip_model="ViT-B-32", clip_cfg=None, pretrained="openai")
+        """The paper's ViT-B/32 setting with OpenAI CLIP weights (downloads them: needs network).
+
+        OpenAI's weights were trained with QuickGELU: open_clip's plain ``ViT-B-32`` (nn.GELU)
+        only warns and gives other features, so the ``-quickgelu`` twin is the model."""
+        values: dict[str, Any] = dict(
+            clip_model="ViT-B-32-quickgelu", clip_cfg=None, pretrained="openai"
+        )
         values.update(overrides)
         return cls(**values)
 

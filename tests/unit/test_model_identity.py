@@ -198,3 +198,15 @@ def test_bad_weights_arguments(tmp_path: Path) -> None:
         resolve_weights(None, "openai")
     with pytest.raises(InvalidInputError, match="needs CLIP weights"):
         zero_shot_config(TokenBinderConfig.tiny(), None)
+
+
+def test_the_vit_b_32_preset_uses_the_activation_its_weights_were_trained_with() -> None:
+    """OpenAI's CLIP weights need QuickGELU; open_clip builds plain ViT-B-32 with nn.GELU and
+    only warns, so the preset must name the -quickgelu model (else every feature is off)."""
+    import open_clip
+
+    config = TokenBinderConfig.vit_b_32()
+    tag = open_clip.get_pretrained_cfg(config.clip_model, config.pretrained)
+    model_cfg = open_clip.get_model_config(config.clip_model)
+    assert tag and model_cfg is not None
+    assert bool(model_cfg.get("quick_gelu", False)) == bool(tag.get("quick_gelu", False))
