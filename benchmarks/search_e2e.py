@@ -282,7 +282,9 @@ def measure_backend(
 
     collection = f"bench_e2e_{n}"
     store_dir = workdir / f"store_{n}"
-    index = VideoIndex(uri, collection=collection, dim=EMBED_DIM, fingerprint=model.fingerprint())
+    index = VideoIndex(
+        uri, collection=collection, dim=EMBED_DIM, fingerprint=model.vision_fingerprint()
+    )
     index.drop()
     with _LiteIndexWatch() as watch:
         fill = fill_index(index, n, args.seed, watch)
