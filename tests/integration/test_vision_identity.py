@@ -86,6 +86,14 @@ def test_a_retrained_query_side_serves_the_library_as_it_is(setup: dict, capsys)
     assert code == 0, err
     assert len(hits) == 3 and all(h["reranked"] for h in hits)
     assert any(h["delta"] != 0 for h in hits)
+    # tb info tells which library a checkpoint can serve
+    code, out, err = tb(
+        capsys, "info", "--json", "--data-dir", str(data_dir), "--checkpoint", str(setup["b"])
+    )
+    assert code == 0, err
+    info = json.loads(out)
+    vision = load_checkpoint(setup["a"]).vision_fingerprint()
+    assert info["model"]["vision_fingerprint"] == vision and info["collection"]["count"] == 3
     # another vision side: refused, in one line naming the commands that fix it
     code, hits, err = _search(capsys, data_dir, setup["c"])
     assert code == 2 and hits == []
