@@ -39,6 +39,7 @@ _SERVER_FLAGS: dict[str, str] = {
     "max_batch": "calls fused into one device batch (default 32)",
     "max_wait_ms": "batch window in ms (default 0: batch what queued while the device was busy)",
     "cache_size": "videos whose projected K/V stay cached (default 4096)",
+    "query_cache_size": "Search: encoded query texts kept in an LRU (default 1024; 0 = off)",
     "device": "auto (cuda when present), cpu, cuda, cuda:1 ...",
     "dtype": "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16",
     "grace_s": "seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
