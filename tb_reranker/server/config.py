@@ -42,7 +42,8 @@ class ServerConfig:
     batching: bool = True  # dynamic micro-batching of concurrent Encode/Rerank calls
     max_batch: int = 32  # calls fused into one device batch
     max_wait_ms: float = 0.0  # batch window; 0 = batch only what queued while the device was busy
-    cache_size: int = 4096  # videos whose projected K/V the Reranker keeps (LRU)
+    cache_size: int = 4096  # videos whose frame tokens (K/V with cache_kv) the Reranker keeps
+    cache_kv: bool = False  # cache projected K/V instead of tokens (pays above ~80% hit rate)
     query_cache_size: int = 1024  # Search: encoded query texts kept (LRU); 0 = off
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
