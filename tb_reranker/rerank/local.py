@@ -189,6 +189,13 @@ class Reranker:
                 f"stored frame tokens have dim {tokens.shape[-1]}, "
                 f"the model expects {self.embed_dim}: was the store made by another model?"
             )
+        max_tokens = int(self.model.num_frames) * self.tokens_per_frame
+        if tokens.shape[1] > max_tokens or tokens.shape[1] % self.tokens_per_frame:
+            raise InvalidInputError(
+                f"stored frame tokens hold {tokens.shape[1]} tokens per video, the model takes "
+                f"at most {self.model.num_frames} frames of {self.tokens_per_frame}: was the "
+                "store made by another model?"
+            )
         frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
         mask = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
         with torch.inference_mode():

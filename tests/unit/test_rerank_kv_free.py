@@ -130,3 +130,29 @@ def test_the_cache_holds_tokens_by_default(model, store):
     assert kv_free.cache.kv is not None and projected.cache.kv is not None
     assert kv_free.cache.kv.shape[:2] == (1, 1)  # tokens: half the bytes of one K/V block
     assert projected.cache.kv.shape[:2] == (model.fusion.num_blocks, 2)
+
+
+@pytest.mark.parametrize("cache_kv", [False, True])
+def test_stored_tokens_the_model_cannot_take_are_a_typed_error(model, tmp_path, cache_kv):
+    """A record with more frames than the model's T is refused with ``InvalidInputError``
+    naming the frames, on both paths (the K/V-free one gave a torch IndexError)."""
+    from tb_reranker.errors import InvalidInputError
+
+    t = model.num_frames + 3
+    store = open_store(str(tmp_path / "bad"))
+    store.put_many(
+        {
+            "long": FrameRecord(
+                tokens=np.ones((t, model.embed_dim), dtype=np.float16),
+                timestamps=np.arange(t, dtype=np.float32),
+                content_hash="h",
+            )
+        }
+    )
+    try:
+        reranker = Reranker(model, store, cache_kv=cache_kv)
+        indicators = np.ones((1, model.num_indicators, model.embed_dim), dtype=np.float32)
+        with pytest.raises(InvalidInputError, match="frames"):
+            reranker.rerank(indicators, [["long"]], [[0.5]])
+    finally:
+        store.close()
