@@ -35,6 +35,7 @@ from benchmarks.common import (
     configure_threads,
     emit,
     environment,
+    plot_bars,
     plot_lines,
     summarize,
 )
@@ -206,6 +207,53 @@ def measure(
     return row
 
 
+PATHS = (
+    ("rerank_cached", "warm (tokens cached)"),
+    ("rerank_uncached", "cold, K/V-free"),
+    ("kv_cached", "warm K/V cache (before)"),
+    ("kv_uncached", "cold, projected (before)"),
+)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """ms per query of the four ``Reranker`` paths: lines over K, or bars when one K ran."""
+    rows = result["results"]
+    title = f"Reranker.rerank cost (T={FRAMES}, D={DIM}, threads={result['environment']['torch_threads']})"
+    ks = sorted({r["K"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    if len(ks) == 1:
+        return plot_bars(
+            path,
+            [f"K={ks[0]}, batch {b}" for b in batches],
+            {
+                label: [
+                    next(r for r in rows if r["batch"] == b)[name]["ms_per_query"] for b in batches
+                ]
+                for name, label in PATHS
+            },
+            title=title,
+            ylabel="ms per query (median)",
+            logy=True,
+        )
+    series = {}
+    for batch in batches:
+        for name, label in PATHS:
+            points = [r for r in rows if r["batch"] == batch]
+            series[f"B={batch} {label}"] = (
+                [r["K"] for r in points],
+                [r[name]["ms_per_query"] for r in points],
+            )
+    return plot_lines(
+        path,
+        series,
+        title=title,
+        xlabel="K candidates per query",
+        ylabel="ms per query (median)",
+        logx=True,
+        logy=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
@@ -324,30 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if not args.no_plot:
-        series = {}
-        for batch in batches:
-            for name, label in (
-                ("rerank_cached", "warm (tokens cached)"),
-                ("rerank_uncached", "cold, K/V-free"),
-                ("kv_cached", "warm K/V cache (before)"),
-                ("kv_uncached", "cold, projected (before)"),
-            ):
-                points = [r for r in rows if r["batch"] == batch]
-                series[f"B={batch} {label}"] = (
-                    [r["K"] for r in points],
-                    [r[name]["ms_per_query"] for r in points],
-                )
-        result["plot"] = str(
-            plot_lines(
-                args.out / "rerank_cost.png",
-                series,
-                title=f"Reranker.rerank cost (T={FRAMES}, D={DIM}, threads={result['environment']['torch_threads']})",
-                xlabel="K candidates per query",
-                ylabel="ms per query (median)",
-                logx=True,
-                logy=True,
-            )
-        )
+        result["plot"] = str(plot(result, args.out / "rerank_cost.png"))
     emit("rerank_cost", result, args.out)
     return result
 
