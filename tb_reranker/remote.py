@@ -404,6 +404,8 @@ class RemoteBackend:
         remote: the ``RemoteReranker`` of the sidecar.
         encode: validated texts → indicators ``[Q, m, D]`` in this process (None: the sidecar).
         info: the model's ``ModelInfo`` when known here (None: asked from the sidecar once).
+        fingerprint: the local encoder's ``query_fingerprint`` (None: encoded queries are not
+            cached by the search pipeline).
     """
 
     def __init__(
@@ -412,10 +414,12 @@ class RemoteBackend:
         *,
         encode: Callable[[Sequence[str]], np.ndarray] | None = None,
         info: ModelInfo | None = None,
+        fingerprint: Callable[[], str] | None = None,
     ) -> None:
         self.remote = remote
         self._encode = encode
         self._info = info
+        self._fingerprint = fingerprint if encode is not None else None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self._encode is not None:
@@ -429,6 +433,9 @@ class RemoteBackend:
         if self._info is None:
             self._info = self.remote.model_info()
         return self._info
+
+    def query_fingerprint(self) -> str | None:
+        return None if self._fingerprint is None else self._fingerprint()
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.remote!r})"

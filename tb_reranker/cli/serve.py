@@ -38,7 +38,8 @@ _SERVER_FLAGS: dict[str, str] = {
     "max_concurrency": "calls in flight before RESOURCE_EXHAUSTED (default 64)",
     "max_batch": "calls fused into one device batch (default 32)",
     "max_wait_ms": "batch window in ms (default 0: batch what queued while the device was busy)",
-    "cache_size": "videos whose projected K/V stay cached (default 4096)",
+    "cache_size": "videos whose frame tokens (K/V with --cache-kv) stay cached (default 4096)",
+    "query_cache_size": "Search: encoded query texts kept in an LRU (default 1024; 0 = off)",
     "device": "auto (cuda when present), cpu, cuda, cuda:1 ...",
     "dtype": "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16",
     "grace_s": "seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
@@ -86,6 +87,14 @@ def register(subparsers: Any) -> None:
         "--no-batching", dest="batching", action="store_false", help="micro-batching off"
     )
     parser.add_argument(
+        "--cache-kv",
+        dest="cache_kv",
+        action="store_true",
+        default=None,
+        help="cache each video's projected K/V instead of its frame tokens: cheaper hits, "
+        "dearer misses (pays above a ~80%% candidate hit rate; docs/benchmarks.md §6)",
+    )
+    parser.add_argument(
         "--no-search",
         action="store_true",
         help="serve Encode/Rerank only (no Milvus connection; Search is NOT_SERVING)",
@@ -100,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     from tb_reranker.server.app import serve
     from tb_reranker.server.config import ServerConfig
 
-    overrides = {name: getattr(args, name, None) for name in (*_SERVER_FLAGS, "batching")}
+    overrides = {
+        name: getattr(args, name, None) for name in (*_SERVER_FLAGS, "batching", "cache_kv")
+    }
     if args.token_file is not None:
         if overrides.get("token") is not None:
             raise InvalidInputError("give --token or --token-file, not both")

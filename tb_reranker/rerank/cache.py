@@ -1,4 +1,7 @@
-"""The per-video K/V cache of the in-process reranker: one LRU slab and its lock choreography.
+"""The per-video cache of the in-process reranker: one LRU slab and its lock choreography.
+
+What a slot holds is the reranker's choice: the frame tokens (the default, fused K/V-free) or
+their projected K/V (``Reranker(cache_kv=True)``); the slab code is the same for both.
 
 The cache is keyed by video id and remembers the entry's content hash: a caller that knows the
 hash (Milvus returns it with every hit) never sees a stale entry; ids given without a hash are
@@ -33,13 +36,20 @@ class Rows:
     """Per-video rows for one rerank call, gathered from the cache slab and/or the store.
 
     ``kv`` is laid out ``[n_blocks, 2, N, T', D]`` so that a gather along dim 2 yields the
-    candidates' keys/values with each block's ``[B, K*T', D]`` a free view.
+    candidates' keys/values with each block's ``[B, K*T', D]`` a free view. A reranker that
+    fuses K/V-free (the default, ``Reranker(cache_kv=False)``) keeps the frame tokens themselves
+    there instead, as ``[1, 1, N, T', D]`` (:attr:`kv_free`).
     """
 
     index: dict[str, int]  # video id -> row
-    kv: torch.Tensor  # [n_blocks, 2, N, T', D] float32 (rows, or the whole cache slab)
+    kv: torch.Tensor  # [n_blocks, 2, N, T', D] or tokens [1, 1, N, T', D] float32 (rows or slab)
     cls: torch.Tensor  # [N, D] L2-normalised pooled frame tokens
     timestamps: np.ndarray  # [N, T] seconds
+
+    @property
+    def kv_free(self) -> bool:
+        """``kv`` holds frame tokens ``[1, 1, N, T', D]`` (a K/V pair has 2 planes)."""
+        return self.kv.dim() == 5 and self.kv.shape[1] == 1
 
     @classmethod
     def empty(cls) -> Rows:

@@ -3,10 +3,13 @@
 ``Reranker`` joins the model, the frame-token store and the K/V cache (``rerank.cache``):
 
 1. ``encode``: texts → indicators ``[Q, m, D]`` (I_1 drives Milvus, I_2..I_m the fusion);
-2. ``rerank``: per query, candidates sorted by broad score, their per-video projected K/V
-   fetched from the cache or computed from the store's frame tokens, one batched fusion over all
-   queries, ``S = S' + Δ``; candidates past the model's K keep their broad order below
-   (the steps are the functions of ``rerank.batch``).
+2. ``rerank``: per query, candidates sorted by broad score, their frame tokens fetched from the
+   cache or the store, one batched K/V-free fusion over all queries (the keys and values are
+   never formed: ``focused_scores(cand_tokens=...)``), ``S = S' + Δ``; candidates past the
+   model's K keep their broad order below (the steps are the functions of ``rerank.batch``).
+   With ``cache_kv=True`` the cache holds each video's projected K/V instead (a miss is
+   projected, a hit fused from its K/V): cheaper per hit for the symmetric head, dearer per
+   miss; see docs/benchmarks.md §6 for the measured trade-off.
 
 ``encode`` and ``rerank`` validate their arguments (the SDK boundary) into a ``RerankRequest``;
 ``rerank_request`` takes one already validated (by the server, the search pipeline) and checks
@@ -64,10 +67,13 @@ class Reranker:
     Args:
         model: a loaded ``TokenBinder`` (eval mode is enforced).
         store: the ``FrameStore`` holding each video's frame tokens.
-        cache_size: videos whose projected K/V are kept (LRU); 0 disables the cache.
+        cache_size: videos whose frame tokens (or K/V) are kept (LRU); 0 disables the cache.
         cache_ttl_s: how long a cached entry is trusted when the caller gives no content hash.
         max_candidates: candidates per query accepted by ``rerank`` (beyond the model's K,
             candidates keep their broad order).
+        cache_kv: cache each video's projected K/V (every miss pays the projection) instead of
+            its frame tokens (every candidate fused K/V-free, the default). Both give the same
+            scores up to float rounding.
     """
 
     def __init__(
@@ -78,10 +84,12 @@ class Reranker:
         cache_size: int = 4096,
         cache_ttl_s: float = 300.0,
         max_candidates: int = 1000,
+        cache_kv: bool = False,
     ) -> None:
         self.model = model.eval()
         self.store = store
         self.cache = KVCache(cache_size, cache_ttl_s)
+        self.cache_kv = bool(cache_kv)
         self.limits = Limits.sdk(max_candidates=max_candidates)
         self.device = next(model.parameters()).device
         self.embed_dim = int(model.embed_dim)
@@ -169,7 +177,8 @@ class Reranker:
 
     # ------------------------------------------------------------------ store → rows
     def _fetch(self, videos_ids: list[str]) -> tuple[Rows, dict[str, str]]:
-        """One store batch for ``videos_ids``, projected in one model call -> rows, hashes."""
+        """One store batch for ``videos_ids`` -> rows (their tokens, or with ``cache_kv`` their
+        K/V projected in one model call), content hashes."""
         records = self.store.get_many(list(videos_ids))
         self._check_identity(records)
         fetched = [video_id for video_id in videos_ids if video_id in records]
@@ -181,15 +190,26 @@ class Reranker:
                 f"stored frame tokens have dim {tokens.shape[-1]}, "
                 f"the model expects {self.embed_dim}: was the store made by another model?"
             )
+        max_tokens = int(self.model.num_frames) * self.tokens_per_frame
+        if tokens.shape[1] > max_tokens or tokens.shape[1] % self.tokens_per_frame:
+            raise InvalidInputError(
+                f"stored frame tokens hold {tokens.shape[1]} tokens per video, the model takes "
+                f"at most {self.model.num_frames} frames of {self.tokens_per_frame}: was the "
+                "store made by another model?"
+            )
         frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
         mask = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
         with torch.inference_mode():
-            kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
+            if self.cache_kv:
+                kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
+                kv = kv.permute(1, 2, 0, 3, 4).contiguous()  # [n_blocks, 2, N, T', D]
+            else:  # K/V-free: the rows hold the tokens themselves
+                kv = frames_tokens.contiguous()[None, None]  # [1, 1, N, T', D]
             frames_mask = None if mask is None else torch.from_numpy(mask).to(self.device)
             cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's pooling
         rows = Rows(
             index={video_id: n for n, video_id in enumerate(fetched)},
-            kv=kv.permute(1, 2, 0, 3, 4).contiguous(),  # [n_blocks, 2, N, T', D]
+            kv=kv,
             cls=cls,
             timestamps=_stack(records, fetched, "timestamps", np.float32),  # [N, T]
         )

@@ -383,7 +383,11 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
     model.precision = dtype
     store = open_store(settings.store)
     reranker = Reranker(
-        model, store, cache_size=config.cache_size, max_candidates=config.max_candidates
+        model,
+        store,
+        cache_size=config.cache_size,
+        max_candidates=config.max_candidates,
+        cache_kv=config.cache_kv,
     )
     return Components(reranker=reranker, index=None, device=str(device), dtype=dtype)
 

@@ -30,6 +30,7 @@ from tb_reranker.errors import (
 from tb_reranker.requests import RerankQuery, RerankRequest, SearchRequest, check_texts
 from tb_reranker.rerank.backend import InProcessBackend
 from tb_reranker.rerank.pipeline import TwoStageSearch
+from tb_reranker.rerank.query_cache import QueryCache
 from tb_reranker.server.batcher import BatchInfo, MicroBatcher
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.metrics import ServerMetrics
@@ -77,6 +78,7 @@ class Backend:
         # a non-transient reason Search cannot serve (missing database or collection, another
         # model's collection): raised as is instead of "not reachable yet"
         self.index_failure: TBError | None = None
+        self.query_cache = QueryCache(config.query_cache_size)  # Search's encoded texts
         self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="tb-device")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="tb-io")
         self.encode_batcher: MicroBatcher = self._batcher("encode", self._run_encode)
@@ -179,7 +181,9 @@ class Backend:
         )
         if request.num_queries != 1:
             raise InvalidInputError("one query per Search call: indicators must be [m, D]")
-        pipeline = TwoStageSearch(index, InProcessBackend(reranker), limits=self.limits)
+        pipeline = TwoStageSearch(
+            index, InProcessBackend(reranker), limits=self.limits, query_cache=self.query_cache
+        )
         started = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(self._io_executor, self._run_search, pipeline, request)

@@ -189,3 +189,35 @@ def test_serve_and_client_refuse_cuda_without_cuda(tmp_path: Path) -> None:
             client.model  # noqa: B018 - the lazy model load is what is tested
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "cache_kv", "query_cache_size"),
+    [([], False, 1024), (["--cache-kv", "--query-cache-size", "0"], True, 0)],
+)
+def test_serve_cache_flags_reach_the_components(flags, cache_kv, query_cache_size, tmp_path):
+    """Issue 12: ``tb serve --cache-kv`` picks the K/V cache, ``--query-cache-size`` the
+    Search LRU of encoded queries (0 = off)."""
+    from tb_reranker.cli import build_parser
+    from tb_reranker.cli.serve import _SERVER_FLAGS
+    from tb_reranker.config import Settings
+    from tb_reranker.server.app import load_components
+    from tb_reranker.server.backend import Backend
+    from tb_reranker.server.config import ServerConfig
+
+    checkpoint, store, ids = _checkpoint_and_store(tmp_path)
+    args = build_parser().parse_args(["serve", *flags])
+    names = (*_SERVER_FLAGS, "batching", "cache_kv")
+    config = ServerConfig.from_env(**{name: getattr(args, name, None) for name in names})
+    assert (config.cache_kv, config.query_cache_size) == (cache_kv, query_cache_size)
+    assert Backend(config).query_cache.capacity == query_cache_size
+    components = load_components(
+        Settings.from_env(checkpoint=str(checkpoint), store=str(store)), config
+    )
+    try:
+        reranker = components.reranker
+        assert reranker.cache_kv is cache_kv
+        reranker.rerank(reranker.encode(["a red cube"]), [ids[:4]])
+        assert reranker.cache.kv.shape[:2] == ((1, 2) if cache_kv else (1, 1))
+    finally:
+        components.reranker.store.close()
