@@ -24,9 +24,9 @@ __all__ = ["RerankBackend", "ModelInfo", "InProcessBackend", "encode_texts", "qu
 
 def query_fingerprint(model: Any) -> str:
     """What identifies the text side of ``model`` (the query encoder): the key of the query
-    cache. Today the whole model's fingerprint (weights and config; cached by the model until a
-    weight changes), the one place to switch to a query-side fingerprint."""
-    return str(model.fingerprint())
+    cache. The model's query-side fingerprint (config, text tower, indicators, fusion; cached by
+    the model until a weight changes): a new vision side alone never changes an encoded query."""
+    return str(model.query_fingerprint())
 
 
 def encode_texts(model: Any, texts: Sequence[str]) -> np.ndarray:
