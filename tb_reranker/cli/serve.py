@@ -17,7 +17,7 @@ from typing import Any
 from tb_reranker.auth import read_token_file
 from tb_reranker.errors import InvalidInputError
 
-__all__ = ["register", "run", "settings_overrides"]
+__all__ = ["register", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _alias_dest(alias: str) -> str:
     return "deprecated_" + alias.lstrip("-").replace("-", "_")
 
 
-def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The ``Settings`` fields given on the command line; a deprecated spelling logs a warning
     and counts as the new one (both given with different values is an error)."""
     overrides = {name: getattr(args, name, None) for name in _SETTINGS_FLAGS}
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError("give --token or --token-file, not both")
         overrides["token"] = read_token_file(args.token_file)
     config = ServerConfig.from_env(**overrides)
-    settings = Settings.from_env(**settings_overrides(args))
+    settings = Settings.from_env(**_settings_overrides(args))
     if config.host not in ("127.0.0.1", "localhost", "::1") and not (config.token and config.tls):
         log.warning(
             "tb serve: binding %s without %s: anyone who reaches the port can use it",

@@ -87,8 +87,18 @@ def test_missing_collection_in_process(tmp_path, pymilvus_logs):
     index.close()
 
 
-def test_an_unexpected_pymilvus_failure_still_logs_its_traceback(tmp_path, pymilvus_logs):
+def test_an_unexpected_pymilvus_failure_still_logs_its_traceback(
+    tmp_path, pymilvus_logs, monkeypatch
+):
     from pymilvus.decorators import error_handler
+
+    from tb_reranker.server.app import _NoPymilvusTraceback
+
+    # the library's own behaviour: without the sidecar's filter (a TBServer started by another
+    # test in this process installs it, and it trims every pymilvus traceback)
+    logger = logging.getLogger("pymilvus.decorators")
+    kept = [f for f in logger.filters if not isinstance(f, _NoPymilvusTraceback)]
+    monkeypatch.setattr(logger, "filters", kept)
 
     @error_handler(func_name="buggy_call")
     def buggy_call(timeout: float | None = None) -> None:
