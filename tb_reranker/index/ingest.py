@@ -54,7 +54,7 @@ class IngestOptions:
         metadata: per video id (or path) a dict of user fields stored as Milvus dynamic fields
             (and in the frame record).
         ids: video id per path (mapping or function); default the file stem.
-        progress: show a tqdm progress bar (videos/s) on stderr.
+        progress: show progress (videos/s): a bar on a terminal, log lines elsewhere.
     """
 
     batch_size: int = 8
@@ -200,9 +200,9 @@ class Ingestion:
         self.update_metadata(plan.update)
         total = len(plan.encode) + len(plan.reindex)
         if self.options.progress and total:
-            from tqdm import tqdm
+            from tb_reranker.progress import progress
 
-            self._bar = tqdm(total=total, unit="video", desc="ingest", dynamic_ncols=True)
+            self._bar = progress(total=total, unit="video", desc="ingest")
         try:
             self.reindex(plan.reindex)
             self.encode(plan.encode)

@@ -28,6 +28,7 @@ from tb_reranker.errors import (
     TBError,
 )
 from tb_reranker.index import schema as milvus_schema
+from tb_reranker.index.milvus_logs import handled_failures
 from tb_reranker.index.schema import is_lite_uri
 from tb_reranker.stores.record import validate_video_id, validate_video_ids
 
@@ -118,6 +119,29 @@ def _is_missing_collection(exc: Exception) -> bool:
         return True
     text = str(exc).lower()
     return "collection" in text and ("not exist" in text or "not found" in text)
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Milvus did not answer (stopped, unreachable, timed out): our ``IndexBackendError``."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    if isinstance(exc, grpc.FutureTimeoutError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    text = str(exc).lower()
+    return isinstance(exc, MilvusException) and (
+        "fail connecting to server" in text or "server unavailable" in text
+    )
+
+
+def _is_handled(exc: BaseException) -> bool:
+    """The failures ``VideoIndex`` expects and reports as a typed error of its own, so that
+    pymilvus's traceback for them is not logged (``milvus_logs.handled_failures``)."""
+    if not isinstance(exc, Exception):
+        return False
+    return _is_missing_collection(exc) or _is_invalid_input(exc) or _is_unavailable(exc)
 
 
 def _positive_dim(dim: Any) -> int:
@@ -215,7 +239,8 @@ class VideoIndex:
             from pymilvus import MilvusClient
 
             options = {"grpc_options": LITE_GRPC_OPTIONS} if self.is_lite else {}
-            return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
+            with handled_failures(_is_unavailable):
+                return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
         except Exception as exc:  # noqa: BLE001
             raise IndexBackendError(f"cannot connect to Milvus at {self.uri}: {exc}") from exc
 
@@ -223,7 +248,8 @@ class VideoIndex:
         """Run one pymilvus call with the timeout, mapping its errors to ours."""
         kwargs.setdefault("timeout", self.timeout)
         try:
-            return fn(*args, **kwargs)
+            with handled_failures(_is_handled):  # no pymilvus traceback for what we map below
+                return fn(*args, **kwargs)
         except TBError:
             raise
         except Exception as exc:  # noqa: BLE001 - pymilvus/grpc raise many types

@@ -409,7 +409,7 @@ def _index_connector(
             if not path.is_file():
                 raise NotFoundError(
                     f"Milvus Lite database {path} does not exist (ingest videos into it first, "
-                    "or point --milvus-uri at an existing database)"
+                    "or point --uri at an existing database)"
                 )
         vision, whole = fingerprints()
         index = VideoIndex(

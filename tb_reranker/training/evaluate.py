@@ -38,12 +38,10 @@ def _encode_texts(
 ) -> torch.Tensor:
     """texts [M] → indicators [M, m, D] float32 on the CPU."""
     parts = []
-    starts = range(0, len(texts), batch_size)
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        starts = tqdm(starts, desc="encode texts", unit="batch")
-    for start in starts:
+    starts = range(0, len(texts), batch_size)
+    for start in show(starts, desc="encode texts", unit="batch", enabled=progress):
         parts.append(model.encode_text(texts[start : start + batch_size]).float().cpu())
     return torch.cat(parts)
 

@@ -266,11 +266,10 @@ def load_frames(
         std=tuple(std),
         workers=workers,
     )
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        results = tqdm(results, total=len(videos), desc="decode", unit="video")
-    for i, (path, clip) in enumerate(results):
+    shown = show(results, total=len(videos), desc="decode", unit="video", enabled=progress)
+    for i, (path, clip) in enumerate(shown):
         if isinstance(clip, VideoDecodeError):
             log.warning("skipping %s: %s", path, clip.reason)
             continue
@@ -340,12 +339,10 @@ def load_features(
     device = torch.device(device)
     cls_parts: list[torch.Tensor] = []
     tokens_parts: list[torch.Tensor] = []
-    starts = range(0, len(frame_set.videos), batch_size)
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        starts = tqdm(starts, desc="encode videos", unit="batch")
-    for start in starts:
+    starts = range(0, len(frame_set.videos), batch_size)
+    for start in show(starts, desc="encode videos", unit="batch", enabled=progress):
         frames = frame_set.frames[start : start + batch_size].to(device=device, dtype=torch.float32)
         masks = frame_set.masks[start : start + batch_size].to(device)  # [b, T]
         cls, frames_tokens = model.encode_frames(frames, masks)  # [b, D], [b, T, D]
