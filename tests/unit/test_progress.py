@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import pty
+import select
 import struct
 import sys
 import termios
@@ -99,7 +100,10 @@ def test_on_a_terminal_the_bar_is_drawn(monkeypatch):
             bar.update(3)
             bar.close()
             terminal.flush()
-        drawn = os.read(master, 65536).decode("utf-8", "replace")
+        chunks = []  # a pty hands its bytes over in pieces: read until it has none left
+        while select.select([master], [], [], 0.5)[0]:
+            chunks.append(os.read(master, 65536))
+        drawn = b"".join(chunks).decode("utf-8", "replace")
     finally:
         os.close(master)
         os.close(slave)
