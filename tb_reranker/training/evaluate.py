@@ -57,10 +57,12 @@ def score_matrices(
     *,
     k: int,
     batch_size: int = 64,
+    frames_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Broad scores and the focused scores of each query's top-K, both directions.
 
-    indicators: [M, m, D], videos_cls: [N, D], frames_tokens: [N, T, D] (CPU tensors).
+    indicators: [M, m, D], videos_cls: [N, D], frames_tokens: [N, T, D] (CPU tensors);
+    frames_mask: [N, T] bool (False = padded frame: no attention) or None.
     Returns ``broad`` [M, N] (S'), ``candidates`` [M, K'] (each text's top-K' videos, K' =
     min(k, N)), ``final`` [M, K'] (S' + Δ of those), and for video→text ``candidates_v``
     [N, K''] (each video's top-K'' texts, K'' = min(k, M)) with ``final_v`` [N, K''].
@@ -87,6 +89,7 @@ def score_matrices(
             videos_cls[chunk],  # [b, K, D]
             frames_tokens[chunk],  # [b, K, T, D]
             mask,
+            frames_mask=None if frames_mask is None else frames_mask[chunk],  # [b, K, T]
         )
         finals.append(scores.final[:, :k_eff].float().cpu())
     # video -> text: each video's top-K texts, scored by the model's video→text focused view
@@ -99,6 +102,7 @@ def score_matrices(
             frames_tokens[start : start + batch_size],  # [b, T, D]
             videos_cls[start : start + batch_size],  # [b, D]
             indicators[chunk],  # [b, K'', m, D]
+            frames_mask=None if frames_mask is None else frames_mask[start : start + batch_size],
         )
         finals_v.append(scores.final.float().cpu())
     model.train(was_training)
@@ -159,7 +163,13 @@ def evaluate(
     texts = [caption for captions in videos.captions for caption in captions]
     indicators = _encode_texts(model, texts, batch_size, progress)  # [M, m, D]
     mats = score_matrices(
-        model, indicators, features.cls, features.frames_tokens, k=k, batch_size=batch_size
+        model,
+        indicators,
+        features.cls,
+        features.frames_tokens,
+        k=k,
+        batch_size=batch_size,
+        frames_mask=frame_set.masks,
     )
     ranks = _ranks(mats, videos.captions)
     k_eff = mats["candidates"].shape[1]

@@ -256,3 +256,29 @@ def test_parse_sweep():
         "fusion_blocks": [1, 2],
         "head": ["listwise"],
     }
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+def test_score_matrices_ignore_padded_frames(head):
+    """Issue 13 §2 in evaluation: videos of 5 real frames padded to T = 8 (repeats + mask)
+    score as the unpadded videos, in both directions."""
+    from tb_reranker.training.evaluate import score_matrices
+
+    model = TokenBinder(TokenBinderConfig.tiny(head=head, top_k=4)).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in model.fusion.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    indicators = torch.nn.functional.normalize(torch.randn(9, 4, 64, generator=generator), dim=-1)
+    tokens = torch.nn.functional.normalize(torch.randn(6, 5, 64, generator=generator), dim=-1)
+    cls = model.pool_cls(tokens)
+    padded = torch.cat([tokens, tokens[:, -1:].expand(-1, 3, -1)], dim=1)
+    mask = torch.arange(8).expand(6, 8) < 5
+    expected = score_matrices(model, indicators, cls, tokens, k=4, batch_size=4)
+    got = score_matrices(model, indicators, cls, padded, k=4, batch_size=4, frames_mask=mask)
+    unmasked = score_matrices(model, indicators, cls, padded, k=4, batch_size=4)
+    assert not torch.allclose(unmasked["final"], expected["final"], atol=1e-4)
+    for name in ("candidates", "candidates_v"):
+        assert torch.equal(got[name], expected[name])
+    for name in ("final", "final_v"):
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
