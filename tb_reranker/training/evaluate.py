@@ -159,20 +159,10 @@ def evaluate(
     fingerprint).
     """
     videos: VideoCaptionSet = as_video_caption_set(dataset)
-    k = int(k if k is not None else model.top_k)
-    if k < 1:
-        raise InvalidInputError(f"k must be >= 1, got {k}")
-    if v2t_protocol not in V2T_PROTOCOLS:
-        raise InvalidInputError(f"v2t_protocol must be one of {list(V2T_PROTOCOLS)}")
-    if ties not in TIES:
-        raise InvalidInputError(f"ties must be one of {list(TIES)}, got {ties!r}")
+    k = _check_settings(int(k if k is not None else model.top_k), v2t_protocol, ties)
     device = next(model.parameters()).device
     frame_set = load_model_frames(
-        model,
-        videos,
-        cache_dir=cache_dir,
-        workers=workers,
-        progress=progress,
+        model, videos, cache_dir=cache_dir, workers=workers, progress=progress
     )
     videos = frame_set.videos
     features = load_features(
@@ -224,6 +214,17 @@ def evaluate(
         k_eff,
     )
     return result
+
+
+def _check_settings(k: int, v2t_protocol: str, ties: str) -> int:
+    """``k`` once ``k``, the video→text protocol and the tie rule are known valid."""
+    if k < 1:
+        raise InvalidInputError(f"k must be >= 1, got {k}")
+    if v2t_protocol not in V2T_PROTOCOLS:
+        raise InvalidInputError(f"v2t_protocol must be one of {list(V2T_PROTOCOLS)}")
+    if ties not in TIES:
+        raise InvalidInputError(f"ties must be one of {list(TIES)}, got {ties!r}")
+    return k
 
 
 def _metrics_of(
