@@ -428,8 +428,9 @@ class FocusedFusion(nn.Module):
         for block in self.blocks:
             x = block.kv_inputs(real_tokens, real_positions)  # [R, D]
             per_block.append(torch.stack([block.k_proj(x), block.v_proj(x)], dim=1))
-        kv = frames_tokens.new_zeros(num_videos, num_tokens, self.num_blocks, 2, width)
-        kv = kv.index_put((rows, cols), torch.stack(per_block, dim=1))  # [R, n_blocks, 2, D] in
+        projected = torch.stack(per_block, dim=1)  # [R, n_blocks, 2, D] (autocast's dtype)
+        kv = projected.new_zeros(num_videos, num_tokens, self.num_blocks, 2, width)
+        kv = kv.index_put((rows, cols), projected)
         return kv.permute(0, 2, 3, 1, 4).contiguous()  # [N, n_blocks, 2, T', D]
 
     def forward(
