@@ -56,6 +56,7 @@ class FusionBatch:
     cand_cls: torch.Tensor  # [B, K, D]
     cand_mask: torch.Tensor | None  # [B, K]; None when no query needs padding
     timestamps: np.ndarray  # [B, K, T] seconds
+    frames_mask: torch.Tensor | None = None  # [B, K, T]: False = padded frame; None = all real
     kv_free: bool = False  # cand_kv holds the frame tokens: fuse K/V-free
 
     @property
@@ -133,6 +134,7 @@ def gather_batch(plans: Sequence[Plan], rows: Rows, top_k: int) -> FusionBatch |
     slots = torch.tensor(gather, dtype=torch.long, device=rows.kv.device)
     kv = take(rows.kv, slots)  # [n_blocks, 2, B*K, T', D]
     num_active = len(active)
+    frames_mask = rows.masks[gather]  # [B*K, T]
     return FusionBatch(
         active=active,
         sizes=sizes,
@@ -145,6 +147,11 @@ def gather_batch(plans: Sequence[Plan], rows: Rows, top_k: int) -> FusionBatch |
         ),
         timestamps=rows.timestamps[gather].reshape(num_active, k_max, -1),
         kv_free=rows.kv_free,
+        frames_mask=(
+            None
+            if frames_mask.all()
+            else torch.from_numpy(frames_mask.reshape(num_active, k_max, -1)).to(rows.cls.device)
+        ),
     )
 
 
@@ -164,6 +171,7 @@ def fuse(
             batch.cand_tokens if batch.kv_free else None,
             batch.cand_mask,
             cand_kv=None if batch.kv_free else batch.cand_kv,
+            frames_mask=batch.frames_mask,
             validate=False,
         )
     deltas = scores.delta.float().cpu().numpy().tolist()  # [B, K]

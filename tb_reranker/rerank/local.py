@@ -52,13 +52,16 @@ def _stack(records: dict[str, Any], ids: list[str], field: str, dtype: Any) -> n
     return np.stack([np.asarray(getattr(records[i], field), dtype=dtype) for i in ids])
 
 
-def _frames_mask(records: dict[str, Any], ids: list[str], num_frames: int) -> np.ndarray | None:
-    """``[N, T]`` valid-frame masks, or ``None`` when no record has one."""
-    masks = [getattr(records[i], "mask", None) for i in ids]
-    if all(mask is None for mask in masks):
-        return None
-    full = np.ones(num_frames, dtype=bool)
-    return np.stack([np.asarray(m, dtype=bool) if m is not None else full for m in masks])
+def _frames_mask(records: dict[str, Any], ids: list[str], num_frames: int) -> np.ndarray:
+    """``[N, T]`` real-frame masks (False = a padded, repeated frame). A record without a mask
+    (an old one) has all frames real; so has one whose mask marks none real, as
+    ``FrameRecord.video_cls`` reads it."""
+    masks = np.ones((len(ids), num_frames), dtype=bool)
+    for row, video_id in enumerate(ids):
+        mask = getattr(records[video_id], "mask", None)
+        if mask is not None and np.any(mask):
+            masks[row] = np.asarray(mask, dtype=bool)
+    return masks
 
 
 class Reranker:
@@ -198,20 +201,22 @@ class Reranker:
                 "store made by another model?"
             )
         frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
-        mask = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
+        masks = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
         with torch.inference_mode():
+            frames_mask = None if masks.all() else torch.from_numpy(masks).to(self.device)
             if self.cache_kv:
-                kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
+                # padded frames are not projected (zero K/V); the fusion masks them out
+                kv = self.model.project_candidates(frames_tokens, frames_mask)  # [N, n, 2, T', D]
                 kv = kv.permute(1, 2, 0, 3, 4).contiguous()  # [n_blocks, 2, N, T', D]
             else:  # K/V-free: the rows hold the tokens themselves
                 kv = frames_tokens.contiguous()[None, None]  # [1, 1, N, T', D]
-            frames_mask = None if mask is None else torch.from_numpy(mask).to(self.device)
             cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's pooling
         rows = Rows(
             index={video_id: n for n, video_id in enumerate(fetched)},
             kv=kv,
             cls=cls,
             timestamps=_stack(records, fetched, "timestamps", np.float32),  # [N, T]
+            masks=masks,  # [N, T]
         )
         return rows, {video_id: records[video_id].content_hash for video_id in fetched}
 

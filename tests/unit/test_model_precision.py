@@ -221,3 +221,29 @@ def test_serve_cache_flags_reach_the_components(flags, cache_kv, query_cache_siz
         assert reranker.cache.kv.shape[:2] == ((1, 2) if cache_kv else (1, 1))
     finally:
         components.reranker.store.close()
+
+
+def test_padded_frames_under_bfloat16_autocast() -> None:
+    """Masked projection and masked scoring run under bf16 autocast (the CUDA default) and stay
+    close to float32; padded frames get no attention there either."""
+    model = TokenBinder(TokenBinderConfig.tiny()).eval()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 3, 8, 64, generator=generator), dim=-1)
+    cls = torch.nn.functional.normalize(tokens.mean(2), dim=-1)
+    indicators = torch.nn.functional.normalize(torch.randn(2, 4, 64, generator=generator), dim=-1)
+    mask = torch.ones(2, 3, 8, dtype=torch.bool)
+    mask[0, 1, 5:] = False
+    finals = {}
+    for precision in ("float32", "bfloat16"):
+        model.precision = precision
+        with torch.inference_mode():
+            kv = model.project_candidates(tokens.reshape(6, 8, 64), mask.reshape(6, 8))
+            scores = model.focused_scores(
+                indicators, cls, cand_kv=kv.view(2, 3, *kv.shape[1:]), frames_mask=mask
+            )
+            direct = model.focused_scores(indicators, cls, tokens, frames_mask=mask)
+        assert kv.dtype == torch.float32
+        assert torch.equal(scores.frame_attention[~mask], torch.zeros(int((~mask).sum())))
+        torch.testing.assert_close(scores.final, direct.final, atol=2e-2, rtol=2e-2)
+        finals[precision] = scores.final
+    torch.testing.assert_close(finals["bfloat16"], finals["float32"], atol=2e-2, rtol=2e-2)
