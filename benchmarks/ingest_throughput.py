@@ -101,7 +101,7 @@ def measure_model(
         str(workdir / f"lite_{name}.db"),
         collection=f"bench_ingest_{name.replace('-', '_')}",
         dim=model.embed_dim,
-        fingerprint=model.fingerprint(),
+        fingerprint=model.vision_fingerprint(),
     )
     try:
         report = ingest(

@@ -1,19 +1,21 @@
-"""In-process rerank cost: ``Reranker.rerank`` vs K and batch size, with and without K/V cache.
+"""In-process rerank cost: ``Reranker.rerank`` vs K and batch size, warm and cold, with the
+frame tokens cached and fused K/V-free (the default) or the projected K/V cached (before).
 
-    .venv/bin/python -m benchmarks.rerank_cost [--threads 1] [--quick] [--out DIR]
+    .venv/bin/python -m benchmarks.rerank_cost [--threads 1] [--quick] [--ks 10] [--batches 1 64]
 
 A D=512, T=12, m=4 TokenBinder (tiny CLIP towers, paper-width fusion, symmetric head) over a real
 LMDB frame store of fp16 tokens. For every K in (5, 10, 20, 40) and batch in (1, 8, 64) it times
 whole ``Reranker.rerank`` calls (indicators and broad scores given, as the gRPC server receives
-them) with a warm K/V cache and with ``cache_size=0`` (store read + projection per call), and the
-bare fusion (``FocusedFusion`` on pre-stacked cached K/V) as the floor. Two model-level cold
-paths (store read, fp16 -> fp32 tokens, CLS pooling, ``focused_scores``, Δ and best frame to
-numpy; no Reranker bookkeeping) compare the K/V projection (``cold_projected``) with the
-K/V-free fusion of issue 12 (``cold_kv_free``, ``focused_scores(cand_tokens=...)``). All paths of
-one configuration are timed round-robin, call by call (the machine is shared and noisy: read the
-ratios). Targets, K=10: issue #6 (warm cache) p50 <= 1 ms for one query, >= 2,000 queries/s at
-batch 64; issue 12 (cold, K/V-free) p50 <= 1 ms, >= 2,500 queries/s at batch 64 with 2 threads.
-Prints JSON, writes ``rerank_cost.json`` + ``.png``.
+them) of four rerankers: ``rerank_cached`` / ``rerank_uncached`` = the default ``Reranker``
+(frame tokens cached, every candidate fused K/V-free with ``focused_scores(cand_tokens=)``) with
+a warm cache and with ``cache_size=0`` (store read per call: the cold path); ``kv_cached`` /
+``kv_uncached`` = ``Reranker(cache_kv=True)``, the path before issue 12 (projected K/V cached;
+a miss is projected); and the bare fusion on pre-stacked K/V as the floor. All paths of one
+configuration are timed round-robin, call by call (the machine is shared and noisy: read the
+ratios). ``kv_cache_break_even_hit_rate`` is the cache hit rate above which caching the K/V
+would be cheaper per call than the default. Targets, K=10: issue #6 (warm) p50 <= 1 ms for one
+query, >= 2,000 queries/s at batch 64; issue 12 (cold, store read included) p50 <= 1 ms,
+>= 2,500 queries/s at batch 64 with 2 threads. Prints JSON, writes ``rerank_cost.json`` + ``.png``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from benchmarks.common import (
     configure_threads,
     emit,
     environment,
+    plot_bars,
     plot_lines,
     summarize,
 )
@@ -84,33 +87,6 @@ def _requests(
         scores = [sorted(rng.uniform(0.1, 0.4, k).tolist(), reverse=True) for _ in range(batch)]
         requests.append((indicators, ids, scores))
     return requests
-
-
-def _cold_call(model: Any, store: Any, request: tuple[Any, ...], *, kv_free: bool) -> Any:
-    """The cold path at model level: store read, tokens to float32, CLS pooling, fusion with
-    (``kv_free``) the K/V-free path or the K/V projection, Δ and best frame to numpy."""
-    import torch
-
-    indicators, ids, _ = request
-    flat = [video_id for row in ids for video_id in row]
-    records = store.get_many(flat)
-    tokens = torch.from_numpy(
-        np.stack([np.asarray(records[i].tokens) for i in flat]).astype(np.float32)
-    ).to(model.device)  # [B*K, T, D]
-    batch, k = len(ids), len(ids[0])
-    with torch.inference_mode():
-        cand_cls = model.pool_cls(tokens).view(batch, k, -1)
-        queries = torch.from_numpy(indicators).to(model.device)
-        if kv_free:
-            scores = model.focused_scores(
-                queries, cand_cls, tokens.view(batch, k, *tokens.shape[1:]), validate=False
-            )
-        else:
-            kv = model.project_candidates(tokens)
-            scores = model.focused_scores(
-                queries, cand_cls, cand_kv=kv.view(batch, k, *kv.shape[1:]), validate=False
-            )
-        return scores.delta.cpu().numpy(), scores.frame_attention.argmax(-1).cpu().numpy()
 
 
 def _round_robin(
@@ -165,13 +141,22 @@ def measure(
     )
     rng = np.random.default_rng(seed + 1000 * k + batch)
     requests = _requests(rng, num_videos, batch, k, count=4)
-    cached = Reranker(model, store, cache_size=num_videos + 16)
-    uncached = Reranker(model, store, cache_size=0)
-    for indicators, ids, scores in requests:  # warm the cache (and check the results agree)
-        warm = cached.rerank(indicators, ids, scores)
-        cold = uncached.rerank(indicators, ids, scores)
-        for a, b in zip(warm, cold, strict=True):
-            assert [c.id for c in a.candidates] == [c.id for c in b.candidates]
+    rerankers = {
+        "rerank_cached": Reranker(model, store, cache_size=num_videos + 16),
+        "rerank_uncached": Reranker(model, store, cache_size=0),
+        "kv_cached": Reranker(model, store, cache_size=num_videos + 16, cache_kv=True),
+        "kv_uncached": Reranker(model, store, cache_size=0, cache_kv=True),
+    }
+    for indicators, ids, scores in requests:  # warm the caches; the four paths agree
+        reference = rerankers["kv_uncached"].rerank(indicators, ids, scores)
+        for reranker in rerankers.values():
+            for got, want in zip(reranker.rerank(indicators, ids, scores), reference, strict=True):
+                np.testing.assert_allclose(
+                    [c.score for c in got.candidates],
+                    [c.score for c in want.candidates],
+                    rtol=1e-4,
+                    atol=1e-5,
+                )
     # bare fusion: the same candidates' K/V already stacked [B, K, n_blocks, 2, T, D]
     bare_inputs = []
     with torch.inference_mode():
@@ -194,26 +179,12 @@ def measure(
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
 
-    for request in requests:  # the two cold paths agree
-        projected = _cold_call(model, store, request, kv_free=False)
-        kv_free = _cold_call(model, store, request, kv_free=True)
-        np.testing.assert_allclose(kv_free[0], projected[0], rtol=1e-4, atol=1e-5)
-    timings = _round_robin(
-        {
-            "rerank_cached": _cycle([lambda r=r: cached.rerank(*r) for r in requests]),
-            "rerank_uncached": _cycle([lambda r=r: uncached.rerank(*r) for r in requests]),
-            "bare_fusion": _cycle([lambda q=q, kv=kv: bare(q, kv) for q, kv in bare_inputs]),
-            "cold_projected": _cycle(
-                [lambda r=r: _cold_call(model, store, r, kv_free=False) for r in requests]
-            ),
-            "cold_kv_free": _cycle(
-                [lambda r=r: _cold_call(model, store, r, kv_free=True) for r in requests]
-            ),
-        },
-        warmup=2,
-        repeats=repeats,
-        max_seconds=max_seconds,
-    )
+    calls = {
+        name: _cycle([lambda r=r, rr=reranker: rr.rerank(*r) for r in requests])
+        for name, reranker in rerankers.items()
+    }
+    calls["bare_fusion"] = _cycle([lambda q=q, kv=kv: bare(q, kv) for q, kv in bare_inputs])
+    timings = _round_robin(calls, warmup=2, repeats=repeats, max_seconds=max_seconds)
     row: dict[str, Any] = {"K": k, "batch": batch}
     for name, timing in timings.items():
         row[name] = {
@@ -221,15 +192,66 @@ def measure(
             "ms_per_query": round(timing.median_ms / batch, 4),
             "queries_per_s": round(batch * 1e3 / timing.median_ms, 1),
         }
-    cached_ms = timings["rerank_cached"].median_ms
-    row["cached_over_uncached"] = round(cached_ms / timings["rerank_uncached"].median_ms, 4)
-    row["cached_over_bare"] = round(cached_ms / timings["bare_fusion"].median_ms, 3)
-    row["cold_projected_over_kv_free"] = round(
-        timings["cold_projected"].median_ms / timings["cold_kv_free"].median_ms, 3
+    median = {name: timing.median_ms for name, timing in timings.items()}
+    row["uncached_over_cached"] = round(median["rerank_uncached"] / median["rerank_cached"], 3)
+    row["cached_over_bare"] = round(median["rerank_cached"] / median["bare_fusion"], 3)
+    row["kv_uncached_over_uncached"] = round(median["kv_uncached"] / median["rerank_uncached"], 3)
+    row["cached_over_kv_cached"] = round(median["rerank_cached"] / median["kv_cached"], 3)
+    # hit rate h above which h·kv_cached + (1-h)·kv_uncached < h·cached + (1-h)·uncached
+    miss_saving = median["kv_uncached"] - median["rerank_uncached"]
+    hit_saving = median["rerank_cached"] - median["kv_cached"]
+    row["kv_cache_break_even_hit_rate"] = (
+        None if hit_saving <= 0 else round(max(miss_saving, 0.0) / (miss_saving + hit_saving), 3)
     )
-    row["kv_free_over_cached"] = round(timings["cold_kv_free"].median_ms / cached_ms, 3)
-    row["cache_hit_rate"] = round(cached.cache.hit_rate, 4)
+    row["cache_hit_rate"] = round(rerankers["rerank_cached"].cache.hit_rate, 4)
     return row
+
+
+PATHS = (
+    ("rerank_cached", "warm (tokens cached)"),
+    ("rerank_uncached", "cold, K/V-free"),
+    ("kv_cached", "warm K/V cache (before)"),
+    ("kv_uncached", "cold, projected (before)"),
+)
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """ms per query of the four ``Reranker`` paths: lines over K, or bars when one K ran."""
+    rows = result["results"]
+    title = f"Reranker.rerank cost (T={FRAMES}, D={DIM}, threads={result['environment']['torch_threads']})"
+    ks = sorted({r["K"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    if len(ks) == 1:
+        return plot_bars(
+            path,
+            [f"K={ks[0]}, batch {b}" for b in batches],
+            {
+                label: [
+                    next(r for r in rows if r["batch"] == b)[name]["ms_per_query"] for b in batches
+                ]
+                for name, label in PATHS
+            },
+            title=title,
+            ylabel="ms per query (median)",
+            logy=True,
+        )
+    series = {}
+    for batch in batches:
+        for name, label in PATHS:
+            points = [r for r in rows if r["batch"] == batch]
+            series[f"B={batch} {label}"] = (
+                [r["K"] for r in points],
+                [r[name]["ms_per_query"] for r in points],
+            )
+    return plot_lines(
+        path,
+        series,
+        title=title,
+        xlabel="K candidates per query",
+        ylabel="ms per query (median)",
+        logx=True,
+        logy=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -242,11 +264,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--max-seconds", type=float, default=4.0, help="time cap per timing")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (model and fusion)")
+    parser.add_argument(
+        "--ks", type=int, nargs="+", help="K values of the grid (default 5 10 20 40)"
+    )
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 64)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     configure_threads(args.threads)
-    ks = (5, 10) if args.quick else (5, 10, 20, 40)
-    batches = (1, 8) if args.quick else (1, 8, 64)
+    ks = tuple(args.ks) if args.ks else (5, 10) if args.quick else (5, 10, 20, 40)
+    batches = tuple(args.batches) if args.batches else (1, 8) if args.quick else (1, 8, 64)
     num_videos = 200 if args.quick else args.videos
     repeats = 5 if args.quick else args.repeats
     target_repeats = 20 if args.quick else args.target_repeats
@@ -294,8 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             store.close()
     p50_ms = p50_row["rerank_cached"]["median_ms"]
     qps = qps_row["rerank_cached"]["queries_per_s"]
-    cold_p50_ms = p50_row["cold_kv_free"]["median_ms"]
-    cold_qps = qps_row["cold_kv_free"]["queries_per_s"]
+    cold_p50_ms = p50_row["rerank_uncached"]["median_ms"]
+    cold_qps = qps_row["rerank_uncached"]["queries_per_s"]
     result: dict[str, Any] = {
         "benchmark": "rerank_cost",
         "quick": args.quick,
@@ -324,51 +350,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "cold_p50_ms_one_query_K10": {
                 "measured": round(cold_p50_ms, 4),
-                "p95_ms": p50_row["cold_kv_free"]["p95_ms"],
+                "p95_ms": p50_row["rerank_uncached"]["p95_ms"],
                 "target": TARGET_COLD_P50_MS,
                 "met": cold_p50_ms <= TARGET_COLD_P50_MS,
-                "cold_projected_ms": p50_row["cold_projected"]["median_ms"],
-                "reranker_uncached_ms": p50_row["rerank_uncached"]["median_ms"],
-                "reranker_cached_ms": p50_ms,
+                "before_kv_uncached_ms": p50_row["kv_uncached"]["median_ms"],
+                "warm_ms": p50_ms,
+                "before_kv_cached_ms": p50_row["kv_cached"]["median_ms"],
             },
             "cold_queries_per_s_batch64_K10": {
                 "batch": qps_row["batch"],
                 "measured": cold_qps,
                 "target": TARGET_COLD_QPS,
                 "met": cold_qps >= TARGET_COLD_QPS,
-                "cold_projected_queries_per_s": qps_row["cold_projected"]["queries_per_s"],
-                "reranker_uncached_queries_per_s": qps_row["rerank_uncached"]["queries_per_s"],
-                "reranker_cached_queries_per_s": qps,
+                "before_kv_uncached_queries_per_s": qps_row["kv_uncached"]["queries_per_s"],
+                "warm_queries_per_s": qps,
+                "before_kv_cached_queries_per_s": qps_row["kv_cached"]["queries_per_s"],
             },
         },
         "results": rows,
+        "target_rows": [p50_row, qps_row],
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
     if not args.no_plot:
-        series = {}
-        for batch in batches:
-            for name, label in (
-                ("rerank_cached", "cached"),
-                ("rerank_uncached", "no cache"),
-                ("bare_fusion", "bare fusion"),
-                ("cold_kv_free", "cold, K/V-free"),
-            ):
-                points = [r for r in rows if r["batch"] == batch]
-                series[f"B={batch} {label}"] = (
-                    [r["K"] for r in points],
-                    [r[name]["ms_per_query"] for r in points],
-                )
-        result["plot"] = str(
-            plot_lines(
-                args.out / "rerank_cost.png",
-                series,
-                title=f"Reranker.rerank cost (T={FRAMES}, D={DIM}, threads={result['environment']['torch_threads']})",
-                xlabel="K candidates per query",
-                ylabel="ms per query (median)",
-                logx=True,
-                logy=True,
-            )
-        )
+        result["plot"] = str(plot(result, args.out / "rerank_cost.png"))
     emit("rerank_cost", result, args.out)
     return result
 

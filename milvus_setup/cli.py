@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_action: bool = True) 
     parser.add_argument(
         "--dim", type=int, default=None, help="vector dimension D (create: required)"
     )
-    parser.add_argument("--fingerprint", default=None, help="model fingerprint to record/check")
+    parser.add_argument(
+        "--fingerprint", default=None, help="vision fingerprint of the model to record/check"
+    )
     parser.add_argument(
         "--index-type", default="HNSW", choices=("HNSW", "AUTOINDEX", "FLAT", "IVF_FLAT")
     )

@@ -58,6 +58,8 @@ class Client:
         strict: in remote mode, raise instead of degrading to broad-only results.
         data_dir: root of the embedded defaults.
         model: an already loaded ``TokenBinder`` (skips ``checkpoint``).
+        query_cache_size: encoded query texts kept in an LRU keyed by text and the text side's
+            model fingerprint (``TB_QUERY_CACHE_SIZE``, default 1024); 0 turns it off.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Client:
         strict: bool = False,
         data_dir: str | None = None,
         model: TokenBinder | None = None,
+        query_cache_size: int | None = None,
     ) -> None:
         self.settings = Settings.from_env(
             data_dir=data_dir,
@@ -87,7 +90,11 @@ class Client:
             reranker_token=reranker_token,
             device=device,
             timeout=timeout,
+            query_cache_size=query_cache_size,
         )
+        from tb_reranker.rerank.query_cache import QueryCache
+
+        self.query_cache = QueryCache(self.settings.query_cache_size)
         self.strict = strict
         if self.is_remote:  # a malformed target is a configuration error now, not a retry later
             from tb_reranker.auth import check_token
@@ -141,7 +148,8 @@ class Client:
                 token=self.settings.milvus_token,
                 collection=self.settings.collection,
                 dim=model.embed_dim,
-                fingerprint=model.fingerprint(),
+                fingerprint=model.vision_fingerprint(),
+                model_fingerprint=model.fingerprint(),
             )
         return self._index
 
@@ -221,6 +229,7 @@ class Client:
                 self._backend(),
                 limits=self._limits,
                 degrade=self.is_remote and not self.strict,
+                query_cache=self.query_cache,
             )
         return self._pipeline
 
@@ -228,7 +237,12 @@ class Client:
         return self._model is not None or (Path(self.settings.checkpoint) / "config.json").exists()
 
     def _backend(self) -> RerankBackend:
-        from tb_reranker.rerank.backend import InProcessBackend, ModelInfo, encode_texts
+        from tb_reranker.rerank.backend import (
+            InProcessBackend,
+            ModelInfo,
+            encode_texts,
+            query_fingerprint,
+        )
 
         if not self.is_remote:
             return InProcessBackend(self.reranker)
@@ -236,7 +250,10 @@ class Client:
 
         model = self.model
         return RemoteBackend(
-            self.remote, encode=functools.partial(encode_texts, model), info=ModelInfo.of(model)
+            self.remote,
+            encode=functools.partial(encode_texts, model),
+            info=ModelInfo.of(model),
+            fingerprint=functools.partial(query_fingerprint, model),
         )
 
     def delete(self, ids: Sequence[str], *, missing_ok: bool = True) -> int:

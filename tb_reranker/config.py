@@ -67,6 +67,7 @@ class Settings:
     reranker_token: str = ""  # bearer token for the sidecar
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     top_k: int = 10  # K: candidates the focused view compares jointly
+    query_cache_size: int = 1024  # encoded query texts kept (LRU, ~6 KiB each); 0 = off
     timeout: float = 30.0  # seconds, default deadline of remote calls
 
     @classmethod

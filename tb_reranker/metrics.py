@@ -19,6 +19,19 @@ truth among tied items is a convention, chosen with ``ties=``:
 With several ground truths per query (video->text: a video has several captions) the rank is
 that of the best-ranked ground truth, i.e. of the highest ground-truth score, and the other
 ground truths never count against it.
+
+Video->text on datasets with several captions per video (MSVD, VATEX...). Two protocols, chosen
+with ``protocol=`` of :func:`v2t_ranks`:
+
+- ``"videos"`` (default; the published one, CLIP4Clip's ``tensor_video_to_text_sim`` and the
+  papers that reuse it): a video query ranks the N videos, each represented by its best caption
+  for that query (the maximum score over its captions); the rank is its own video's. Ranks lie in
+  ``[1, N]``, so these numbers compare with published ones.
+- ``"captions"``: the video's best caption is ranked against every other caption (of any video);
+  a competitor video with several captions above it counts several times. Ranks lie in
+  ``[1, M - C_v + 1]``; not comparable with published figures on multi-caption datasets.
+
+With one caption per video both are the same.
 """
 
 from __future__ import annotations
@@ -30,10 +43,19 @@ import numpy as np
 
 from tb_reranker.errors import InvalidInputError
 
-__all__ = ["TIES", "ranks_from_scores", "retrieval_metrics", "rerank_topk"]
+__all__ = [
+    "TIES",
+    "V2T_PROTOCOLS",
+    "ranks_from_scores",
+    "retrieval_metrics",
+    "rerank_topk",
+    "v2t_ranks",
+]
 
 TIES = ("pessimistic", "optimistic", "mean")
 Ties = Literal["pessimistic", "optimistic", "mean"]
+V2T_PROTOCOLS = ("videos", "captions")
+V2TProtocol = Literal["videos", "captions"]
 
 _ROWS_PER_CHUNK = 1024  # bounds the [chunk, N] temporaries of ranks_from_scores
 
@@ -117,6 +139,54 @@ def ranks_from_scores(
             tied_truths = np.count_nonzero(chunk_mask & (chunk == best), axis=1)  # [C], >= 1
             ranks[start : start + len(chunk)] = 1 + higher + tied / (tied_truths + 1)
     return ranks if ties == "mean" else ranks.astype(np.int64)
+
+
+def v2t_ranks(
+    scores: Any,
+    texts_videos: Sequence[int] | Any,
+    *,
+    protocol: V2TProtocol = "videos",
+    ties: Ties = "pessimistic",
+) -> np.ndarray:
+    """1-based video->text rank of each video's own captions (module docstring: protocols).
+
+    Args:
+        scores: ``[N, M]`` similarity of video ``v`` (query) to text ``t``.
+        texts_videos: ``[M]`` the video each text describes (every video needs one or more).
+        protocol: ``"videos"`` (default, published) or ``"captions"``.
+        ties: the tie rule of :func:`ranks_from_scores`.
+
+    Returns:
+        ``[N]`` ranks: int64, or float64 for ``ties="mean"``.
+    """
+    if protocol not in V2T_PROTOCOLS:
+        raise InvalidInputError(f"protocol must be one of {list(V2T_PROTOCOLS)}, got {protocol!r}")
+    scores = _as_array(scores, "scores", ndim=2)
+    num_videos, num_texts = scores.shape
+    if hasattr(texts_videos, "detach"):
+        texts_videos = texts_videos.detach().to("cpu").numpy()
+    owners = np.asarray(texts_videos)
+    if owners.shape != (num_texts,) or (
+        owners.size and not np.issubdtype(owners.dtype, np.integer)
+    ):
+        raise InvalidInputError(
+            f"texts_videos must be {num_texts} integer video indices, got {owners.dtype} "
+            f"{owners.shape}"
+        )
+    if owners.size and (owners.min() < 0 or owners.max() >= num_videos):
+        raise InvalidInputError(f"texts_videos holds a video index outside [0, {num_videos})")
+    counts = np.bincount(owners, minlength=num_videos) if owners.size else np.zeros(num_videos)
+    if num_videos == 0 or not counts.all():
+        raise InvalidInputError("every video needs at least one caption among the texts")
+    if protocol == "captions":
+        texts_of: list[list[int]] = [[] for _ in range(num_videos)]
+        for text, video in enumerate(owners.tolist()):
+            texts_of[video].append(text)
+        return ranks_from_scores(scores, texts_of, ties=ties)
+    order = np.argsort(owners, kind="stable")  # texts grouped by video
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.intp)
+    best = np.maximum.reduceat(scores[:, order], starts, axis=1)  # [N, N]: best caption per video
+    return ranks_from_scores(best, np.arange(num_videos), ties=ties)
 
 
 def retrieval_metrics(ranks: Any, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float | int]:

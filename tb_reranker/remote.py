@@ -18,12 +18,15 @@ retriable (a corrupt store entry, ``StoreError``); every other status maps strai
 statuses from the transport itself, to the type of ``wire.status.STATUS_ERRORS``.
 
 The queries of one ``rerank``/``search`` call are sent as concurrent RPCs, which the server's
-micro-batcher fuses into one device batch.
+micro-batcher fuses into one device batch. A target that resolves to several sidecars
+(``dns:///rerankers.internal:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``) has its calls
+spread over all of them by gRPC's round_robin load balancing (``docs/scaling.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -103,11 +106,19 @@ def _tls_config(tls: TLSConfig | bool | None) -> TLSConfig | None:
     raise InvalidInputError(f"tls must be a TLSConfig, True or None, got {type(tls).__name__}")
 
 
+# gRPC's own client-side load balancing: every address the target resolves to (a headless
+# Service's DNS name, ``dns:///host:port``, ``ipv4:a:p1,b:p2``) gets a connection and calls go
+# round robin over the ready ones (gRPC's default, pick_first, sends them all to one replica).
+# Used as the default service config: one that a resolver returns itself takes precedence.
+ROUND_ROBIN_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 def _channel_options(tls: TLSConfig | None, max_message_bytes: int) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 0),  # retries are ours (UNAVAILABLE only, with backoff)
+        ("grpc.service_config", ROUND_ROBIN_SERVICE_CONFIG),
     ]
     if tls is not None and tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
@@ -253,7 +264,8 @@ class RemoteReranker(_RemoteBase):
     """The ``Reranker`` verbs over gRPC.
 
     Args:
-        target: ``host:port`` of ``tb serve``.
+        target: ``host:port`` of ``tb serve``, or a gRPC target naming several (``dns:///name:port``,
+            ``ipv4:a:port,b:port``): calls go round robin over every address it resolves to.
         token: bearer token (``tb serve --token``).
         tls: ``TLSConfig`` (or True for system roots); None = plaintext.
         timeout: deadline of each call, seconds.
@@ -381,6 +393,11 @@ class RemoteReranker(_RemoteBase):
     def fingerprint(self) -> str:
         return str(self._model_info()["model_fingerprint"])
 
+    @property
+    def vision_fingerprint(self) -> str:
+        """The served model's vision fingerprint ("" from a sidecar older than the field)."""
+        return str(self._model_info().get("vision_fingerprint", ""))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -399,6 +416,8 @@ class RemoteBackend:
         remote: the ``RemoteReranker`` of the sidecar.
         encode: validated texts → indicators ``[Q, m, D]`` in this process (None: the sidecar).
         info: the model's ``ModelInfo`` when known here (None: asked from the sidecar once).
+        fingerprint: the local encoder's ``query_fingerprint`` (None: encoded queries are not
+            cached by the search pipeline).
     """
 
     def __init__(
@@ -407,10 +426,12 @@ class RemoteBackend:
         *,
         encode: Callable[[Sequence[str]], np.ndarray] | None = None,
         info: ModelInfo | None = None,
+        fingerprint: Callable[[], str] | None = None,
     ) -> None:
         self.remote = remote
         self._encode = encode
         self._info = info
+        self._fingerprint = fingerprint if encode is not None else None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         if self._encode is not None:
@@ -424,6 +445,9 @@ class RemoteBackend:
         if self._info is None:
             self._info = self.remote.model_info()
         return self._info
+
+    def query_fingerprint(self) -> str | None:
+        return None if self._fingerprint is None else self._fingerprint()
 
     def __repr__(self) -> str:
         return f"RemoteBackend({self.remote!r})"

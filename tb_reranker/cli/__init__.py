@@ -17,6 +17,7 @@ __all__ = ["main", "build_parser"]
 
 # command group modules (tb_reranker.cli.<name>), each exposing register(subparsers)
 COMMAND_MODULES = (
+    "init",
     "synth",
     "train",
     "evaluate",
@@ -59,7 +60,8 @@ class _DropLiteNoise(logging.Filter):
 
 
 def _configure_logging(verbose: bool, quiet: bool = False) -> None:
-    """Our loggers at INFO (DEBUG with -v; WARNING for quiet commands), third parties at WARNING."""
+    """Our loggers at INFO (DEBUG with -v; WARNING for quiet commands, progress lines aside),
+    third parties at WARNING."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_DropLiteNoise())
@@ -69,6 +71,8 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     ours = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
     for name in ("tb_reranker", "milvus_setup"):
         logging.getLogger(name).setLevel(ours)
+    # progress lines (off a terminal, in place of bars) show in quiet commands too
+    logging.getLogger("tb_reranker.progress").setLevel(min(ours, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,24 @@ EVAL_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--workers", "workers", int, "video decoding threads", fallback=2),
     EnvOption("--threads", "threads", int, "torch CPU threads (torch default)"),
     EnvOption("--device", "device", str, "auto, cpu, cuda, cuda:N", fallback="auto"),
+    EnvOption(
+        "--v2t-protocol",
+        "v2t_protocol",
+        str,
+        "video→text protocol: videos (published: videos ranked, each by its best caption) or "
+        "captions (the best own caption ranked among all captions)",
+        choices=("videos", "captions"),
+        fallback="videos",
+    ),
+    EnvOption(
+        "--ties",
+        "ties",
+        str,
+        "tie rule of the main numbers: pessimistic, optimistic or mean (the result also holds "
+        "optimistic ties, the published rule)",
+        choices=("pessimistic", "optimistic", "mean"),
+        fallback="pessimistic",
+    ),
     EnvOption("--plot", "plot", str, "write recall@k curves to this PNG"),
     EnvOption("--json", "json", parse_bool, "print JSON", switch=True),
     EnvOption("--no-progress", "no_progress", parse_bool, "no progress bars", switch=True),
@@ -99,6 +117,8 @@ def run_eval(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         workers=args.workers,
         progress=not args.no_progress,
+        v2t_protocol=args.v2t_protocol,
+        ties=args.ties,
     )
     result["checkpoint"] = str(args.checkpoint)
     result["fingerprint"] = model.fingerprint()

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         model = client.model
         info["model"] = {
             "fingerprint": model.fingerprint(),
+            "vision_fingerprint": model.vision_fingerprint(),
+            "query_fingerprint": model.query_fingerprint(),
             "embed_dim": model.embed_dim,
             "num_indicators": model.num_indicators,
             "num_frames": model.num_frames,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "batch_size": args.batch_size,
         "workers": args.workers,
-        "progress": not args.no_progress and sys.stderr.isatty(),
+        "progress": not args.no_progress,  # a bar on a terminal, log lines elsewhere
     }
     if args.metadata:
         options["metadata"] = _read_json_object(args.metadata, "metadata")

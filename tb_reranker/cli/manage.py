@@ -1,4 +1,5 @@
-"""``tb collection create|describe|drop|check-schema``, ``tb delete ID...``, ``tb check [--repair]``."""
+"""``tb collection create|describe|drop|check-schema``, ``tb delete ID...``, ``tb check [--repair]``,
+``tb migrate``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dim", type=int, default=None, help="vector dim (default: the checkpoint's)"
     )
     collection.add_argument(
-        "--fingerprint", default=None, help="model fingerprint (default: the checkpoint's)"
+        "--fingerprint",
+        default=None,
+        help="vision fingerprint of the model that fills it (default: the checkpoint's)",
     )
     collection.add_argument("--yes", action="store_true", help="drop without asking")
     add_client_args(collection)
@@ -50,6 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_client_args(check)
     check.set_defaults(func=run_check)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="record the vision fingerprint on a collection and store written before it existed",
+        description="Collections and stores written before the identity was split carry the "
+        "whole-model fingerprint, so only that exact checkpoint may serve them. Given that "
+        "checkpoint (--checkpoint), `tb migrate` verifies it filled them and records its vision "
+        "fingerprint instead (no video is decoded or encoded); then any checkpoint with the same "
+        "vision side (e.g. trained with --freeze-backbone from it) serves them as they are. "
+        "Idempotent; another checkpoint is refused and nothing is written.",
+    )
+    migrate.add_argument("--json", action="store_true", help="print JSON")
+    add_client_args(migrate)
+    migrate.set_defaults(func=run_migrate)
+
 
 def _settings(args: argparse.Namespace) -> Any:
     from tb_reranker.config import Settings
@@ -65,7 +82,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _model_facts(settings: Any, args: argparse.Namespace) -> tuple[int | None, str | None]:
-    """dim and fingerprint from the flags, else from the checkpoint when one exists."""
+    """dim and (vision) fingerprint from the flags, else from the checkpoint when one exists."""
     dim, fingerprint = args.dim, args.fingerprint
     if dim is None or fingerprint is None:
         from pathlib import Path
@@ -75,7 +92,7 @@ def _model_facts(settings: Any, args: argparse.Namespace) -> tuple[int | None, s
 
             model = load_checkpoint(settings.checkpoint, device="cpu")
             dim = model.embed_dim if dim is None else dim
-            fingerprint = model.fingerprint() if fingerprint is None else fingerprint
+            fingerprint = model.vision_fingerprint() if fingerprint is None else fingerprint
     return dim, fingerprint
 
 
@@ -156,3 +173,33 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"lost {video_id}: re-ingest {uri or '(source unknown)'}")
         print("OK" if report.ok or report.repaired else "disagreements found (run with --repair)")
     return 0 if report.ok or report.repaired else 1
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    from tb_reranker.index import VideoIndex, migrate
+
+    with client_from_args(args) as client:
+        model = client.model  # NotFoundError (exit 2) without a checkpoint
+        settings = client.settings
+        # bound to no model: it reads what the collection records, whatever that is
+        index = VideoIndex(
+            settings.milvus_uri, token=settings.milvus_token, collection=settings.collection
+        )
+        try:
+            report = migrate(model=model, index=index, store=client.store)
+        finally:
+            index.close()
+    if args.json:
+        print_json(report.to_dict())
+    elif report.changed:
+        print(
+            f"migrated collection {report.collection!r} (was {report.was}): vision fingerprint "
+            f"{report.vision_fingerprint} recorded, {report.records_rewritten} store records "
+            "rewritten; checkpoints with this vision side now serve it"
+        )
+    else:
+        print(
+            f"collection {report.collection!r} already records vision fingerprint "
+            f"{report.vision_fingerprint}: nothing to do"
+        )
+    return 0

@@ -8,7 +8,14 @@ Nothing heavy loads at import: pymilvus, lmdb, boto3 and torch are imported on f
 from __future__ import annotations
 
 from tb_reranker.index.ingest import IngestOptions, IngestReport, ingest
-from tb_reranker.index.maintenance import CheckReport, DeleteReport, check, delete
+from tb_reranker.index.maintenance import (
+    CheckReport,
+    DeleteReport,
+    MigrateReport,
+    check,
+    delete,
+    migrate,
+)
 from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.stores import (
     FrameRecord,
@@ -28,6 +35,8 @@ __all__ = [
     "ingest",
     "delete",
     "check",
+    "migrate",
+    "MigrateReport",
     "IngestOptions",
     "IngestReport",
     "CheckReport",

@@ -54,7 +54,7 @@ class IngestOptions:
         metadata: per video id (or path) a dict of user fields stored as Milvus dynamic fields
             (and in the frame record).
         ids: video id per path (mapping or function); default the file stem.
-        progress: show a tqdm progress bar (videos/s) on stderr.
+        progress: show progress (videos/s): a bar on a terminal, log lines elsewhere.
     """
 
     batch_size: int = 8
@@ -138,7 +138,8 @@ def ingest(
     Args:
         paths: files, directories (recursive), glob patterns and ``@list.txt`` files.
         model: a ``TokenBinder`` (its ``num_frames``, ``image_size``, ``image_mean/std`` drive
-            decoding; ``encode_frames`` makes the tokens; ``fingerprint()`` marks the collection).
+            decoding; ``encode_frames`` makes the tokens; ``vision_fingerprint()`` marks the
+            collection and the records).
         index: the Milvus index; the collection is created on first use.
         store: the frame-token store.
         options: an :class:`IngestOptions`; ``settings`` (its field names, e.g.
@@ -179,22 +180,29 @@ class Ingestion:
         self.index = index
         self.store = store
         self.options = options
-        self.fingerprint = str(model.fingerprint())
+        # the vision fingerprint marks the collection and every record written; records (and
+        # legacy collections) carrying this very model's whole-model fingerprint are current too
+        self.fingerprint = str(model.vision_fingerprint())
+        self.model_fingerprint = str(model.fingerprint())
         self.report = IngestReport()
         self.hashes: dict[str, str] = {}  # video id -> sha256 of its file
         self._bar: Any = None
 
     def run(self, videos: list[tuple[str, str]]) -> IngestReport:
         # same dim and fingerprint as the model; the collection created, or checked and loaded
-        self.index.bind(fingerprint=self.fingerprint, dim=int(self.model.embed_dim))
+        self.index.bind(
+            fingerprint=self.fingerprint,
+            dim=int(self.model.embed_dim),
+            model_fingerprint=self.model_fingerprint,
+        )
         self.index.create(exist_ok=True)
         plan = self.plan(videos)
         self.update_metadata(plan.update)
         total = len(plan.encode) + len(plan.reindex)
         if self.options.progress and total:
-            from tqdm import tqdm
+            from tb_reranker.progress import progress
 
-            self._bar = tqdm(total=total, unit="video", desc="ingest", dynamic_ncols=True)
+            self._bar = progress(total=total, unit="video", desc="ingest")
         try:
             self.reindex(plan.reindex)
             self.encode(plan.encode)
@@ -249,9 +257,9 @@ class Ingestion:
                 plan.unchanged += 1
 
     def _current(self, video_id: str, record: FrameRecord) -> bool:
-        """Whether ``record`` was made from this file by this model (or an unknown one)."""
+        """Whether ``record`` was made from this file by this vision model (or an unknown one)."""
         return record.content_hash == self.hashes[video_id] and (
-            not record.fingerprint or record.fingerprint == self.fingerprint
+            record.fingerprint in ("", self.fingerprint, self.model_fingerprint)
         )
 
     # ---------------------------------------------------------------- 2. metadata, re-index

@@ -1,4 +1,5 @@
-"""Delete videos, and check (and repair) the agreement of the Milvus index and the frame store.
+"""Delete videos, check (and repair) the agreement of the Milvus index and the frame store, and
+migrate a collection and store written before the vision fingerprint existed.
 
 Both keep the ingest pipeline's invariant: the store is written first and cleared last, so a
 Milvus row always has its tokens, except after damage that :func:`check` finds and repairs.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
@@ -16,7 +17,7 @@ from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.index.rows import READ_BATCH, video_row
 from tb_reranker.stores import FrameRecord, FrameStore, validate_video_ids
 
-__all__ = ["CheckReport", "DeleteReport", "check", "delete"]
+__all__ = ["CheckReport", "DeleteReport", "MigrateReport", "check", "delete", "migrate"]
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,16 @@ def check(
     if store_only not in ("reindex", "delete"):
         raise InvalidInputError(f"store_only must be 'reindex' or 'delete', got {store_only!r}")
     if model is not None and index.fingerprint is None:
-        index.bind(fingerprint=str(model.fingerprint()))
+        index.bind(
+            fingerprint=str(model.vision_fingerprint()), model_fingerprint=str(model.fingerprint())
+        )
     if not index.exists():
         raise NotFoundError(f"Milvus collection {index.collection!r} does not exist at {index.uri}")
+    stored = index.stored_identity()
     report = CheckReport(fingerprint_ok=index.check_fingerprint())
     if repair and not report.fingerprint_ok:
         raise ModelMismatchError(
-            f"collection {index.collection!r} was filled by model {index.stored_fingerprint()}, "
-            f"not the loaded {index.fingerprint}; refusing to repair with another model's tokens"
+            "refusing to repair with another model's tokens: " + index.mismatch_message(stored)
         )
     comparison = _Comparison(index, store, report)
     comparison.run()
@@ -256,3 +259,91 @@ class _Comparison:
         self.index.upsert(rows)
         self.index.flush()
         self.report.actions.append(f"re-indexed {len(rows)} videos from their stored tokens")
+
+
+@dataclass
+class MigrateReport:
+    """What one ``migrate`` call did."""
+
+    collection: str = ""
+    was: str = ""  # "legacy" (whole-model fingerprint), "vision" or "none"
+    vision_fingerprint: str = ""  # recorded on the collection and the store records
+    records_rewritten: int = 0  # store records whose fingerprint was rewritten
+    records_current: int = 0  # store records already carrying the vision fingerprint
+    changed: bool = False  # whether anything was written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "collection": self.collection,
+            "was": self.was,
+            "vision_fingerprint": self.vision_fingerprint,
+            "records_rewritten": self.records_rewritten,
+            "records_current": self.records_current,
+            "changed": self.changed,
+        }
+
+
+def migrate(*, model: Any, index: VideoIndex, store: FrameStore) -> MigrateReport:
+    """Record ``model``'s vision fingerprint on a collection and store written before the
+    identity was split (they carry the whole-model fingerprint), after verifying that ``model``
+    is the one that filled them. No video is decoded or encoded, no vector changes.
+
+    Order: the store's records first (tokens unchanged, only their fingerprint), the collection
+    property last, so a crash in between leaves a legacy collection that this same call finishes
+    when run again (it is idempotent). A collection already recording this vision fingerprint
+    only gets its stray legacy records rewritten.
+
+    Raises:
+        NotFoundError: no such collection.
+        ModelMismatchError: the collection (or a store record) was filled by another model:
+            nothing is written.
+    """
+    vision, whole = str(model.vision_fingerprint()), str(model.fingerprint())
+    if not index.exists():
+        raise NotFoundError(f"Milvus collection {index.collection!r} does not exist at {index.uri}")
+    stored = index.stored_identity()
+    report = MigrateReport(collection=index.collection, was=stored.kind, vision_fingerprint=vision)
+    if stored.kind == "legacy" and stored.value != whole:
+        raise ModelMismatchError(
+            f"collection {index.collection!r} was filled by model {stored.value}, not by this "
+            f"checkpoint ({whole}): give `tb migrate` the checkpoint that filled it (the "
+            "fingerprint is in its config.json), or re-index with this one"
+        )
+    if stored.kind == "vision" and stored.value != vision:
+        raise ModelMismatchError(
+            f"collection {index.collection!r} already records vision model {stored.value}, "
+            f"not this checkpoint's {vision}: nothing to migrate with it"
+        )
+    # every record must be this model's (or unmarked) before any is rewritten
+    ids = sorted(store.list_ids())
+    stale: list[str] = []
+    for start in range(0, len(ids), READ_BATCH):
+        records, unreadable = store.get_readable(ids[start : start + READ_BATCH])
+        for exc in unreadable.values():  # `tb check --repair` deals with those
+            log.warning("migrate: %s; left as it is", exc)
+        for video_id, record in records.items():
+            if record.fingerprint == vision:
+                report.records_current += 1
+            elif record.fingerprint in ("", whole):
+                stale.append(video_id)
+            else:
+                raise ModelMismatchError(
+                    f"store record {video_id!r} holds tokens of model {record.fingerprint}, "
+                    f"neither this checkpoint ({whole}) nor its vision side ({vision}): the "
+                    "store was not filled by it; nothing was migrated"
+                )
+    for start in range(0, len(stale), READ_BATCH):
+        records = store.get_many(stale[start : start + READ_BATCH])
+        store.put_many({i: replace(r, fingerprint=vision) for i, r in records.items()})
+        report.records_rewritten += len(records)
+    if stored.kind != "vision":
+        index.set_fingerprint(vision)
+    report.changed = bool(report.records_rewritten) or stored.kind != "vision"
+    log.info(
+        "migrate %s: was %s, vision fingerprint %s, %d records rewritten",
+        index.collection,
+        stored.kind,
+        vision,
+        report.records_rewritten,
+    )
+    return report

@@ -28,6 +28,7 @@ from tb_reranker.errors import (
     TBError,
 )
 from tb_reranker.index import schema as milvus_schema
+from tb_reranker.index.milvus_logs import handled_failures
 from tb_reranker.index.schema import is_lite_uri
 from tb_reranker.stores.record import validate_video_id, validate_video_ids
 
@@ -120,6 +121,29 @@ def _is_missing_collection(exc: Exception) -> bool:
     return "collection" in text and ("not exist" in text or "not found" in text)
 
 
+def _is_unavailable(exc: BaseException) -> bool:
+    """Milvus did not answer (stopped, unreachable, timed out): our ``IndexBackendError``."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    if isinstance(exc, grpc.FutureTimeoutError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    text = str(exc).lower()
+    return isinstance(exc, MilvusException) and (
+        "fail connecting to server" in text or "server unavailable" in text
+    )
+
+
+def _is_handled(exc: BaseException) -> bool:
+    """The failures ``VideoIndex`` expects and reports as a typed error of its own, so that
+    pymilvus's traceback for them is not logged (``milvus_logs.handled_failures``)."""
+    if not isinstance(exc, Exception):
+        return False
+    return _is_missing_collection(exc) or _is_invalid_input(exc) or _is_unavailable(exc)
+
+
 def _positive_dim(dim: Any) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
         raise InvalidInputError(f"dim must be a positive int, got {dim!r}")
@@ -159,8 +183,12 @@ class VideoIndex:
         token: ``user:password`` or API key for a server ("" for none / Lite).
         collection: collection name.
         dim: vector dimension D; needed by :meth:`create`, checked against an existing collection.
-        fingerprint: fingerprint of the model producing the vectors; checked against the
-            collection's, :class:`ModelMismatchError` when they differ (None = do not check).
+        fingerprint: vision fingerprint of the model producing the vectors
+            (``TokenBinder.vision_fingerprint()``); checked against the collection's,
+            :class:`ModelMismatchError` when they differ (None = do not check).
+        model_fingerprint: that model's whole-model fingerprint: a collection written before the
+            identity was split (it records a whole-model fingerprint) is accepted when it is
+            this one, and refused otherwise until ``tb migrate``.
         timeout: seconds for every Milvus call.
         index: the vector index definition (HNSW M 16 / efConstruction 200 / ef 64 by default).
         allow_fingerprint_mismatch: escape hatch: warn instead of raising on a mismatch.
@@ -176,6 +204,7 @@ class VideoIndex:
         collection: str = "tb_videos",
         dim: int | None = None,
         fingerprint: str | None = None,
+        model_fingerprint: str | None = None,
         timeout: float = 30.0,
         index: milvus_schema.IndexConfig | None = None,
         allow_fingerprint_mismatch: bool = False,
@@ -187,6 +216,9 @@ class VideoIndex:
         self.collection = collection
         self._dim = None if dim is None else _positive_dim(dim)
         self._fingerprint = None if fingerprint is None else _fingerprint_text(fingerprint)
+        self._model_fingerprint = (
+            None if model_fingerprint is None else _fingerprint_text(model_fingerprint)
+        )
         self.timeout = timeout
         self.index_config = index or milvus_schema.IndexConfig()
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
@@ -207,7 +239,8 @@ class VideoIndex:
             from pymilvus import MilvusClient
 
             options = {"grpc_options": LITE_GRPC_OPTIONS} if self.is_lite else {}
-            return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
+            with handled_failures(_is_unavailable):
+                return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
         except Exception as exc:  # noqa: BLE001
             raise IndexBackendError(f"cannot connect to Milvus at {self.uri}: {exc}") from exc
 
@@ -215,7 +248,8 @@ class VideoIndex:
         """Run one pymilvus call with the timeout, mapping its errors to ours."""
         kwargs.setdefault("timeout", self.timeout)
         try:
-            return fn(*args, **kwargs)
+            with handled_failures(_is_handled):  # no pymilvus traceback for what we map below
+                return fn(*args, **kwargs)
         except TBError:
             raise
         except Exception as exc:  # noqa: BLE001 - pymilvus/grpc raise many types
@@ -235,11 +269,24 @@ class VideoIndex:
 
     @property
     def fingerprint(self) -> str | None:
-        """Fingerprint of the model bound to this index (None: do not check the collection's)."""
+        """Vision fingerprint of the model bound to this index (None: do not check the
+        collection's)."""
         return self._fingerprint
 
-    def bind(self, *, fingerprint: str | None = None, dim: int | None = None) -> None:
-        """Bind this index to a model: adopt its ``fingerprint`` and ``dim`` where none is set.
+    @property
+    def model_fingerprint(self) -> str | None:
+        """Whole-model fingerprint of the bound model (accepted on a legacy collection)."""
+        return self._model_fingerprint
+
+    def bind(
+        self,
+        *,
+        fingerprint: str | None = None,
+        dim: int | None = None,
+        model_fingerprint: str | None = None,
+    ) -> None:
+        """Bind this index to a model: adopt its (vision) ``fingerprint``, ``dim`` and
+        ``model_fingerprint`` where none is set.
 
         Raises:
             InvalidInputError: ``dim`` is not a positive int or ``fingerprint`` not a string.
@@ -258,6 +305,8 @@ class VideoIndex:
             )
         if fingerprint is not None:
             self._fingerprint = fingerprint
+            if model_fingerprint is not None:
+                self._model_fingerprint = _fingerprint_text(model_fingerprint)
         if dim is not None:
             self._dim = dim
 
@@ -287,8 +336,45 @@ class VideoIndex:
         )
 
     def stored_fingerprint(self) -> str | None:
+        """The fingerprint recorded on the collection (vision, or legacy whole-model)."""
+        return self.stored_identity().value
+
+    def stored_identity(self) -> milvus_schema.StoredIdentity:
+        """What the collection records about the model that filled it."""
         desc = self._call("describe", self._client.describe_collection, self.collection)
-        return milvus_schema.collection_fingerprint(desc)
+        return milvus_schema.collection_identity(desc)
+
+    def _accepts(self, stored: milvus_schema.StoredIdentity) -> bool:
+        """Whether the bound model may read/write a collection recording ``stored``."""
+        if self.fingerprint is None or stored.value is None:
+            return True
+        if stored.legacy:  # a whole-model fingerprint: only that very model
+            return stored.value in (self._model_fingerprint, self.fingerprint)
+        return stored.value == self.fingerprint
+
+    def mismatch_message(self, stored: milvus_schema.StoredIdentity) -> str:
+        """Why the bound model may not use a collection recording ``stored``, and what to run."""
+        reindex = (
+            "re-index the videos with this checkpoint into a new collection and store: `tb ingest "
+            "VIDEOS --checkpoint CHECKPOINT --collection NEW_NAME --store NEW_DIR` (or drop this "
+            "one first: `tb collection drop --yes`)"
+        )
+        if stored.legacy:
+            return (
+                f"collection {self.collection!r} was filled before vision fingerprints existed "
+                f"and records model {stored.value}, not the loaded model "
+                f"{self._model_fingerprint or self.fingerprint}. If you have the checkpoint that "
+                "filled it, run `tb migrate --checkpoint THAT_CHECKPOINT` once (it verifies that "
+                "checkpoint, records its vision fingerprint and re-encodes nothing); then every "
+                f"checkpoint with the same vision side serves it. Otherwise {reindex}"
+            )
+        return (
+            f"collection {self.collection!r} holds vectors of vision model {stored.value} but "
+            f"the loaded checkpoint's vision side is {self.fingerprint} (its vision tower, frame "
+            "sampling or normalisation differ; a checkpoint trained with --freeze-backbone from "
+            f"the one that filled it would match); search results would be meaningless. Serve "
+            f"a checkpoint with that vision side, or {reindex}"
+        )
 
     def stored_dim(self) -> int | None:
         desc = self._call("describe", self._client.describe_collection, self.collection)
@@ -310,14 +396,9 @@ class VideoIndex:
                 f"collection {self.collection!r} holds {dim}-d vectors but the model makes "
                 f"{self.dim}-d ones; use another collection or re-create it"
             )
-        stored = milvus_schema.collection_fingerprint(desc)
-        if self.fingerprint is not None and stored and stored != self.fingerprint:
-            message = (
-                f"collection {self.collection!r} was filled by model {stored} but the loaded model "
-                f"is {self.fingerprint}; search results would be meaningless. Re-ingest into a "
-                "new collection, load the matching checkpoint, or pass "
-                "allow_fingerprint_mismatch=True"
-            )
+        stored = milvus_schema.collection_identity(desc)
+        if not self._accepts(stored):
+            message = self.mismatch_message(stored)
             if not self.allow_fingerprint_mismatch:
                 raise ModelMismatchError(message)
             log.warning("%s (allowed)", message)
@@ -336,9 +417,10 @@ class VideoIndex:
         self._ready = not tolerated  # a tolerated mismatch is checked again on every call
 
     def check_fingerprint(self) -> bool:
-        """True when the collection's fingerprint equals the model's (or either is unknown)."""
-        stored = self.stored_fingerprint()
-        return self.fingerprint is None or not stored or stored == self.fingerprint
+        """True when the collection may be used by the bound model: its vision fingerprint is
+        the model's, or (a legacy collection) its whole-model fingerprint is, or either is
+        unknown."""
+        return self._accepts(self.stored_identity())
 
     # ---------------------------------------------------------------- lifecycle
     def create(self, *, exist_ok: bool = True) -> bool:
@@ -377,7 +459,8 @@ class VideoIndex:
         )
 
     def set_fingerprint(self, fingerprint: str) -> None:
-        """Record ``fingerprint`` on the collection (adopting it for an empty/unmarked one)."""
+        """Record the vision ``fingerprint`` on the collection (adopting it for an empty or
+        unmarked one, or for a migrated one)."""
         fingerprint = _fingerprint_text(fingerprint)
         self._call(
             "alter_collection_properties",

@@ -14,14 +14,23 @@ field                     type                 meaning
 (dynamic fields)          JSON ``$meta``       any user metadata given at ingest
 ========================  ===================  ===============================================
 
-Model fingerprint. **Choice:** the fingerprint of the model whose vectors fill the collection is a
-*collection property* ``tb.fingerprint`` (plus ``tb.dim`` and ``tb.schema_version``), set at
-creation and updated by :func:`set_fingerprint`. It is also written into the schema description
-(JSON ``{"app": "tb_reranker", "schema_version", "dim", "fingerprint"}``). The property is the
-source of truth; the description is the fallback for engines that drop properties (Milvus Lite
-2.5 keeps descriptions but not properties; Milvus Lite 3.x keeps properties but not descriptions;
-the 2.3 server keeps both). A per-row field was rejected: it costs 64 bytes a row and one collection
-holds one model's vectors by construction (mixing models makes cosine scores meaningless).
+Model fingerprint. **Choice:** the *vision fingerprint* of the model whose vectors fill the
+collection (``TokenBinder.vision_fingerprint()``: vision tower, frame sampling, normalisation;
+what the vectors and frame tokens depend on) is a *collection property*
+``tb.vision_fingerprint`` (plus ``tb.dim`` and ``tb.schema_version``), set at creation and updated
+by :func:`set_fingerprint`. Any checkpoint with that vision side serves the collection, whatever
+its text tower, indicators or fusion. It is also written into the schema description (JSON
+``{"app": "tb_reranker", "schema_version", "dim", "fingerprint", "vision_fingerprint"}``). The
+property is the source of truth; the description is the fallback for engines that drop
+properties (Milvus Lite 2.5 keeps descriptions but not properties; Milvus Lite 3.x keeps
+properties but not descriptions; the 2.3 server keeps both). A per-row field was rejected: it
+costs 64 bytes a row and one collection holds one vision model's vectors by construction.
+
+Collections written before the split carry only ``tb.fingerprint``, the *whole-model*
+fingerprint: :func:`collection_identity` reports them as ``legacy``; only that exact model is
+accepted until ``tb migrate --checkpoint <the checkpoint that filled it>`` verifies it and records
+its vision fingerprint. New collections write the vision fingerprint into ``tb.fingerprint`` too,
+so a tb_reranker from before the split (comparing whole-model fingerprints) refuses them.
 
 Index. ``cls`` uses metric COSINE and HNSW with ``M=16``, ``efConstruction=200`` (search ``ef``
 defaults to 64 and is a search parameter, ``ef >= limit``). Milvus Lite 2.5.x accepts only
@@ -42,6 +51,7 @@ from typing import Any
 __all__ = [
     "SCHEMA_VERSION",
     "FINGERPRINT_PROPERTY",
+    "VISION_FINGERPRINT_PROPERTY",
     "DIM_PROPERTY",
     "SCHEMA_VERSION_PROPERTY",
     "ID_MAX_LENGTH",
@@ -56,6 +66,8 @@ __all__ = [
     "drop_collection",
     "check_collection",
     "collection_fingerprint",
+    "collection_identity",
+    "StoredIdentity",
     "set_fingerprint",
     "is_lite_uri",
 ]
@@ -63,7 +75,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1  # bump when fields change; check_collection reports older collections
-FINGERPRINT_PROPERTY = "tb.fingerprint"  # collection property holding the model fingerprint
+FINGERPRINT_PROPERTY = "tb.fingerprint"  # whole-model fingerprint (before the split); now = vision
+VISION_FINGERPRINT_PROPERTY = "tb.vision_fingerprint"  # the vision fingerprint of the vectors
 DIM_PROPERTY = "tb.dim"  # collection property holding D (also in the vector field)
 SCHEMA_VERSION_PROPERTY = "tb.schema_version"  # collection property holding SCHEMA_VERSION
 ID_MAX_LENGTH = 512  # max bytes of a video id (the store accepts at most 255 characters)
@@ -109,6 +122,7 @@ def _description(dim: int, fingerprint: str) -> str:
             "schema_version": SCHEMA_VERSION,
             "dim": dim,
             "fingerprint": fingerprint,
+            "vision_fingerprint": fingerprint,
         }
     )
 
@@ -143,6 +157,7 @@ def build_index_params(client: Any, config: IndexConfig) -> Any:
 def _properties(dim: int, fingerprint: str) -> dict[str, str]:
     return {
         FINGERPRINT_PROPERTY: fingerprint,
+        VISION_FINGERPRINT_PROPERTY: fingerprint,
         DIM_PROPERTY: str(dim),
         SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION),
     }
@@ -159,6 +174,7 @@ def create_collection(
 ) -> IndexConfig:
     """Create collection ``name`` with its index, and load it. Returns the index actually built.
 
+    ``fingerprint`` is the vision fingerprint of the model that will fill it ("" = unmarked).
     ``client`` is a ``pymilvus.MilvusClient``. Raises pymilvus errors unchanged (callers map them).
     HNSW is tried first; an engine that refuses it (Milvus Lite 2.5) gets AUTOINDEX.
     """
@@ -202,24 +218,55 @@ def _description_meta(description: dict[str, Any]) -> dict[str, Any]:
 
 
 def collection_fingerprint(description: dict[str, Any]) -> str | None:
-    """The model fingerprint recorded on a collection (from ``describe_collection``), or None.
+    """The fingerprint recorded on a collection (from ``describe_collection``), or None: the
+    vision fingerprint, or for a collection written before the split its whole-model one (see
+    :func:`collection_identity` to tell them apart)."""
+    return collection_identity(description).value
 
-    The collection property wins (it is updated by :func:`set_fingerprint`); engines that drop
-    properties (Milvus Lite 2.5) fall back to the creation-time description.
+
+@dataclass(frozen=True)
+class StoredIdentity:
+    """Which model filled a collection: ``kind`` is ``"vision"`` (a vision fingerprint),
+    ``"legacy"`` (a whole-model fingerprint, written before the identity was split: ``tb
+    migrate`` turns it into a vision one) or ``"none"`` (unmarked)."""
+
+    kind: str
+    value: str | None
+
+    @property
+    def legacy(self) -> bool:
+        return self.kind == "legacy"
+
+
+def collection_identity(description: dict[str, Any]) -> StoredIdentity:
+    """The :class:`StoredIdentity` recorded on a collection (from ``describe_collection``).
+
+    The collection properties win (they are updated by :func:`set_fingerprint`); engines that
+    drop properties (Milvus Lite 2.5) fall back to the creation-time description.
     """
     props = description.get("properties") or {}
-    if FINGERPRINT_PROPERTY in props:
-        return str(props[FINGERPRINT_PROPERTY])
     meta = _description_meta(description)
-    return str(meta["fingerprint"]) if "fingerprint" in meta else None
+    if VISION_FINGERPRINT_PROPERTY in props or (
+        FINGERPRINT_PROPERTY not in props and "vision_fingerprint" in meta
+    ):
+        value = str(props.get(VISION_FINGERPRINT_PROPERTY, meta.get("vision_fingerprint", "")))
+        return StoredIdentity("vision", value) if value else StoredIdentity("none", None)
+    legacy = props.get(FINGERPRINT_PROPERTY, meta.get("fingerprint"))
+    if legacy:
+        return StoredIdentity("legacy", str(legacy))
+    return StoredIdentity("none", None)
 
 
 def set_fingerprint(
     client: Any, name: str, fingerprint: str, *, timeout: float | None = None
 ) -> None:
-    """Record ``fingerprint`` on an existing collection (e.g. one created before a model existed)."""
+    """Record the vision ``fingerprint`` on an existing collection (e.g. one created before a
+    model existed, or a migrated one). The legacy key gets the same value, so a tb_reranker from
+    before the split refuses the collection rather than trusting it."""
     client.alter_collection_properties(
-        name, properties={FINGERPRINT_PROPERTY: fingerprint}, timeout=timeout
+        name,
+        properties={FINGERPRINT_PROPERTY: fingerprint, VISION_FINGERPRINT_PROPERTY: fingerprint},
+        timeout=timeout,
     )
 
 
@@ -252,6 +299,7 @@ def describe_collection(client: Any, name: str, *, timeout: float | None = None)
         "name": name,
         "dim": dim,
         "fingerprint": collection_fingerprint(desc),
+        "fingerprint_kind": collection_identity(desc).kind,
         "schema_version": int(
             props.get(SCHEMA_VERSION_PROPERTY) or _description_meta(desc).get("schema_version") or 0
         ),
@@ -313,9 +361,15 @@ def check_collection(
         problems.append(f"index metric is {vector_index.get('metric_type')}, expected COSINE")
     if info["schema_version"] != SCHEMA_VERSION:
         problems.append(f"schema version {info['schema_version']}, expected {SCHEMA_VERSION}")
-    if fingerprint is not None and info["fingerprint"] != fingerprint:
+    if info["fingerprint_kind"] == "legacy":
         problems.append(
-            f"model fingerprint is {info['fingerprint']!r}, expected {fingerprint!r} "
-            "(vectors were made by another model)"
+            f"the collection records the whole-model fingerprint {info['fingerprint']!r} "
+            "(written before vision fingerprints): run `tb migrate --checkpoint <the checkpoint "
+            "that filled it>`"
+        )
+    elif fingerprint is not None and info["fingerprint"] != fingerprint:
+        problems.append(
+            f"vision fingerprint is {info['fingerprint']!r}, expected {fingerprint!r} "
+            "(vectors were made by another vision model)"
         )
     return problems

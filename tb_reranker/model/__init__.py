@@ -19,6 +19,7 @@ from tb_reranker.model.losses import (
     tokenbinder_loss,
 )
 from tb_reranker.model.precision import resolve_device
+from tb_reranker.model.pretrained import resolve_weights, zero_shot_config
 from tb_reranker.model.tokenbinder import TokenBinder
 
 __all__ = [
@@ -34,4 +35,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "resolve_device",
+    "resolve_weights",
+    "zero_shot_config",
 ]

@@ -1,7 +1,8 @@
 """TokenBinder checkpoints: ``config.json`` + ``model.safetensors``, never pickle.
 
 ``config.json`` holds the format tag, the :class:`TokenBinderConfig`, the sha256 of the weights
-file (tamper/corruption detection) and the model fingerprint. Files are written to temporary
+file (tamper/corruption detection), the model fingerprint and (since the identity was split) the
+vision and query-side fingerprints. Files are written to temporary
 names and renamed into place, so a crash mid-save never leaves a half-written checkpoint that
 passes the hash check.
 """
@@ -58,6 +59,8 @@ def save_checkpoint(model: TokenBinder, directory: str | Path) -> Path:
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": _sha256_file(weights_tmp),
         "fingerprint": fingerprint,
+        "vision_fingerprint": model.vision_fingerprint(),
+        "query_fingerprint": model.query_fingerprint(),
     }
     config_tmp = directory / (CONFIG_FILE + ".tmp")
     config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -174,6 +177,17 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
             f"checkpoint {directory}: fingerprint {fingerprint} differs from the recorded "
             f"{document['fingerprint']}: config and weights do not belong together"
         )
+    for key, method in (
+        ("vision_fingerprint", model.vision_fingerprint),
+        ("query_fingerprint", model.query_fingerprint),
+    ):
+        # written since the identity was split; older checkpoints lack them
+        if key in document and document[key] != method():
+            raise CheckpointError(
+                f"checkpoint {directory}: {key} {method()} differs from the recorded "
+                f"{document[key]}: it was written by another version of tb_reranker "
+                "(the preprocessing the vision side names changed)"
+            )
     model.to(resolve_device(device))
     model.eval()
     logger.info("loaded TokenBinder %s from %s", fingerprint, directory)

@@ -19,6 +19,10 @@ TINY_CLIP_CFG: dict[str, Any] = {
 }
 
 _HEADS = ("symmetric", "listwise", "listwise_slots")
+_BROAD_QUERIES = ("indicator", "clip")
+# Fields added after checkpoints existed: left out of the canonical JSON while at their default,
+# so the fingerprint of every model saved before them stays what it was.
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"broad_query": "indicator"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class TokenBinderConfig:
     use_patch_tokens: bool = False  # frame tokens = per-frame CLS + patch tokens (slower, larger)
     freeze_backbone: bool = False  # freeze the CLIP vision tower (cached frame features mode)
     freeze_text: bool = False  # also freeze the CLIP text transformer (indicators still train)
+    # I_1, the broad-view query: "indicator" (the first learned indicator's output) or "clip"
+    # (CLIP's own text feature, the EOT output: the broad view is exactly plain CLIP retrieval;
+    # what `tb init` writes, so search works before any TokenBinder training)
+    broad_query: str = "indicator"
     seed: int | None = 0  # torch seed for the random init of new modules; None = global RNG
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata kept in checkpoints
 
@@ -79,6 +87,10 @@ class TokenBinderConfig:
             problems.append(f"head must be one of {_HEADS}, got {self.head!r}")
         if self.head_hidden < 0:
             problems.append(f"head_hidden must be >= 0, got {self.head_hidden}")
+        if self.broad_query not in _BROAD_QUERIES:
+            problems.append(
+                f"broad_query must be one of {_BROAD_QUERIES}, got {self.broad_query!r}"
+            )
         if not self.gumbel_tau > 0:
             problems.append(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
         if not self.gumbel_scale >= 0:
@@ -116,8 +128,13 @@ class TokenBinderConfig:
 
     @classmethod
     def vit_b_32(cls, **overrides: Any) -> TokenBinderConfig:
-        """The paper's ViT-B/32 setting with OpenAI CLIP weights (downloads them: needs network)."""
-        values: dict[str, Any] = dict(clip_model="ViT-B-32", clip_cfg=None, pretrained="openai")
+        """The paper's ViT-B/32 setting with OpenAI CLIP weights (downloads them: needs network).
+
+        OpenAI's weights were trained with QuickGELU: open_clip's plain ``ViT-B-32`` (nn.GELU)
+        only warns and gives other features, so the ``-quickgelu`` twin is the model."""
+        values: dict[str, Any] = dict(
+            clip_model="ViT-B-32-quickgelu", clip_cfg=None, pretrained="openai"
+        )
         values.update(overrides)
         return cls(**values)
 
@@ -127,8 +144,12 @@ class TokenBinderConfig:
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return asdict(self)
+        """Plain JSON-able dict of every field (later-added fields only when not at default)."""
+        data = asdict(self)
+        for name, default in _OMITTED_AT_DEFAULT.items():
+            if data.get(name) == default:
+                del data[name]
+        return data
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no whitespace variance): stable input for fingerprints."""

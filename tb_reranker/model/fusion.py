@@ -95,11 +95,13 @@ class CrossAttentionBlock(nn.Module):
         *,
         tau: float = 1.0,
         gumbel_scale: float = 0.0,
+        tokens_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One block: the queries attend jointly over the K candidates' T' tokens.
 
         queries: [B, Q, D]; keys, values: [B, K, T', D] (read in place: a strided view of the
-        cached K/V is fine); cand_mask: [B, K] bool (True = real) or None. tau: softmax
+        cached K/V is fine); cand_mask: [B, K] bool (True = real) or None; tokens_mask:
+        [B, K, T'] bool (False = a padded frame's token: no attention) or None. tau: softmax
         temperature; gumbel_scale: multiplier of the Gumbel noise added to the scaled logits
         first (Gumbel-Softmax; 0 = deterministic softmax).
 
@@ -116,7 +118,7 @@ class CrossAttentionBlock(nn.Module):
         keys = keys.reshape(batch_size, num_candidates * num_tokens, width)  # [B, K*T', D]
         logits = _head_logits(q, keys, few)  # [B, H, Q, K*T']
         logits = logits.view(batch_size, heads, num_queries, num_candidates, num_tokens)
-        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale)
+        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale, tokens_mask)
         within = attention / mass.unsqueeze(-1).clamp_min(1e-12)  # [B, H, Q, K, T']
         within = within.permute(0, 3, 1, 2, 4).reshape(
             batch_size * num_candidates, heads, num_queries, num_tokens
@@ -136,6 +138,7 @@ class CrossAttentionBlock(nn.Module):
         tau: float = 1.0,
         gumbel_scale: float = 0.0,
         need_summary: bool = True,
+        tokens_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`forward` without projecting the candidates' tokens (the K/V-free path).
 
@@ -148,8 +151,8 @@ class CrossAttentionBlock(nn.Module):
         e_k rides along with x (``W (x + e_k) + b``, as in :meth:`rank_kv`). Equal to
         :meth:`forward` on ``project_kv`` + ``rank_kv`` up to float rounding, gradients included.
         ``need_summary=False`` skips the per-candidate summaries (returned as None): only the
-        symmetric head's last block reads them.
-        """
+        symmetric head's last block reads them. ``tokens_mask``: as in :meth:`forward` (the
+        scores ``(W_kᵀ q)·x + q·b`` of padded tokens are masked before the softmax)."""
         batch_size, num_candidates, num_tokens, width = inputs.shape
         num_queries, heads, head_dim = queries.shape[1], self.heads, self.head_dim
         q = self._head_queries(queries)  # [B, H, Q, d]
@@ -175,7 +178,7 @@ class CrossAttentionBlock(nn.Module):
             logits = logits + shift.unsqueeze(-1)
         else:
             logits = logits + shift[..., None, None]
-        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale)
+        attention, mass = self._attention(logits, cand_mask, tau, gumbel_scale, tokens_mask)
         # pooled inputs are laid out [rows, Q, H, D] so that head h's rows are one strided
         # matrix (row stride H·D) that the value projection's bmm reads in place
         if need_summary:
@@ -223,21 +226,25 @@ class CrossAttentionBlock(nn.Module):
         cand_mask: torch.Tensor | None,
         tau: float,
         gumbel_scale: float,
+        tokens_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscaled logits [B, H, Q, K, T'] -> (attention [B, H, Q, K, T'] (softmax over the
-        K·T' tokens, padded candidates 0, all 0 for a query with no real candidate), mass
+        K·T' tokens; 0 at padded candidates (``cand_mask`` [B, K] False) and padded tokens
+        (``tokens_mask`` [B, K, T'] False); all 0 for a query with no real token), mass
         [B, H, Q, K])."""
         batch_size, heads, num_queries, num_candidates, num_tokens = logits.shape
         logits = logits / math.sqrt(self.head_dim)
         if gumbel_scale > 0:
             logits = logits + gumbel_scale * gumbel_like(logits)
         logits = logits / tau
+        keep = None if cand_mask is None else cand_mask.unsqueeze(-1)  # [B, K, 1]
+        if tokens_mask is not None:
+            keep = tokens_mask if keep is None else keep & tokens_mask  # [B, K, T']
         any_real = None
-        if cand_mask is not None:
-            keep = cand_mask[:, None, None, :, None]  # [B, 1, 1, K, 1]
-            any_real = cand_mask.any(dim=1).view(batch_size, 1, 1, 1, 1)
-            logits = logits.masked_fill(~keep, float("-inf"))
-            # a query with no real candidate at all would give NaN: zero attention instead
+        if keep is not None:
+            any_real = keep.reshape(batch_size, -1).any(dim=1).view(batch_size, 1, 1, 1, 1)
+            logits = logits.masked_fill(~keep[:, None, None], float("-inf"))
+            # a query with no real token at all would give NaN: zero attention instead
             logits = torch.where(any_real, logits, torch.zeros_like(logits))
         flat = logits.view(batch_size, heads, num_queries, num_candidates * num_tokens)
         attention = torch.softmax(flat, dim=-1).view_as(logits)  # [B, H, Q, K, T']
@@ -403,13 +410,39 @@ class FocusedFusion(nn.Module):
         frames_index = frames_index // self.tokens_per_frame
         return self.frame_position_embedding[frames_index]
 
-    def project_candidates(self, frames_tokens: torch.Tensor) -> torch.Tensor:
+    def tokens_mask(self, frames_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-frame mask [..., T] -> per-token mask [..., T·tokens_per_frame] (None stays None)."""
+        if frames_mask is None or self.tokens_per_frame == 1:
+            return frames_mask
+        return frames_mask.repeat_interleave(self.tokens_per_frame, dim=-1)
+
+    def project_candidates(
+        self, frames_tokens: torch.Tensor, frames_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-video K/V, independent of the query and the other candidates.
 
-        frames_tokens: [N, T', D] -> kv [N, n_blocks, 2, T', D]
+        frames_tokens: [N, T', D]; frames_mask: [N, T] bool (False = padded frame) or None
+        -> kv [N, n_blocks, 2, T', D]. With a mask the padded frames' tokens are not projected:
+        their K/V are zero, so score them with the same mask (``forward``'s ``frames_mask``),
+        which gives them no attention anyway.
         """
         positions = self.position_embeddings(frames_tokens.shape[1])
-        return torch.stack([block.project_kv(frames_tokens, positions) for block in self.blocks], 1)
+        keep = self.tokens_mask(frames_mask)
+        if keep is None or bool(keep.all()):
+            return torch.stack(
+                [block.project_kv(frames_tokens, positions) for block in self.blocks], 1
+            )
+        rows, cols = keep.nonzero(as_tuple=True)  # the real tokens only
+        real_tokens, real_positions = frames_tokens[rows, cols], positions[cols]  # [R, D] each
+        num_videos, num_tokens, width = frames_tokens.shape
+        per_block = []
+        for block in self.blocks:
+            x = block.kv_inputs(real_tokens, real_positions)  # [R, D]
+            per_block.append(torch.stack([block.k_proj(x), block.v_proj(x)], dim=1))
+        projected = torch.stack(per_block, dim=1)  # [R, n_blocks, 2, D] (autocast's dtype)
+        kv = projected.new_zeros(num_videos, num_tokens, self.num_blocks, 2, width)
+        kv = kv.index_put((rows, cols), projected)
+        return kv.permute(0, 2, 3, 1, 4).contiguous()  # [N, n_blocks, 2, T', D]
 
     def forward(
         self,
@@ -418,6 +451,7 @@ class FocusedFusion(nn.Module):
         cand_mask: torch.Tensor | None = None,
         *,
         cand_tokens: torch.Tensor | None = None,
+        frames_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Δ scores and attention, from cached K/V or straight from the candidates' tokens.
 
@@ -426,8 +460,11 @@ class FocusedFusion(nn.Module):
         ``[n_blocks, 2, B*K, T', D]`` gather, as the ``Reranker`` passes it) and cand_tokens:
         [B, K, T', D] (the stored frame tokens: the K/V are never formed, see
         :meth:`CrossAttentionBlock.forward_tokens`; the cheap path for uncached candidates);
-        cand_mask: [B, K] bool or None. Both paths give the same result up to float rounding.
-        returns (delta [B, K] (0 at padded candidates), token_attention [B, K, T'])
+        cand_mask: [B, K] bool or None; frames_mask: [B, K, T] bool (False = a padded frame of
+        a short video: its tokens get no attention, as if absent) or None. Both paths give the
+        same result up to float rounding.
+        returns (delta [B, K] (0 at padded candidates), token_attention [B, K, T'] (0 at padded
+        candidates and frames))
         """
         if (cand_kv is None) == (cand_tokens is None):
             raise ValueError("give exactly one of cand_kv and cand_tokens")
@@ -440,6 +477,7 @@ class FocusedFusion(nn.Module):
         rank_embeddings = (
             None if self.rank_embedding is None else self.rank_embedding[:num_candidates]
         )
+        tokens_mask = self.tokens_mask(frames_mask)
         attention = mass = summary = None
         if cand_tokens is not None:
             positions = self.position_embeddings(cand_tokens.shape[2])
@@ -453,6 +491,7 @@ class FocusedFusion(nn.Module):
                     tau=self.gumbel_tau,
                     gumbel_scale=gumbel_scale,
                     need_summary=index == last and self.head_type != "listwise",
+                    tokens_mask=tokens_mask,
                 )
         else:
             assert cand_kv is not None
@@ -470,6 +509,7 @@ class FocusedFusion(nn.Module):
                     cand_mask,
                     tau=self.gumbel_tau,
                     gumbel_scale=gumbel_scale,
+                    tokens_mask=tokens_mask,
                 )
         assert attention is not None and mass is not None
         token_attention = attention.mean(dim=(1, 2))  # [B, K, T']

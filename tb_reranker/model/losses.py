@@ -91,12 +91,14 @@ def _indicators_of(model: TokenBinder, texts: Sequence[str] | torch.Tensor) -> t
 
 def _videos_of(
     model: TokenBinder, videos: torch.Tensor, frames_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (videos_cls [B, D], frames_tokens [B, T', D])"""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> (videos_cls [B, D], frames_tokens [B, T', D], frames_mask [B, T] bool or None)"""
     if not isinstance(videos, torch.Tensor):
         raise InvalidInputError(f"videos must be a tensor, got {type(videos).__name__}")
     if videos.ndim == 5:
-        return model.encode_frames(videos, frames_mask)
+        videos_cls, frames_tokens = model.encode_frames(videos, frames_mask)
+        mask = model._check_frames_mask(frames_mask, tuple(videos.shape[:2]))
+        return videos_cls, frames_tokens, mask
     if videos.ndim == 3:
         if videos.shape[-1] != model.embed_dim:
             raise InvalidInputError(
@@ -105,10 +107,9 @@ def _videos_of(
         if not bool(torch.isfinite(videos).all()):
             raise InvalidInputError("frame features contain NaN or infinite values")
         frames_tokens = F.normalize(videos.to(model.device).float(), dim=-1)
-        mask = None
-        if frames_mask is not None:
-            mask = frames_mask.to(device=model.device, dtype=torch.bool)
-        return model.pool_cls(frames_tokens, mask), frames_tokens
+        shape = (videos.shape[0], videos.shape[1] // model.tokens_per_frame)
+        mask = model._check_frames_mask(frames_mask, shape)
+        return model.pool_cls(frames_tokens, mask), frames_tokens, mask
     raise InvalidInputError(
         "videos must be frames [B, T, 3, H, W] or frame features [B, T, D], got "
         f"{tuple(videos.shape)}"
@@ -128,11 +129,14 @@ def tokenbinder_loss(
     texts: list[str], tokens [B, L'] int64, or precomputed indicators [B, m, D] float.
     videos: raw frames [B, T, 3, H, W] or precomputed frame features [B, T', D] (frozen
     vision tower: cache ``model.encode_frames(...)[1]``).
+    frames_mask: [B, T] bool, False = a padded (repeated) frame: left out of the video [CLS]
+    and given no attention by the focused view, in both directions.
     k: focused-view candidates per query (default ``min(top_k, B)``).
     returns {"loss", "broad", "focus", "t2v", "v2t", "focus_v", "focus_t"} (scalars).
     """
     indicators = _indicators_of(model, texts)  # [B, m, D]
-    videos_cls, frames_tokens = _videos_of(model, videos, frames_mask)  # [B, D], [B, T', D]
+    # [B, D], [B, T', D], [B, T] (padded frames get no attention in either direction)
+    videos_cls, frames_tokens, frames_mask = _videos_of(model, videos, frames_mask)
     batch_size = indicators.shape[0]
     if videos_cls.shape[0] != batch_size:
         raise InvalidInputError(f"{batch_size} texts but {videos_cls.shape[0]} videos")
@@ -148,13 +152,18 @@ def tokenbinder_loss(
     # text -> video: each text's top-K videos
     videos_index, videos_targets = select_candidates(similarity.detach(), num_candidates)
     scores_v = model.focused_scores(
-        indicators, videos_cls[videos_index], frames_tokens[videos_index]
+        indicators,
+        videos_cls[videos_index],
+        frames_tokens[videos_index],
+        frames_mask=None if frames_mask is None else frames_mask[videos_index],
     )
     loss_focus_v = focused_ce_loss(scores_v.final, videos_targets, logit_scale)
 
     # video -> text: each video's top-K texts
     texts_index, texts_targets = select_candidates(similarity.detach().t(), num_candidates)
-    scores_t = model.focused_scores_v2t(frames_tokens, videos_cls, indicators[texts_index])
+    scores_t = model.focused_scores_v2t(
+        frames_tokens, videos_cls, indicators[texts_index], frames_mask=frames_mask
+    )
     loss_focus_t = focused_ce_loss(scores_t.final, texts_targets, logit_scale)
 
     broad = (loss_t2v + loss_v2t) / 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from tb_reranker.model.text import IndicatorTextEncoder
 __all__ = ["TokenBinder", "build_clip"]
 
 logger = logging.getLogger(__name__)
+
+# the state-dict prefix of the vision tower; its weights are the vision fingerprint's
+_VISION_PREFIX = "clip.visual."
+VISION_IDENTITY_VERSION = 1  # bump when what the vision fingerprint covers changes
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,7 +169,7 @@ class TokenBinder(nn.Module):
             )
         self._apply_freezing()
         self._tokenizer: Any = None
-        self._fingerprint_cache: tuple[tuple[Any, ...], str] | None = None
+        self._fingerprint_cache: tuple[tuple[Any, ...], tuple[str, str, str]] | None = None
         self._precision = check_precision(precision)
         self.eval()
         self.to(resolve_device(device))
@@ -290,7 +295,11 @@ class TokenBinder(nn.Module):
         texts_tokens = self._check_tokens(texts_tokens)
         with self._autocast():
             indicators, eot_features = self.text(texts_tokens)
-        return F.normalize(indicators.float(), dim=-1), F.normalize(eot_features.float(), dim=-1)
+        indicators = F.normalize(indicators.float(), dim=-1)
+        eot_features = F.normalize(eot_features.float(), dim=-1)
+        if self.config.broad_query == "clip":  # I_1 is CLIP's own text feature
+            indicators = torch.cat([eot_features.unsqueeze(1), indicators[:, 1:]], dim=1)
+        return indicators, eot_features
 
     def encode_text(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """list[str] (or tokens [B, L']) -> indicators [B, m, D], L2-normalised; I_1 = [:, 0]."""
@@ -384,17 +393,52 @@ class TokenBinder(nn.Module):
                 f"the model takes at most {self.num_frames}"
             )
 
-    def project_candidates(self, frames_tokens: torch.Tensor) -> torch.Tensor:
+    def project_candidates(
+        self, frames_tokens: torch.Tensor, frames_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-video fusion keys/values, cacheable (independent of query and other candidates).
 
-        frames_tokens: [N, T', D] -> kv [N, n_blocks, 2, T', D] float32
+        frames_tokens: [N, T', D]; frames_mask: [N, T] bool (False = padded frame) or None
+        -> kv [N, n_blocks, 2, T', D] float32. Padded frames' tokens are not projected (zero
+        K/V): pass the same mask to ``focused_scores(frames_mask=...)``.
         """
         frames_tokens = _as_float_tensor("frames_tokens", frames_tokens, 3, "[N, T, D]")
         self._check_width("frames_tokens", frames_tokens)
         self._check_tokens_count("frames_tokens", frames_tokens.shape[1])
+        num_videos, num_tokens = frames_tokens.shape[:2]
+        frames_mask = self._check_frames_mask(
+            frames_mask, (num_videos, num_tokens // self.tokens_per_frame)
+        )
         with self._autocast():
-            kv = self.fusion.project_candidates(frames_tokens.to(self.device).float())
+            kv = self.fusion.project_candidates(frames_tokens.to(self.device).float(), frames_mask)
         return kv.float()
+
+    def _check_cand_frames_mask(
+        self, frames_mask: Any, shape: tuple[int, int, int], cand_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Validate an optional ``[B, K, T]`` per-candidate frame mask: bool, every real
+        candidate with at least one real frame; return it as bool on the model device."""
+        if frames_mask is None:
+            return None
+        if isinstance(frames_mask, np.ndarray):
+            frames_mask = torch.from_numpy(frames_mask)
+        if (
+            not isinstance(frames_mask, torch.Tensor)
+            or tuple(frames_mask.shape) != shape
+            or frames_mask.is_floating_point()
+            or frames_mask.is_complex()
+        ):
+            got = tuple(frames_mask.shape) if isinstance(frames_mask, torch.Tensor) else frames_mask
+            raise InvalidInputError(
+                f"frames_mask must be a bool tensor of shape [B, K, T] = {shape}, got {got}"
+            )
+        frames_mask = frames_mask.to(device=self.device, dtype=torch.bool)
+        empty = ~frames_mask.any(dim=-1)  # [B, K]
+        if cand_mask is not None:
+            empty = empty & cand_mask
+        if bool(empty.any()):
+            raise InvalidInputError("every real candidate needs at least one real frame")
+        return frames_mask
 
     def _check_mask(
         self, cand_mask: torch.Tensor | None, batch_size: int, num_candidates: int
@@ -423,13 +467,16 @@ class TokenBinder(nn.Module):
         cand_mask: torch.Tensor | None = None,
         *,
         cand_kv: torch.Tensor | None = None,
+        frames_mask: torch.Tensor | None = None,
         validate: bool = True,
     ) -> FocusedScores:
         """Broad and focused scores of K candidates per query (METHOD.md §2-3).
 
         indicators: [B, m, D] (from encode_text); cand_tokens: [B, K, T', D] or cand_kv:
         [B, K, n_blocks, 2, T', D] (stacked ``project_candidates``, any strides); cand_cls:
-        [B, K, D]; cand_mask: [B, K] bool (False = padding) or None.
+        [B, K, D]; cand_mask: [B, K] bool (False = padding) or None; frames_mask: [B, K, T]
+        bool (False = a padded frame of a short video) or None = all frames real. Padded frames
+        get no attention: a candidate scores as if they were absent.
         broad = cos(I_1, cls); final = broad + delta.
 
         ``validate=False`` skips the input checks, for callers that built the inputs themselves
@@ -438,7 +485,9 @@ class TokenBinder(nn.Module):
         Anything else then gives wrong scores or a torch error, not an ``InvalidInputError``.
         """
         if not validate:
-            return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
+            return self._focused_scores(
+                indicators, cand_cls, cand_tokens, cand_mask, cand_kv, frames_mask
+            )
         indicators = _as_float_tensor("indicators", indicators, 3, "[B, m, D]")
         cand_cls = _as_float_tensor("cand_cls", cand_cls, 3, "[B, K, D]")
         self._check_width("indicators", indicators)
@@ -483,7 +532,15 @@ class TokenBinder(nn.Module):
             self._check_width("cand_kv", cand_kv)
             self._check_tokens_count("cand_kv", cand_kv.shape[4])
         cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
-        return self._focused_scores(indicators, cand_cls, cand_tokens, cand_mask, cand_kv)
+        num_tokens = cand_tokens.shape[2] if cand_tokens is not None else cand_kv.shape[4]
+        frames_mask = self._check_cand_frames_mask(
+            frames_mask,
+            (batch_size, num_candidates, num_tokens // self.tokens_per_frame),
+            cand_mask,
+        )
+        return self._focused_scores(
+            indicators, cand_cls, cand_tokens, cand_mask, cand_kv, frames_mask
+        )
 
     def _focused_scores(
         self,
@@ -492,6 +549,7 @@ class TokenBinder(nn.Module):
         cand_tokens: torch.Tensor | None,
         cand_mask: torch.Tensor | None,
         cand_kv: torch.Tensor | None,
+        frames_mask: torch.Tensor | None = None,
     ) -> FocusedScores:
         """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
         device = self.device
@@ -502,10 +560,15 @@ class TokenBinder(nn.Module):
             if cand_kv is None:  # uncached: the K/V-free path (never projects the tokens)
                 assert cand_tokens is not None
                 delta, token_attention = self.fusion(
-                    queries, cand_mask=cand_mask, cand_tokens=cand_tokens.to(device).float()
+                    queries,
+                    cand_mask=cand_mask,
+                    cand_tokens=cand_tokens.to(device).float(),
+                    frames_mask=frames_mask,
                 )
             else:
-                delta, token_attention = self.fusion(queries, cand_kv.to(device), cand_mask)
+                delta, token_attention = self.fusion(
+                    queries, cand_kv.to(device), cand_mask, frames_mask=frames_mask
+                )
         return self._assemble(
             indicators[:, 0], cand_cls, delta.float(), token_attention.float(), cand_mask
         )
@@ -532,21 +595,15 @@ class TokenBinder(nn.Module):
         final = broad + delta
         return FocusedScores(broad=broad, delta=delta, final=final, frame_attention=frame_attention)
 
-    def focused_scores_v2t(
+    def _check_v2t(
         self,
-        frames_tokens: torch.Tensor,
-        video_cls: torch.Tensor,
-        cand_indicators: torch.Tensor,
-        cand_mask: torch.Tensor | None = None,
-    ) -> FocusedScores:
-        """Video→text scores of K candidate texts per video (the ℓ_focus,t direction).
-
-        The video's tokens are projected once; each candidate text's fused indicators attend over
-        them as a single candidate, and the same head scores the pair (docs/method.md, "video→text").
-        frames_tokens: [B, T', D]; video_cls: [B, D]; cand_indicators: [B, K, m, D];
-        cand_mask: [B, K] bool or None. ``frame_attention`` is [B, K, T]: the video's frames as
-        seen by each candidate text.
-        """
+        frames_tokens: Any,
+        video_cls: Any,
+        cand_indicators: Any,
+        cand_mask: Any,
+        frames_mask: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, Any]:
+        """The inputs of :meth:`focused_scores_v2t`, validated (``InvalidInputError``)."""
         frames_tokens = _as_float_tensor("frames_tokens", frames_tokens, 3, "[B, T, D]")
         video_cls = _as_float_tensor("video_cls", video_cls, 2, "[B, D]")
         cand_indicators = _as_float_tensor("cand_indicators", cand_indicators, 4, "[B, K, m, D]")
@@ -573,18 +630,51 @@ class TokenBinder(nn.Module):
             )
         self._check_tokens_count("frames_tokens", frames_tokens.shape[1])
         cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
+        num_frames = frames_tokens.shape[1] // self.tokens_per_frame
+        frames_mask = self._check_frames_mask(frames_mask, (batch_size, num_frames))
+        return frames_tokens, video_cls, cand_indicators, cand_mask, frames_mask
+
+    def focused_scores_v2t(
+        self,
+        frames_tokens: torch.Tensor,
+        video_cls: torch.Tensor,
+        cand_indicators: torch.Tensor,
+        cand_mask: torch.Tensor | None = None,
+        *,
+        frames_mask: torch.Tensor | None = None,
+    ) -> FocusedScores:
+        """Video→text scores of K candidate texts per video (the ℓ_focus,t direction).
+
+        The video's tokens are projected once; each candidate text's fused indicators attend over
+        them as a single candidate, and the same head scores the pair (docs/method.md, "video→text").
+        frames_tokens: [B, T', D]; video_cls: [B, D]; cand_indicators: [B, K, m, D];
+        cand_mask: [B, K] bool or None; frames_mask: [B, T] bool (False = padded frame: no
+        attention, not projected) or None. ``frame_attention`` is [B, K, T]: the video's frames
+        as seen by each candidate text.
+        """
+        frames_tokens, video_cls, cand_indicators, cand_mask, frames_mask = self._check_v2t(
+            frames_tokens, video_cls, cand_indicators, cand_mask, frames_mask
+        )
+        batch_size, num_candidates, num_indicators, width = cand_indicators.shape
+        num_frames = frames_tokens.shape[1] // self.tokens_per_frame
+        pair_frames_mask = None
+        if frames_mask is not None:  # [B*K, 1, T]: each pair sees its video's mask
+            pair_frames_mask = frames_mask.unsqueeze(1).expand(-1, num_candidates, -1)
+            pair_frames_mask = pair_frames_mask.reshape(batch_size * num_candidates, 1, num_frames)
         device = self.device
         cand_indicators = cand_indicators.to(device)
         with self._autocast():
             kv = self.fusion.project_candidates(
-                frames_tokens.to(device).float()
+                frames_tokens.to(device).float(), frames_mask
             )  # [B, n, 2, T', D]
             pair_kv = kv.unsqueeze(1).expand(-1, num_candidates, *kv.shape[1:])
             pair_kv = pair_kv.reshape(batch_size * num_candidates, 1, *kv.shape[1:])
             queries = self._fusion_queries(
                 cand_indicators.reshape(batch_size * num_candidates, num_indicators, width)
             )
-            delta, token_attention = self.fusion(queries, pair_kv, None)  # [B*K, 1], [B*K, 1, T']
+            delta, token_attention = self.fusion(
+                queries, pair_kv, None, frames_mask=pair_frames_mask
+            )  # [B*K, 1], [B*K, 1, T']
         delta = delta.float().view(batch_size, num_candidates)
         token_attention = token_attention.float().view(batch_size, num_candidates, -1)
         if cand_mask is not None:
@@ -609,10 +699,49 @@ class TokenBinder(nn.Module):
 
     # ---- identity and checkpoints --------------------------------------------------------------
     def fingerprint(self) -> str:
-        """Stable hex hash of the config and every weight (name, dtype, shape, bytes).
+        """Stable hex hash of the config and every weight (name, dtype, shape, bytes): the whole
+        model. Checkpoints are verified against it.
 
         Cached until a parameter changes (in-place updates bump tensor versions).
         """
+        return self._identities()[0]
+
+    def vision_fingerprint(self) -> str:
+        """Hash of everything that makes the stored data: the vision tower's architecture and
+        weights, the frame sampling (T, the uniform rule) and the frame normalisation (image
+        size, mean, std, patch tokens). The Milvus collection and the frame-token store record
+        it; any checkpoint with the same vision fingerprint serves them as they are."""
+        return self._identities()[1]
+
+    def query_fingerprint(self) -> str:
+        """Hash of the query side: the config and every weight outside the vision tower (text
+        tower, indicators, fusion, logit scale). Retraining it never needs a re-ingest."""
+        return self._identities()[2]
+
+    def _vision_spec(self) -> dict[str, Any]:
+        config = self.config
+        if config.clip_cfg is not None:
+            arch: Any = {
+                "embed_dim": config.clip_cfg.get("embed_dim"),
+                "vision_cfg": config.clip_cfg.get("vision_cfg"),
+                "quick_gelu": bool(config.clip_cfg.get("quick_gelu", False)),
+            }
+        else:
+            arch = config.clip_model
+        return {
+            "identity": VISION_IDENTITY_VERSION,
+            "arch": arch,
+            "num_frames": config.num_frames,
+            "sampling": "uniform",  # tb_reranker.video.decode: T frames uniformly over the video
+            "use_patch_tokens": config.use_patch_tokens,
+            "image_size": self.image_size,
+            "mean": list(self.image_mean),
+            "std": list(self.image_std),
+            "tokens": "l2-normalised per frame, [CLS] = normalised mean over real frames",
+        }
+
+    def _identities(self) -> tuple[str, str, str]:
+        """(whole model, vision side, query side) fingerprints, computed in one pass."""
         state = self.state_dict()
         key = tuple(
             (name, tensor.data_ptr(), tensor._version, str(tensor.device))
@@ -620,14 +749,20 @@ class TokenBinder(nn.Module):
         )
         if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
             return self._fingerprint_cache[1]
-        digest = hashlib.sha256()
-        digest.update(self.config.to_json().encode())
+        whole, vision, query = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        whole.update(self.config.to_json().encode())
+        vision.update(json.dumps(self._vision_spec(), sort_keys=True).encode())
+        query.update(b"query|" + self.config.to_json().encode())
         for name in sorted(state):
             tensor = state[name].detach()
-            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
             flat = tensor.to("cpu").contiguous().reshape(-1)
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-        value = digest.hexdigest()[:32]
+            data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+            side = vision if name.startswith(_VISION_PREFIX) else query
+            for digest in (whole, side):
+                digest.update(header)
+                digest.update(data)
+        value = (whole.hexdigest()[:32], vision.hexdigest()[:32], query.hexdigest()[:32])
         self._fingerprint_cache = (key, value)
         return value
 

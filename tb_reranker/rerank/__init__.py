@@ -5,6 +5,7 @@ pipeline ``TwoStageSearch``.
 |---|---|
 | ``backend`` | ``RerankBackend`` (encode, rerank, info), ``ModelInfo``, ``InProcessBackend`` |
 | ``pipeline`` | ``TwoStageSearch``: Milvus broad search + rerank, the one place hits are made |
+| ``query_cache`` | ``QueryCache``: the pipeline's LRU of encoded queries (text × model fingerprint) |
 | ``local`` | ``Reranker``: model + frame store + K/V cache, in process |
 | ``cache`` | ``KVCache``: the per-video K/V slab (LRU, content hashes, lock choreography) |
 | ``batch`` | one rerank call's steps: plan, gather, fuse, assemble |
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from tb_reranker._lazy import lazy_attributes
 from tb_reranker.rerank.backend import InProcessBackend, ModelInfo, RerankBackend
 from tb_reranker.rerank.pipeline import TwoStageSearch
+from tb_reranker.rerank.query_cache import QueryCache
 from tb_reranker.types import RerankedCandidate, RerankResult
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "InProcessBackend",
     "ModelInfo",
     "TwoStageSearch",
+    "QueryCache",
     "RerankResult",
     "RerankedCandidate",
 ]

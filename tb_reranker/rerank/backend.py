@@ -19,7 +19,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.rerank.local import Reranker
     from tb_reranker.types import RerankResult
 
-__all__ = ["RerankBackend", "ModelInfo", "InProcessBackend", "encode_texts"]
+__all__ = ["RerankBackend", "ModelInfo", "InProcessBackend", "encode_texts", "query_fingerprint"]
+
+
+def query_fingerprint(model: Any) -> str:
+    """What identifies the text side of ``model`` (the query encoder): the key of the query
+    cache. The model's query-side fingerprint (config, text tower, indicators, fusion; cached by
+    the model until a weight changes): a new vision side alone never changes an encoded query."""
+    return str(model.query_fingerprint())
 
 
 def encode_texts(model: Any, texts: Sequence[str]) -> np.ndarray:
@@ -67,6 +74,11 @@ class RerankBackend(Protocol):
         """The served model's shape and K."""
         ...
 
+    def query_fingerprint(self) -> str | None:
+        """What identifies ``encode``'s text side (:func:`query_fingerprint`); ``None`` when
+        unknown here (encoded queries are then not cached)."""
+        ...
+
 
 class InProcessBackend:
     """``RerankBackend`` over a ``Reranker`` (model, frame store and K/V cache) in this process."""
@@ -82,6 +94,9 @@ class InProcessBackend:
 
     def info(self) -> ModelInfo:
         return self.reranker.info()
+
+    def query_fingerprint(self) -> str | None:
+        return query_fingerprint(self.reranker.model)
 
     def __repr__(self) -> str:
         return f"InProcessBackend({self.reranker!r})"

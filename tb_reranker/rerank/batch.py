@@ -4,7 +4,8 @@
    (given, or the cosine of I_1 with the stored pooled tokens);
 2. :func:`gather_batch`: the first ``K`` of every plan as one padded :class:`FusionBatch`
    (one row gather out of the rows / cache slab);
-3. :func:`fuse`: one ``focused_scores`` call over all queries -> per query Δ and best frame;
+3. :func:`fuse`: one ``focused_scores`` call over all queries -> per query Δ and best frame
+   (from the candidates' tokens, K/V-free, or from their projected K/V, as the rows hold);
 4. :func:`assemble`: ``S = S' + Δ`` for the reranked head, the rest in broad order below,
    missing ids reported.
 
@@ -51,10 +52,17 @@ class FusionBatch:
 
     active: list[int]  # query positions with at least one present candidate
     sizes: list[int]  # per query (all of them): candidates reranked, min(present, K)
-    cand_kv: torch.Tensor  # [B, K, n_blocks, 2, T', D], a view of one gathered tensor
+    cand_kv: torch.Tensor  # [B, K, n_blocks, 2, T', D] or tokens [B, K, 1, 1, T', D], a view
     cand_cls: torch.Tensor  # [B, K, D]
     cand_mask: torch.Tensor | None  # [B, K]; None when no query needs padding
     timestamps: np.ndarray  # [B, K, T] seconds
+    frames_mask: torch.Tensor | None = None  # [B, K, T]: False = padded frame; None = all real
+    kv_free: bool = False  # cand_kv holds the frame tokens: fuse K/V-free
+
+    @property
+    def cand_tokens(self) -> torch.Tensor:
+        """The candidates' frame tokens ``[B, K, T', D]`` (a view) of a ``kv_free`` batch."""
+        return self.cand_kv[:, :, 0, 0]
 
 
 def unique_ids(request: RerankRequest) -> dict[str, str | None]:
@@ -126,6 +134,7 @@ def gather_batch(plans: Sequence[Plan], rows: Rows, top_k: int) -> FusionBatch |
     slots = torch.tensor(gather, dtype=torch.long, device=rows.kv.device)
     kv = take(rows.kv, slots)  # [n_blocks, 2, B*K, T', D]
     num_active = len(active)
+    frames_mask = rows.masks[gather]  # [B*K, T]
     return FusionBatch(
         active=active,
         sizes=sizes,
@@ -137,6 +146,12 @@ def gather_batch(plans: Sequence[Plan], rows: Rows, top_k: int) -> FusionBatch |
             else torch.tensor(masks, device=rows.cls.device)
         ),
         timestamps=rows.timestamps[gather].reshape(num_active, k_max, -1),
+        kv_free=rows.kv_free,
+        frames_mask=(
+            None
+            if frames_mask.all()
+            else torch.from_numpy(frames_mask.reshape(num_active, k_max, -1)).to(rows.cls.device)
+        ),
     )
 
 
@@ -149,12 +164,14 @@ def fuse(
         return out
     active = batch.active
     with torch.inference_mode():
-        # inputs built here from a validated request and this model's own K/V
+        # inputs built here from a validated request and this model's own tokens / K/V
         scores = model.focused_scores(
             queries[active] if len(active) < queries.shape[0] else queries,
             batch.cand_cls,
-            cand_mask=batch.cand_mask,
-            cand_kv=batch.cand_kv,
+            batch.cand_tokens if batch.kv_free else None,
+            batch.cand_mask,
+            cand_kv=None if batch.kv_free else batch.cand_kv,
+            frames_mask=batch.frames_mask,
             validate=False,
         )
     deltas = scores.delta.float().cpu().numpy().tolist()  # [B, K]

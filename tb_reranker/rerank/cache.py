@@ -1,4 +1,7 @@
-"""The per-video K/V cache of the in-process reranker: one LRU slab and its lock choreography.
+"""The per-video cache of the in-process reranker: one LRU slab and its lock choreography.
+
+What a slot holds is the reranker's choice: the frame tokens (the default, fused K/V-free) or
+their projected K/V (``Reranker(cache_kv=True)``); the slab code is the same for both.
 
 The cache is keyed by video id and remembers the entry's content hash: a caller that knows the
 hash (Milvus returns it with every hit) never sees a stale entry; ids given without a hash are
@@ -33,17 +36,26 @@ class Rows:
     """Per-video rows for one rerank call, gathered from the cache slab and/or the store.
 
     ``kv`` is laid out ``[n_blocks, 2, N, T', D]`` so that a gather along dim 2 yields the
-    candidates' keys/values with each block's ``[B, K*T', D]`` a free view.
+    candidates' keys/values with each block's ``[B, K*T', D]`` a free view. A reranker that
+    fuses K/V-free (the default, ``Reranker(cache_kv=False)``) keeps the frame tokens themselves
+    there instead, as ``[1, 1, N, T', D]`` (:attr:`kv_free`).
     """
 
     index: dict[str, int]  # video id -> row
-    kv: torch.Tensor  # [n_blocks, 2, N, T', D] float32 (rows, or the whole cache slab)
+    kv: torch.Tensor  # [n_blocks, 2, N, T', D] or tokens [1, 1, N, T', D] float32 (rows or slab)
     cls: torch.Tensor  # [N, D] L2-normalised pooled frame tokens
     timestamps: np.ndarray  # [N, T] seconds
+    masks: np.ndarray  # [N, T] bool, False = a padded (repeated) frame: no attention
+
+    @property
+    def kv_free(self) -> bool:
+        """``kv`` holds frame tokens ``[1, 1, N, T', D]`` (a K/V pair has 2 planes)."""
+        return self.kv.dim() == 5 and self.kv.shape[1] == 1
 
     @classmethod
     def empty(cls) -> Rows:
-        return cls({}, torch.empty(0), torch.empty(0), np.zeros((0, 0), dtype=np.float32))
+        none = np.zeros((0, 0), dtype=np.float32)
+        return cls({}, torch.empty(0), torch.empty(0), none, none.astype(bool))
 
     def then(self, other: Rows) -> Rows:
         """These rows followed by ``other``'s (``other`` may be empty)."""
@@ -55,6 +67,7 @@ class Rows:
             torch.cat([self.kv, other.kv], dim=2),
             torch.cat([self.cls, other.cls]),
             np.concatenate([self.timestamps, other.timestamps]),
+            np.concatenate([self.masks, other.masks]),
         )
 
 
@@ -88,7 +101,7 @@ class KVCache:
     """A thread-safe LRU of per-video projections in one preallocated slab, with counters.
 
     Entries live in ``kv [n_blocks, 2, slots, T', D]`` / ``cls [slots, D]`` /
-    ``timestamps [slots, T]``; ``_slots`` maps id -> (slot, content hash, stamp) in LRU order.
+    ``timestamps [slots, T]`` / ``masks [slots, T]``; ``_slots`` maps id -> (slot, content hash, stamp) in LRU order.
     The slab grows by doubling up to ``capacity`` (nothing is allocated before the first put).
     """
 
@@ -100,6 +113,7 @@ class KVCache:
         self.kv: torch.Tensor | None = None
         self.cls: torch.Tensor | None = None
         self.timestamps: np.ndarray | None = None
+        self.masks: np.ndarray | None = None
         self.lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -135,10 +149,12 @@ class KVCache:
 
     def _view(self, found: dict[str, int]) -> Rows:
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
-        return Rows(found, self.kv, self.cls, self.timestamps)
+        assert self.masks is not None
+        return Rows(found, self.kv, self.cls, self.timestamps, self.masks)
 
     def _copy(self, found: dict[str, int]) -> Rows:
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
+        assert self.masks is not None
         slots = list(found.values())
         where = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
         return Rows(
@@ -146,6 +162,7 @@ class KVCache:
             take(self.kv, where),
             self.cls.index_select(0, where),
             self.timestamps[slots],
+            self.masks[slots],
         )
 
     # ------------------------------------------------------------------ entries
@@ -185,12 +202,15 @@ class KVCache:
             (new_size, like.cls.shape[1]), dtype=like.cls.dtype, device=like.cls.device
         )
         timestamps = np.zeros((new_size, like.timestamps.shape[1]), dtype=np.float32)
+        masks = np.ones((new_size, like.masks.shape[1]), dtype=bool)
         if self.kv is not None:
             assert self.cls is not None and self.timestamps is not None
+            assert self.masks is not None
             kv[:, :, :size] = self.kv
             cls[:size] = self.cls
             timestamps[:size] = self.timestamps
-        self.kv, self.cls, self.timestamps = kv, cls, timestamps
+            masks[:size] = self.masks
+        self.kv, self.cls, self.timestamps, self.masks = kv, cls, timestamps, masks
         self._free.extend(range(new_size - 1, size - 1, -1))
 
     def _slot_for(self, video_id: str) -> int:
@@ -215,6 +235,7 @@ class KVCache:
         items = list(rows.index.items())[-self.capacity :]
         self._grow(min(self.capacity, len(self._slots) + len(items)), rows)
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
+        assert self.masks is not None
         now = time.monotonic()
         targets, sources = [], []
         for video_id, row in items:
@@ -227,6 +248,7 @@ class KVCache:
         _put(self.kv, target, take(rows.kv, source))
         self.cls.index_copy_(0, target, rows.cls.index_select(0, source))
         self.timestamps[targets] = rows.timestamps[sources]
+        self.masks[targets] = rows.masks[sources]
 
     def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
         with self.lock:
@@ -243,7 +265,7 @@ class KVCache:
         self._slots.clear()
         self._free.clear()
         self.kv = self.cls = None
-        self.timestamps = None
+        self.timestamps = self.masks = None
 
     def __len__(self) -> int:
         return len(self._slots)

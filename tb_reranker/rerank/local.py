@@ -3,10 +3,13 @@
 ``Reranker`` joins the model, the frame-token store and the K/V cache (``rerank.cache``):
 
 1. ``encode``: texts → indicators ``[Q, m, D]`` (I_1 drives Milvus, I_2..I_m the fusion);
-2. ``rerank``: per query, candidates sorted by broad score, their per-video projected K/V
-   fetched from the cache or computed from the store's frame tokens, one batched fusion over all
-   queries, ``S = S' + Δ``; candidates past the model's K keep their broad order below
-   (the steps are the functions of ``rerank.batch``).
+2. ``rerank``: per query, candidates sorted by broad score, their frame tokens fetched from the
+   cache or the store, one batched K/V-free fusion over all queries (the keys and values are
+   never formed: ``focused_scores(cand_tokens=...)``), ``S = S' + Δ``; candidates past the
+   model's K keep their broad order below (the steps are the functions of ``rerank.batch``).
+   With ``cache_kv=True`` the cache holds each video's projected K/V instead (a miss is
+   projected, a hit fused from its K/V): cheaper per hit for the symmetric head, dearer per
+   miss; see docs/benchmarks.md §6 for the measured trade-off.
 
 ``encode`` and ``rerank`` validate their arguments (the SDK boundary) into a ``RerankRequest``;
 ``rerank_request`` takes one already validated (by the server, the search pipeline) and checks
@@ -49,13 +52,16 @@ def _stack(records: dict[str, Any], ids: list[str], field: str, dtype: Any) -> n
     return np.stack([np.asarray(getattr(records[i], field), dtype=dtype) for i in ids])
 
 
-def _frames_mask(records: dict[str, Any], ids: list[str], num_frames: int) -> np.ndarray | None:
-    """``[N, T]`` valid-frame masks, or ``None`` when no record has one."""
-    masks = [getattr(records[i], "mask", None) for i in ids]
-    if all(mask is None for mask in masks):
-        return None
-    full = np.ones(num_frames, dtype=bool)
-    return np.stack([np.asarray(m, dtype=bool) if m is not None else full for m in masks])
+def _frames_mask(records: dict[str, Any], ids: list[str], num_frames: int) -> np.ndarray:
+    """``[N, T]`` real-frame masks (False = a padded, repeated frame). A record without a mask
+    (an old one) has all frames real; so has one whose mask marks none real, as
+    ``FrameRecord.video_cls`` reads it."""
+    masks = np.ones((len(ids), num_frames), dtype=bool)
+    for row, video_id in enumerate(ids):
+        mask = getattr(records[video_id], "mask", None)
+        if mask is not None and np.any(mask):
+            masks[row] = np.asarray(mask, dtype=bool)
+    return masks
 
 
 class Reranker:
@@ -64,10 +70,13 @@ class Reranker:
     Args:
         model: a loaded ``TokenBinder`` (eval mode is enforced).
         store: the ``FrameStore`` holding each video's frame tokens.
-        cache_size: videos whose projected K/V are kept (LRU); 0 disables the cache.
+        cache_size: videos whose frame tokens (or K/V) are kept (LRU); 0 disables the cache.
         cache_ttl_s: how long a cached entry is trusted when the caller gives no content hash.
         max_candidates: candidates per query accepted by ``rerank`` (beyond the model's K,
             candidates keep their broad order).
+        cache_kv: cache each video's projected K/V (every miss pays the projection) instead of
+            its frame tokens (every candidate fused K/V-free, the default). Both give the same
+            scores up to float rounding.
     """
 
     def __init__(
@@ -78,17 +87,20 @@ class Reranker:
         cache_size: int = 4096,
         cache_ttl_s: float = 300.0,
         max_candidates: int = 1000,
+        cache_kv: bool = False,
     ) -> None:
         self.model = model.eval()
         self.store = store
         self.cache = KVCache(cache_size, cache_ttl_s)
+        self.cache_kv = bool(cache_kv)
         self.limits = Limits.sdk(max_candidates=max_candidates)
         self.device = next(model.parameters()).device
         self.embed_dim = int(model.embed_dim)
         self.num_indicators = int(model.num_indicators)
         self.top_k = int(model.top_k)
         self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
-        self._fingerprint: str | None = None  # the model's, computed at the first store read
+        self._fingerprint: str | None = None  # the model's vision one, at the first store read
+        self._model_fingerprint = ""  # the whole model's (legacy records carry it)
 
     @property
     def max_candidates(self) -> int:
@@ -168,7 +180,8 @@ class Reranker:
 
     # ------------------------------------------------------------------ store → rows
     def _fetch(self, videos_ids: list[str]) -> tuple[Rows, dict[str, str]]:
-        """One store batch for ``videos_ids``, projected in one model call -> rows, hashes."""
+        """One store batch for ``videos_ids`` -> rows (their tokens, or with ``cache_kv`` their
+        K/V projected in one model call), content hashes."""
         records = self.store.get_many(list(videos_ids))
         self._check_identity(records)
         fetched = [video_id for video_id in videos_ids if video_id in records]
@@ -180,38 +193,58 @@ class Reranker:
                 f"stored frame tokens have dim {tokens.shape[-1]}, "
                 f"the model expects {self.embed_dim}: was the store made by another model?"
             )
+        max_tokens = int(self.model.num_frames) * self.tokens_per_frame
+        if tokens.shape[1] > max_tokens or tokens.shape[1] % self.tokens_per_frame:
+            raise InvalidInputError(
+                f"stored frame tokens hold {tokens.shape[1]} tokens per video, the model takes "
+                f"at most {self.model.num_frames} frames of {self.tokens_per_frame}: was the "
+                "store made by another model?"
+            )
         frames_tokens = torch.from_numpy(tokens.astype(np.float32, copy=False)).to(self.device)
-        mask = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
+        masks = _frames_mask(records, fetched, frames_tokens.shape[1] // self.tokens_per_frame)
         with torch.inference_mode():
-            kv = self.model.project_candidates(frames_tokens)  # [N, n_blocks, 2, T', D]
-            frames_mask = None if mask is None else torch.from_numpy(mask).to(self.device)
+            frames_mask = None if masks.all() else torch.from_numpy(masks).to(self.device)
+            if self.cache_kv:
+                # padded frames are not projected (zero K/V); the fusion masks them out
+                kv = self.model.project_candidates(frames_tokens, frames_mask)  # [N, n, 2, T', D]
+                kv = kv.permute(1, 2, 0, 3, 4).contiguous()  # [n_blocks, 2, N, T', D]
+            else:  # K/V-free: the rows hold the tokens themselves
+                kv = frames_tokens.contiguous()[None, None]  # [1, 1, N, T', D]
             cls = self.model.pool_cls(frames_tokens, frames_mask)  # [N, D], the model's pooling
         rows = Rows(
             index={video_id: n for n, video_id in enumerate(fetched)},
-            kv=kv.permute(1, 2, 0, 3, 4).contiguous(),  # [n_blocks, 2, N, T', D]
+            kv=kv,
             cls=cls,
             timestamps=_stack(records, fetched, "timestamps", np.float32),  # [N, T]
+            masks=masks,  # [N, T]
         )
         return rows, {video_id: records[video_id].content_hash for video_id in fetched}
 
     def _check_identity(self, records: dict[str, Any]) -> None:
-        """Refuse frame tokens written by another model (each record names its model).
+        """Refuse frame tokens written by another vision model (each record names its model).
 
         Tokens of another vision tower are vectors of another space: scoring them would give
-        plausible-looking, meaningless numbers. Records without a fingerprint (written by hand
-        or by an old version) are accepted, as a collection without one is.
+        plausible-looking, meaningless numbers. A record names the vision fingerprint of the
+        model that made it (or, written before the identity was split, that model's whole
+        fingerprint: accepted when it is the loaded model's). Records without a fingerprint
+        (written by hand or by an old version) are accepted, as a collection without one is.
         """
         if self._fingerprint is None:
-            self._fingerprint = str(self.model.fingerprint())
+            self._fingerprint = str(self.model.vision_fingerprint())
+            self._model_fingerprint = str(self.model.fingerprint())
+        accepted = ("", self._fingerprint, self._model_fingerprint)
         foreign = sorted(
             video_id
             for video_id, record in records.items()
-            if getattr(record, "fingerprint", "") and record.fingerprint != self._fingerprint
+            if getattr(record, "fingerprint", "") not in accepted
         )
         if foreign:
             other = records[foreign[0]].fingerprint
             raise ModelMismatchError(
                 f"{len(foreign)} stored videos (e.g. {foreign[0]!r}) hold frame tokens of model "
-                f"{other[:12]}, but the loaded model is {self._fingerprint[:12]}: serve the "
-                "checkpoint that ingested them, or re-ingest with this one"
+                f"{other}, but the loaded checkpoint's vision side is {self._fingerprint}: serve "
+                "a checkpoint with their vision side, run `tb migrate --checkpoint "
+                "THE_CHECKPOINT_THAT_INGESTED_THEM` if the store predates vision fingerprints, "
+                "or re-index them with this checkpoint (`tb ingest VIDEOS --checkpoint CHECKPOINT "
+                "--collection NEW_NAME --store NEW_DIR`)"
             )

@@ -3,7 +3,8 @@
 ``TwoStageSearch(index, backend)`` serves ``Client`` in both modes (in-process backend, or the
 remote backend that reranks on a sidecar) and the sidecar's own ``SearchService``:
 
-1. texts → indicators with ``backend.encode`` (or indicators given);
+1. texts → indicators with ``backend.encode`` (or indicators given), through the LRU of encoded
+   queries (``query_cache``, keyed by text and the backend's ``query_fingerprint``) when given;
 2. ANN top-``max(limit, K)`` from Milvus with I_1 (``index.search``), with the filter;
 3. ``backend.rerank`` of each query's candidates (broad scores and content hashes from Milvus);
 4. hits: the reranked order, then rows whose tokens the store lacks in broad order, cut to
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from tb_reranker.index import VideoIndex
     from tb_reranker.rerank.backend import RerankBackend
+    from tb_reranker.rerank.query_cache import QueryCache
 
 __all__ = ["TwoStageSearch", "broad_hits", "reranked_hits"]
 
@@ -92,12 +94,15 @@ class TwoStageSearch:
         backend: a ``RerankBackend`` (in process or remote).
         limits: the limits ``search`` validates against (``run`` trusts its request).
         degrade: return broad-only hits when the backend is unreachable instead of raising.
+        query_cache: the LRU of encoded queries (shared by every search through it); ``None``
+            or capacity 0: every text is encoded.
     """
 
     index: VideoIndex
     backend: RerankBackend
     limits: Limits = field(default=DEFAULT_LIMITS, kw_only=True)
     degrade: bool = field(default=False, kw_only=True)
+    query_cache: QueryCache | None = field(default=None, kw_only=True)
     _warned: bool = field(default=False, init=False, repr=False)  # degradation logged once
 
     def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
@@ -111,9 +116,7 @@ class TwoStageSearch:
     def run(self, request: SearchRequest) -> list[list[Hit]]:
         """``search`` of an already validated request."""
         t0 = time.perf_counter_ns()
-        indicators = (
-            request.indicators if request.texts is None else self.backend.encode(request.texts)
-        )
+        indicators = request.indicators if request.texts is None else self.encode(request.texts)
         t1 = time.perf_counter_ns()
         fetch = max(request.limit, self.backend.info().top_k) if request.rerank else request.limit
         broad = self.index.search(indicators[:, 0], fetch, filter=request.filter)
@@ -132,6 +135,17 @@ class TwoStageSearch:
             reranked_hits(rows, result, request.limit)
             for rows, result in zip(broad, results, strict=True)
         ]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Validated texts → indicators ``[Q, m, D]``: cached ones from ``query_cache``, the
+        others from ``backend.encode``."""
+        cache = self.query_cache
+        if cache is None or not cache.enabled:
+            return self.backend.encode(texts)
+        fingerprint = self.backend.query_fingerprint()
+        if fingerprint is None:
+            return self.backend.encode(texts)
+        return cache.encode(texts, fingerprint, self.backend.encode)
 
     def _rerank(self, indicators: np.ndarray, broad: list[list[Row]]) -> list[RerankResult] | None:
         """Per query the backend's result (empty for no rows); ``None`` when degraded."""

@@ -383,12 +383,18 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
     model.precision = dtype
     store = open_store(settings.store)
     reranker = Reranker(
-        model, store, cache_size=config.cache_size, max_candidates=config.max_candidates
+        model,
+        store,
+        cache_size=config.cache_size,
+        max_candidates=config.max_candidates,
+        cache_kv=config.cache_kv,
     )
     return Components(reranker=reranker, index=None, device=str(device), dtype=dtype)
 
 
-def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> ConnectIndexFn:
+def _index_connector(
+    settings: Settings, fingerprints: Callable[[], tuple[str, str]]
+) -> ConnectIndexFn:
     """Opens the configured collection, never creating anything: a Lite database file that is
     not there, or a collection that does not exist, is ``NotFoundError`` (the sidecar only
     reads; ``tb ingest`` creates them)."""
@@ -403,13 +409,15 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
             if not path.is_file():
                 raise NotFoundError(
                     f"Milvus Lite database {path} does not exist (ingest videos into it first, "
-                    "or point --milvus-uri at an existing database)"
+                    "or point --uri at an existing database)"
                 )
+        vision, whole = fingerprints()
         index = VideoIndex(
             uri,
             token=settings.milvus_token,
             collection=settings.collection,
-            fingerprint=fingerprint(),
+            fingerprint=vision,
+            model_fingerprint=whole,
         )
         try:
             if not index.exists():
@@ -417,7 +425,7 @@ def _index_connector(settings: Settings, fingerprint: Callable[[], str]) -> Conn
                     f"Milvus collection {settings.collection!r} does not exist at {uri} "
                     "(ingest videos into it first, or choose --collection)"
                 )
-            index.count()  # checks the dimension and the model fingerprint, loads the collection
+            index.count()  # checks the dimension and the vision fingerprint, loads the collection
         except BaseException:
             index.close()
             raise
@@ -442,13 +450,16 @@ async def serve(
     """
     server: TBServer | None = None
 
-    def fingerprint() -> str:
-        return server.backend.fingerprint if server is not None else ""
+    def fingerprints() -> tuple[str, str]:
+        """(vision, whole-model) fingerprints of the served model."""
+        if server is None:
+            return "", ""
+        return server.backend.vision_fingerprint, server.backend.fingerprint
 
     server = TBServer(
         config,
         lambda: load_components(settings, config),
-        connect_index=_index_connector(settings, fingerprint) if search else None,
+        connect_index=_index_connector(settings, fingerprints) if search else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,6 +30,7 @@ from tb_reranker.errors import (
 from tb_reranker.requests import RerankQuery, RerankRequest, SearchRequest, check_texts
 from tb_reranker.rerank.backend import InProcessBackend
 from tb_reranker.rerank.pipeline import TwoStageSearch
+from tb_reranker.rerank.query_cache import QueryCache
 from tb_reranker.server.batcher import BatchInfo, MicroBatcher
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.metrics import ServerMetrics
@@ -70,11 +71,14 @@ class Backend:
         self.limits = config.limits
         self.metrics = metrics
         self.components: Components | None = None
-        self.fingerprint = ""
+        self.fingerprint = ""  # the whole model's
+        self.vision_fingerprint = ""  # what the collection and the store must record
+        self.query_fingerprint = ""
         self.index_error: str | None = None  # why Milvus is not connected (None: not tried/ok)
         # a non-transient reason Search cannot serve (missing database or collection, another
         # model's collection): raised as is instead of "not reachable yet"
         self.index_failure: TBError | None = None
+        self.query_cache = QueryCache(config.query_cache_size)  # Search's encoded texts
         self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="tb-device")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="tb-io")
         self.encode_batcher: MicroBatcher = self._batcher("encode", self._run_encode)
@@ -94,10 +98,12 @@ class Backend:
 
     # ------------------------------------------------------------------ lifecycle
     async def attach(self, components: Components) -> None:
-        """Start serving ``components`` (computes the model fingerprint once, off the loop)."""
+        """Start serving ``components`` (computes the model fingerprints once, off the loop)."""
         loop = asyncio.get_running_loop()
         model = components.reranker.model
         self.fingerprint = await loop.run_in_executor(self._device_executor, model.fingerprint)
+        self.vision_fingerprint = model.vision_fingerprint()  # cached by the same pass
+        self.query_fingerprint = model.query_fingerprint()
         self.components = components
 
     async def close(self) -> None:
@@ -175,7 +181,9 @@ class Backend:
         )
         if request.num_queries != 1:
             raise InvalidInputError("one query per Search call: indicators must be [m, D]")
-        pipeline = TwoStageSearch(index, InProcessBackend(reranker), limits=self.limits)
+        pipeline = TwoStageSearch(
+            index, InProcessBackend(reranker), limits=self.limits, query_cache=self.query_cache
+        )
         started = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
         hits = await loop.run_in_executor(self._io_executor, self._run_search, pipeline, request)

@@ -42,7 +42,9 @@ class ServerConfig:
     batching: bool = True  # dynamic micro-batching of concurrent Encode/Rerank calls
     max_batch: int = 32  # calls fused into one device batch
     max_wait_ms: float = 0.0  # batch window; 0 = batch only what queued while the device was busy
-    cache_size: int = 4096  # videos whose projected K/V the Reranker keeps (LRU)
+    cache_size: int = 4096  # videos whose frame tokens (K/V with cache_kv) the Reranker keeps
+    cache_kv: bool = False  # cache projected K/V instead of tokens (pays above ~80% hit rate)
+    query_cache_size: int = 1024  # Search: encoded query texts kept (LRU); 0 = off
     device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1"
     dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
     grace_s: float = 10.0  # graceful shutdown: in-flight calls get this long to finish
@@ -57,6 +59,10 @@ class ServerConfig:
         for name in ("max_concurrency", "max_batch", "io_threads", "max_filter_chars"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.query_cache_size < 0:
+            raise InvalidInputError(
+                f"query_cache_size must not be negative, got {self.query_cache_size}"
+            )
         if self.max_filter_depth <= 0:
             raise InvalidInputError(
                 f"max_filter_depth must be positive, got {self.max_filter_depth}"

@@ -316,6 +316,8 @@ class _Routes:
             model = backend.components.reranker.model
             info.update(
                 fingerprint=backend.fingerprint,
+                vision_fingerprint=backend.vision_fingerprint,
+                query_fingerprint=backend.query_fingerprint,
                 embed_dim=int(model.embed_dim),
                 num_indicators=int(model.num_indicators),
                 top_k=int(model.top_k),

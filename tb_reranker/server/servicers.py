@@ -201,6 +201,8 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
             return response  # still loading: versions and limits only
         model = components.reranker.model
         response.model_fingerprint = backend.fingerprint
+        response.vision_fingerprint = backend.vision_fingerprint
+        response.query_fingerprint = backend.query_fingerprint
         response.embed_dim = int(model.embed_dim)
         response.num_indicators = int(model.num_indicators)
         response.top_k = int(model.top_k)

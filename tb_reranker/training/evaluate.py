@@ -3,9 +3,15 @@
 Text→video: every caption is a query over all N videos; the broad view ranks by
 S' = cos(I_1, f_[CLS]); the focused view reranks each query's top-K by S = S' + Δ and keeps the
 rest in broad order (:func:`tb_reranker.metrics.rerank_topk`). Video→text: each video queries all
-M captions; a video's rank is its best caption's rank. Its focused view reranks the video's
-top-K captions with ``model.focused_scores_v2t`` (the model's video→text twin, the one its
-ℓ_focus,t trains). With an untrained head (Δ = 0) both views are identical.
+M captions; its focused view reranks the video's top-K captions with ``model.focused_scores_v2t``
+(the model's video→text twin, the one its ℓ_focus,t trains), and the rank follows the protocol of
+:func:`tb_reranker.metrics.v2t_ranks`: by default (``"videos"``, published) the N videos are
+ranked, each by its best caption; ``"captions"`` ranks the best own caption among all captions.
+With an untrained head (Δ = 0) both views are identical.
+
+Every metrics dict names the ``protocol`` and the ``ties`` rule that produced it; beside the
+default (pessimistic ties) the result holds the same metrics with ``ties="optimistic"``, the rule
+of CLIP4Clip's ``compute_metrics`` that published figures use.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ import numpy as np
 import torch
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.metrics import ranks_from_scores, rerank_topk, retrieval_metrics
+from tb_reranker.metrics import (
+    TIES,
+    V2T_PROTOCOLS,
+    ranks_from_scores,
+    rerank_topk,
+    retrieval_metrics,
+    v2t_ranks,
+)
 from tb_reranker.training.features import (
     VideoCaptionSet,
     as_video_caption_set,
@@ -38,12 +51,10 @@ def _encode_texts(
 ) -> torch.Tensor:
     """texts [M] → indicators [M, m, D] float32 on the CPU."""
     parts = []
-    starts = range(0, len(texts), batch_size)
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        starts = tqdm(starts, desc="encode texts", unit="batch")
-    for start in starts:
+    starts = range(0, len(texts), batch_size)
+    for start in show(starts, desc="encode texts", unit="batch", enabled=progress):
         parts.append(model.encode_text(texts[start : start + batch_size]).float().cpu())
     return torch.cat(parts)
 
@@ -57,10 +68,12 @@ def score_matrices(
     *,
     k: int,
     batch_size: int = 64,
+    frames_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Broad scores and the focused scores of each query's top-K, both directions.
 
-    indicators: [M, m, D], videos_cls: [N, D], frames_tokens: [N, T, D] (CPU tensors).
+    indicators: [M, m, D], videos_cls: [N, D], frames_tokens: [N, T, D] (CPU tensors);
+    frames_mask: [N, T] bool (False = padded frame: no attention) or None.
     Returns ``broad`` [M, N] (S'), ``candidates`` [M, K'] (each text's top-K' videos, K' =
     min(k, N)), ``final`` [M, K'] (S' + Δ of those), and for video→text ``candidates_v``
     [N, K''] (each video's top-K'' texts, K'' = min(k, M)) with ``final_v`` [N, K''].
@@ -87,6 +100,7 @@ def score_matrices(
             videos_cls[chunk],  # [b, K, D]
             frames_tokens[chunk],  # [b, K, T, D]
             mask,
+            frames_mask=None if frames_mask is None else frames_mask[chunk],  # [b, K, T]
         )
         finals.append(scores.final[:, :k_eff].float().cpu())
     # video -> text: each video's top-K texts, scored by the model's video→text focused view
@@ -99,6 +113,7 @@ def score_matrices(
             frames_tokens[start : start + batch_size],  # [b, T, D]
             videos_cls[start : start + batch_size],  # [b, D]
             indicators[chunk],  # [b, K'', m, D]
+            frames_mask=None if frames_mask is None else frames_mask[start : start + batch_size],
         )
         finals_v.append(scores.final.float().cpu())
     model.train(was_training)
@@ -127,25 +142,25 @@ def evaluate(
     workers: int = 2,
     progress: bool = False,
     curve_k: int | None = None,
+    v2t_protocol: str = "videos",
+    ties: str = "pessimistic",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` (a VideoCaptionSet or a ``tb_reranker.data`` dataset).
 
     Returns ``{"t2v": {"broad": metrics, "reranked": metrics}, "v2t": {...}, "k": K,
-    "num_videos": N, "num_texts": M, "curves": {"t2v"|"v2t": {"broad"|"reranked": [R@1..]}}}``
-    where metrics = ``retrieval_metrics`` (R@1/5/10 in percent, MdR, MnR). Frames are decoded
-    once into ``cache_dir`` (and the video features cached there by model fingerprint).
+    "num_videos": N, "num_texts": M, "ties": ties, "v2t_protocol": v2t_protocol,
+    "optimistic": {"t2v": ..., "v2t": ...}, "curves": {"t2v"|"v2t": {"broad"|"reranked":
+    [R@1..]}}}`` where metrics = ``retrieval_metrics`` (R@1/5/10 in percent, MdR, MnR) plus the
+    ``protocol`` ("videos": videos are ranked; "captions": captions are) and the ``ties`` rule
+    that produced them; ``"optimistic"`` holds them with optimistic ties (paper-comparable).
+    Frames are decoded once into ``cache_dir`` (and the video features cached there by model
+    fingerprint).
     """
     videos: VideoCaptionSet = as_video_caption_set(dataset)
-    k = int(k if k is not None else model.top_k)
-    if k < 1:
-        raise InvalidInputError(f"k must be >= 1, got {k}")
+    k = _check_settings(int(k if k is not None else model.top_k), v2t_protocol, ties)
     device = next(model.parameters()).device
     frame_set = load_model_frames(
-        model,
-        videos,
-        cache_dir=cache_dir,
-        workers=workers,
-        progress=progress,
+        model, videos, cache_dir=cache_dir, workers=workers, progress=progress
     )
     videos = frame_set.videos
     features = load_features(
@@ -159,18 +174,28 @@ def evaluate(
     texts = [caption for captions in videos.captions for caption in captions]
     indicators = _encode_texts(model, texts, batch_size, progress)  # [M, m, D]
     mats = score_matrices(
-        model, indicators, features.cls, features.frames_tokens, k=k, batch_size=batch_size
+        model,
+        indicators,
+        features.cls,
+        features.frames_tokens,
+        k=k,
+        batch_size=batch_size,
+        frames_mask=frame_set.masks,
     )
-    ranks = _ranks(mats, videos.captions)
+    ranks = _ranks(mats, videos.captions, v2t_protocol, ties)
     k_eff = mats["candidates"].shape[1]
     max_k = curve_k or max(10, k_eff + 5)
+    protocols = {"t2v": "videos", "v2t": v2t_protocol}
     result: dict[str, Any] = {
         "k": k_eff,
         "num_videos": len(videos),
         "num_texts": len(texts),
-        **{
-            d: {v: retrieval_metrics(r) for v, r in by_view.items()} for d, by_view in ranks.items()
-        },
+        "ties": ties,
+        "v2t_protocol": v2t_protocol,
+        **_metrics_of(ranks, protocols, ties),
+        "optimistic": _metrics_of(
+            _ranks(mats, videos.captions, v2t_protocol, "optimistic"), protocols, "optimistic"
+        ),
         "curves": {
             d: {v: recall_curve(r, max_k) for v, r in by_view.items()}
             for d, by_view in ranks.items()
@@ -189,31 +214,61 @@ def evaluate(
     return result
 
 
+def _check_settings(k: int, v2t_protocol: str, ties: str) -> int:
+    """``k`` once ``k``, the video→text protocol and the tie rule are known valid."""
+    if k < 1:
+        raise InvalidInputError(f"k must be >= 1, got {k}")
+    if v2t_protocol not in V2T_PROTOCOLS:
+        raise InvalidInputError(f"v2t_protocol must be one of {list(V2T_PROTOCOLS)}")
+    if ties not in TIES:
+        raise InvalidInputError(f"ties must be one of {list(TIES)}, got {ties!r}")
+    return k
+
+
+def _metrics_of(
+    ranks: dict[str, dict[str, np.ndarray]], protocols: dict[str, str], ties: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``retrieval_metrics`` of every (direction, view), each naming its protocol and ties."""
+    return {
+        d: {
+            v: {**retrieval_metrics(r), "protocol": protocols[d], "ties": ties}
+            for v, r in by_view.items()
+        }
+        for d, by_view in ranks.items()
+    }
+
+
 def _ranks(
-    mats: dict[str, torch.Tensor], captions: Sequence[Sequence[str]]
+    mats: dict[str, torch.Tensor],
+    captions: Sequence[Sequence[str]],
+    v2t_protocol: str = "videos",
+    ties: str = "pessimistic",
 ) -> dict[str, dict[str, np.ndarray]]:
     """1-based ranks of the right answers, ``{"t2v"|"v2t": {"broad"|"reranked": ranks}}``, from
     :func:`score_matrices`' output; text j (flattened in order) describes its own video."""
     text_to_video = [i for i, caps in enumerate(captions) for _ in caps]  # [M]
-    texts_per_video: list[list[int]] = []  # [N][C_i] text indices of each video
-    start = 0
-    for caps in captions:
-        texts_per_video.append(list(range(start, start + len(caps))))
-        start += len(caps)
     broad = mats["broad"]  # [M, N]
     broad_v = broad.t()  # [N, M]
     return {
         "t2v": {
-            "broad": ranks_from_scores(broad, text_to_video),
+            "broad": ranks_from_scores(broad, text_to_video, ties=ties),
             "reranked": ranks_from_scores(
-                rerank_topk(broad, mats["candidates"], mats["final"]), text_to_video
+                rerank_topk(broad, mats["candidates"], mats["final"]),
+                text_to_video,
+                ties=ties,
             ),
         },
         "v2t": {
-            "broad": ranks_from_scores(broad_v, texts_per_video),
-            "reranked": ranks_from_scores(
-                rerank_topk(broad_v, mats["candidates_v"], mats["final_v"]), texts_per_video
-            ),
+            view: v2t_ranks(
+                scores,
+                text_to_video,
+                protocol=v2t_protocol,
+                ties=ties,
+            )
+            for view, scores in (
+                ("broad", broad_v),
+                ("reranked", rerank_topk(broad_v, mats["candidates_v"], mats["final_v"])),
+            )
         },
     }
 
@@ -247,7 +302,8 @@ def plot_recall_curves(result: dict[str, Any], path: str | os.PathLike, title: s
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table: direction × view with R@1/5/10, MdR, MnR."""
+    """A plain-text table: direction × view with R@1/5/10, MdR, MnR, then the protocol and
+    tie rule, and R@1 with optimistic ties (paper-comparable) when the result holds it."""
     header = (
         f"{'direction':<10} {'view':<9} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'MdR':>6} {'MnR':>7}"
     )
@@ -259,4 +315,21 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{direction:<10} {view:<9} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} "
                 f"{m['MdR']:6.1f} {m['MnR']:7.2f}"
             )
+    if "ties" in result:
+        lines.append(
+            f"ties: {result['ties']}; video→text protocol: {result['v2t_protocol']} "
+            "(videos ranked, each by its best caption)"
+            if result["v2t_protocol"] == "videos"
+            else f"ties: {result['ties']}; video→text protocol: captions (best own caption "
+            "ranked among all captions)"
+        )
+    if "optimistic" in result:
+        opt = result["optimistic"]
+        lines.append(
+            "optimistic ties (paper-comparable) R@1: "
+            + ", ".join(
+                f"{d} {opt[d]['broad']['R@1']:.1f} → {opt[d]['reranked']['R@1']:.1f}"
+                for d in ("t2v", "v2t")
+            )
+        )
     return "\n".join(lines)

@@ -3,8 +3,9 @@
 Decoding is the slow part of an epoch on a CPU, so the frames of a split are decoded once per
 (dataset files, T, image size, normalisation) and cached as one fp16 safetensors file; with a
 frozen vision backbone the per-video features are cached the same way, keyed by the model's
-fingerprint. Cache files are written to a temporary name and renamed, so an interrupted run
-never leaves a half file that a later run would trust.
+vision fingerprint (they depend on nothing else: retraining the query side reuses them). Cache
+files are written to a temporary name and renamed, so an interrupted run never leaves a half
+file that a later run would trust.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FrameSet:
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Frozen-backbone features of a :class:`FrameSet` (model fingerprint in the key)."""
+    """Frozen-backbone features of a :class:`FrameSet` (vision fingerprint in the key)."""
 
     videos: VideoCaptionSet  # same videos as the FrameSet
     cls: torch.Tensor  # [N, D] float32, L2-normalised video CLS
@@ -265,11 +266,10 @@ def load_frames(
         std=tuple(std),
         workers=workers,
     )
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        results = tqdm(results, total=len(videos), desc="decode", unit="video")
-    for i, (path, clip) in enumerate(results):
+    shown = show(results, total=len(videos), desc="decode", unit="video", enabled=progress)
+    for i, (path, clip) in enumerate(shown):
         if isinstance(clip, VideoDecodeError):
             log.warning("skipping %s: %s", path, clip.reason)
             continue
@@ -321,8 +321,10 @@ def load_features(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> FeatureSet:
-    """``model.encode_frames`` over all frames, once; cached by model fingerprint + frames key."""
-    key = _hash({"v": _CACHE_VERSION, "model": model.fingerprint(), "frames": frame_set.key})
+    """``model.encode_frames`` over all frames, once; cached by vision fingerprint + frames key."""
+    key = _hash(
+        {"v": _CACHE_VERSION, "vision": model.vision_fingerprint(), "frames": frame_set.key}
+    )
     cache_path = Path(cache_dir) / f"features-{key}.safetensors" if cache_dir else None
     if cache_path is not None:
         cached = _read_cache(cache_path, key)
@@ -337,12 +339,10 @@ def load_features(
     device = torch.device(device)
     cls_parts: list[torch.Tensor] = []
     tokens_parts: list[torch.Tensor] = []
-    starts = range(0, len(frame_set.videos), batch_size)
-    if progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress as show
 
-        starts = tqdm(starts, desc="encode videos", unit="batch")
-    for start in starts:
+    starts = range(0, len(frame_set.videos), batch_size)
+    for start in show(starts, desc="encode videos", unit="batch", enabled=progress):
         frames = frame_set.frames[start : start + batch_size].to(device=device, dtype=torch.float32)
         masks = frame_set.masks[start : start + batch_size].to(device)  # [b, T]
         cls, frames_tokens = model.encode_frames(frames, masks)  # [b, D], [b, T, D]

@@ -134,7 +134,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads for the run (None = torch's default)
     resume: bool = False  # continue from the latest complete checkpoint in out_dir
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress bars on a terminal, log lines elsewhere
 
     def __post_init__(self) -> None:
         problems = []
@@ -421,7 +421,8 @@ def _start_model(config: TrainConfig, out_dir: Path, previous: tuple[int, Path] 
     if config.init_checkpoint:
         source = load_checkpoint(config.init_checkpoint)
         config = config.resolved(_is_tiny(source.config))
-        model = TokenBinder(_apply_overrides(source.config, config))
+        # the weights come from the checkpoint: its `pretrained` (a tag, a file) is not read
+        model = TokenBinder(_apply_overrides(source.config, config), load_pretrained=False)
         fresh = _load_matching(model, source, tuple(config.init_fresh))
         log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
     else:
@@ -583,16 +584,18 @@ def _run_epoch(
     order, captions_idx = _epoch_order(
         data.videos.captions, config.seed, epoch, bool(config.hard_negatives)
     )
-    steps: Any = range(plan.steps_per_epoch)
-    bar = None
-    if config.progress:
-        from tqdm import tqdm
+    from tb_reranker.progress import progress
 
-        bar = tqdm(steps, desc=f"epoch {epoch}/{config.epochs}", unit="step", leave=False)
-        steps = bar
+    bar = progress(
+        range(plan.steps_per_epoch),
+        desc=f"epoch {epoch}/{config.epochs}",
+        unit="step",
+        leave=False,
+        enabled=config.progress,
+    )
     started = time.monotonic()
     sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
-    for step in steps:
+    for step in bar:
         batch = order[step * plan.batch_size : (step + 1) * plan.batch_size]
         optimizer.zero_grad(set_to_none=True)
         values = _accumulate_gradients(model, data, batch, captions_idx, config, plan, device)
@@ -608,10 +611,8 @@ def _run_epoch(
             model.clip.logit_scale.clamp_(0, math.log(100))
         for key, value in values.items():
             sums[key] += value
-        if bar is not None:
-            bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
     stats = {k: v / max(1, plan.steps_per_epoch) for k, v in sums.items()}
     stats["epoch"] = epoch
     stats["seconds"] = round(time.monotonic() - started, 2)

@@ -725,7 +725,7 @@ def generate(
             order family is unaffected.
         workers: processes for rendering+encoding (default: CPU count; 1 = in this process).
         force: regenerate even if an output exists (identical or not).
-        progress: show a tqdm progress bar.
+        progress: show progress: a bar on a terminal, log lines elsewhere.
 
     Raises:
         InvalidInputError: bad counts, sizes or families.
@@ -777,9 +777,9 @@ def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool) -> None
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    from tqdm.auto import tqdm
+    from tb_reranker.progress import progress as show
 
-    bar = tqdm(total=len(jobs), desc="synth", unit="clip", disable=not progress)
+    bar = show(total=len(jobs), desc="synth", unit="clip", enabled=progress)
     try:
         if workers == 1 or len(jobs) < 16:
             for job in jobs:

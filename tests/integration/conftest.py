@@ -16,6 +16,10 @@
 ``mp4_writer``
     ``mp4_writer(path, colour, frames=10, size=32, fps=10) -> Path`` writes a tiny real MP4
     (PyAV, mpeg4: a coloured square moving over grey); ``mp4_writer.colours`` lists 6 colours.
+``tiny_clip``
+    ``tiny_clip.build(seed)`` is a tiny open_clip CLIP (``TINY_CLIP_CFG``, seeded random
+    weights); ``tiny_clip.save(path, seed=3)`` writes its weights to a local ``.safetensors``
+    file, the offline stand-in for downloaded CLIP weights (``tb init --pretrained FILE``).
 """
 
 from __future__ import annotations
@@ -145,3 +149,38 @@ class Mp4Writer:
 @pytest.fixture(scope="session")
 def mp4_writer() -> Mp4Writer:
     return Mp4Writer()
+
+
+class TinyClip:
+    """A tiny open_clip CLIP and its weights file (see the module docstring)."""
+
+    @staticmethod
+    def build(seed: int = 3):
+        import copy
+
+        import torch
+        from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+        from tb_reranker.model.config import TINY_CLIP_CFG
+
+        torch.manual_seed(seed)
+        cfg = copy.deepcopy(TINY_CLIP_CFG)
+        return CLIP(
+            embed_dim=cfg["embed_dim"],
+            vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
+            text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+        ).eval()
+
+    def save(self, path: Path, seed: int = 3) -> Path:
+        from safetensors.torch import save_file
+
+        state = self.build(seed).state_dict()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip() -> TinyClip:
+    return TinyClip()

@@ -146,3 +146,22 @@ def test_lite_and_server_agree(milvus_lite_uri, milvus_server_uri, tmp_path, mod
         assert [h.id for h in lite_hits] == [h.id for h in server_hits]
         for a, b in zip(lite_hits, server_hits, strict=True):
             assert a.score == pytest.approx(b.score, abs=1e-4)
+
+
+def test_repeated_query_is_served_from_the_query_cache(client, monkeypatch):
+    """Issue 12: a repeated text skips the text tower and gives the same hits."""
+    first = client.search(QUERIES[1], limit=8)
+    assert client.query_cache.stats()["misses"] == 1
+    monkeypatch.setattr(client.model, "encode_text", lambda *_: pytest.fail("re-encoded"))
+    again = client.search(QUERIES[1], limit=8)
+    assert client.query_cache.stats()["hits"] == 1
+    assert [(h.id, h.score) for h in again] == [(h.id, h.score) for h in first]
+
+
+def test_query_cache_size_is_a_client_option(tmp_path, model, monkeypatch):
+    monkeypatch.setenv("TB_QUERY_CACHE_SIZE", "7")
+    assert _client(str(tmp_path / "m.db"), "c", tmp_path, model).query_cache.capacity == 7
+    off = Client(str(tmp_path / "m.db"), model=model, data_dir=str(tmp_path), query_cache_size=0)
+    assert not off.query_cache.enabled
+    with pytest.raises(InvalidInputError):
+        Client(str(tmp_path / "m.db"), model=model, data_dir=str(tmp_path), query_cache_size=-1)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime
+
 from tb_reranker.demo import DemoConfig, run_demo
 
 
@@ -23,3 +29,35 @@ def test_demo_runs_and_reuses_everything(tmp_path):
     assert any("(reused)" in line and line.startswith("[2/5]") for line in again)
     assert any("unchanged 20" in line for line in again)
     assert second["broad"] == first["broad"] and second["reranked"] == first["reranked"]
+
+
+def test_demo_in_a_pipe_logs_progress_lines_not_bars(tmp_path):
+    """Before: tqdm drew its bars into the pipe (carriage returns, 1,500 lines for `make demo`)."""
+    interval = 0.5
+    env = dict(os.environ, TB_PROGRESS_INTERVAL_S=str(interval))
+    result = subprocess.run(
+        [sys.executable, "-m", "tb_reranker", "demo", "--data-dir", str(tmp_path / "demo")]
+        + ["--train", "96", "--test", "20", "--epochs", "1"],
+        env=env,
+        capture_output=True,  # pipes, as in CI logs or `make demo | tee`
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"\r" not in result.stdout and b"\r" not in result.stderr
+    stderr = result.stderr.decode()
+    lines = re.findall(
+        r"^(\S+ \S+) INFO tb_reranker\.progress: (.+?): (\d+)/(\d+) \S+ \((.*)\)$",
+        stderr,
+        flags=re.MULTILINE,
+    )
+    assert {desc for _, desc, *_ in lines} >= {"synth"}, stderr  # ≈ 2 s of clips at 0.5 s
+    by_desc: dict[str, list[datetime]] = {}
+    for stamp, desc, n, total, details in lines:
+        assert int(n) <= int(total)
+        if "done in" not in details:
+            by_desc.setdefault(desc, []).append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f"))
+    for desc, stamps in by_desc.items():  # at most one line per interval and bar
+        gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert all(gap >= interval - 0.002 for gap in gaps), (desc, gaps)  # ms-rounded stamps
+    assert sum(1 for line in stderr.splitlines() if "tb_reranker.progress" in line) == len(lines)
+    assert "[5/5]" in result.stdout.decode()

@@ -179,14 +179,14 @@ records = {
         timestamps=np.arange(8, dtype=np.float32),
         content_hash=f"h{i}",
         uri=f"/videos/v{i:04d}.mp4",
-        fingerprint=model.fingerprint(),
+        fingerprint=model.vision_fingerprint(),
     )
     for i in range(n)
 }
 with LmdbFrameStore(data_dir / "frames") as store:
     store.put_many(records)
 index = VideoIndex(
-    str(data_dir / "milvus.db"), dim=model.embed_dim, fingerprint=model.fingerprint()
+    str(data_dir / "milvus.db"), dim=model.embed_dim, fingerprint=model.vision_fingerprint()
 )
 index.create()
 index.upsert(

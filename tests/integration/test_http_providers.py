@@ -107,6 +107,9 @@ def test_weaviate_rerank_ready_meta(setup):
     assert _get(running, "/.well-known/live")[0] == 204
     status, meta = _get(running, "/meta")
     assert status == 200 and meta["model"]["embed_dim"] == 64
+    model = components.reranker.model
+    assert meta["model"]["vision_fingerprint"] == model.vision_fingerprint()
+    assert meta["model"]["query_fingerprint"] == model.query_fingerprint()
 
 
 def test_http_errors(setup):

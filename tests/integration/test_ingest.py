@@ -62,7 +62,7 @@ def test_ingest_idempotent_and_searchable(setup, model, videos_dir: Path) -> Non
     assert report.ingested == 4 and report.unchanged == 0 and report.failed == []
     assert report.videos_per_s > 0
     assert all_ids(index, store) == (["clip0", "clip1", "clip2", "clip3"],) * 2
-    assert index.stored_fingerprint() == model.fingerprint()
+    assert index.stored_fingerprint() == model.vision_fingerprint()
 
     record = store.get_many(["clip3"])["clip3"]
     assert record.tokens.dtype == np.float16 and record.tokens.shape == (
@@ -307,7 +307,9 @@ def test_check_does_not_unlock_writes(setup, model) -> None:
     VideoIndex(
         index.uri, collection=index.collection, dim=model.embed_dim, fingerprint="other"
     ).create()
-    bound = VideoIndex(index.uri, collection=index.collection, fingerprint=model.fingerprint())
+    bound = VideoIndex(
+        index.uri, collection=index.collection, fingerprint=model.vision_fingerprint()
+    )
     assert not check(bound, store).fingerprint_ok
     with pytest.raises(ModelMismatchError):
         bound.upsert([{"id": "x", "cls": np.ones(model.embed_dim)}])

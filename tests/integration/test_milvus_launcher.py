@@ -81,3 +81,75 @@ def test_server_dies_with_a_killed_launcher(tmp_path) -> None:
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the Milvus server outlived its killed launcher")
+
+
+class _HandsOutATakenPort:
+    """``free_port`` for the launcher that returns ``taken`` (a port the test holds) on its
+    ``at``-th call: the race where a port picked as free is grabbed by someone else."""
+
+    def __init__(self, taken: int, at: int):
+        from milvus_setup import launcher
+
+        self.taken, self.at, self.calls, self.real = taken, at, 0, launcher.free_port
+
+    def __call__(self) -> int:
+        self.calls += 1
+        return self.taken if self.calls == self.at else self.real()
+
+
+@pytest.fixture
+def held_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def _milvus_port_keys() -> list[str]:
+    from milvus import MilvusServerConfig
+
+    config = MilvusServerConfig(data_dir="unused")
+    return [key for key in config.configurable_items if key.endswith("_port")]
+
+
+@pytest.mark.parametrize(
+    "which",
+    [
+        "first milvus port",  # the milvus package's own check refuses it: "... bind failed"
+        "etcd peer port",  # Milvus itself fails to bind it and exits
+        "metrics port",  # Milvus logs the bind failure and runs on, never healthy
+    ],
+)
+def test_a_taken_port_is_retried_with_new_ports(monkeypatch, caplog, held_port, which) -> None:
+    """Before: `RuntimeError: set data_node_port=42057, but bind failed` ended the launch (and a
+    taken etcd/metrics port ended it with an exit status or a 120 s timeout)."""
+    pytest.importorskip("milvus", reason="the `milvus` dev dependency is not installed")
+    from pymilvus import MilvusClient
+
+    from milvus_setup import launcher
+
+    n = len(_milvus_port_keys())  # the launcher picks these, then the etcd peer, then metrics
+    at = {"first milvus port": 1, "etcd peer port": n + 1, "metrics port": n + 2}[which]
+    picker = _HandsOutATakenPort(held_port, at)
+    monkeypatch.setattr(launcher, "free_port", picker)
+    caplog.set_level("WARNING", logger="milvus_setup.launcher")
+    with launcher.LocalMilvus(start_timeout=100) as server:
+        assert server.running and held_port not in (server.port, server.metrics_port)
+        client = MilvusClient(uri=server.uri)
+        assert client.list_collections() == []
+        client.close()
+    assert picker.calls > at  # a second set of ports was picked
+    retries = [r.getMessage() for r in caplog.records if "retrying with new ports" in r.message]
+    assert len(retries) == 1 and "attempt 1/5" in retries[0], retries
+    assert which != "etcd peer port" or f":{held_port}" in retries[0]
+
+
+def test_a_port_taken_in_every_attempt_is_one_clear_error(monkeypatch, held_port) -> None:
+    pytest.importorskip("milvus", reason="the `milvus` dev dependency is not installed")
+    from milvus_setup import launcher
+
+    monkeypatch.setattr(launcher, "free_port", lambda: held_port)
+    server = launcher.LocalMilvus(launch_attempts=3)
+    with pytest.raises(launcher.MilvusLaunchError, match="a port was taken in each of 3 attempts"):
+        server.start()
+    assert not server.running and not server.base_dir.exists()

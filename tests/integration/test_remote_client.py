@@ -35,7 +35,11 @@ def _index_videos(uri: str, collection: str, components: Components, videos_ids,
 
     reranker = components.reranker
     index = VideoIndex(
-        uri, collection=collection, dim=64, fingerprint=reranker.model.fingerprint(), **kwargs
+        uri,
+        collection=collection,
+        dim=64,
+        fingerprint=reranker.model.vision_fingerprint(),
+        **kwargs,
     )
     index.create()
     records = reranker.store.get_many(videos_ids)

@@ -231,3 +231,36 @@ def test_unreachable_milvus_server_is_not_serving(saved):
     finally:
         process.kill()
         process.wait(10)
+
+
+@pytest.mark.parametrize("flag", ["--uri", "--milvus-uri"])
+def test_milvus_uri_flag_and_its_deprecated_alias(saved, tmp_path, flag):
+    """``tb serve --uri`` like every other command; ``--milvus-uri`` still works, with a warning."""
+    root, env = saved
+    missing = tmp_path / "given-by-flag" / "milvus.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tb_reranker", "serve", "--port", "0", flag, str(missing)],
+        env=env,  # no TB_MILVUS_URI: the flag is the only place the path comes from
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        _wait_for(process, r"Search stays NOT_SERVING", lines)
+        assert str(missing) in lines[-1]  # the flag's database is the one it looked for
+        deprecations = [line for line in lines if "deprecated" in line]
+        if flag == "--milvus-uri":
+            assert len(deprecations) == 1 and "use --uri" in deprecations[0], lines
+        else:
+            assert not deprecations, lines
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_uri_and_deprecated_alias_disagreeing_is_a_user_error(saved, tmp_path):
+    root, env = saved
+    result = _serve(env, "--uri", str(tmp_path / "a.db"), "--milvus-uri", str(tmp_path / "b.db"))
+    assert result.returncode == 2, result.stderr
+    assert "give --uri or --milvus-uri (deprecated), not both" in result.stderr

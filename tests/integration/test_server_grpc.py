@@ -118,6 +118,8 @@ def test_every_rpc(server, channel, tiny):
     assert (about.embed_dim, about.num_indicators, about.top_k, about.num_frames) == (64, 4, 10, 8)
     assert about.limits.max_candidates == 16 and about.api_version == "tb_reranker.v1"
     assert about.model_fingerprint == reranker.model.fingerprint()
+    assert about.vision_fingerprint == reranker.model.vision_fingerprint()
+    assert about.query_fingerprint == reranker.model.query_fingerprint()
     assert about.device == "cpu" and not about.search_enabled
 
     code, details = _code(search.Search, pb.SearchRequest(text="a dog", limit=5), timeout=30)

@@ -29,8 +29,11 @@ def test_search_e2e_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert result["benchmark"] == "search_e2e"
     (cell,) = result["results"]
     assert cell["backend"] == "lite" and cell["videos"] == 300 and cell["queries"] == 3
-    for mode in ("broad_only", "reranked"):
+    for mode in ("broad_only", "reranked", "before", "plain_clip", "repeated"):
         assert 0 < cell[mode]["p50_ms"] <= cell[mode]["p95_ms"]
+    for ratio in ("before_over_reranked_p50", "plain_clip_over_reranked_p50"):
+        assert cell[ratio] > 0
+    assert cell["reranked_over_repeated_p50"] > 0
     assert set(cell["breakdown"]) == {"encode", "ann", "fetch", "rerank", "project_and_fuse"}
     assert cell["breakdown"]["rerank"]["p50_ms"] > 0
     assert isinstance(cell["rerank_added_pct_p50"], float)

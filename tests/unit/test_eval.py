@@ -85,7 +85,17 @@ def _brute_force(model: TokenBinder, videos: VideoCaptionSet, cache: Path, k: in
     with torch.no_grad():
         ind = model.encode_text(texts)
         sims = (ind[:, 0] @ feats.cls.t()).numpy()  # [M, N]
-        ranks = {"t2v_broad": [], "t2v_reranked": [], "v2t_broad": [], "v2t_reranked": []}
+        ranks = {
+            name: []
+            for name in (
+                "t2v_broad",
+                "t2v_reranked",
+                "v2t_broad",
+                "v2t_reranked",
+                "v2t_captions_broad",
+                "v2t_captions_reranked",
+            )
+        }
         for q in range(len(texts)):
             order = list(np.argsort(-sims[q], kind="stable"))
             ranks["t2v_broad"].append(order.index(owner[q]) + 1)
@@ -99,14 +109,18 @@ def _brute_force(model: TokenBinder, videos: VideoCaptionSet, cache: Path, k: in
         for v in range(len(videos)):
             order = list(np.argsort(-sims[:, v], kind="stable"))
             mine = [t for t in range(len(texts)) if owner[t] == v]
-            ranks["v2t_broad"].append(min(order.index(t) for t in mine) + 1)
             top = order[:k]
             scores = model.focused_scores_v2t(
                 feats.frames_tokens[v : v + 1], feats.cls[v : v + 1], ind[top][None]
             )
             final = scores.final[0].numpy()
             new = [top[j] for j in np.argsort(-final, kind="stable")] + order[k:]
-            ranks["v2t_reranked"].append(min(new.index(t) for t in mine) + 1)
+            for view, texts_order in (("broad", order), ("reranked", new)):
+                # captions: the best own caption among all captions
+                ranks[f"v2t_captions_{view}"].append(min(texts_order.index(t) for t in mine) + 1)
+                # videos (published): each video where its best caption first appears
+                videos_order = list(dict.fromkeys(owner[t] for t in texts_order))
+                ranks[f"v2t_{view}"].append(videos_order.index(v) + 1)
     return {name: np.array(r) for name, r in ranks.items()}
 
 
@@ -116,22 +130,35 @@ def test_evaluate_matches_brute_force(trained, synth_root, tmp_path):
     k = 5
     result = evaluate(model, videos, k=k, cache_dir=tmp_path)
     assert result["num_videos"] == 12 and result["num_texts"] == 18 and result["k"] == k
+    captions = evaluate(model, videos, k=k, cache_dir=tmp_path, v2t_protocol="captions")
     brute = _brute_force(model, videos, tmp_path, k)
-    for direction in ("t2v", "v2t"):
+    assert result["ties"] == "pessimistic" and result["v2t_protocol"] == "videos"
+    for direction, got in (("t2v", result), ("v2t", result), ("v2t_captions", captions)):
         for view in ("broad", "reranked"):
             ranks = brute[f"{direction}_{view}"]
-            metrics = result[direction][view]
+            metrics = got[direction.removesuffix("_captions")][view]
             for cut in (1, 5, 10):
                 assert metrics[f"R@{cut}"] == pytest.approx(100.0 * np.mean(ranks <= cut))
             assert metrics["MdR"] == pytest.approx(float(np.median(ranks)))
             assert metrics["MnR"] == pytest.approx(float(np.mean(ranks)))
             assert metrics["num_queries"] == (18 if direction == "t2v" else 12)
+            assert metrics["ties"] == "pessimistic"
+            assert metrics["protocol"] == ("captions" if direction == "v2t_captions" else "videos")
+            paper = got["optimistic"][direction.removesuffix("_captions")][view]
+            assert paper["ties"] == "optimistic" and paper["protocol"] == metrics["protocol"]
+            # continuous scores: no ties, so the two rules agree here
+            assert paper["R@1"] == metrics["R@1"] and paper["MnR"] == metrics["MnR"]
+    # with several captions per video the protocols differ: a video never ranks worse when the
+    # competitors are videos rather than captions
+    assert (brute["v2t_broad"] <= brute["v2t_captions_broad"]).all()
+    assert (brute["v2t_broad"] < brute["v2t_captions_broad"]).any()
     assert result["curves"]["t2v"]["broad"][0] == pytest.approx(result["t2v"]["broad"]["R@1"])
     # a trained head moves some scores: the reranked view is not trivially the broad one
     assert not np.array_equal(brute["t2v_broad"], brute["t2v_reranked"]) or not np.array_equal(
         brute["v2t_broad"], brute["v2t_reranked"]
     )
-    assert "reranked" in format_table(result)
+    table = format_table(result)
+    assert "reranked" in table and "protocol: videos" in table and "optimistic ties" in table
 
 
 def test_untrained_model_reranks_to_the_broad_order(synth_root, tmp_path):
@@ -188,6 +215,12 @@ def test_cli_train_eval_and_ablate(synth_root, tmp_path, capsys, monkeypatch):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_videos"] == 12 and set(result["t2v"]) == {"broad", "reranked"}
+    # each number names its protocol and tie rule; optimistic ties (paper-comparable) beside
+    assert (result["ties"], result["v2t_protocol"]) == ("pessimistic", "videos")
+    assert result["v2t"]["reranked"]["protocol"] == "videos"
+    assert result["t2v"]["broad"]["ties"] == "pessimistic"
+    assert result["optimistic"]["v2t"]["broad"]["ties"] == "optimistic"
+    assert set(result["optimistic"]["t2v"]["reranked"]) >= {"R@1", "R@5", "MdR", "protocol"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     code = main(
@@ -221,6 +254,9 @@ def test_cli_bad_arguments_exit_2(synth_root, tmp_path, capsys, monkeypatch):
     assert exc.value.code == 2
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--head", "diagonal"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--v2t-protocol", "texts"])
     assert exc.value.code == 2
     assert (
         main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--epochs", "0"])
@@ -256,3 +292,29 @@ def test_parse_sweep():
         "fusion_blocks": [1, 2],
         "head": ["listwise"],
     }
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+def test_score_matrices_ignore_padded_frames(head):
+    """Issue 13 §2 in evaluation: videos of 5 real frames padded to T = 8 (repeats + mask)
+    score as the unpadded videos, in both directions."""
+    from tb_reranker.training.evaluate import score_matrices
+
+    model = TokenBinder(TokenBinderConfig.tiny(head=head, top_k=4)).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in model.fusion.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    indicators = torch.nn.functional.normalize(torch.randn(9, 4, 64, generator=generator), dim=-1)
+    tokens = torch.nn.functional.normalize(torch.randn(6, 5, 64, generator=generator), dim=-1)
+    cls = model.pool_cls(tokens)
+    padded = torch.cat([tokens, tokens[:, -1:].expand(-1, 3, -1)], dim=1)
+    mask = torch.arange(8).expand(6, 8) < 5
+    expected = score_matrices(model, indicators, cls, tokens, k=4, batch_size=4)
+    got = score_matrices(model, indicators, cls, padded, k=4, batch_size=4, frames_mask=mask)
+    unmasked = score_matrices(model, indicators, cls, padded, k=4, batch_size=4)
+    assert not torch.allclose(unmasked["final"], expected["final"], atol=1e-4)
+    for name in ("candidates", "candidates_v"):
+        assert torch.equal(got[name], expected[name])
+    for name in ("final", "final_v"):
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)

@@ -7,9 +7,11 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.metrics import ranks_from_scores, rerank_topk, retrieval_metrics
+from tb_reranker.metrics import ranks_from_scores, rerank_topk, retrieval_metrics, v2t_ranks
 
 
 def _brute_rank(row: np.ndarray, truths: list[int], ties: str) -> float:
@@ -195,3 +197,109 @@ def test_rerank_topk_bad_input(broad, indices, final, match) -> None:
 def test_ranks_bad_input(scores, gt, match) -> None:
     with pytest.raises(InvalidInputError, match=match):
         ranks_from_scores(scores, gt)
+
+
+# ---- video->text on several captions per video (issue 13 §3) -----------------------------------
+# 4 videos; captions c0, c1 of v0; c2 of v1; c3, c4, c5 of v2; c6 of v3. Rows: video queries.
+_OWNERS = [0, 0, 1, 2, 2, 2, 3]
+_V2T_SCORES = np.array(
+    [
+        [0.50, 0.90, 0.90, 0.10, 0.95, 0.20, 0.30],  # v0
+        [0.80, 0.70, 0.60, 0.65, 0.10, 0.62, 0.00],  # v1
+        [0.20, 0.20, 0.30, 0.40, 0.40, 0.10, 0.40],  # v2
+        [0.00, 0.10, 0.20, 0.30, 0.30, 0.30, 0.25],  # v3
+    ]
+)
+# "videos" (published): each video is represented by its best caption for the query, so the
+# rows become [N, N] matrices of group maxima:
+#   v0: (0.90, 0.90, 0.95, 0.30) own 0.90: 1 higher (v2), 1 tied (v1)  -> 3 / 2 / 2.5
+#   v1: (0.80, 0.60, 0.65, 0.00) own 0.60: 2 higher (v0, v2)           -> 3 / 3 / 3
+#   v2: (0.20, 0.30, 0.40, 0.40) own 0.40: 0 higher, 1 tied (v3)       -> 2 / 1 / 1.5
+#   v3: (0.10, 0.20, 0.30, 0.25) own 0.25: 1 higher (v2)               -> 2 / 2 / 2
+# "captions" (ours before issue 13): the best own caption against every other caption:
+#   v0: own best 0.90 (c1): higher c4, tied c2                          -> 3 / 2 / 2.5
+#   v1: own 0.60: higher c0, c1, c3, c5                                 -> 5 / 5 / 5
+#   v2: own best 0.40 (c3 and c4, 2 truths): tied c6 -> 2 / 1 / 1 + 1/(2+1)
+#   v3: own 0.25: higher c3, c4, c5 (three captions of one video)       -> 4 / 4 / 4
+_EXPECTED_V2T = {
+    ("videos", "pessimistic"): [3, 3, 2, 2],
+    ("videos", "optimistic"): [2, 3, 1, 2],
+    ("videos", "mean"): [2.5, 3.0, 1.5, 2.0],
+    ("captions", "pessimistic"): [3, 5, 2, 4],
+    ("captions", "optimistic"): [2, 5, 1, 4],
+    ("captions", "mean"): [2.5, 5.0, 1 + 1 / 3, 4.0],
+}
+
+
+@pytest.mark.parametrize(("protocol", "ties"), sorted(_EXPECTED_V2T))
+def test_v2t_protocols_on_a_hand_checked_multi_caption_fixture(protocol, ties):
+    ranks = v2t_ranks(_V2T_SCORES, _OWNERS, protocol=protocol, ties=ties)
+    np.testing.assert_allclose(ranks, _EXPECTED_V2T[(protocol, ties)])
+    # owners given in any order (texts of a video not contiguous) rank the same
+    shuffle = np.array([6, 2, 0, 5, 3, 1, 4])
+    shuffled = v2t_ranks(
+        _V2T_SCORES[:, shuffle], np.array(_OWNERS)[shuffle], protocol=protocol, ties=ties
+    )
+    np.testing.assert_allclose(shuffled, ranks)
+
+
+def test_v2t_default_is_the_published_protocol_and_its_recalls():
+    ranks = v2t_ranks(_V2T_SCORES, _OWNERS)
+    assert ranks.tolist() == [3, 3, 2, 2]  # "videos", pessimistic
+    metrics = retrieval_metrics(ranks, ks=(1, 2, 3))
+    assert (metrics["R@1"], metrics["R@2"], metrics["R@3"]) == (0.0, 50.0, 100.0)
+    assert (metrics["MdR"], metrics["MnR"]) == (2.5, 2.5)
+    paper = retrieval_metrics(v2t_ranks(_V2T_SCORES, _OWNERS, ties="optimistic"), ks=(1, 2, 3))
+    assert (paper["R@1"], paper["R@2"], paper["R@3"]) == (25.0, 75.0, 100.0)
+    ours = retrieval_metrics(v2t_ranks(_V2T_SCORES, _OWNERS, protocol="captions"), ks=(1, 2, 3))
+    assert (ours["R@1"], ours["R@2"], ours["R@3"]) == (0.0, 25.0, 50.0)
+
+
+def test_v2t_protocols_agree_with_one_caption_per_video():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(6, 6)).astype(float)  # many ties
+    owners = rng.permutation(6)
+    for ties in ("pessimistic", "optimistic", "mean"):
+        np.testing.assert_array_equal(
+            v2t_ranks(scores, owners, ties=ties),
+            v2t_ranks(scores, owners, protocol="captions", ties=ties),
+        )
+
+
+def test_v2t_ranks_bad_inputs_are_typed():
+    with pytest.raises(InvalidInputError, match="protocol"):
+        v2t_ranks(_V2T_SCORES, _OWNERS, protocol="texts")
+    with pytest.raises(InvalidInputError, match="at least one caption"):
+        v2t_ranks(_V2T_SCORES, [0, 0, 1, 2, 2, 2, 2])
+    with pytest.raises(InvalidInputError, match="7 integer"):
+        v2t_ranks(_V2T_SCORES, _OWNERS[:-1])
+    with pytest.raises(InvalidInputError, match="outside"):
+        v2t_ranks(_V2T_SCORES, [0, 0, 1, 2, 2, 2, 4])
+    with pytest.raises(InvalidInputError, match="integer"):
+        v2t_ranks(_V2T_SCORES, [0.0, 0, 1, 2, 2, 2, 3])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_v2t_videos_protocol_property(data):
+    """Property: the published protocol is the captions protocol on the [N, N] matrix of each
+    video's best caption, and never ranks a video worse than the captions protocol does."""
+    num_videos = data.draw(st.integers(1, 5))
+    extra = data.draw(st.lists(st.integers(0, num_videos - 1), max_size=6))
+    owners = np.array(data.draw(st.permutations(list(range(num_videos)) + extra)))
+    scores = np.array(
+        data.draw(
+            st.lists(
+                st.lists(st.integers(0, 3), min_size=len(owners), max_size=len(owners)),
+                min_size=num_videos,
+                max_size=num_videos,
+            )
+        ),
+        dtype=float,
+    )
+    best = np.stack([scores[:, owners == v].max(axis=1) for v in range(num_videos)], axis=1)
+    for ties in ("pessimistic", "optimistic"):
+        videos = v2t_ranks(scores, owners, ties=ties)
+        expected = [_brute_rank(best[v], [v], ties) for v in range(num_videos)]
+        np.testing.assert_array_equal(videos, expected)
+        assert (videos <= v2t_ranks(scores, owners, protocol="captions", ties=ties)).all()

@@ -3,10 +3,13 @@ against the plain formulation (values and gradients)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
@@ -219,7 +222,7 @@ def test_bad_fusion_inputs_raise_typed_errors(symmetric: TokenBinder) -> None:
         listwise.focused_scores(indicators, cand_cls, cand_tokens)
 
 
-@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 def test_v2t_scores_each_pair_like_a_single_candidate_t2v(head: str) -> None:
     model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
     _randomise_head(model)
@@ -294,13 +297,18 @@ def _reference_fusion(
     cand_kv: torch.Tensor,
     cand_mask: torch.Tensor | None,
     noises: list[torch.Tensor] | None = None,
+    frames_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """METHOD.md §3 written plainly (attention over the K·T' tokens, values, head features);
-    ``noises``: the Gumbel noise of each block, already multiplied by ``gumbel_scale``."""
+    ``noises``: the Gumbel noise of each block, already multiplied by ``gumbel_scale``;
+    ``frames_mask`` [B, K, T']: tokens that get no attention."""
     batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
     tokens_mask = None
     if cand_mask is not None:
         tokens_mask = cand_mask.unsqueeze(-1).expand(-1, -1, num_tokens)
+    if frames_mask is not None:
+        tokens_mask = frames_mask if tokens_mask is None else tokens_mask & frames_mask
+    if tokens_mask is not None:
         tokens_mask = tokens_mask.reshape(batch_size, num_candidates * num_tokens)
     attention = values = None
     for index, block in enumerate(fusion.blocks):
@@ -598,3 +606,235 @@ def test_listwise_slots_output_k_reads_slot_k() -> None:
     unchanged = (inputs[0] - inputs[1]).abs().amax(dim=(0, 2, 3))  # per slot
     assert unchanged[0] > 1e-3 and unchanged[1] > 1e-3
     assert unchanged[2:].max() < 0.5 * unchanged[:2].min()  # others move only via the softmax
+
+
+# ---- padded frames (issue 13 §2): no attention, as if absent ------------------------------------
+def _padded_copy(tokens: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens [..., n, D]`` padded to ``num_frames`` as the decoder pads a short video (the
+    last frame repeated), with its mask ``[..., num_frames]`` (False = padded)."""
+    real = tokens.shape[-2]
+    repeats = tokens[..., -1:, :].expand(*tokens.shape[:-2], num_frames - real, tokens.shape[-1])
+    mask = torch.zeros(*tokens.shape[:-2], num_frames, dtype=torch.bool)
+    mask[..., :real] = True
+    return torch.cat([tokens, repeats], dim=-2), mask
+
+
+def _kv_of(model: TokenBinder, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+    """[B, K, T', D] tokens (and [B, K, T] mask) -> cand_kv [B, K, n_blocks, 2, T', D]"""
+    batch_size, num_candidates = tokens.shape[:2]
+    flat_mask = None if mask is None else mask.reshape(batch_size * num_candidates, -1)
+    kv = model.project_candidates(
+        tokens.reshape(batch_size * num_candidates, *tokens.shape[2:]), flat_mask
+    )
+    return kv.view(batch_size, num_candidates, *kv.shape[1:])
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
+@pytest.mark.parametrize("path", ["tokens", "kv"])
+def test_padded_copy_scores_like_the_unpadded_original_t2v(head: str, path: str) -> None:
+    """A short video (5 real frames) and its copy padded to T = 8 with repeats + frames_mask
+    score identically (Δ, final, frame attention), from tokens and from cached K/V."""
+    model = TokenBinder(TokenBinderConfig.tiny(head=head, fusion_blocks=2)).eval()
+    _randomise_head(model)
+    indicators, cand_cls, cand_tokens = _inputs()
+    original = cand_tokens[:, :, :5]  # [B, K, 5, D]
+    padded, mask = _padded_copy(original, T)  # [B, K, 8, D], [B, K, 8]
+    with torch.inference_mode():
+        if path == "tokens":
+            expected = model.focused_scores(indicators, cand_cls, original)
+            got = model.focused_scores(indicators, cand_cls, padded, frames_mask=mask)
+            unmasked = model.focused_scores(indicators, cand_cls, padded)
+        else:
+            expected = model.focused_scores(indicators, cand_cls, cand_kv=_kv_of(model, original))
+            got = model.focused_scores(
+                indicators, cand_cls, cand_kv=_kv_of(model, padded, mask), frames_mask=mask
+            )
+            unmasked = model.focused_scores(indicators, cand_cls, cand_kv=_kv_of(model, padded))
+    assert expected.delta.abs().max() > 1e-3
+    torch.testing.assert_close(got.delta, expected.delta, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.final, expected.final, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        got.frame_attention[..., :5], expected.frame_attention, atol=1e-7, rtol=1e-5
+    )
+    assert torch.equal(got.frame_attention[..., 5:], torch.zeros(B, K, 3))
+    # without the mask the repeats do get attention (what issue 13 found)
+    assert unmasked.frame_attention[..., 5:].sum() > 0.1
+    assert not torch.allclose(unmasked.delta, expected.delta, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
+def test_padded_copy_scores_like_the_unpadded_original_v2t(head: str) -> None:
+    model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
+    _randomise_head(model)
+    indicators, cand_cls, cand_tokens = _inputs(k=3)
+    video_cls = cand_cls[:, 0]
+    original = cand_tokens[:, 0, :3]  # [B, 3, D]: 3 real frames
+    padded, mask = _padded_copy(original, T)
+    texts = torch.stack([indicators, indicators.flip(0), indicators.roll(1, -1)], dim=1)
+    with torch.inference_mode():
+        expected = model.focused_scores_v2t(original, video_cls, texts)
+        got = model.focused_scores_v2t(padded, video_cls, texts, frames_mask=mask)
+        unmasked = model.focused_scores_v2t(padded, video_cls, texts)
+    assert expected.delta.abs().max() > 1e-3
+    torch.testing.assert_close(got.final, expected.final, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        got.frame_attention[..., :3], expected.frame_attention, atol=1e-7, rtol=1e-5
+    )
+    assert torch.equal(got.frame_attention[..., 3:], torch.zeros(B, 3, T - 3))
+    assert not torch.allclose(unmasked.delta, expected.delta, atol=1e-4)
+
+
+def test_padded_frames_are_not_projected() -> None:
+    """The K/V of padded frames are never computed (zero), the real ones are unchanged."""
+    model = TokenBinder(TokenBinderConfig.tiny(fusion_blocks=2)).eval()
+    _, _, cand_tokens = _inputs()
+    videos = cand_tokens[0]  # [K, T, D]
+    mask = torch.ones(K, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    mask[2, 1::2] = False
+    rows = []
+    for block in model.fusion.blocks:
+        block.k_proj.register_forward_hook(lambda module, inputs, out: rows.append(out.shape[0]))
+    with torch.inference_mode():
+        full = model.project_candidates(videos)
+        rows.clear()
+        masked = model.project_candidates(videos, mask)
+    assert rows == [int(mask.sum())] * 2  # one k_proj call per block, real tokens only
+    assert masked.shape == full.shape
+    keep = mask[:, None, None, :, None].expand_as(full)
+    torch.testing.assert_close(masked[keep], full[keep])
+    assert torch.equal(masked[~keep], torch.zeros(int((~keep).sum())))
+
+
+def test_bad_frames_masks_raise_typed_errors(symmetric: TokenBinder) -> None:
+    indicators, cand_cls, cand_tokens = _inputs()
+    with pytest.raises(InvalidInputError, match="frames_mask"):
+        symmetric.focused_scores(
+            indicators, cand_cls, cand_tokens, frames_mask=torch.ones(B, K, 7, dtype=torch.bool)
+        )
+    with pytest.raises(InvalidInputError, match="frames_mask"):
+        symmetric.focused_scores(indicators, cand_cls, cand_tokens, frames_mask=torch.ones(B, K, T))
+    empty = torch.ones(B, K, T, dtype=torch.bool)
+    empty[1, 2] = False
+    with pytest.raises(InvalidInputError, match="at least one real frame"):
+        symmetric.focused_scores(indicators, cand_cls, cand_tokens, frames_mask=empty)
+    cand_mask = torch.ones(B, K, dtype=torch.bool)
+    cand_mask[1, 2] = False  # a padded candidate may have no real frame
+    scores = symmetric.focused_scores(
+        indicators, cand_cls, cand_tokens, cand_mask, frames_mask=empty
+    )
+    assert torch.isfinite(scores.final[cand_mask]).all()
+    with pytest.raises(InvalidInputError, match="frames_mask"):
+        symmetric.focused_scores_v2t(
+            cand_tokens[:, 0],
+            cand_cls[:, 0],
+            indicators[:, None],
+            frames_mask=torch.ones(B, 3, dtype=torch.bool),
+        )
+    with pytest.raises(InvalidInputError, match="frames_mask"):
+        symmetric.project_candidates(cand_tokens[0], torch.ones(K, 2, dtype=torch.bool))
+
+
+_FRAMES_MASK = torch.ones(4, 5, 6, dtype=torch.bool)
+_FRAMES_MASK[0, 1, 3:] = False  # trailing padding
+_FRAMES_MASK[1, 0, ::2] = False  # interleaved repeats
+_FRAMES_MASK[3, :, 1:] = False  # one real frame per candidate
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "symmetric+rank"])
+@pytest.mark.parametrize("path", ["tokens", "kv"])
+def test_frames_mask_gradients_equal_the_plain_formulation(head, path):
+    """Training (Gumbel noise, float64), padded frames masked: values and every gradient equal
+    the plain formulation's with those tokens masked, on both paths, with a candidate mask too;
+    padded tokens get no gradient."""
+    for mask in (None, _EQUIVALENCE_MASK):
+        results = []
+        for formulation in ("fusion", "reference"):
+            fusion = _perturbed_fusion(head, 2, torch.float64).train()
+            queries, tokens = _token_inputs(torch.float64)
+            torch.manual_seed(7)
+            if formulation == "fusion" and path == "tokens":
+                delta, attention = fusion(
+                    queries, cand_mask=mask, cand_tokens=tokens, frames_mask=_FRAMES_MASK
+                )
+            else:
+                frames = _FRAMES_MASK if formulation == "fusion" else None
+                cand_kv = fusion.project_candidates(
+                    tokens.reshape(20, 6, 64), None if frames is None else frames.reshape(20, 6)
+                ).view(4, 5, 2, 2, 6, 64)
+                if formulation == "fusion":
+                    delta, attention = fusion(queries, cand_kv, mask, frames_mask=_FRAMES_MASK)
+                else:
+                    noises = [
+                        fusion.gumbel_scale
+                        * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
+                        for _ in range(2)
+                    ]
+                    delta, attention = _reference_fusion(
+                        fusion, queries, cand_kv, mask, noises, frames_mask=_FRAMES_MASK
+                    )
+            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
+            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
+            loss.backward()
+            grads = {name: p.grad for name, p in fusion.named_parameters()}
+            results.append((delta.detach(), attention.detach(), queries.grad, tokens.grad, grads))
+        (delta, attention, queries_grad, tokens_grad, grads), expected = results
+        assert delta.abs().max() > 1e-3
+        assert torch.equal(attention[~_FRAMES_MASK], torch.zeros(int((~_FRAMES_MASK).sum())))
+        torch.testing.assert_close(delta, expected[0], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(attention, expected[1], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(queries_grad, expected[2], atol=1e-10, rtol=1e-9)
+        padded_grad = tokens_grad[~_FRAMES_MASK]
+        assert torch.equal(padded_grad, torch.zeros_like(padded_grad))
+        torch.testing.assert_close(tokens_grad, expected[3], atol=1e-10, rtol=1e-9)
+        for name, grad in grads.items():
+            reference = expected[4][name]
+            if reference is None:
+                assert grad is None, name
+                continue
+            torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-9, msg=name)
+
+
+@functools.cache
+def _property_model(head: str) -> TokenBinder:
+    model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
+    _randomise_head(model)
+    return model
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    head=st.sampled_from(["symmetric", "listwise"]),
+    cached=st.booleans(),
+    bits=st.lists(st.integers(1, 2**T - 1), min_size=B * K, max_size=B * K),
+    seed=st.integers(0, 2**16),
+)
+def test_padded_tokens_never_matter(head: str, cached: bool, bits: list[int], seed: int) -> None:
+    """Property: for any frames mask (each candidate with a real frame), what the padded frames
+    hold never changes a score, and they get no attention."""
+    model = _property_model(head)
+    indicators, cand_cls, cand_tokens = _inputs()
+    mask = torch.tensor(
+        [[(b >> t) & 1 == 1 for t in range(T)] for b in bits], dtype=torch.bool
+    ).view(B, K, T)
+    generator = torch.Generator().manual_seed(seed)
+    other = torch.where(
+        mask[..., None], cand_tokens, torch.randn(cand_tokens.shape, generator=generator) * 5
+    )
+    with torch.inference_mode():
+        scores = []
+        for tokens in (cand_tokens, other):
+            if cached:
+                scores.append(
+                    model.focused_scores(
+                        indicators, cand_cls, cand_kv=_kv_of(model, tokens, mask), frames_mask=mask
+                    )
+                )
+            else:
+                scores.append(model.focused_scores(indicators, cand_cls, tokens, frames_mask=mask))
+    first, second = scores
+    torch.testing.assert_close(first.final, second.final, atol=1e-6, rtol=1e-5)
+    assert torch.equal(first.frame_attention[~mask], torch.zeros(int((~mask).sum())))
+    torch.testing.assert_close(
+        first.frame_attention.sum(dim=(1, 2)), torch.ones(B), atol=1e-5, rtol=1e-5
+    )

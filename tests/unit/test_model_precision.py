@@ -189,3 +189,61 @@ def test_serve_and_client_refuse_cuda_without_cuda(tmp_path: Path) -> None:
             client.model  # noqa: B018 - the lazy model load is what is tested
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "cache_kv", "query_cache_size"),
+    [([], False, 1024), (["--cache-kv", "--query-cache-size", "0"], True, 0)],
+)
+def test_serve_cache_flags_reach_the_components(flags, cache_kv, query_cache_size, tmp_path):
+    """Issue 12: ``tb serve --cache-kv`` picks the K/V cache, ``--query-cache-size`` the
+    Search LRU of encoded queries (0 = off)."""
+    from tb_reranker.cli import build_parser
+    from tb_reranker.cli.serve import _SERVER_FLAGS
+    from tb_reranker.config import Settings
+    from tb_reranker.server.app import load_components
+    from tb_reranker.server.backend import Backend
+    from tb_reranker.server.config import ServerConfig
+
+    checkpoint, store, ids = _checkpoint_and_store(tmp_path)
+    args = build_parser().parse_args(["serve", *flags])
+    names = (*_SERVER_FLAGS, "batching", "cache_kv")
+    config = ServerConfig.from_env(**{name: getattr(args, name, None) for name in names})
+    assert (config.cache_kv, config.query_cache_size) == (cache_kv, query_cache_size)
+    assert Backend(config).query_cache.capacity == query_cache_size
+    components = load_components(
+        Settings.from_env(checkpoint=str(checkpoint), store=str(store)), config
+    )
+    try:
+        reranker = components.reranker
+        assert reranker.cache_kv is cache_kv
+        reranker.rerank(reranker.encode(["a red cube"]), [ids[:4]])
+        assert reranker.cache.kv.shape[:2] == ((1, 2) if cache_kv else (1, 1))
+    finally:
+        components.reranker.store.close()
+
+
+def test_padded_frames_under_bfloat16_autocast() -> None:
+    """Masked projection and masked scoring run under bf16 autocast (the CUDA default) and stay
+    close to float32; padded frames get no attention there either."""
+    model = TokenBinder(TokenBinderConfig.tiny()).eval()
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.nn.functional.normalize(torch.randn(2, 3, 8, 64, generator=generator), dim=-1)
+    cls = torch.nn.functional.normalize(tokens.mean(2), dim=-1)
+    indicators = torch.nn.functional.normalize(torch.randn(2, 4, 64, generator=generator), dim=-1)
+    mask = torch.ones(2, 3, 8, dtype=torch.bool)
+    mask[0, 1, 5:] = False
+    finals = {}
+    for precision in ("float32", "bfloat16"):
+        model.precision = precision
+        with torch.inference_mode():
+            kv = model.project_candidates(tokens.reshape(6, 8, 64), mask.reshape(6, 8))
+            scores = model.focused_scores(
+                indicators, cls, cand_kv=kv.view(2, 3, *kv.shape[1:]), frames_mask=mask
+            )
+            direct = model.focused_scores(indicators, cls, tokens, frames_mask=mask)
+        assert kv.dtype == torch.float32
+        assert torch.equal(scores.frame_attention[~mask], torch.zeros(int((~mask).sum())))
+        torch.testing.assert_close(scores.final, direct.final, atol=2e-2, rtol=2e-2)
+        finals[precision] = scores.final
+    torch.testing.assert_close(finals["bfloat16"], finals["float32"], atol=2e-2, rtol=2e-2)

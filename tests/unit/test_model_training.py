@@ -160,3 +160,35 @@ def test_training_loss_bad_inputs() -> None:
         tokenbinder_loss(model, TEXTS[:2], torch.zeros(2, 8, 64, 1))
     with pytest.raises(InvalidInputError, match="k must be"):
         tokenbinder_loss(model, TEXTS[:2], _frames(2), k=0)
+
+
+@pytest.mark.parametrize("head", ["symmetric", "listwise"])
+@pytest.mark.parametrize("inputs", ["features", "frames"])
+def test_padded_videos_train_like_their_unpadded_originals(head: str, inputs: str) -> None:
+    """Issue 13 §2: a batch of short videos (5 real frames) padded to T = 8 with repeats and
+    ``frames_mask`` gives the loss and gradients of the unpadded batch (both focused terms)."""
+    model = TokenBinder(TokenBinderConfig.tiny(head=head, gumbel_scale=0.0)).train()
+    with torch.no_grad():  # a head that really scores
+        model.fusion.head[-1].weight.normal_(generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(1)
+    if inputs == "features":
+        original = torch.randn(4, 5, 64, generator=generator)
+    else:
+        original = torch.randn(4, 5, 3, 32, 32, generator=generator)
+    padded = torch.cat([original, original[:, -1:].expand(-1, 3, *original.shape[2:])], 1)
+    mask = torch.tensor([[True] * 5 + [False] * 3] * 4)
+    tokens = model.tokenize(TEXTS[:4])
+    results = []
+    for videos, frames_mask in ((original, None), (padded, mask), (padded, None)):
+        model.zero_grad()
+        out = tokenbinder_loss(model, tokens, videos, k=3, frames_mask=frames_mask)
+        out["loss"].backward()
+        grad = model.fusion.head[1].weight.grad.clone()
+        results.append((out, grad))
+    (expected, expected_grad), (got, got_grad), (unmasked, _) = results
+    for term in ("loss", "focus_v", "focus_t", "broad"):
+        torch.testing.assert_close(
+            got[term].detach(), expected[term].detach(), atol=1e-5, rtol=1e-5
+        )
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(unmasked["focus"], expected["focus"], atol=1e-4)

@@ -214,3 +214,60 @@ def test_concurrent_reranks_match_serial(trained_like, store):
         thread.join(timeout=60)
     assert not errors
     assert [got[n] for n in range(len(requests))] == expected
+
+
+def _short_videos(model, n, real, seed=3):
+    """n short videos of ``real`` frames as records: unpadded ([real, D], no mask) and padded to
+    the model's T as the decoder pads them (last frame repeated, mask False on the repeats)."""
+    rng = np.random.default_rng(seed)
+    t, d = model.num_frames, model.embed_dim
+    unpadded, padded = {}, {}
+    for i in range(n):
+        tokens = rng.standard_normal((real, d)).astype(np.float16)
+        times = np.arange(real, dtype=np.float32) * 0.5 + 0.25
+        repeat = np.r_[np.arange(real), [real - 1] * (t - real)]
+        unpadded[f"vid{i:03d}"] = FrameRecord(tokens=tokens, timestamps=times, content_hash="h")
+        padded[f"vid{i:03d}"] = FrameRecord(
+            tokens=tokens[repeat],
+            timestamps=times[repeat],
+            content_hash="h",
+            mask=np.arange(t) < real,
+        )
+    return unpadded, padded
+
+
+@pytest.mark.parametrize("cache_kv", [False, True], ids=["kv-free", "kv-cache"])
+@pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
+def test_padded_records_rerank_like_their_unpadded_originals(head, cache_kv, tmp_path):
+    """Issue 13 §2 in serving: stored short videos padded to T with a mask rerank exactly as
+    the same videos stored unpadded (Δ, order, best frame), cold (store -> projection) and warm
+    (K/V cache), with given and with computed broad scores; old records without a mask are all
+    real."""
+    model = TokenBinder(TokenBinderConfig.tiny(head=head)).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.fusion.parameters():
+            param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+    unpadded, padded = _short_videos(model, 12, real=3)
+    results = {}
+    for name, records in (("unpadded", unpadded), ("padded", padded)):
+        store = open_store(str(tmp_path / name))
+        store.put_many(records)
+        reranker = Reranker(model, store, cache_kv=cache_kv)
+        indicators = reranker.encode(["a red circle then a blue square", "a green star"])
+        ids = [list(records)[:10], list(records)[2:12]]
+        broad = [[float(x) for x in np.linspace(0.5, 0.45, 10)], None]
+        cold = reranker.rerank(indicators, ids, broad)
+        warm = reranker.rerank(indicators, ids, broad)
+        assert reranker.cache.hits == 12  # the second call read every video from the cache
+        results[name] = (cold, warm)
+        store.close()
+    expected = results["unpadded"][0]
+    assert any(abs(c.delta) > 1e-3 for c in expected[0].candidates)
+    for got in results["padded"]:
+        for want, have in zip(expected, got, strict=True):
+            assert [c.id for c in have.candidates] == [c.id for c in want.candidates]
+            for a, b in zip(want.candidates, have.candidates, strict=True):
+                assert b.delta == pytest.approx(a.delta, abs=1e-5)
+                assert b.broad_score == pytest.approx(a.broad_score, abs=1e-5)
+                assert b.best_frame_s == a.best_frame_s

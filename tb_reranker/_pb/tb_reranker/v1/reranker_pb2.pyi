@@ -203,7 +203,7 @@ class CacheStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., size: _Optional[int] = ..., capacity: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("server_version", "api_version", "torch_version", "grpc_version", "model_fingerprint", "embed_dim", "num_indicators", "top_k", "num_frames", "device", "dtype", "batching", "search_enabled", "limits", "cache")
+    __slots__ = ("server_version", "api_version", "torch_version", "grpc_version", "model_fingerprint", "embed_dim", "num_indicators", "top_k", "num_frames", "device", "dtype", "batching", "search_enabled", "limits", "cache", "vision_fingerprint", "query_fingerprint")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,8 @@ class InfoResponse(_message.Message):
     SEARCH_ENABLED_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    VISION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     api_version: str
     torch_version: str
@@ -234,4 +236,6 @@ class InfoResponse(_message.Message):
     search_enabled: bool
     limits: Limits
     cache: CacheStats
-    def __init__(self, server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., embed_dim: _Optional[int] = ..., num_indicators: _Optional[int] = ..., top_k: _Optional[int] = ..., num_frames: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., batching: _Optional[bool] = ..., search_enabled: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ...) -> None: ...
+    vision_fingerprint: str
+    query_fingerprint: str
+    def __init__(self, server_version: _Optional[str] = ..., api_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., embed_dim: _Optional[int] = ..., num_indicators: _Optional[int] = ..., top_k: _Optional[int] = ..., num_frames: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., batching: _Optional[bool] = ..., search_enabled: _Optional[bool] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., vision_fingerprint: _Optional[str] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
