@@ -44,17 +44,22 @@ def _recall(ranks: list[int], k: int) -> float:
 def _checkpoint(root: Path, config: DemoConfig) -> tuple[Path, bool]:
     """The demo's checkpoint under ``root``: reused when made with the same settings, else
     trained. Returns (directory, reused)."""
-    from tb_reranker.training import train_synthetic
+    from tb_reranker.training import PRESETS, train_synthetic
 
     checkpoint = root / "checkpoint"
     stamp = root / "checkpoint.json"
-    wanted = {"seed": config.seed, "num_train": config.num_train, "epochs": config.epochs}
+    # the resolved training settings: a changed preset (e.g. more epochs) retrains
+    preset = dict(PRESETS["synthetic"])
+    if config.epochs is not None:
+        preset["epochs"] = config.epochs
+    wanted = {"seed": config.seed, "num_train": config.num_train, "preset": preset}
     reuse = (
         (checkpoint / "config.json").exists()
         and stamp.exists()
         and (json.loads(stamp.read_text()) == wanted)
     )
     if not reuse:
+        shutil.rmtree(root / "train", ignore_errors=True)  # the demo's own run of other settings
         trained = train_synthetic(
             root / "synth",
             root / "train",

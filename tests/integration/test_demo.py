@@ -31,6 +31,22 @@ def test_demo_runs_and_reuses_everything(tmp_path):
     assert second["broad"] == first["broad"] and second["reranked"] == first["reranked"]
 
 
+def test_demo_retrains_when_the_preset_changes(tmp_path, monkeypatch):
+    """Before: the stamp held ``epochs=None``, so a new preset default (20 -> 30 epochs) reused
+    the old checkpoint silently."""
+    from tb_reranker.training.loop import PRESETS
+
+    config = DemoConfig(
+        data_dir=str(tmp_path / "demo"), num_train=96, num_test=20, epochs=1, progress=False
+    )
+    run_demo(config, out=lambda line: None)
+    monkeypatch.setitem(PRESETS, "synthetic", {**PRESETS["synthetic"], "weight_decay": 0.1})
+    again: list[str] = []
+    run_demo(config, out=again.append)
+    assert any("(reused)" in line and line.startswith("[1/5]") for line in again)  # the clips
+    assert not any("(reused)" in line and line.startswith("[2/5]") for line in again)
+
+
 def test_demo_in_a_pipe_logs_progress_lines_not_bars(tmp_path):
     """Before: tqdm drew its bars into the pipe (carriage returns, 1,500 lines for `make demo`)."""
     interval = 0.5
