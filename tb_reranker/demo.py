@@ -96,6 +96,20 @@ def _ranks(captions: list[tuple[str, str]], results: list[list[Any]], limit: int
     return found
 
 
+def _forget_library(milvus_db: Path, frames: Path) -> None:
+    """Drop the demo's collection (through Milvus Lite: its server may still hold the file) and
+    its frame store."""
+    from tb_reranker.index import VideoIndex
+
+    if milvus_db.exists():
+        index = VideoIndex(str(milvus_db), collection="tb_videos")
+        try:
+            index.drop()
+        finally:
+            index.close()
+    shutil.rmtree(frames, ignore_errors=True)
+
+
 def run_demo(
     config: DemoConfig = DemoConfig(), out: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -130,7 +144,16 @@ def run_demo(
     out(f"[2/5] checkpoint: {checkpoint} ({how})")
 
     test = load_dataset("folder", root / "synth", split="test")
-    with Client(data_dir=str(root), checkpoint=str(checkpoint)) as client:
+    milvus_db, frames = root / "milvus.db", root / "frames"  # the demo's own, whatever TB_* say
+    if not reuse:  # a new checkpoint has another vision side: its library is ingested afresh
+        _forget_library(milvus_db, frames)
+    with Client(
+        str(milvus_db),
+        collection="tb_videos",
+        store=str(frames),
+        data_dir=str(root),
+        checkpoint=str(checkpoint),
+    ) as client:
         t0 = time.perf_counter()
         report = client.ingest([video.path for video in test.videos], progress=config.progress)
         timings["ingest_s"] = time.perf_counter() - t0

@@ -511,26 +511,7 @@ class TokenBinder(nn.Module):
             raise InvalidInputError(
                 f"K={num_candidates} candidates but this model scores at most top_k={self.top_k}"
             )
-        if (cand_tokens is None) == (cand_kv is None):
-            raise InvalidInputError("give exactly one of cand_tokens and cand_kv")
-        if cand_kv is None:
-            cand_tokens = _as_float_tensor("cand_tokens", cand_tokens, 4, "[B, K, T, D]")
-            self._check_width("cand_tokens", cand_tokens)
-            if tuple(cand_tokens.shape[:2]) != (batch_size, num_candidates):
-                raise InvalidInputError(
-                    f"cand_tokens {tuple(cand_tokens.shape)} does not match cand_cls "
-                    f"{tuple(cand_cls.shape)} on [B, K]"
-                )
-            self._check_tokens_count("cand_tokens", cand_tokens.shape[2])
-        else:
-            expected = (batch_size, num_candidates, self.fusion.num_blocks, 2)
-            cand_kv = _as_float_tensor("cand_kv", cand_kv, 6, "[B, K, n_blocks, 2, T, D]")
-            if tuple(cand_kv.shape[:4]) != expected:
-                raise InvalidInputError(
-                    f"cand_kv must have shape {expected + ('T', 'D')}, got {tuple(cand_kv.shape)}"
-                )
-            self._check_width("cand_kv", cand_kv)
-            self._check_tokens_count("cand_kv", cand_kv.shape[4])
+        cand_tokens, cand_kv = self._check_candidates(cand_tokens, cand_kv, cand_cls.shape)
         cand_mask = self._check_mask(cand_mask, batch_size, num_candidates)
         num_tokens = cand_tokens.shape[2] if cand_tokens is not None else cand_kv.shape[4]
         frames_mask = self._check_cand_frames_mask(
@@ -541,6 +522,36 @@ class TokenBinder(nn.Module):
         return self._focused_scores(
             indicators, cand_cls, cand_tokens, cand_mask, cand_kv, frames_mask
         )
+
+    def _check_candidates(
+        self,
+        cand_tokens: torch.Tensor | None,
+        cand_kv: torch.Tensor | None,
+        cls_shape: tuple[int, ...],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Validated (cand_tokens, cand_kv), exactly one given, matching cand_cls on [B, K]."""
+        batch_size, num_candidates = cls_shape[0], cls_shape[1]
+        if (cand_tokens is None) == (cand_kv is None):
+            raise InvalidInputError("give exactly one of cand_tokens and cand_kv")
+        if cand_kv is None:
+            cand_tokens = _as_float_tensor("cand_tokens", cand_tokens, 4, "[B, K, T, D]")
+            self._check_width("cand_tokens", cand_tokens)
+            if tuple(cand_tokens.shape[:2]) != (batch_size, num_candidates):
+                raise InvalidInputError(
+                    f"cand_tokens {tuple(cand_tokens.shape)} does not match cand_cls "
+                    f"{tuple(cls_shape)} on [B, K]"
+                )
+            self._check_tokens_count("cand_tokens", cand_tokens.shape[2])
+            return cand_tokens, None
+        expected = (batch_size, num_candidates, self.fusion.num_blocks, 2)
+        cand_kv = _as_float_tensor("cand_kv", cand_kv, 6, "[B, K, n_blocks, 2, T, D]")
+        if tuple(cand_kv.shape[:4]) != expected:
+            raise InvalidInputError(
+                f"cand_kv must have shape {expected + ('T', 'D')}, got {tuple(cand_kv.shape)}"
+            )
+        self._check_width("cand_kv", cand_kv)
+        self._check_tokens_count("cand_kv", cand_kv.shape[4])
+        return None, cand_kv
 
     def _focused_scores(
         self,

@@ -735,12 +735,7 @@ def generate(
     counts = _checked_counts(num_train, num_val, num_test)
     _check_clip(seed, size, num_frames, fps, jitter)
     families = _checked_families(families)
-    if background not in BACKGROUNDS:
-        raise InvalidInputError(
-            f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
-        )
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise InvalidInputError(f"holdout must be a number in [0, 1), got {holdout!r}")
+    _check_scene(background, holdout)
     workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
 
     root = Path(out_dir)
@@ -770,6 +765,15 @@ def generate(
     meta, elapsed = _write_index(root, specs, params, seed, counts, started)
     log.info("wrote %d clips to %s in %.1f s", len(specs), root, elapsed)
     return SynthResult(root, counts, len(specs), False, elapsed, meta)
+
+
+def _check_scene(background: str, holdout: float) -> None:
+    if background not in BACKGROUNDS:
+        raise InvalidInputError(
+            f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
+        )
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise InvalidInputError(f"holdout must be a number in [0, 1), got {holdout!r}")
 
 
 def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool) -> None:

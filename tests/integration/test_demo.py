@@ -45,11 +45,12 @@ def test_demo_retrains_when_the_preset_changes(tmp_path, monkeypatch):
     run_demo(config, out=again.append)
     assert any("(reused)" in line and line.startswith("[1/5]") for line in again)  # the clips
     assert not any("(reused)" in line and line.startswith("[2/5]") for line in again)
+    assert any("ingested 20" in line for line in again)  # the new vision side's own library
 
 
 def test_demo_in_a_pipe_logs_progress_lines_not_bars(tmp_path):
     """Before: tqdm drew its bars into the pipe (carriage returns, 1,500 lines for `make demo`)."""
-    interval = 0.5
+    interval = 0.2
     env = dict(os.environ, TB_PROGRESS_INTERVAL_S=str(interval))
     result = subprocess.run(
         [sys.executable, "-m", "tb_reranker", "demo", "--data-dir", str(tmp_path / "demo")]
@@ -66,7 +67,8 @@ def test_demo_in_a_pipe_logs_progress_lines_not_bars(tmp_path):
         stderr,
         flags=re.MULTILINE,
     )
-    assert {desc for _, desc, *_ in lines} >= {"synth"}, stderr  # ≈ 2 s of clips at 0.5 s
+    # some loops outlast the interval (which ones depends on the machine's speed)
+    assert {desc for _, desc, *_ in lines} & {"synth", "decode", "encode", "train"}, stderr
     by_desc: dict[str, list[datetime]] = {}
     for stamp, desc, n, total, details in lines:
         assert int(n) <= int(total)

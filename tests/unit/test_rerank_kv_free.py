@@ -22,7 +22,9 @@ def _model(**overrides) -> TokenBinder:
     return model
 
 
-@pytest.fixture(scope="module", params=["symmetric", "listwise", "listwise_slots", "two_blocks_rank"])
+@pytest.fixture(
+    scope="module", params=["symmetric", "listwise", "listwise_slots", "two_blocks_rank"]
+)
 def model(request):
     if request.param == "two_blocks_rank":
         return _model(fusion_blocks=2, rank_embedding=True)
