@@ -572,16 +572,8 @@ class FocusedFusion(nn.Module):
 
         queries [B, Q, D] (fused), mass [B, H, Q, K], summary [B, K, Q, D] -> Δ [B, K]
         """
-        batch_size, num_candidates = summary.shape[:2]
-        products = queries.unsqueeze(1) * summary  # [B, K, Q, D]
-        if cand_mask is None:
-            real: float | torch.Tensor = float(num_candidates)
-        else:
-            real = cand_mask.sum(dim=1).to(mass.dtype).view(batch_size, 1, 1)
-        mass_feature = mass.mean(dim=1) * real  # [B, Q, K], 1 when uniform over real candidates
-        features = torch.cat(
-            [products, mass_feature.transpose(1, 2).unsqueeze(-1)], dim=-1
-        )  # [B, K, Q, D+1]
+        features = self._candidate_features(queries, mass, summary, cand_mask)  # [B, K, Q, D+1]
+        batch_size, num_candidates = features.shape[:2]
         features = features.reshape(batch_size * num_candidates, -1)
         norm, hidden, gelu, out = self.head
         hidden_features = torch.addmm(
