@@ -753,7 +753,7 @@ class TokenBinder(nn.Module):
 
     def _identities(self) -> tuple[str, str, str]:
         """(whole model, vision side, query side) fingerprints, computed in one pass."""
-        state = self.state_dict()
+        state = self.state_dict(keep_vars=True)  # no per-call detached copies (hot path)
         key = tuple(
             (name, tensor.data_ptr(), tensor._version, str(tensor.device))
             for name, tensor in state.items()
