@@ -118,18 +118,12 @@ def build_model(text_tower: str = "vit-b-32") -> Any:
     import torch
 
     from tb_reranker.model import TokenBinder, TokenBinderConfig
-    from tb_reranker.model.config import TINY_CLIP_CFG
+    from tb_reranker.model.config import TINY_CLIP_CFG, VIT_B_32_TEXT_CFG
 
     clip_cfg = copy.deepcopy(TINY_CLIP_CFG)
     clip_cfg["embed_dim"] = EMBED_DIM
     if text_tower == "vit-b-32":
-        clip_cfg["text_cfg"] = {
-            "context_length": 77,
-            "vocab_size": 49408,
-            "width": 512,
-            "heads": 8,
-            "layers": 12,
-        }
+        clip_cfg["text_cfg"] = copy.deepcopy(VIT_B_32_TEXT_CFG)
     elif text_tower != "tiny":
         raise ValueError(f"text_tower must be 'vit-b-32' or 'tiny', got {text_tower!r}")
     config = TokenBinderConfig.tiny(

@@ -72,17 +72,11 @@ _WORDS = [
 def build_text_model(device: str = "cpu", num_indicators: int = 4) -> Any:
     """A random-init TokenBinder whose text tower has ViT-B/32's shape, in eval mode."""
     from tb_reranker.model import TokenBinder, TokenBinderConfig
-    from tb_reranker.model.config import TINY_CLIP_CFG
+    from tb_reranker.model.config import TINY_CLIP_CFG, VIT_B_32_TEXT_CFG
 
     clip_cfg = copy.deepcopy(TINY_CLIP_CFG)
     clip_cfg["embed_dim"] = 512
-    clip_cfg["text_cfg"] = {
-        "context_length": 77,
-        "vocab_size": 49408,
-        "width": 512,
-        "heads": 8,
-        "layers": 12,
-    }
+    clip_cfg["text_cfg"] = copy.deepcopy(VIT_B_32_TEXT_CFG)
     config = TokenBinderConfig.tiny(
         clip_cfg=clip_cfg, num_indicators=num_indicators, fusion_heads=8
     )

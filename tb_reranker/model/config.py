@@ -8,7 +8,7 @@ from typing import Any
 
 from tb_reranker.errors import InvalidInputError
 
-__all__ = ["TokenBinderConfig", "TINY_CLIP_CFG"]
+__all__ = ["TokenBinderConfig", "TINY_CLIP_CFG", "VIT_B_32_TEXT_CFG"]
 
 # A small open_clip CLIP (the shape METHOD.md §7 trained end to end in minutes on 2 CPU cores).
 # Keys follow open_clip's model-config JSON files (``open_clip/model_configs/*.json``).
@@ -16,6 +16,16 @@ TINY_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+# ViT-B/32's text tower (open_clip ``text_cfg``): with TINY_CLIP_CFG's vision side and
+# ``embed_dim`` 512, a model whose text encoding costs what the real one's does (benchmarks, tests).
+VIT_B_32_TEXT_CFG: dict[str, Any] = {
+    "context_length": 77,
+    "vocab_size": 49408,
+    "width": 512,
+    "heads": 8,
+    "layers": 12,
 }
 
 _HEADS = ("symmetric", "listwise", "listwise_slots")

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tb_reranker.model import TokenBinder, TokenBinderConfig
-from tb_reranker.model.config import TINY_CLIP_CFG
+from tb_reranker.model.config import TINY_CLIP_CFG, VIT_B_32_TEXT_CFG
 
 SHORT = "x"
 MEDIUM = "a red cube then a blue ball rolls over the green table"
@@ -40,13 +40,7 @@ def vit_b32_text() -> TokenBinder:
     """Random weights, ViT-B/32's text tower (77 positions, width 512, 12 layers), tiny vision."""
     clip_cfg = copy.deepcopy(TINY_CLIP_CFG)
     clip_cfg["embed_dim"] = 512
-    clip_cfg["text_cfg"] = {
-        "context_length": 77,
-        "vocab_size": 49408,
-        "width": 512,
-        "heads": 8,
-        "layers": 12,
-    }
+    clip_cfg["text_cfg"] = copy.deepcopy(VIT_B_32_TEXT_CFG)
     return TokenBinder(TokenBinderConfig.tiny(clip_cfg=clip_cfg, fusion_heads=8)).eval()
 
 
