@@ -392,7 +392,7 @@ def _fusion_inputs(blocks: int, dtype: torch.dtype, cached: bool, fusion: Focuse
 @pytest.mark.parametrize("few_candidates", [0, 10**6])  # per-head bmm / block-diagonal bmm
 def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidates, monkeypatch):
     """Values (float32, inference mode, as the reranker runs it) equal the plain formulation,
-    with and without a candidate mask; the cached transposed head weight follows updates."""
+    with and without a candidate mask; the packed head weight follows updates."""
     monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
     fusion = _perturbed_fusion(head, blocks, torch.float32)
     queries = torch.randn(4, 3, 64)
@@ -550,6 +550,24 @@ def test_token_path_gradients_equal_the_plain_formulation(head, blocks):
             torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-9, msg=name)
 
 
+def _record_projections(model: TokenBinder, monkeypatch) -> list[tuple[str, int]]:
+    """(``"k"``/``"v"``, rows) of every K/V projection the fusion's linear layers run."""
+    weights = {}
+    for block in model.fusion.blocks:
+        weights[id(block.k_proj.weight)] = "k"
+        weights[id(block.v_proj.weight)] = "v"
+    calls: list[tuple[str, int]] = []
+    real = fusion_module.linear
+
+    def recording(x, weight, bias=None):
+        if id(weight) in weights:
+            calls.append((weights[id(weight)], int(x.shape[0])))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(fusion_module, "linear", recording)
+    return calls
+
+
 def test_focused_scores_on_tokens_never_projects_them(monkeypatch) -> None:
     """``focused_scores(cand_tokens=...)`` takes the K/V-free path: no K/V projection runs, and
     the scores equal those on the projected K/V."""
@@ -561,13 +579,12 @@ def test_focused_scores_on_tokens_never_projects_them(monkeypatch) -> None:
         cached = model.focused_scores(
             indicators, cand_cls, cand_kv=cand_kv.view(B, K, *cand_kv.shape[1:])
         )
-    calls = []
-    for block in model.fusion.blocks:
-        block.k_proj.register_forward_hook(lambda *args: calls.append("k"))
-        block.v_proj.register_forward_hook(lambda *args: calls.append("v"))
+    calls = _record_projections(model, monkeypatch)
     with torch.inference_mode():
         direct = model.focused_scores(indicators, cand_cls, cand_tokens)
-    assert calls == []
+        assert calls == []
+        model.project_candidates(cand_tokens.reshape(B * K, T, D))
+    assert len(calls) == 4  # the recorder sees a projection: k and v of 2 blocks
     assert direct.delta.abs().max() > 1e-3
     torch.testing.assert_close(direct.final, cached.final, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(direct.frame_attention, cached.frame_attention, rtol=1e-5, atol=1e-6)
@@ -684,7 +701,7 @@ def test_padded_copy_scores_like_the_unpadded_original_v2t(head: str) -> None:
     assert not torch.allclose(unmasked.delta, expected.delta, atol=1e-4)
 
 
-def test_padded_frames_are_not_projected() -> None:
+def test_padded_frames_are_not_projected(monkeypatch) -> None:
     """The K/V of padded frames are never computed (zero), the real ones are unchanged."""
     model = TokenBinder(TokenBinderConfig.tiny(fusion_blocks=2)).eval()
     _, _, cand_tokens = _inputs()
@@ -692,13 +709,12 @@ def test_padded_frames_are_not_projected() -> None:
     mask = torch.ones(K, T, dtype=torch.bool)
     mask[0, 3:] = False
     mask[2, 1::2] = False
-    rows = []
-    for block in model.fusion.blocks:
-        block.k_proj.register_forward_hook(lambda module, inputs, out: rows.append(out.shape[0]))
+    calls = _record_projections(model, monkeypatch)
     with torch.inference_mode():
         full = model.project_candidates(videos)
-        rows.clear()
+        calls.clear()
         masked = model.project_candidates(videos, mask)
+    rows = [count for name, count in calls if name == "k"]
     assert rows == [int(mask.sum())] * 2  # one k_proj call per block, real tokens only
     assert masked.shape == full.shape
     keep = mask[:, None, None, :, None].expand_as(full)

@@ -34,21 +34,19 @@ def _one_thread():
 
 
 class _Dtypes:
-    """Records the output dtype of the fusion's query projection and of the text tower's
-    first attention block: the matmuls autocast decides."""
+    """Records the dtype of the first linear layer's output in the fusion's FFN and in the text
+    tower's first block (the input of their activation modules): the matmuls autocast decides
+    (the linear layers themselves may run on packed weights, not as module calls)."""
 
     def __init__(self, model: TokenBinder) -> None:
         self.fusion: list[torch.dtype] = []
         self.text: list[torch.dtype] = []
         self._handles = [
-            model.fusion.blocks[0].q_proj.register_forward_hook(
-                lambda _m, _i, out: self.fusion.append(out.dtype)
+            model.fusion.blocks[0].mlp[1].register_forward_pre_hook(
+                lambda _m, args: self.fusion.append(args[0].dtype)
             ),
-            model.fusion.blocks[0].k_proj.register_forward_hook(
-                lambda _m, _i, out: self.fusion.append(out.dtype)
-            ),
-            model.clip.transformer.resblocks[0].mlp.register_forward_hook(
-                lambda _m, _i, out: self.text.append(out.dtype)
+            model.clip.transformer.resblocks[0].mlp[1].register_forward_pre_hook(
+                lambda _m, args: self.text.append(args[0].dtype)
             ),
         ]
 

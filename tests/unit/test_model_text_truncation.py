@@ -45,11 +45,13 @@ def vit_b32_text() -> TokenBinder:
 
 
 class _PositionsSeen:
-    """Records the sequence length the text transformer is called with."""
+    """Records the sequence length the text transformer runs on (its first block's first
+    LayerNorm: called on open_clip's path and on the packed-weights one alike)."""
 
     def __init__(self, model: TokenBinder) -> None:
         self.lengths: list[int] = []
-        self._handle = model.text.transformer.register_forward_pre_hook(self._hook)
+        first = model.text.transformer.resblocks[0].ln_1
+        self._handle = first.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args) -> None:
         self.lengths.append(int(args[0].shape[1]))
