@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ __all__ = [
     "emit",
     "plot_lines",
     "plot_bars",
+    "unpacked",
 ]
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+@contextlib.contextmanager
+def unpacked() -> Iterator[None]:
+    """Linear layers on plain row-major weights inside the block (``packed_linear`` off), as
+    before issue 12: the baseline of the text-encoding, rerank and search benchmarks."""
+    from tb_reranker.model import packed_linear
+
+    previous = packed_linear.set_enabled(False)
+    try:
+        yield
+    finally:
+        packed_linear.set_enabled(previous)
 
 
 def configure_threads(threads: int) -> None:

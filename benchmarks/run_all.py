@@ -44,6 +44,7 @@ NOT_BENCHMARKS = frozenset({"__init__", "common", "run_all", "_fusion_model"})
 
 # name -> (full-run arguments, --quick arguments); the order is the run order
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
+    "roofline": ([], ["--quick"]),
     "fusion_cpu": ([], ["--repeats", "5"]),
     "rerank_cost": ([], ["--quick"]),
     "store_get": ([], ["--videos", "1000", "--calls", "200"]),

@@ -11,7 +11,8 @@ interleaved so that machine-load drift hits every path alike, together with (sam
 collection, same round):
 
 * ``before``: the reranked search as it was before issue 12: the text tower over all 77
-  positions (``truncate=False``) and the projected-K/V cache (``Reranker(cache_kv=True)``);
+  positions (``truncate=False``), the projected-K/V cache (``Reranker(cache_kv=True)``) and
+  the linear layers on plain weights (``packed_linear`` off);
 * ``plain_clip``: what a user without the reranker runs: open_clip's ``encode_text`` at full
   context (the same tower shape) + the same ANN search, broad only;
 * ``repeated``: a reranked search of a text searched before, through the query LRU.
@@ -50,6 +51,7 @@ from benchmarks.common import (
     environment,
     plot_bars,
     summarize,
+    unpacked,
 )
 
 __all__ = ["build_model", "fill_store", "fill_index", "measure_backend", "run", "main"]
@@ -276,9 +278,15 @@ def _ms(samples_ns: list[int]) -> dict[str, float]:
     return {"p50_ms": round(timing.median_ms, 2), "p95_ms": round(timing.p95_ms, 2)}
 
 
+def _before_search(search: Any, text: str, limit: int) -> Any:
+    with unpacked():  # linear layers on plain weights, as before issue 12
+        return search.search([text], limit=limit)[0]
+
+
 class _BeforeBackend:
     """The in-process backend as it was before issue 12: the text tower over all 77 positions
-    and the projected-K/V cache (``Reranker(cache_kv=True)``); same results to float rounding."""
+    and the projected-K/V cache (``Reranker(cache_kv=True)``), called with the linear layers on
+    plain weights (:func:`_before_search`); same results to float rounding."""
 
     def __init__(self, reranker: Any) -> None:
         self.reranker = reranker
@@ -370,7 +378,7 @@ def measure_backend(
         paths = {
             "broad_only": lambda text: client.search(text, limit=args.limit, rerank=False),
             "reranked": lambda text: client.search(text, limit=args.limit, rerank=True),
-            "before": lambda text: before.search([text], limit=args.limit)[0],
+            "before": lambda text: _before_search(before, text, args.limit),
             "plain_clip": lambda text: plain.search(text, args.limit),
             "repeated": lambda text: repeated.search([text], limit=args.limit)[0],
         }

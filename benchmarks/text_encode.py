@@ -7,8 +7,11 @@ weights, built offline; the vision tower is the tiny one and is not used), m = 4
 query (batch 1) and a batch of 64 queries of 3-20 words it times, alternating in rounds within
 the same run (the machine is shared and noisy):
 
-* ``full``: the indicator text tower over all 77 positions (``truncate=False``: today's path),
-* ``truncated``: the same tower up to the batch's last ``eot + m`` position (the default),
+* ``full``: the indicator text tower over all 77 positions through open_clip's own modules
+  (``truncate=False``, packed linear layers off: the path before issue 12),
+* ``truncated``: the default path: the same tower up to the batch's last ``eot + m`` position,
+  every linear layer on oneDNN's packed weights (``tb_reranker.model.packed_linear``),
+* ``truncated_unpacked`` / ``full_packed``: each of the two changes alone (attribution),
 * ``open_clip``: open_clip's own ``encode_text`` at full context (the plain CLIP retrieval a
   user would otherwise run),
 * ``tokenize``: the tokenizer alone (it is in every ``encode_text`` call on strings).
@@ -26,7 +29,14 @@ import logging
 import time
 from typing import Any
 
-from benchmarks.common import add_common_arguments, configure_threads, emit, environment, summarize
+from benchmarks.common import (
+    add_common_arguments,
+    configure_threads,
+    emit,
+    environment,
+    summarize,
+    unpacked,
+)
 
 __all__ = ["main", "build_text_model", "QUERY_10_WORDS", "TARGET_SPEEDUP"]
 
@@ -132,7 +142,8 @@ def measure(
     eot = int(tokens.argmax(dim=-1).max())
     with torch.inference_mode(), model._autocast():
         truncated = model.text(tokens)
-        full = model.text(tokens, truncate=False)
+        with unpacked():
+            full = model.text(tokens, truncate=False)
     for got, expected in zip(truncated, full, strict=True):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     max_abs_diff = max(
@@ -140,10 +151,14 @@ def measure(
         for got, expected in zip(truncated, full, strict=True)
     )
 
-    def run(truncate: bool) -> Any:
+    def run(truncate: bool, packed: bool = True) -> Any:
         def call() -> None:
             with torch.inference_mode(), model._autocast():
-                model.text(tokens, truncate=truncate)
+                if packed:
+                    model.text(tokens, truncate=truncate)
+                else:
+                    with unpacked():
+                        model.text(tokens, truncate=truncate)
 
         return call
 
@@ -155,7 +170,14 @@ def measure(
         model.tokenize(texts)
 
     timings = _interleaved(
-        {"full": run(False), "truncated": run(True), "open_clip": plain, "tokenize": tokenize},
+        {
+            "full": run(False, packed=False),
+            "truncated": run(True),
+            "truncated_unpacked": run(True, packed=False),
+            "full_packed": run(False),
+            "open_clip": plain,
+            "tokenize": tokenize,
+        },
         rounds=rounds,
         per_round=per_round,
         max_seconds=max_seconds,
@@ -171,6 +193,12 @@ def measure(
         row[name] = timing.to_dict()
     row["speedup_full_over_truncated"] = round(
         timings["full"].median_ms / timings["truncated"].median_ms, 3
+    )
+    row["speedup_of_truncation"] = round(
+        timings["full"].median_ms / timings["truncated_unpacked"].median_ms, 3
+    )
+    row["speedup_of_packed_weights"] = round(
+        timings["truncated_unpacked"].median_ms / timings["truncated"].median_ms, 3
     )
     row["speedup_open_clip_over_truncated"] = round(
         timings["open_clip"].median_ms / timings["truncated"].median_ms, 3

@@ -48,6 +48,8 @@ def test_rerank_cost_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
             "rerank_uncached",
             "kv_cached",
             "kv_uncached",
+            "before_cached",
+            "before_uncached",
             "bare_fusion",
         ):
             timing = row[name]

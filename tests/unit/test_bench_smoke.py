@@ -132,3 +132,24 @@ def test_run_all_collect_only(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "all.json").read_text())
     assert summary["statuses"] == {"fusion_cpu": "failed", "store_get": "ok"}
     assert summary["benchmarks"]["store_get"]["result"]["videos"] == 7
+
+
+def test_roofline_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The floors of issue 12's targets: every figure positive, the verdicts follow from them."""
+    from benchmarks import roofline
+
+    result = roofline.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
+    assert json.loads(capsys.readouterr().out) == _load(tmp_path, "roofline") == result
+    assert result["rates"]["weight_stream_gb_s"] > 0 and result["rates"]["gemm_gflop_s"] > 0
+    for name in ("fusion_batch1", "fusion_batch64", "text_10_words", "text_full"):
+        floor = result["floors"][name]
+        assert floor["floor_ms"] > 0 and floor["gflop"] > 0 and floor["weight_mb"] > 0
+    # 12 layers x (3 + 1 + 4 + 4) x 512² weights + biases, float32
+    assert result["floors"]["text_full"]["weight_mb"] == pytest.approx(151.2, abs=0.2)
+    assert result["floors"]["text_full"]["gflop"] > 4 * result["floors"]["text_10_words"]["gflop"]
+    one = result["verdicts"]["cold_rerank_p50_le_1ms"]
+    assert one["possible"] == (one["floor_ms"] <= 1.0)
+    assert one["floor_ms"] > result["floors"]["fusion_batch1"]["floor_ms"]  # + the store read
+    many = result["verdicts"]["cold_rerank_ge_2500_qps"]
+    assert many["batch"] == 8 and many["possible"] == (many["ceiling_queries_per_s"] >= 2500)
+    assert many["ceiling_queries_per_s"] < many["ceiling_without_store_read"]

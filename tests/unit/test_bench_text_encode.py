@@ -26,8 +26,16 @@ def test_text_encode_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert query["max_abs_diff"] < 1e-4
     assert result["results"]["batch_64"]["batch"] == 8  # --quick
     for row in result["results"].values():
-        for path in ("full", "truncated", "open_clip", "tokenize"):
+        for path in (
+            "full",
+            "truncated",
+            "truncated_unpacked",
+            "full_packed",
+            "open_clip",
+            "tokenize",
+        ):
             assert 0 < row[path]["median_ms"] <= row[path]["max_ms"]
+        assert row["speedup_of_truncation"] > 0 and row["speedup_of_packed_weights"] > 0
     target = result["target"]
     assert target["target"] == 3.0
     assert target["speedup_10_words"] == query["speedup_full_over_truncated"] > 0
