@@ -41,13 +41,11 @@ class _Dtypes:
     def __init__(self, model: TokenBinder) -> None:
         self.fusion: list[torch.dtype] = []
         self.text: list[torch.dtype] = []
+        fusion_act = model.fusion.blocks[0].mlp[1]
+        text_act = model.clip.transformer.resblocks[0].mlp[1]
         self._handles = [
-            model.fusion.blocks[0].mlp[1].register_forward_pre_hook(
-                lambda _m, args: self.fusion.append(args[0].dtype)
-            ),
-            model.clip.transformer.resblocks[0].mlp[1].register_forward_pre_hook(
-                lambda _m, args: self.text.append(args[0].dtype)
-            ),
+            fusion_act.register_forward_pre_hook(lambda _m, a: self.fusion.append(a[0].dtype)),
+            text_act.register_forward_pre_hook(lambda _m, a: self.text.append(a[0].dtype)),
         ]
 
     def close(self) -> None:
