@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "enabled", "set_enabled", "packed_bytes"]
+__all__ = ["linear", "applies", "enabled", "set_enabled", "packed_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _packed(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` of ``x`` by ``weight`` takes the packed path now."""
     return (
         x.device.type == "cpu"
         and weight.device.type == "cpu"
@@ -122,7 +123,7 @@ def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in], weight [out, in], bias [out] -> [..., out]."""
-    if not _fast(x, weight):
+    if not applies(x, weight):
         return F.linear(x, weight, bias)
     if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
         return F.linear(x, weight, bias)
