@@ -250,3 +250,20 @@ def test_store_errors_are_typed_on_closed_and_missing(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a dir")
     with pytest.raises(StoreError):
         LmdbFrameStore(tmp_path / "file")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bits=st.lists(st.integers(0, 0xFFFF), min_size=0, max_size=64),
+    special=st.sampled_from([None, 0x7C00, 0xFC00, 0x7E00, 0xFFFF, 0x7BFF, 0xFBFF, 0x0001]),
+)
+def test_float16_finiteness_from_the_bits_equals_numpy(bits: list[int], special) -> None:
+    """The bit test the store's decoder uses on float16 tokens (issue 12) agrees with
+    ``np.isfinite`` on any half-precision pattern: ±inf, quiet/signalling NaN, the largest
+    finite values, subnormals."""
+    from tb_reranker.stores.record import all_finite
+
+    values = np.array(bits + ([special] if special is not None else []), dtype=np.uint16)
+    halves = values.view(np.float16).reshape(-1, 1)
+    assert all_finite(halves) == bool(np.isfinite(halves).all())
+    assert all_finite(halves.astype(np.float32)) == bool(np.isfinite(halves).all())
