@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["linear", "applies", "enabled", "set_enabled", "packed_bytes"]
+__all__ = ["linear", "dense", "sequential", "applies", "enabled", "set_enabled", "packed_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     packed = _packed(weight)
     bias_value = None if bias is None else bias.detach()
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias_value, "none", [], "")
+
+
+def dense(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` through :func:`linear`."""
+    return linear(x, layer.weight, layer.bias)
+
+
+def sequential(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)`` with every ``nn.Linear`` through :func:`linear` (the others called as they
+    are: activations, norms)."""
+    for layer in layers:
+        x = dense(layer, x) if isinstance(layer, nn.Linear) else layer(x)
+    return x

@@ -164,13 +164,7 @@ class IndicatorTextEncoder(nn.Module):
         mask = attn_mask.to(x.dtype)
         for block in blocks:
             x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), mask))
-            h = block.ln_2(x)
-            for layer in block.mlp:
-                if isinstance(layer, nn.Linear):
-                    h = packed_linear.linear(h, layer.weight, layer.bias)
-                else:
-                    h = layer(h)
-            x = x + block.ls_2(h)
+            x = x + block.ls_2(packed_linear.sequential(block.mlp, block.ln_2(x)))
         return x
 
 
@@ -206,4 +200,4 @@ def _self_attention(
     q, k, v = qkv.unbind(0)  # [B, H, P, d] each
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, P, d]
     out = out.transpose(1, 2).reshape(batch_size, positions, width)
-    return packed_linear.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    return packed_linear.dense(attn.out_proj, out)

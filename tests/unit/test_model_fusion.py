@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
+from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig, packed_linear
 from tb_reranker.model import fusion as fusion_module
 from tb_reranker.model.fusion import CrossAttentionBlock, FocusedFusion, gumbel_like
 
@@ -557,14 +557,14 @@ def _record_projections(model: TokenBinder, monkeypatch) -> list[tuple[str, int]
         weights[id(block.k_proj.weight)] = "k"
         weights[id(block.v_proj.weight)] = "v"
     calls: list[tuple[str, int]] = []
-    real = fusion_module.linear
+    real = packed_linear.linear
 
     def recording(x, weight, bias=None):
         if id(weight) in weights:
             calls.append((weights[id(weight)], int(x.shape[0])))
         return real(x, weight, bias)
 
-    monkeypatch.setattr(fusion_module, "linear", recording)
+    monkeypatch.setattr(packed_linear, "linear", recording)
     return calls
 
 
