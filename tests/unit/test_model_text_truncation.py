@@ -4,15 +4,12 @@ batch mixing them, gradients included; on the tiny preset and a ViT-B/32-shaped 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tb_reranker.model import TokenBinder, TokenBinderConfig
-from tb_reranker.model.config import TINY_CLIP_CFG, VIT_B_32_TEXT_CFG
 
 SHORT = "x"
 MEDIUM = "a red cube then a blue ball rolls over the green table"
@@ -33,15 +30,6 @@ def tiny() -> TokenBinder:
     with torch.no_grad():  # indicators far from the EOT embedding: a real difference if misplaced
         model.text.indicators.add_(torch.randn_like(model.text.indicators))
     return model
-
-
-@pytest.fixture(scope="module")
-def vit_b32_text() -> TokenBinder:
-    """Random weights, ViT-B/32's text tower (77 positions, width 512, 12 layers), tiny vision."""
-    clip_cfg = copy.deepcopy(TINY_CLIP_CFG)
-    clip_cfg["embed_dim"] = 512
-    clip_cfg["text_cfg"] = copy.deepcopy(VIT_B_32_TEXT_CFG)
-    return TokenBinder(TokenBinderConfig.tiny(clip_cfg=clip_cfg, fusion_heads=8)).eval()
 
 
 class _PositionsSeen:
