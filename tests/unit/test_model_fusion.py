@@ -412,6 +412,25 @@ def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidate
     torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-5)
 
 
+def _reference_noises(fusion: FocusedFusion, blocks: int) -> list[torch.Tensor]:
+    """The Gumbel noise the fusion draws per block ([B 4, H 4, Q 3, K·T' 30]), drawn in the
+    same order, scaled as the fusion scales it: the plain formulation's input."""
+    return [
+        fusion.gumbel_scale * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
+        for _ in range(blocks)
+    ]
+
+
+def _backward(fusion: FocusedFusion, delta, attention, queries, leaf) -> tuple:
+    """Backward of a fixed mix of Δ and attention; (Δ, attention, the queries' and the leaf's
+    gradients, every parameter's gradient by name)."""
+    weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
+    loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
+    loss.backward()
+    grads = {name: p.grad for name, p in fusion.named_parameters()}
+    return delta.detach(), attention.detach(), queries.grad, leaf.grad, grads
+
+
 @pytest.mark.parametrize("head", ["symmetric", "listwise", "listwise_slots"])
 @pytest.mark.parametrize("blocks", [1, 2])
 @pytest.mark.parametrize("few_candidates", [0, 10**6])
@@ -432,16 +451,9 @@ def test_fusion_gradients_equal_the_plain_formulation(
             if formulation == "fusion":
                 delta, attention = fusion(queries, cand_kv, mask)
             else:
-                noises = [
-                    fusion.gumbel_scale * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
-                    for _ in range(blocks)
-                ]
+                noises = _reference_noises(fusion, blocks)
                 delta, attention = _reference_fusion(fusion, queries, cand_kv, mask, noises)
-            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
-            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
-            loss.backward()
-            grads = {name: p.grad for name, p in fusion.named_parameters()}
-            results.append((delta.detach(), attention.detach(), queries.grad, leaf.grad, grads))
+            results.append(_backward(fusion, delta, attention, queries, leaf))
         (delta, attention, queries_grad, leaf_grad, grads), expected = results
         assert delta.abs().max() > 1e-3
         torch.testing.assert_close(delta, expected[0], atol=1e-10, rtol=1e-9)
@@ -524,16 +536,9 @@ def test_token_path_gradients_equal_the_plain_formulation(head, blocks):
             else:
                 cand_kv = fusion.project_candidates(tokens.reshape(20, 6, 64))
                 cand_kv = cand_kv.view(4, 5, blocks, 2, 6, 64)
-                noises = [
-                    fusion.gumbel_scale * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
-                    for _ in range(blocks)
-                ]
+                noises = _reference_noises(fusion, blocks)
                 delta, attention = _reference_fusion(fusion, queries, cand_kv, mask, noises)
-            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
-            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
-            loss.backward()
-            grads = {name: p.grad for name, p in fusion.named_parameters()}
-            results.append((delta.detach(), attention.detach(), queries.grad, tokens.grad, grads))
+            results.append(_backward(fusion, delta, attention, queries, tokens))
         (delta, attention, queries_grad, tokens_grad, grads), expected = results
         assert delta.abs().max() > 1e-3
         torch.testing.assert_close(delta, expected[0], atol=1e-10, rtol=1e-9)
@@ -781,19 +786,11 @@ def test_frames_mask_gradients_equal_the_plain_formulation(head, path):
                 if formulation == "fusion":
                     delta, attention = fusion(queries, cand_kv, mask, frames_mask=_FRAMES_MASK)
                 else:
-                    noises = [
-                        fusion.gumbel_scale
-                        * gumbel_like(torch.empty(4, 4, 3, 30, dtype=torch.float64))
-                        for _ in range(2)
-                    ]
+                    noises = _reference_noises(fusion, 2)
                     delta, attention = _reference_fusion(
                         fusion, queries, cand_kv, mask, noises, frames_mask=_FRAMES_MASK
                     )
-            weights = torch.linspace(-1.0, 1.0, delta.numel(), dtype=torch.float64)
-            loss = (delta.reshape(-1) * weights).sum() + (attention**2).sum()
-            loss.backward()
-            grads = {name: p.grad for name, p in fusion.named_parameters()}
-            results.append((delta.detach(), attention.detach(), queries.grad, tokens.grad, grads))
+            results.append(_backward(fusion, delta, attention, queries, tokens))
         (delta, attention, queries_grad, tokens_grad, grads), expected = results
         assert delta.abs().max() > 1e-3
         assert torch.equal(attention[~_FRAMES_MASK], torch.zeros(int((~_FRAMES_MASK).sum())))

@@ -234,20 +234,22 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
 
 
+# the new-families dataset: one definition for the fixture and the determinism test
+_FAMILIES = dict(
+    num_train=120,
+    num_val=0,
+    num_test=24,
+    seed=11,
+    families=("order", "motion", "colour"),
+    background="noisy",
+    progress=False,
+)
+
+
 @pytest.fixture(scope="module")
 def families_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth") / "families"
-    generate(
-        root,
-        num_train=120,
-        num_val=0,
-        num_test=24,
-        seed=11,
-        families=("order", "motion", "colour"),
-        background="noisy",
-        workers=2,
-        progress=False,
-    )
+    generate(root, **_FAMILIES, workers=2)
     return root
 
 
@@ -343,17 +345,7 @@ def test_render_twins_exactly_reversed_without_noise() -> None:
 
 def test_new_families_deterministic(families_dataset: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
-    generate(
-        again,
-        num_train=120,
-        num_val=0,
-        num_test=24,
-        seed=11,
-        families=("order", "motion", "colour"),
-        background="noisy",
-        workers=1,
-        progress=False,
-    )
+    generate(again, **_FAMILIES, workers=1)  # another worker count, the same bytes
     assert (again / "captions.jsonl").read_bytes() == (
         families_dataset / "captions.jsonl"
     ).read_bytes()
