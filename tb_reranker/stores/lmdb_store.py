@@ -1,15 +1,18 @@
 """The local frame store: :class:`LmdbFrameStore`, one LMDB environment directory.
 
 Built for a million videos: ``put_many``/``delete_many`` are one write transaction each (atomic:
-all or nothing); the memory map grows by doubling when full; ``readahead=False`` for random
-reads. ``scan``/``salvage`` read the environment in child processes
+all or nothing); the memory map grows by doubling when full, and a map another process grew
+(``MDB_MAP_RESIZED``: a concurrent ingest) is adopted on the next transaction; ``readahead=False``
+for random reads. ``scan``/``salvage`` read the environment in child processes
 (:mod:`~tb_reranker.stores.lmdb_scan`) so a damaged page never kills the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,10 @@ class LmdbFrameStore(FrameStore):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self._lmdb = lmdb
+        # the map may be resized only while no transaction of this process is open
+        self._guard = threading.Condition()
+        self._open_txns = 0
+        self._resizing = False
         try:
             if not readonly:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -88,17 +95,67 @@ class LmdbFrameStore(FrameStore):
             raise StoreError(f"frame-token store {str(self.path)!r} is closed")
         return self._env
 
+    @contextlib.contextmanager
+    def _txn(self, **options: Any) -> Iterator[Any]:
+        """One transaction (``env.begin(**options)``). When another process grew the map past
+        this one's (``MapResizedError``), the new size is adopted and the transaction begun
+        again; before, every read failed with ``MDB_MAP_RESIZED`` until a restart."""
+        env = self._env_or_raise()
+        self._enter()
+        try:
+            try:
+                txn = env.begin(**options)
+            except self._lmdb.MapResizedError:
+                self._exit()
+                try:
+                    self._resize(env, 0)  # 0: the size the environment records now
+                finally:
+                    self._enter()
+                txn = env.begin(**options)
+            with txn:
+                yield txn
+        finally:
+            self._exit()
+
+    def _enter(self) -> None:
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            self._open_txns += 1
+
+    def _exit(self) -> None:
+        with self._guard:
+            self._open_txns -= 1
+            self._guard.notify_all()
+
+    def _resize(self, env: Any, size: int) -> None:
+        """``env.set_mapsize(size)`` once no transaction of this process is open (LMDB's rule:
+        readers hold pointers into the map)."""
+        with self._guard:
+            while self._resizing:
+                self._guard.wait()
+            self._resizing = True
+            try:
+                while self._open_txns:
+                    self._guard.wait()
+                env.set_mapsize(size)
+            finally:
+                self._resizing = False
+                self._guard.notify_all()
+        if size == 0:
+            log.info("frame-token store map grown by another process: now %d MiB", _mib(env))
+
     def _write(self, fn: Any) -> Any:
         """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
         env = self._env_or_raise()
         while True:
             try:
-                with env.begin(write=True) as txn:
+                with self._txn(write=True) as txn:
                     return fn(txn)
             except self._lmdb.MapFullError:
                 new_size = env.info()["map_size"] * 2
                 log.info("frame-token store full; growing map to %d MiB", new_size >> 20)
-                env.set_mapsize(new_size)
+                self._resize(env, new_size)
             except self._lmdb.Error as exc:
                 raise StoreError(f"frame-token store write failed: {exc}") from exc
 
@@ -119,10 +176,9 @@ class LmdbFrameStore(FrameStore):
 
     def get_many(self, ids: Iterable[str]) -> dict[str, FrameRecord]:
         wanted = validate_video_ids(ids)
-        env = self._env_or_raise()
         out: dict[str, FrameRecord] = {}
         try:
-            with env.begin(buffers=True) as txn:
+            with self._txn(buffers=True) as txn:
                 for video_id in wanted:
                     value = txn.get(video_id.encode())  # a memoryview valid inside the txn
                     if value is not None:
@@ -143,13 +199,12 @@ class LmdbFrameStore(FrameStore):
 
     def contains(self, video_id: str) -> bool:
         key = validate_video_id(video_id).encode()
-        with self._env_or_raise().begin(buffers=True) as txn:
+        with self._txn(buffers=True) as txn:
             return txn.get(key) is not None
 
     def list_ids(self) -> Iterator[str]:
-        env = self._env_or_raise()
         try:
-            with env.begin() as txn:
+            with self._txn() as txn:
                 keys = [bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)]
         except (self._lmdb.Error, UnicodeDecodeError) as exc:
             raise DataCorruptionError(
@@ -200,3 +255,7 @@ class LmdbFrameStore(FrameStore):
         if self._env is not None:
             self._env.close()
             self._env = None
+
+
+def _mib(env: Any) -> int:
+    return int(env.info()["map_size"]) >> 20

@@ -167,3 +167,84 @@ def test_store_never_writes_outside_dir(tmp_path: Path) -> None:
                 store.put_many({bad: make_record()})
     assert sorted(os.listdir(tmp_path)) == ["root"]
     assert sorted(os.listdir(root)) == ["data.mdb", "lock.mdb"]
+
+
+_GROW_MAP = """
+import sys
+import numpy as np
+from tb_reranker.stores import FrameRecord, LmdbFrameStore
+rng = np.random.default_rng(0)
+with LmdbFrameStore(sys.argv[1], map_size=1 << 20) as store:
+    for batch in range(int(sys.argv[2])):
+        store.put_many({
+            f"grown-{batch}-{n}": FrameRecord(
+                tokens=rng.standard_normal((16, 256)).astype(np.float32),
+                timestamps=np.arange(16, dtype=np.float32),
+                content_hash="h",
+            )
+            for n in range(40)
+        })
+    print(store._env.info()["map_size"])
+"""
+
+
+def _grow_in_another_process(path: Path, batches: int) -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _GROW_MAP, str(path), str(batches)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout)
+
+
+def test_map_grown_by_another_process_is_adopted(tmp_path: Path) -> None:
+    """Before: once a concurrent ingest (another process) grew the map, every read and write
+    of this store raised StoreError MDB_MAP_RESIZED until the process restarted."""
+    path = tmp_path / "frames"
+    with LmdbFrameStore(path, map_size=1 << 20) as store:
+        store.put_many({"mine": make_record(1)})
+        grown = _grow_in_another_process(path, batches=3)  # 3 x 40 x 8 KiB: past 1 MiB
+        assert grown > 1 << 20
+        assert list(store.get_many(["mine", "grown-2-39"])) == ["mine", "grown-2-39"]
+        assert store.contains("grown-0-0") and len(list(store.list_ids())) == 121
+        store.put_many({"after": make_record(2)})
+        _grow_in_another_process(path, batches=12)  # again, while this one has grown too
+        store.delete_many(["after"])
+        assert len(store.get_many([f"grown-11-{n}" for n in range(40)])) == 40
+
+
+def test_map_resize_waits_for_open_readers(tmp_path: Path) -> None:
+    """Threads read while another process grows the map: the size is adopted only with no
+    transaction of this process open, and every read answers."""
+    import threading
+
+    path = tmp_path / "frames"
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with LmdbFrameStore(path, map_size=1 << 20) as store:
+        store.put_many({f"v{n}": make_record(n) for n in range(8)})
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    assert len(store.get_many([f"v{n}" for n in range(8)])) == 8
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+                    return
+
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        for reader in readers:
+            reader.start()
+        try:
+            _grow_in_another_process(path, batches=6)
+            store.get_many(["v0"])  # at least one begin after the resize
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join(30)
+    assert errors == []
