@@ -286,6 +286,33 @@ def test_sidecar_image_runs_as_a_non_root_user(stack: Stack):
     assert code != 0
 
 
+def test_sidecar_image_holds_exactly_the_locked_versions(stack: Stack):
+    """The image was built from requirements/lock.txt: every distribution in its venv (but the
+    project and torch's pruned Triton) is in the lock, at the lock's version."""
+    sys.path.insert(0, str(ROOT / "tests" / "unit"))
+    from packaging.markers import default_environment
+    from test_lock import LOCK, locked_version, parse_lock
+
+    lock = parse_lock(LOCK.read_text())
+    sidecar = stack.containers()["tb-reranker"]
+    code, output = sidecar.exec_run(["python", "-m", "pip", "list", "--format", "json"])
+    assert code == 0, output
+    installed = {d["name"]: d["version"] for d in json.loads(output.decode())}
+    assert {"torch", "grpcio", "pymilvus", "open-clip-torch"} <= {n.lower() for n in installed}
+    code, version = sidecar.exec_run(
+        ["python", "-c", "import platform; print(platform.python_version())"]
+    )
+    env = default_environment() | {"python_full_version": version.decode().strip(), "extra": ""}
+    drift = []
+    for name, version in installed.items():
+        if name.lower().replace("_", "-") in ("tb-reranker", "tb_reranker"):
+            continue
+        locked = locked_version(lock, name, env)
+        if locked is None or str(locked) != version.split("+")[0]:
+            drift.append(f"{name} {version} (lock: {locked})")
+    assert not drift, "the image drifted from the lock: " + ", ".join(drift)
+
+
 def test_health_and_metrics_answer_through_published_ports(stack: Stack):
     from grpc_health.v1 import health_pb2
 
