@@ -23,7 +23,6 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError, TBError
 from tb_reranker.server.backend import Backend, Components, SearchDisabledError
@@ -35,6 +34,7 @@ from tb_reranker.server.interceptors import (
     MetricsInterceptor,
 )
 from tb_reranker.server.metrics import ServerMetrics
+from tb_reranker.server.reflection import enable_reflection
 from tb_reranker.server.servicers import SERVICE_NAMES, add_servicers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,7 +109,7 @@ class TBServer:
             *SERVICE_NAMES.values(),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        enable_reflection(names, server)  # grpc.reflection.v1 and v1alpha
         for name in ("", *SERVICE_NAMES.values()):
             await self.health.set(name, NOT_SERVING)
         address = _address(config.host, config.port)
@@ -154,9 +154,7 @@ class TBServer:
         config = self.config
         ssl_context = _ssl_context(config) if config.tls else None
         if config.http_port >= 0:
-            app = build_provider_app(
-                self.backend, token=config.token, limiter=self.limiter, metrics=self.metrics
-            )
+            app = build_provider_app(self.backend, token=config.token, metrics=self.metrics)
             self.http_port = await self._run_app(app, config.http_port, ssl_context, web)
             log.info("tb serve: provider HTTP endpoints on %s:%d", config.host, self.http_port)
         if config.metrics_port >= 0:
@@ -168,7 +166,9 @@ class TBServer:
             )
 
     async def _run_app(self, app: Any, port: int, ssl_context: Any, web: Any) -> int:
-        runner = web.AppRunner(app, access_log=None)
+        from tb_reranker.server.http_wire import http_runner
+
+        runner = http_runner(app, self.metrics)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, self.config.host, port, ssl_context=ssl_context)
@@ -267,11 +267,16 @@ class TBServer:
         """Drain and stop: NOT_SERVING, refuse new calls, let in-flight ones finish."""
         grace = self.config.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
-        for runner in self._runners:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if self._runners:  # HTTP drains within the same grace as gRPC, not after it
+            from tb_reranker.server.http_wire import stop_runners
+
+            await asyncio.gather(
+                server.stop(grace) if server is not None else asyncio.sleep(0),
+                stop_runners(self._runners, grace),
+            )
+        elif server is not None:
+            await server.stop(grace)
         self._runners.clear()
         for task in self._tasks:
             task.cancel()

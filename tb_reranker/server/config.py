@@ -37,7 +37,8 @@ class ServerConfig:
     max_candidates: int = DEFAULT_LIMITS.max_candidates  # ids per Rerank, largest Search limit
     max_text_chars: int = DEFAULT_LIMITS.max_text_chars  # characters per query text
     max_texts: int = MAX_TEXTS  # texts per Encode call
-    max_message_bytes: int = 16 * 1024 * 1024  # gRPC receive/send message size limit
+    max_message_bytes: int = 16 * 1024 * 1024  # gRPC message / HTTP body size limit
+    http_body_timeout_s: float = 5.0  # an HTTP request body must arrive whole within this (408)
     max_concurrency: int = 64  # calls in flight (queued in a batch included) before shedding
     batching: bool = True  # dynamic micro-batching of concurrent Encode/Rerank calls
     max_batch: int = 32  # calls fused into one device batch
@@ -77,6 +78,10 @@ class ServerConfig:
             raise InvalidInputError("mTLS (tls_client_ca) needs tls_cert and tls_key")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise InvalidInputError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not self.http_body_timeout_s > 0:  # NaN included
+            raise InvalidInputError(
+                f"http_body_timeout_s must be positive, got {self.http_body_timeout_s}"
+            )
 
     @property
     def limits(self) -> Limits:

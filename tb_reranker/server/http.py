@@ -19,31 +19,44 @@ Routes (``tb serve --http-port``):
 - vLLM (Milvus 2.6 provider ``vllm`` posts ``{endpoint}/rerank`` ``{"query", "documents"}``):
   the same ``POST /rerank`` answer also carries ``"results": [{"index", "relevance_score"}]``.
 
+TEI probes: ``GET /health`` (200 once the model is loaded, 503 before) and ``GET /info`` (the
+model id, version and limits, as TEI's ``/info``).
+
 TEI, Weaviate and vLLM share ``POST /rerank``: a body with ``texts`` is TEI; a body with
 ``documents`` is Weaviate/vLLM, answered with both ``scores`` and ``results`` (both keys, or
 neither → 400).
 
 Auth: with a server token, POST routes need ``Authorization: Bearer <token>`` (scheme
-case-insensitive; Milvus sends its provider API key as ``bearer <key>``); the GET probes stay open. ``/metrics`` serves Prometheus text.
+case-insensitive; Milvus sends its provider API key as ``bearer <key>``), else 401 with
+``WWW-Authenticate: Bearer`` (RFC 6750); the GET probes stay open. ``/metrics`` serves Prometheus
+text.
+
+A POST is handled in this order: auth (no byte of the body is read before), the media type (415
+unless JSON), the body (whole, within ``http_body_timeout_s``: 408 after), its JSON, and only then
+one of the HTTP surface's own ``max_concurrency`` slots (429 when all are taken). Every error
+body is ``{"error": message, "error_type": NAME}`` with NAME from :func:`error_type`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 import tb_reranker
-from tb_reranker.errors import InvalidInputError, TBError
+from tb_reranker.errors import InvalidInputError
 from tb_reranker.server.backend import Backend
-from tb_reranker.server.interceptors import ConcurrencyLimitInterceptor, bearer_matches
+from tb_reranker.server.http_wire import (
+    BODY_KEY,
+    REQUESTS_KEY,
+    Handler,
+    error_response,
+    guard_middleware,
+)
+from tb_reranker.server.interceptors import Slots
 from tb_reranker.server.metrics import ServerMetrics
-from tb_reranker.server.scrub import public_message
-from tb_reranker.wire.status import HTTP_STATUS, grpc_status_name
 
 __all__ = ["build_provider_app", "build_metrics_app", "MISSING_SCORE"]
 
@@ -52,13 +65,7 @@ log = logging.getLogger(__name__)
 MISSING_SCORE = -1000.0  # score of documents whose id has no frame tokens in the store
 _MIN_STEP = 1e-6  # gap that keeps the scores strictly decreasing along TokenBinder's order
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 BACKEND_KEY = web.AppKey("backend", Backend)
-
-
-def _error(status: int, message: str, kind: str) -> web.Response:
-    return web.json_response({"error": message, "error_type": kind}, status=status)
 
 
 async def scored_documents(
@@ -77,61 +84,6 @@ async def scored_documents(
     seen = {index for index, _ in ranked}
     ranked.extend((n, MISSING_SCORE) for n in range(len(documents)) if n not in seen)
     return ranked[:top_n] if top_n else ranked
-
-
-class BodyError(Exception):
-    """A request body we cannot read: answered with ``status`` and a JSON error."""
-
-    def __init__(self, status: int, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-
-_JSON_TYPES = ("application/json", "text/json", "text/plain")
-
-
-def _constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
-    """A request body → its JSON object, or :class:`BodyError` (415 / 400), never anything else.
-
-    JSON is UTF-8 (RFC 8259); a declared charset other than UTF-8 is 415, as is a non-JSON
-    media type (an absent Content-Type is accepted). Invalid UTF-8, invalid JSON, ``NaN`` /
-    ``Infinity``, nesting deeper than the parser allows and a non-object top level are 400.
-    """
-    if content_type:
-        media, _, params = content_type.partition(";")
-        media = media.strip().lower()
-        if media not in _JSON_TYPES and not media.endswith("+json"):
-            raise BodyError(
-                415,
-                f"send JSON (Content-Type: application/json), not {media!r}",
-                "UnsupportedMediaType",
-            )
-        for param in params.split(";"):
-            key, _, value = param.partition("=")
-            charset = value.strip().strip('"').lower()
-            if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
-                raise BodyError(
-                    415, f"JSON bodies are UTF-8, not charset={charset!r}", "UnsupportedMediaType"
-                )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BodyError(400, f"the body is not UTF-8 (byte {exc.start})", "Validation") from None
-    try:
-        body = json.loads(text, parse_constant=_constant)
-    except RecursionError:
-        raise BodyError(400, "the body nests JSON too deeply", "Validation") from None
-    except ValueError as exc:  # JSONDecodeError and the NaN/Infinity refusal
-        raise BodyError(400, f"the body is not valid JSON: {exc}", "Validation") from None
-    if not isinstance(body, dict):
-        raise BodyError(400, "the body must be a JSON object", "Validation")
-    return body
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
@@ -166,73 +118,6 @@ def _top_n(body: dict[str, Any]) -> int | None:
     return top_n
 
 
-def _guard_middleware(
-    token: str, limiter: ConcurrencyLimitInterceptor | None, metrics: ServerMetrics | None
-) -> Any:
-    """Auth and load shedding on POST routes, one error mapping, request metrics."""
-    expected = token.encode()
-
-    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "POST":
-            return await handler(request)
-        if expected and not bearer_matches(request.headers.get("Authorization"), expected):
-            return _error(401, "missing or invalid bearer token", "Unauthorized")
-        if limiter is None:
-            return await handler(request)
-        if not limiter.try_acquire():
-            return _error(429, limiter.busy_message(), "Overloaded")
-        try:
-            return await handler(request)
-        finally:
-            limiter.release()
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        response: web.StreamResponse | None = None
-        try:
-            response = await answer(request, handler)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                response = exc
-                raise
-            # aiohttp's own refusals (413 body too large, 404, 405) as JSON like ours
-            response = _error(exc.status, exc.reason, type(exc).__name__.removeprefix("HTTP"))
-        except BodyError as exc:
-            response = _error(exc.status, exc.message, exc.kind)
-        except TBError as exc:
-            response = _tb_error(request, exc)
-        except Exception:
-            log.exception("internal error in %s %s", request.method, request.path)
-            response = _error(500, "internal server error (details in the server log)", "Internal")
-        finally:
-            if metrics is not None:
-                status = response.status if response is not None else 500
-                metrics.http_requests.labels(route, str(status)).inc()
-        return response
-
-    return guard
-
-
-def _tb_error(request: web.Request, exc: TBError) -> web.Response:
-    name = grpc_status_name(exc)
-    status = HTTP_STATUS.get(name, 500)
-    log.log(
-        logging.DEBUG if status < 500 and status != 412 else logging.WARNING,
-        "%s %s: %s: %s",
-        request.method,
-        request.path,
-        type(exc).__name__,
-        exc,
-    )
-    return _error(status, public_message(exc), name)
-
-
-async def _read_json(request: web.Request) -> dict[str, Any]:
-    return parse_body(await request.read(), request.headers.get("Content-Type"))
-
-
 def _tei_answer(texts: list[str], ranked: list[tuple[int, float]], return_text: bool) -> Any:
     return [
         {"index": n, "score": score, **({"text": texts[n]} if return_text else {})}
@@ -255,7 +140,7 @@ def _weaviate_answer(query: Any, documents: list[str], ranked: list[tuple[int, f
 
 
 def _cohere_answer(
-    documents: list[str], ranked: list[tuple[int, float]], return_documents: bool
+    documents: list[str], ranked: list[tuple[int, float]], return_documents: bool, version: str
 ) -> Any:
     return {
         "id": str(uuid.uuid4()),
@@ -267,7 +152,30 @@ def _cohere_answer(
             }
             for n, score in ranked
         ],
-        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+        "meta": {"api_version": {"version": version}, "billed_units": {"search_units": 1}},
+    }
+
+
+def _tei_info(backend: Backend) -> dict[str, Any]:
+    """TEI's ``/info`` fields for the loaded model (a reranker with one score per text)."""
+    assert backend.components is not None
+    config = backend.config
+    context = int(backend.components.reranker.model.context_length)
+    return {
+        "model_id": "tokenbinder",
+        "model_sha": backend.fingerprint,
+        "model_dtype": backend.components.dtype,
+        "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
+        "max_concurrent_requests": config.max_concurrency,
+        "max_input_length": context,  # query tokens; longer queries are truncated
+        "max_batch_tokens": context * config.max_batch,
+        "max_batch_requests": config.max_batch,
+        "max_client_batch_size": config.max_candidates,  # texts (video ids) per call
+        "auto_truncate": True,
+        "tokenization_workers": 1,
+        "version": tb_reranker.__version__,
+        "sha": None,
+        "docker_label": None,
     }
 
 
@@ -279,7 +187,7 @@ class _Routes:
 
     async def rerank(self, request: web.Request) -> web.Response:
         """TEI (``texts``) or Weaviate (``documents``), told apart by the body's keys."""
-        body = await _read_json(request)
+        body = request[BODY_KEY]
         if ("texts" in body) == ("documents" in body):
             raise InvalidInputError(
                 "POST /rerank takes either 'texts' (TEI) or 'documents' (Weaviate), not both"
@@ -295,19 +203,37 @@ class _Routes:
         ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
         return web.json_response(_weaviate_answer(body.get("query"), documents, ranked))
 
-    async def cohere_rerank(self, request: web.Request) -> web.Response:
-        body = await _read_json(request)
+    async def _cohere(self, request: web.Request, version: str) -> web.Response:
+        body = request[BODY_KEY]
         documents = _documents(body, "documents")
         return_documents = _flag(body, "return_documents")
         top_n = _top_n(body)
         ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
-        return web.json_response(_cohere_answer(documents, ranked, return_documents))
+        return web.json_response(_cohere_answer(documents, ranked, return_documents, version))
+
+    async def cohere_v1(self, request: web.Request) -> web.Response:
+        return await self._cohere(request, "1")
+
+    async def cohere_v2(self, request: web.Request) -> web.Response:
+        return await self._cohere(request, "2")
 
     async def ready(self, request: web.Request) -> web.Response:
         return web.Response(status=204 if self.backend.ready else 503)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
+
+    async def health(self, request: web.Request) -> web.Response:
+        """TEI's probe: 200 (no body) once the model is loaded, 503 with a JSON error before."""
+        if self.backend.ready:
+            return web.Response(status=200)
+        return error_response(503, "the model is not loaded yet")
+
+    async def info(self, request: web.Request) -> web.Response:
+        """TEI's ``/info``; 503 until the model is loaded (TEI answers only once it is)."""
+        if not self.backend.ready:
+            return error_response(503, "the model is not loaded yet")
+        return web.json_response(_tei_info(self.backend))
 
     async def meta(self, request: web.Request) -> web.Response:
         backend = self.backend
@@ -328,22 +254,29 @@ class _Routes:
 
 
 def build_provider_app(
-    backend: Backend,
-    *,
-    token: str = "",
-    limiter: ConcurrencyLimitInterceptor | None = None,
-    metrics: ServerMetrics | None = None,
+    backend: Backend, *, token: str = "", metrics: ServerMetrics | None = None
 ) -> web.Application:
-    """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``)."""
-    routes = _Routes(backend)
-    app = web.Application(
-        middlewares=[_guard_middleware(token, limiter, metrics)],
-        client_max_size=backend.config.max_message_bytes,
+    """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``).
+
+    It sheds load with slots of its own (``max_concurrency`` of them), apart from gRPC's.
+    """
+    config = backend.config
+    slots = Slots(
+        config.max_concurrency,
+        gauge=metrics.http_in_flight if metrics is not None else None,
+        shed=metrics.http_shed if metrics is not None else None,
+        what="HTTP requests",
     )
+    guard, requests = guard_middleware(token, slots, metrics, config.http_body_timeout_s)
+    app = web.Application(middlewares=[guard], client_max_size=config.max_message_bytes)
     app[BACKEND_KEY] = backend
+    app[REQUESTS_KEY] = requests
+    routes = _Routes(backend)
     app.router.add_post("/rerank", routes.rerank)
-    app.router.add_post("/v1/rerank", routes.cohere_rerank)
-    app.router.add_post("/v2/rerank", routes.cohere_rerank)
+    app.router.add_post("/v1/rerank", routes.cohere_v1)
+    app.router.add_post("/v2/rerank", routes.cohere_v2)
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/info", routes.info)
     app.router.add_get("/.well-known/ready", routes.ready)
     app.router.add_get("/.well-known/live", routes.live)
     app.router.add_get("/meta", routes.meta)

@@ -26,6 +26,7 @@ __all__ = [
     "MetricsInterceptor",
     "AuthInterceptor",
     "ConcurrencyLimitInterceptor",
+    "Slots",
     "bearer_matches",
 ]
 
@@ -231,39 +232,74 @@ class AuthInterceptor(aio.ServerInterceptor):
         )
 
 
-class ConcurrencyLimitInterceptor(aio.ServerInterceptor):
-    """At most ``limit`` ``tb_reranker.v1`` calls in flight; the next ones get RESOURCE_EXHAUSTED.
+class Slots:
+    """At most ``limit`` calls in flight on one surface; the next ones are refused at once.
 
-    Load is shed at once instead of queueing without bound: a client should back off and retry
-    (the remote SDK does not retry this code by itself; the caller decides).
+    gRPC and HTTP each hold their own ``Slots`` (both of ``max_concurrency``), so that a flood
+    on one surface never starves the other. A slot is taken only once a call is complete and
+    authenticated (HTTP: after its whole body arrived), for the time the call works.
     """
 
-    def __init__(self, limit: int, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        gauge: Any | None = None,
+        shed: Any | None = None,
+        what: str = "calls",
+    ) -> None:
         self.limit = limit
         self.in_flight = 0
-        self._metrics = metrics
+        self._gauge = gauge  # a prometheus Gauge set to in_flight, or None
+        self._shed = shed  # a prometheus Counter of refusals, or None
+        self._what = what
 
     def try_acquire(self) -> bool:
         """Take a slot (event-loop thread only); False when all are taken (counted as shed)."""
         if self.in_flight >= self.limit:
-            if self._metrics is not None:
-                self._metrics.shed.inc()
+            if self._shed is not None:
+                self._shed.inc()
             return False
         self.in_flight += 1
-        if self._metrics is not None:
-            self._metrics.in_flight.set(self.in_flight)
+        if self._gauge is not None:
+            self._gauge.set(self.in_flight)
         return True
 
     def release(self) -> None:
         self.in_flight -= 1
-        if self._metrics is not None:
-            self._metrics.in_flight.set(self.in_flight)
+        if self._gauge is not None:
+            self._gauge.set(self.in_flight)
 
     def busy_message(self) -> str:
         return (
-            f"server busy: {self.in_flight} calls in flight (max_concurrency={self.limit}); "
-            "retry later"
+            f"server busy: {self.in_flight} {self._what} in flight "
+            f"(max_concurrency={self.limit}); retry later"
         )
+
+
+class ConcurrencyLimitInterceptor(aio.ServerInterceptor):
+    """At most ``limit`` ``tb_reranker.v1`` calls in flight; the next ones get RESOURCE_EXHAUSTED.
+
+    Load is shed at once instead of queueing without bound: a client should back off and retry
+    (the remote SDK does not retry this code by itself; the caller decides). The slots are the
+    gRPC surface's own (:class:`Slots`); the HTTP endpoints have theirs.
+    """
+
+    def __init__(self, limit: int, metrics: ServerMetrics | None = None) -> None:
+        self.slots = Slots(
+            limit,
+            gauge=metrics.in_flight if metrics is not None else None,
+            shed=metrics.shed if metrics is not None else None,
+            what="gRPC calls",
+        )
+
+    @property
+    def limit(self) -> int:
+        return self.slots.limit
+
+    @property
+    def in_flight(self) -> int:
+        return self.slots.in_flight
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -277,12 +313,14 @@ class ConcurrencyLimitInterceptor(aio.ServerInterceptor):
             return handler
         behavior = handler.unary_unary
 
+        slots = self.slots
+
         async def limited(request: Any, context: aio.ServicerContext) -> Any:
-            if not self.try_acquire():
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.busy_message())
+            if not slots.try_acquire():
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, slots.busy_message())
             try:
                 return await behavior(request, context)
             finally:
-                self.release()
+                slots.release()
 
         return _wrap_unary(handler, limited)

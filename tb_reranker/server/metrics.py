@@ -43,7 +43,8 @@ class _CacheCollector(Collector):
 
 
 class ServerMetrics:
-    """Request counts and latency by method and status, batch sizes, in-flight, cache."""
+    """Request counts and latency (gRPC by method and code, HTTP by route and status), batch
+    sizes, in-flight and shed calls of each surface, cache."""
 
     def __init__(self, cache_stats: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -68,20 +69,47 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "tb_grpc_in_flight", "limited calls in flight", registry=self.registry
+            "tb_grpc_in_flight", "limited gRPC calls in flight", registry=self.registry
         )
         self.shed = Counter(
-            "tb_grpc_shed", "calls refused with RESOURCE_EXHAUSTED", registry=self.registry
+            "tb_grpc_shed", "gRPC calls refused with RESOURCE_EXHAUSTED", registry=self.registry
         )
+        self._add_http_metrics()
+        if cache_stats is not None:
+            self.registry.register(_CacheCollector(cache_stats))
+
+    def _add_http_metrics(self) -> None:
         self.http_requests = Counter(
             "tb_http_requests",
-            "provider HTTP requests by route and status",
+            "provider HTTP requests by route and status (499: the client went away)",
             ["route", "status"],
             registry=self.registry,
         )
-        if cache_stats is not None:
-            self.registry.register(_CacheCollector(cache_stats))
+        self.http_latency = Histogram(
+            "tb_http_request_seconds",
+            "provider HTTP request latency (server side, body read included) by route and "
+            "status class",
+            ["route", "status_class"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_in_flight = Gauge(
+            "tb_http_in_flight", "limited HTTP requests in flight", registry=self.registry
+        )
+        self.http_shed = Counter(
+            "tb_http_shed", "HTTP requests refused with 429", registry=self.registry
+        )
+        self.http_malformed = Counter(
+            "tb_http_malformed",
+            "HTTP requests the parser refused before routing (bad framing, headers, encoding)",
+            registry=self.registry,
+        )
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.latency.labels(method, code).observe(seconds)
+
+    def observe_http(self, route: str, status: int, seconds: float) -> None:
+        """One provider HTTP request: counted by status, timed by status class ("2xx")."""
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_latency.labels(route, f"{status // 100}xx").observe(seconds)

@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import string
+import threading
 import urllib.error
 import urllib.request
 
+import grpc
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
+import tb_reranker
 from tb_reranker.index.milvus_index import LITE_GRPC_OPTIONS
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.http import MISSING_SCORE
+from tb_reranker.server.http_wire import error_type
 from tb_reranker.server.testing import ServerThread, build_tiny_components
 
 QUERY = "a dog runs on the beach"
@@ -202,3 +210,202 @@ def test_milvus_lite_cohere_provider_uses_tokenbinder(setup, milvus_lite_uri):
     finally:
         client.drop_collection(collection)
         client.close()
+
+
+# ---------------------------------------------------------------------- what real clients expect
+def _request(running, method: str, path: str, body: bytes | None = None, headers=None):
+    """(status, headers, parsed JSON or None) of any request to the provider port."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{running.server.http_port}{path}",
+        data=body,
+        headers=headers or {},
+        method=method,
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, got, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, got, raw = exc.code, exc.headers, exc.read()
+    try:
+        parsed = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = None
+    return status, got, parsed
+
+
+def test_tei_health_and_info(setup):
+    """TEI clients probe GET /health (200 when ready) and read GET /info."""
+    running, components, _ = setup
+    status, _, body = _request(running, "GET", "/health")
+    assert status == 200 and body is None
+    status, _, info = _request(running, "GET", "/info")
+    assert status == 200
+    model = components.reranker.model
+    assert info["model_id"] == "tokenbinder"
+    assert info["model_sha"] == model.fingerprint()
+    assert info["model_dtype"] == "float32"
+    assert set(info["model_type"]) == {"reranker"}
+    assert info["max_input_length"] == model.context_length
+    assert info["max_client_batch_size"] == 200  # the server's max_candidates
+    assert info["max_concurrent_requests"] == 64
+    assert info["version"] == tb_reranker.__version__
+
+
+def test_tei_health_is_503_until_the_model_is_loaded(tmp_path):
+    components, _ = build_tiny_components(tmp_path, num_videos=2)
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return components
+
+    config = ServerConfig(port=0, http_port=0)
+    running = ServerThread(config, slow_load, wait_ready=False).start()
+    try:
+        for path in ("/health", "/info"):
+            status, _, body = _request(running, "GET", path)
+            assert status == 503 and body["error_type"] == "UNAVAILABLE", (path, status, body)
+        release.set()
+        running.run(running.server.wait_ready(30))
+        assert _request(running, "GET", "/health")[0] == 200
+        assert _request(running, "GET", "/info")[0] == 200
+    finally:
+        release.set()
+        running.stop()
+
+
+def test_401_carries_the_bearer_challenge(setup):
+    """RFC 6750: a 401 names the Bearer scheme; a wrong Bearer token is invalid_token."""
+    running, _, ids = setup
+    body = json.dumps({"query": QUERY, "documents": ids[:2]}).encode()
+    json_type = {"Content-Type": "application/json"}
+    for auth, invalid in ((None, False), ("Basic eDp5", False), ("Bearer wrong", True)):
+        headers = json_type | ({"Authorization": auth} if auth else {})
+        status, got, parsed = _request(running, "POST", "/v2/rerank", body, headers)
+        assert status == 401 and parsed["error_type"] == "UNAUTHENTICATED"
+        challenge = got["WWW-Authenticate"]
+        assert challenge.startswith("Bearer "), challenge
+        assert ('error="invalid_token"' in challenge) == invalid, challenge
+
+
+def test_cohere_meta_names_the_route_version(setup):
+    running, _, ids = setup
+    for path, version in (("/v1/rerank", "1"), ("/v2/rerank", "2")):
+        status, body = _post(running, path, {"query": QUERY, "documents": ids[:3]})
+        assert status == 200 and body["meta"]["api_version"]["version"] == version, path
+
+
+_TOKEN = st.text(alphabet=string.ascii_lowercase + string.digits + "-.", min_size=1, max_size=12)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    media=st.one_of(
+        st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]),
+        st.tuples(st.sampled_from(["text", "application", "image", "x"]), _TOKEN).map("/".join),
+    ),
+    path=st.sampled_from(["/rerank", "/v1/rerank", "/v2/rerank"]),
+)
+def test_non_json_media_types_are_415(setup, media, path):
+    """Only JSON media types are read (docs/security.md); a JSON body sent as text/plain too."""
+    assume(media not in ("application/json", "text/json") and not media.endswith("+json"))
+    running, _, ids = setup
+    body = json.dumps({"query": QUERY, "documents": ids[:2], "texts": None}).encode()
+    headers = {"Content-Type": media, "Authorization": "Bearer api-key-1"}
+    status, _, parsed = _request(running, "POST", path, body, headers)
+    assert status == 415 and parsed["error_type"] == "INVALID_ARGUMENT", (media, status, parsed)
+
+
+def test_missing_content_type_is_415(setup):
+    """A body without Content-Type is refused (browsers send one cross-origin unpreflighted)."""
+    running, _, ids = setup
+    port = running.server.http_port
+    body = json.dumps({"query": QUERY, "documents": ids[:2]}).encode()
+    head = (
+        f"POST /v2/rerank HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+        f"Authorization: Bearer api-key-1\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 415 "), reply[:200]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error_type"] == "INVALID_ARGUMENT"
+
+
+GRPC_CODE_NAMES = {code.name for code in grpc.StatusCode}
+ERROR_REQUESTS = st.one_of(
+    st.just(("POST", "/v9/rerank", b"{}", "application/json", "api-key-1")),  # 404
+    st.just(("GET", "/v1/rerank", None, None, None)),  # 405
+    st.just(("POST", "/v1/rerank", b"{}", "application/json", None)),  # 401
+    st.just(("POST", "/v1/rerank", b"{}", "text/plain", "api-key-1")),  # 415
+    st.just(("POST", "/rerank", b" " * (17 * 1024 * 1024), "application/json", "api-key-1")),
+    st.tuples(  # 400: anything that is not a valid request body
+        st.just("POST"),
+        st.sampled_from(["/rerank", "/v1/rerank", "/v2/rerank"]),
+        st.binary(max_size=40),
+        st.just("application/json"),
+        st.just("api-key-1"),
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=ERROR_REQUESTS)
+def test_every_error_body_speaks_one_vocabulary(setup, case):
+    """Every HTTP error body's error_type is the gRPC code name error_type() gives its status."""
+    method, path, body, media, token = case
+    running, _, _ = setup
+    headers = {"Content-Type": media} if media else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    status, _, parsed = _request(running, method, path, body, headers)
+    if status == 200:
+        return  # random bytes that happen to be a valid request
+    assert 400 <= status < 500, (case, status, parsed)
+    assert set(parsed) == {"error", "error_type"}, parsed
+    assert parsed["error_type"] in GRPC_CODE_NAMES, parsed
+    assert parsed["error_type"] == error_type(status), (status, parsed)
+
+
+def test_error_type_names():
+    assert {s: error_type(s) for s in (400, 401, 404, 405, 408, 412, 413, 415, 429)} == {
+        400: "INVALID_ARGUMENT",
+        401: "UNAUTHENTICATED",
+        404: "NOT_FOUND",
+        405: "UNIMPLEMENTED",
+        408: "DEADLINE_EXCEEDED",
+        412: "FAILED_PRECONDITION",
+        413: "RESOURCE_EXHAUSTED",
+        415: "INVALID_ARGUMENT",
+        429: "RESOURCE_EXHAUSTED",
+    }
+    assert error_type(418) == "INVALID_ARGUMENT" and error_type(599) == "INTERNAL"
+    assert error_type(503) == "UNAVAILABLE" and error_type(500) == "INTERNAL"
+
+
+def test_http_latency_histogram_by_route_and_status_class(setup):
+    running, _, ids = setup
+    before = {c: _count(running, "/v2/rerank", c) for c in ("2xx", "4xx")}
+    assert _post(running, "/v2/rerank", {"query": QUERY, "documents": ids[:3]})[0] == 200
+    assert _post(running, "/v2/rerank", {"query": QUERY, "documents": []})[0] == 400
+    assert _count(running, "/v2/rerank", "2xx") == before["2xx"] + 1
+    assert _count(running, "/v2/rerank", "4xx") == before["4xx"] + 1
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{running.server.http_port}/metrics", timeout=30
+    ) as response:
+        text = response.read().decode()
+    assert 'tb_http_request_seconds_bucket{le="0.25",route="/v2/rerank",status_class="2xx"}' in text
+
+
+def _count(running, route: str, status_class: str) -> float:
+    for metric in running.server.metrics.http_latency.collect():
+        for sample in metric.samples:
+            if (
+                sample.name.endswith("_count")
+                and sample.labels.get("route") == route
+                and sample.labels.get("status_class") == status_class
+            ):
+                return sample.value
+    return 0.0

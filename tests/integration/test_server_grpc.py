@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -278,6 +279,40 @@ def test_health_transitions_and_reflection(tiny):
         running.stop()
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+REFLECTION_V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
+
+
+def _reflect(channel, service: str, requests: list) -> list:
+    """One reflection stream on ``service``. The v1 and v1alpha protocols have the same messages
+    field for field (only the proto package differs), so v1alpha's classes speak both."""
+    call = channel.stream_stream(
+        f"/{service}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return list(call(iter(requests), timeout=10))
+
+
+@pytest.mark.parametrize("service", [REFLECTION_V1, REFLECTION_V1ALPHA])
+def test_reflection_v1_and_v1alpha(channel, service):
+    """grpcurl and recent tools ask grpc.reflection.v1 first; older ones v1alpha: both answer."""
+    from google.protobuf import descriptor_pb2
+
+    list_services = reflection_pb2.ServerReflectionRequest(list_services="")
+    by_symbol = reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="tb_reranker.v1.RerankService"
+    )
+    listed, found = _reflect(channel, service, [list_services, by_symbol])
+    names = {entry.name for entry in listed.list_services_response.service}
+    assert {*SERVICES, "grpc.health.v1.Health", REFLECTION_V1, REFLECTION_V1ALPHA} <= names
+    proto = descriptor_pb2.FileDescriptorProto.FromString(
+        found.file_descriptor_response.file_descriptor_proto[0]
+    )
+    assert proto.name == "tb_reranker/v1/reranker.proto"
+    assert "RerankService" in {s.name for s in proto.service}
+
+
 def test_auth(tiny):
     components, ids = tiny
     config = ServerConfig(port=0, token="s3cret-token")
@@ -302,6 +337,9 @@ def test_auth(tiny):
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
         with pytest.raises(grpc.RpcError) as info:
             list(ProtoReflectionDescriptorDatabase(ch).get_services())
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            _reflect(ch, REFLECTION_V1, [reflection_pb2.ServerReflectionRequest(list_services="")])
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
