@@ -1,4 +1,4 @@
-"""Peak resident memory (VmHWM) of a ``tb serve`` sidecar before and after N Rerank calls.
+"""Resident memory (VmRSS, VmHWM) of a ``tb serve`` sidecar, stage by stage, and after N calls.
 
     python -m benchmarks.sidecar_memory [--quick] [--calls 500] [--videos 2000]
                                         [--model tiny|d512]
@@ -9,6 +9,13 @@ answers, reads ``/proc/<pid>/status`` (VmRSS, VmHWM) idle, then sends ``--calls`
 (K = 10 candidates each, sliding over the stored ids so that the K/V cache fills) through
 ``RemoteReranker`` and reads it again. Prints one JSON document; writes
 ``sidecar_memory.json/.png``. Linux only (``/proc``).
+
+``stages_rss_mib`` splits the figure: ``import_torch`` (a bare ``import torch``),
+``server_modules`` (then the modules ``tb serve`` imports before it loads anything: the CLI,
+``server.app``, ``server.http``), ``model_loaded`` (the sidecar answering, idle) and ``served``
+(after the calls). ``top_mappings_mib`` is the sidecar's resident memory by mapped file
+(``/proc/<pid>/smaps``; ``[anon]`` is the heap and other anonymous memory) once served: which
+shared libraries (torch, triton, grpc, ...) it holds.
 
 Models: ``tiny`` (the offline test config, D 64, T 8) and ``d512`` (fusion at the paper's width,
 D 512, T 12, m 4, with the tiny CLIP towers).
@@ -32,7 +39,15 @@ import numpy as np
 
 from benchmarks.common import add_common_arguments, emit, environment, plot_lines
 
-__all__ = ["read_proc_status", "build_model", "prepare", "run", "main"]
+__all__ = [
+    "read_proc_status",
+    "import_stages",
+    "top_mappings",
+    "build_model",
+    "prepare",
+    "run",
+    "main",
+]
 
 log = logging.getLogger("benchmarks.sidecar_memory")
 
@@ -108,16 +123,50 @@ def prepare(workdir: Path, kind: str, num_videos: int, seed: int) -> tuple[Any, 
     return model, ids
 
 
-def baseline_rss() -> dict[str, float]:
-    """VmHWM of a bare ``python -c 'import torch, tb_reranker.server'`` (the import floor)."""
-    code = (
-        "import torch, tb_reranker.server.app, tb_reranker.rerank\n"
-        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
-    )
+_IMPORT_STAGES = """
+import sys
+def rss():
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(('VmRSS', 'VmHWM')):
+                print(line.split(':')[0], line.split()[1])
+import torch
+rss()
+import tb_reranker.cli, tb_reranker.server.app, tb_reranker.server.http, tb_reranker.rerank
+rss()
+"""
+
+
+def import_stages() -> dict[str, float]:
+    """VmRSS after ``import torch`` and after the server modules, in a fresh interpreter (MiB),
+    and the VmHWM of the latter (the import floor)."""
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", _IMPORT_STAGES],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
-    return {"VmHWM": round(int(out.stdout.strip()) / 1024.0, 1)}
+    pairs = [line.split() for line in out.stdout.splitlines() if line.startswith("Vm")]
+    mib = [(key, round(int(kb) / 1024.0, 1)) for key, kb in pairs]
+    rss = [value for key, value in mib if key == "VmRSS"]
+    hwm = [value for key, value in mib if key == "VmHWM"]
+    return {"import_torch": rss[0], "server_modules": rss[1], "import_floor_hwm": hwm[1]}
+
+
+def top_mappings(pid: int, count: int = 8) -> dict[str, float]:
+    """Resident MiB of ``pid`` by mapped file (anonymous memory as ``[anon]``), largest first."""
+    totals: dict[str, int] = {}
+    current = "[anon]"
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                current = fields[5] if len(fields) > 5 and fields[5].startswith("/") else "[anon]"
+            elif fields and fields[0] == "Rss:":
+                totals[current] = totals.get(current, 0) + int(fields[1])
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:count]
+    return {Path(name).name or name: round(kb / 1024.0, 1) for name, kb in ranked}
 
 
 def _wait_ready(
@@ -148,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="tb_bench_sidecar_"))
     proc: subprocess.Popen[bytes] | None = None
     samples: list[tuple[int, dict[str, float]]] = []
-    floor = baseline_rss()
+    stages = import_stages()
     try:
         model, ids = prepare(workdir, args.model, args.videos, args.seed)
         m, dim = int(model.num_indicators), int(model.embed_dim)
@@ -195,6 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         calls_s = time.perf_counter() - t0
         info = remote.info()
         final = samples[-1][1]
+        mappings = top_mappings(proc.pid)
         remote.close()
     finally:
         if proc is not None and proc.poll() is None:
@@ -217,7 +267,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
         },
         "ready_s": round(ready_s, 2),
-        "import_floor_hwm_mib": floor["VmHWM"],
+        "import_floor_hwm_mib": stages["import_floor_hwm"],
+        "stages_rss_mib": {
+            "import_torch": stages["import_torch"],
+            "server_modules": stages["server_modules"],
+            "model_loaded": idle["VmRSS"],
+            "served": final["VmRSS"],
+        },
+        "top_mappings_mib": mappings,
         "idle_rss_mib": idle["VmRSS"],
         "idle_hwm_mib": idle["VmHWM"],
         "final_rss_mib": final["VmRSS"],

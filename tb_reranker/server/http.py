@@ -1,7 +1,7 @@
 """Reranker-provider HTTP endpoints (aiohttp), so vector databases can call TokenBinder.
 
-Documents are **video ids** (the Milvus primary key or any field holding it); the query is the
-search text. Scores are TokenBinder's final scores S = S' + Δ with S' computed from the stored
+Documents are **video ids** (for Milvus: a VARCHAR field holding them, not the primary key; see
+docs/providers.md); the query is the search text. Scores are TokenBinder's final scores S = S' + Δ with S' computed from the stored
 frame tokens, made non-increasing along TokenBinder's order (candidates past K keep their broad
 order below the reranked ones). Ids absent from the frame store come last with score
 ``MISSING_SCORE``.

@@ -58,6 +58,7 @@ BODY_KEY = web.RequestKey("tb_body", dict)  # the parsed JSON body of a POST (se
 CLIENT_GONE = 499  # status counted for a request whose client closed the connection (nginx's)
 _CANCEL_WAIT_S = 0.5  # at shutdown, after the grace: how long a handler may take to unwind
 _LINGER_S = 2.0  # after an error answered before the body was read: how long its rest is drained
+_KEEPALIVE_S = 75.0  # an idle keep-alive connection is closed after this (aiohttp's default: 1 h)
 
 # HTTP status -> error_type: gRPC's status code names, the one vocabulary of every error body
 _ERROR_TYPES: dict[int, str] = {
@@ -323,14 +324,15 @@ class ParserLog(logging.LoggerAdapter):
 
 
 def http_runner(app: web.Application, metrics: ServerMetrics | None = None) -> web.AppRunner:
-    """An ``AppRunner`` for one of our ports: quiet parser errors, bounded lingering, and a
-    shutdown that :func:`stop_runners` bounds by the grace."""
+    """An ``AppRunner`` for one of our ports: quiet parser errors, bounded lingering and
+    keep-alive, and a shutdown that :func:`stop_runners` bounds by the grace."""
     return web.AppRunner(
         app,
         access_log=None,
         logger=ParserLog(metrics),
         shutdown_timeout=_CANCEL_WAIT_S,
         lingering_time=_LINGER_S,
+        keepalive_timeout=_KEEPALIVE_S,
     )
 
 
