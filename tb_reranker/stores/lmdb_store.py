@@ -49,6 +49,55 @@ def _open_env(lmdb: Any, path: Path, map_size: int, readonly: bool = False) -> A
     )
 
 
+class _Environment:
+    """One open LMDB environment, shared by every ``LmdbFrameStore`` of its directory in this
+    process (LMDB allows one open per process): reference-counted, closed with the last store.
+    The map-resize guard is the environment's, so it counts the transactions of all of them."""
+
+    def __init__(self, key: str, env: Any, readonly: bool) -> None:
+        self.key = key
+        self.env: Any = env
+        self.readonly = readonly
+        self.refs = 1
+        self.guard = threading.Condition()
+        self.open_txns = 0
+        self.resizing = False
+
+
+_ENVIRONMENTS: dict[str, _Environment] = {}  # resolved directory -> its open environment
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+def _acquire(lmdb: Any, path: Path, map_size: int, readonly: bool) -> _Environment:
+    """The process's environment of ``path``, opened on first use."""
+    key = str(path.resolve())
+    with _ENVIRONMENTS_LOCK:
+        shared = _ENVIRONMENTS.get(key)
+        if shared is not None:
+            if shared.readonly and not readonly:
+                raise StoreError(
+                    f"frame-token store {str(path)!r} is open read-only in this process; "
+                    "close it before opening it for writing"
+                )
+            shared.refs += 1
+            return shared
+        shared = _Environment(key, _open_env(lmdb, path, map_size, readonly), readonly)
+        _ENVIRONMENTS[key] = shared
+        return shared
+
+
+def _release(shared: _Environment) -> None:
+    with _ENVIRONMENTS_LOCK:
+        shared.refs -= 1
+        if shared.refs > 0:
+            return
+        if _ENVIRONMENTS.get(shared.key) is shared:
+            del _ENVIRONMENTS[shared.key]
+        if shared.env is not None:
+            shared.env.close()
+            shared.env = None
+
+
 class LmdbFrameStore(FrameStore):
     """Local store in one LMDB environment directory.
 
@@ -74,21 +123,48 @@ class LmdbFrameStore(FrameStore):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
         self._lmdb = lmdb
-        # the map may be resized only while no transaction of this process is open
-        self._guard = threading.Condition()
-        self._open_txns = 0
-        self._resizing = False
+        self._shared: _Environment | None = None
         try:
             if not readonly:
                 self.path.mkdir(parents=True, exist_ok=True)
             elif not self.path.is_dir():
                 raise StoreError(f"frame-token store {str(self.path)!r} does not exist")
-            self._env = _open_env(lmdb, self.path, map_size, readonly)
+            # several stores (two Clients of one data dir) of one process share the environment
+            self._shared = _acquire(lmdb, self.path, map_size, readonly)
         except (lmdb.Error, OSError) as exc:
             raise StoreError(f"cannot open frame-token store {str(self.path)!r}: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"LmdbFrameStore({str(self.path)!r})"
+
+    @property
+    def _env(self) -> Any:
+        return None if self._shared is None else self._shared.env
+
+    # the map may be resized only while no transaction of this process is open: the guard and
+    # its counters belong to the shared environment
+    @property
+    def _guard(self) -> threading.Condition:
+        assert self._shared is not None
+        return self._shared.guard
+
+    @property
+    def _open_txns(self) -> int:
+        return self._shared.open_txns if self._shared is not None else 0
+
+    @_open_txns.setter
+    def _open_txns(self, value: int) -> None:
+        assert self._shared is not None
+        self._shared.open_txns = value
+
+    @property
+    def _resizing(self) -> bool:
+        return self._shared.resizing if self._shared is not None else False
+
+    @_resizing.setter
+    def _resizing(self, value: bool) -> None:
+        assert self._shared is not None
+        self._shared.resizing = value
 
     def _env_or_raise(self) -> Any:
         if self._env is None:
@@ -239,10 +315,13 @@ class LmdbFrameStore(FrameStore):
         shutil.rmtree(fresh, ignore_errors=True)
         copy_lmdb(self.path, fresh, ids)
         aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.close()
+        shared = self._shared
+        assert shared is not None
+        env.close()  # every store sharing it reads the fresh environment below
+        shared.env = None
         os.replace(self.path, aside)
         os.replace(fresh, self.path)
-        self._env = _open_env(self._lmdb, self.path, map_size)
+        shared.env = _open_env(self._lmdb, self.path, map_size)
         log.warning(
             "frame-token store rebuilt from %d entries; damaged copy at %s", len(ids), aside
         )
@@ -252,9 +331,10 @@ class LmdbFrameStore(FrameStore):
         return int(self._env_or_raise().stat()["entries"])
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        """Close this store; the environment closes with the last store of the process."""
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            _release(shared)
 
 
 def _mib(env: Any) -> int:
