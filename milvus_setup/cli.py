@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any
 
+from tb_reranker.numbers import POSITIVE_INT, SECONDS, Bound
+
 __all__ = ["add_arguments", "run", "main", "build_parser"]
 
 ACTIONS = ("create", "describe", "drop", "check", "serve")
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_action: bool = True) 
         help="collection name [TB_COLLECTION; default tb_videos]",
     )
     parser.add_argument(
-        "--dim", type=int, default=None, help="vector dimension D (create: required)"
+        "--dim", type=POSITIVE_INT.parse, default=None, help="vector dimension D (create: required)"
     )
     parser.add_argument(
         "--fingerprint", default=None, help="vision fingerprint of the model to record/check"
@@ -48,12 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser, *, with_action: bool = True) 
     parser.add_argument(
         "--index-type", default="HNSW", choices=("HNSW", "AUTOINDEX", "FLAT", "IVF_FLAT")
     )
-    parser.add_argument("--hnsw-m", type=int, default=16, help="HNSW M (default 16)")
     parser.add_argument(
-        "--ef-construction", type=int, default=200, help="HNSW efConstruction (default 200)"
+        "--hnsw-m", type=Bound(2, 2048).parse, default=16, help="HNSW M (default 16)"
+    )
+    parser.add_argument(
+        "--ef-construction",
+        type=POSITIVE_INT.parse,
+        default=200,
+        help="HNSW efConstruction (default 200)",
     )
     parser.add_argument("--yes", action="store_true", help="drop without asking")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per Milvus call")
+    parser.add_argument(
+        "--timeout", type=SECONDS.parse, default=30.0, help="seconds per Milvus call"
+    )
     if with_action:
         parser.add_argument(
             "--base-dir",
@@ -168,7 +177,9 @@ def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from tb_reranker.cli._common import OneLineParser
+
+    parser = OneLineParser(
         prog="python -m milvus_setup",
         description="Create, describe, drop or check the tb_reranker collection.",
     )

@@ -12,9 +12,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tb_reranker.numbers import COUNT, POSITIVE_INT, SECONDS
+
 __all__ = ["Settings", "env"]
 
 ENV_PREFIX = "TB_"
+
+# the numeric settings: finite and in range (TB_TIMEOUT=inf is an error, not "no deadline")
+_BOUNDS = {"top_k": POSITIVE_INT, "query_cache_size": COUNT, "timeout": SECONDS}
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -49,8 +54,16 @@ def fields_from_env(
 
 
 def _parse_plain(name: str, raw: str, kind: type) -> Any:
-    """A ``TB_*`` value as the field's type (strings as they are)."""
-    return raw if kind is str else kind(raw)
+    """A ``TB_*`` value as the field's type (strings as they are); a number out of range or
+    unreadable is ``InvalidInputError`` naming the variable."""
+    if name not in _BOUNDS:
+        return raw if kind is str else kind(raw)
+    from tb_reranker.errors import InvalidInputError
+
+    try:
+        return _BOUNDS[name].parse(raw)
+    except ValueError as exc:
+        raise InvalidInputError(f"{ENV_PREFIX}{name.upper()}={exc}") from None
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,10 @@ class Settings:
     top_k: int = 10  # K: candidates the focused view compares jointly
     query_cache_size: int = 1024  # encoded query texts kept (LRU, ~6 KiB each); 0 = off
     timeout: float = 30.0  # seconds, default deadline of remote calls
+
+    def __post_init__(self) -> None:
+        for name, bound in _BOUNDS.items():
+            object.__setattr__(self, name, bound.check(getattr(self, name), name))
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

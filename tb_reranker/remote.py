@@ -40,6 +40,7 @@ import numpy as np
 
 from tb_reranker.auth import check_token
 from tb_reranker.errors import InvalidInputError, RerankerUnavailableError, TBError
+from tb_reranker.numbers import MAX_INT32, SECONDS, Bound
 from tb_reranker.requests import Limits, RerankRequest, SearchRequest, check_texts
 from tb_reranker.rerank.backend import ModelInfo
 from tb_reranker.types import Hit, RerankResult
@@ -203,21 +204,33 @@ def _encode_message(texts: Sequence[str]) -> pb.EncodeRequest:
     return pb.EncodeRequest(texts=check_texts(texts, _SYNTAX))
 
 
+def _fingerprint_option(options: dict[str, Any]) -> str:
+    """``query_fingerprint`` popped from ``options``: the query side that encoded the given
+    indicators (``TokenBinder.query_fingerprint()``; None or "" = unknown, not checked)."""
+    value = options.pop("query_fingerprint", None) or ""
+    if not isinstance(value, str):
+        raise InvalidInputError("query_fingerprint must be a string")
+    return value
+
+
 def _rerank_messages(
     indicators: Any, candidates_ids: Any, broad_scores: Any, options: dict[str, Any]
 ) -> list[pb.RerankRequest]:
-    """``rerank``'s arguments (``options``: top_n, strict, contents_hashes) → one message per
-    query, checked for types and shapes first."""
+    """``rerank``'s arguments (``options``: top_n, strict, contents_hashes,
+    query_fingerprint) → one message per query, checked for types and shapes first."""
+    fingerprint = _fingerprint_option(options)
     request = RerankRequest.build(
         indicators, candidates_ids, broad_scores, shape=None, limits=_SYNTAX, **options
     )
-    return rerank_request_to_proto(request)
+    return rerank_request_to_proto(request, fingerprint)
 
 
 def _search_messages(queries: Any, options: dict[str, Any]) -> list[pb.SearchRequest]:
-    """``search``'s arguments (``options``: limit, rerank, filter) → one message per query."""
+    """``search``'s arguments (``options``: limit, rerank, filter, query_fingerprint) → one
+    message per query."""
+    fingerprint = _fingerprint_option(options)
     return search_request_to_proto(
-        SearchRequest.build(queries, shape=None, limits=_SYNTAX, **options)
+        SearchRequest.build(queries, shape=None, limits=_SYNTAX, **options), fingerprint
     )
 
 
@@ -246,11 +259,10 @@ class _RemoteBase:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         target = check_target(target)
-        if timeout <= 0 or retries < 0:
-            raise InvalidInputError("timeout must be positive and retries not negative")
         self.target = target
-        self.timeout = float(timeout)
-        self.retries = int(retries)
+        self.timeout = SECONDS.check(timeout, "timeout")  # inf/nan: never a deadline of 0
+        self.retries = Bound(0, 100).check(retries, "retries")
+        max_message_bytes = Bound(1024, MAX_INT32).check(max_message_bytes, "max_message_bytes")
         self._metadata = _metadata(check_token(token, what="the reranker token"))
         self._tls = _tls_config(tls)
         self._options = _channel_options(self._tls, max_message_bytes)
@@ -335,13 +347,18 @@ class RemoteReranker(_RemoteBase):
     def rerank(
         self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any
     ) -> list[RerankResult]:
-        """Same contract as ``Reranker.rerank`` (``top_n``, ``strict``, ``contents_hashes``);
-        one RPC per query, sent concurrently."""
+        """Same contract as ``Reranker.rerank`` (``top_n``, ``strict``, ``contents_hashes``),
+        plus ``query_fingerprint``: the ``query_fingerprint()`` of the model that encoded
+        ``indicators`` (the sidecar refuses another query side with ``ModelMismatchError``;
+        None: not checked). One RPC per query, sent concurrently."""
         return self._reranked(_rerank_messages(indicators, candidates_ids, broad_scores, options))
 
-    def rerank_request(self, request: RerankRequest) -> list[RerankResult]:
-        """``rerank`` of an already validated request."""
-        return self._reranked(rerank_request_to_proto(request))
+    def rerank_request(
+        self, request: RerankRequest, *, query_fingerprint: str | None = None
+    ) -> list[RerankResult]:
+        """``rerank`` of an already validated request; ``query_fingerprint``: the query side
+        that encoded its indicators (the sidecar refuses another one: ``ModelMismatchError``)."""
+        return self._reranked(rerank_request_to_proto(request, query_fingerprint or ""))
 
     def _reranked(self, messages: list[pb.RerankRequest]) -> list[RerankResult]:
         return [rerank_result_from_proto(r) for r in self._call_many(self._rerank.Rerank, messages)]
@@ -439,7 +456,8 @@ class RemoteBackend:
         return self.remote.encode(texts)
 
     def rerank(self, request: RerankRequest) -> list[RerankResult]:
-        return self.remote.rerank_request(request)
+        # the sidecar checks that the indicators encoded here come from its own query side
+        return self.remote.rerank_request(request, query_fingerprint=self.query_fingerprint())
 
     def info(self) -> ModelInfo:
         if self._info is None:

@@ -33,7 +33,9 @@ log = logging.getLogger("tb_reranker")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from tb_reranker.cli._common import OneLineParser
+
+    parser = OneLineParser(
         prog="tb", description="Text-to-video search with the TokenBinder reranker, on Milvus."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

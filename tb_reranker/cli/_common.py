@@ -9,7 +9,15 @@ from typing import Any
 
 from tb_reranker.config import env
 
-__all__ = ["add_client_args", "client_from_args", "print_json"]
+__all__ = ["OneLineParser", "add_client_args", "client_from_args", "print_json"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr and exit status 2 (the
+    usage itself is ``--help``'s); its subparsers are of the same kind."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_client_args(parser: argparse.ArgumentParser) -> None:

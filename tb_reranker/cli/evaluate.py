@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tb_reranker.cli.train import EnvOption, add_options, parse_bool, resolve_env
 from tb_reranker.errors import NotFoundError
+from tb_reranker.numbers import POSITIVE_INT, SEED, THREADS
 
 __all__ = ["register", "run_eval", "run_ablate", "EVAL_OPTIONS", "ABLATE_OPTIONS"]
 
@@ -19,13 +20,15 @@ EVAL_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--data", "data", str, "dataset root (generic folder: what `tb synth` writes)"),
     EnvOption("--dataset", "dataset", str, "dataset format name", fallback="generic"),
     EnvOption("--split", "split", str, "split to evaluate", fallback="test"),
-    EnvOption("--k", "eval_k", int, "focused-view candidates K (the model's top_k)"),
-    EnvOption("--batch-size", "eval_batch_size", int, "encoding batch size", fallback=64),
+    EnvOption("--k", "eval_k", POSITIVE_INT.parse, "focused-view candidates K (the model's top_k)"),
+    EnvOption(
+        "--batch-size", "eval_batch_size", POSITIVE_INT.parse, "encoding batch size", fallback=64
+    ),
     EnvOption(
         "--cache-dir", "cache_dir", str, "frame/feature cache directory", fallback=".tb_cache"
     ),
-    EnvOption("--workers", "workers", int, "video decoding threads", fallback=2),
-    EnvOption("--threads", "threads", int, "torch CPU threads (torch default)"),
+    EnvOption("--workers", "workers", THREADS.parse, "video decoding threads", fallback=2),
+    EnvOption("--threads", "threads", THREADS.parse, "torch CPU threads (torch default)"),
     EnvOption("--device", "device", str, "auto, cpu, cuda, cuda:N", fallback="auto"),
     EnvOption(
         "--v2t-protocol",
@@ -55,15 +58,19 @@ ABLATE_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--out", "out", str, "output directory (one checkpoint folder per variant)"),
     EnvOption("--dataset", "dataset", str, "dataset format name", fallback="generic"),
     EnvOption("--init", "init", str, "base checkpoint (default: train one end to end first)"),
-    EnvOption("--epochs", "epochs", int, "epochs per variant (frozen backbone)", fallback=3),
-    EnvOption("--base-epochs", "base_epochs", int, "epochs of the base model (preset)"),
+    EnvOption(
+        "--epochs", "epochs", POSITIVE_INT.parse, "epochs per variant (frozen backbone)", fallback=3
+    ),
+    EnvOption(
+        "--base-epochs", "base_epochs", POSITIVE_INT.parse, "epochs of the base model (preset)"
+    ),
     EnvOption("--split", "split", str, "split to evaluate on", fallback="test"),
-    EnvOption("--seed", "seed", int, "random seed", fallback=0),
+    EnvOption("--seed", "seed", SEED.parse, "random seed", fallback=0),
     EnvOption(
         "--cache-dir", "cache_dir", str, "frame/feature cache directory", fallback=".tb_cache"
     ),
     EnvOption("--device", "device", str, "auto, cpu, cuda, cuda:N", fallback="auto"),
-    EnvOption("--threads", "threads", int, "torch CPU threads (torch default)"),
+    EnvOption("--threads", "threads", THREADS.parse, "torch CPU threads (torch default)"),
     EnvOption("--json", "json", parse_bool, "print JSON", switch=True),
     EnvOption("--no-progress", "no_progress", parse_bool, "no progress bars", switch=True),
 )

@@ -9,6 +9,7 @@ from typing import Any
 
 from tb_reranker.cli._common import add_client_args, client_from_args, print_json
 from tb_reranker.errors import InvalidInputError, NotFoundError
+from tb_reranker.numbers import POSITIVE_INT, THREADS
 
 __all__ = ["register", "run"]
 
@@ -22,8 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(recursive), glob patterns, or @list.txt (one input per line).",
     )
     parser.add_argument("paths", nargs="+", help="video files, directories, globs or @list.txt")
-    parser.add_argument("--batch-size", type=int, default=8, help="videos per encoder batch (8)")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads (2)")
+    parser.add_argument(
+        "--batch-size", type=POSITIVE_INT.parse, default=8, help="videos per encoder batch (8)"
+    )
+    parser.add_argument("--workers", type=THREADS.parse, default=2, help="decoding threads (2)")
     parser.add_argument(
         "--metadata",
         default=None,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_reranker.errors import AlreadyExistsError, InvalidInputError
+from tb_reranker.numbers import POSITIVE_INT
 
 __all__ = ["register", "run", "base_config"]
 
@@ -36,9 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(.safetensors, or an open_clip .bin/.pt state dict)",
     )
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--indicators", type=int, default=None, help="m, query indicators (4)")
-    parser.add_argument("--top-k", type=int, default=None, help="K, focused-view candidates (10)")
-    parser.add_argument("--frames", type=int, default=None, help="T, frames sampled per video")
+    parser.add_argument(
+        "--indicators", type=POSITIVE_INT.parse, default=None, help="m, query indicators (4)"
+    )
+    parser.add_argument(
+        "--top-k", type=POSITIVE_INT.parse, default=None, help="K, focused-view candidates (10)"
+    )
+    parser.add_argument(
+        "--frames", type=POSITIVE_INT.parse, default=None, help="T, frames sampled per video"
+    )
     parser.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)

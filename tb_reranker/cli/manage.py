@@ -8,6 +8,7 @@ from typing import Any
 
 from tb_reranker.cli._common import add_client_args, client_from_args, print_json
 from tb_reranker.errors import InvalidInputError
+from tb_reranker.numbers import POSITIVE_INT
 
 __all__ = ["register"]
 
@@ -21,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     collection.add_argument("action", choices=("create", "describe", "drop", "check-schema"))
     collection.add_argument(
-        "--dim", type=int, default=None, help="vector dim (default: the checkpoint's)"
+        "--dim",
+        type=POSITIVE_INT.parse,
+        default=None,
+        help="vector dim (default: the checkpoint's)",
     )
     collection.add_argument(
         "--fingerprint",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tb_reranker.cli._common import add_client_args, client_from_args, print_json
+from tb_reranker.numbers import POSITIVE_INT
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "search", help="search videos by text (broad view + TokenBinder rerank)"
     )
     parser.add_argument("text", nargs="+", help="query text(s); several are searched as one batch")
-    parser.add_argument("--limit", type=int, default=10, help="hits per query (10)")
+    parser.add_argument("--limit", type=POSITIVE_INT.parse, default=10, help="hits per query (10)")
     parser.add_argument("--no-rerank", action="store_true", help="broad view only")
     parser.add_argument(
         "--filter", default=None, help='Milvus scalar filter, e.g. "duration_s > 2"'

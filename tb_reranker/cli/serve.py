@@ -69,7 +69,7 @@ _DEPRECATED_ALIASES: dict[str, tuple[str, str]] = {"--milvus-uri": ("milvus_uri"
 
 
 def register(subparsers: Any) -> None:
-    from tb_reranker.server.config import ServerConfig
+    from tb_reranker.server.config import BOUNDS, ServerConfig
 
     parser = subparsers.add_parser(
         "serve",
@@ -79,7 +79,7 @@ def register(subparsers: Any) -> None:
     )
     kinds = {f.name: type(f.default) for f in fields(ServerConfig)}
     for name, help_text in _SERVER_FLAGS.items():
-        kind = kinds[name]
+        kind = BOUNDS[name].parse if name in BOUNDS else kinds[name]  # numbers: checked ranges
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=help_text
         )

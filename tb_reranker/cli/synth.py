@@ -10,6 +10,7 @@ from typing import Any
 
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
+from tb_reranker.numbers import COUNT, FRACTION, POSITIVE_INT, SEED, WORKERS
 
 __all__ = ["register", "run"]
 
@@ -42,13 +43,21 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder")
-    parser.add_argument("--train", type=int, default=None, help="training clips (3000)")
-    parser.add_argument("--val", type=int, default=None, help="validation clips (0)")
-    parser.add_argument("--test", type=int, default=None, help="test clips (500 = 250 pairs)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (0)")
-    parser.add_argument("--size", type=int, default=None, help="frame side in pixels (32)")
-    parser.add_argument("--frames", type=int, default=None, help="frames per clip (16)")
-    parser.add_argument("--fps", type=int, default=None, help="frames per second (8)")
+    parser.add_argument("--train", type=COUNT.parse, default=None, help="training clips (3000)")
+    parser.add_argument("--val", type=COUNT.parse, default=None, help="validation clips (0)")
+    parser.add_argument(
+        "--test", type=COUNT.parse, default=None, help="test clips (500 = 250 pairs)"
+    )
+    parser.add_argument("--seed", type=SEED.parse, default=None, help="random seed (0)")
+    parser.add_argument(
+        "--size", type=POSITIVE_INT.parse, default=None, help="frame side in pixels (32)"
+    )
+    parser.add_argument(
+        "--frames", type=POSITIVE_INT.parse, default=None, help="frames per clip (16)"
+    )
+    parser.add_argument(
+        "--fps", type=POSITIVE_INT.parse, default=None, help="frames per second (8)"
+    )
     parser.add_argument(
         "--families",
         default=None,
@@ -62,7 +71,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--holdout",
-        type=float,
+        type=FRACTION.parse,
         default=None,
         help="fraction of motion/colour combinations never shown in train (0.25)",
     )
@@ -73,7 +82,7 @@ def register(subparsers: Any) -> None:
         help="object placement drawn afresh every frame, or once per clip (frame)",
     )
     parser.add_argument(
-        "--workers", type=int, default=None, help="worker processes (0 = one per CPU)"
+        "--workers", type=WORKERS.parse, default=None, help="worker processes (0 = one per CPU)"
     )
     parser.add_argument("--force", action="store_true", help="regenerate an existing output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

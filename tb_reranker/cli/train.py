@@ -10,6 +10,7 @@ from typing import Any
 
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
+from tb_reranker.numbers import FRACTION, POSITIVE_INT, RATE, REAL, SEED, THREADS
 
 __all__ = [
     "register",
@@ -98,9 +99,19 @@ def resolve_env(
 
 # Flags shared by `tb train` and `tb ablate` (model overrides and optimisation).
 MODEL_OPTIONS: tuple[EnvOption, ...] = (
-    EnvOption("--indicators", "indicators", int, "override m, the number of query indicators"),
-    EnvOption("--top-k", "top_k", int, "override K, the focused-view candidates"),
-    EnvOption("--fusion-blocks", "fusion_blocks", int, "override the number of fusion blocks"),
+    EnvOption(
+        "--indicators",
+        "indicators",
+        POSITIVE_INT.parse,
+        "override m, the number of query indicators",
+    ),
+    EnvOption("--top-k", "top_k", POSITIVE_INT.parse, "override K, the focused-view candidates"),
+    EnvOption(
+        "--fusion-blocks",
+        "fusion_blocks",
+        POSITIVE_INT.parse,
+        "override the number of fusion blocks",
+    ),
     EnvOption(
         "--head",
         "head",
@@ -108,7 +119,9 @@ MODEL_OPTIONS: tuple[EnvOption, ...] = (
         "override the head",
         choices=("symmetric", "listwise", "listwise_slots"),
     ),
-    EnvOption("--gumbel-scale", "gumbel_scale", float, "override the Gumbel noise scale (0 = off)"),
+    EnvOption(
+        "--gumbel-scale", "gumbel_scale", REAL.parse, "override the Gumbel noise scale (0 = off)"
+    ),
 )
 OPTIM_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption(
@@ -120,32 +133,41 @@ OPTIM_OPTIONS: tuple[EnvOption, ...] = (
         choices=("auto", "paper", "synthetic"),
         fallback="auto",
     ),
-    EnvOption("--epochs", "epochs", int, "epochs (preset / paper value per dataset)"),
-    EnvOption("--batch-size", "batch_size", int, "pairs per optimizer step (paper 128)"),
-    EnvOption("--lr", "lr", float, "learning rate of fusion + indicators (paper 1e-4)"),
-    EnvOption("--backbone-lr", "backbone_lr", float, "learning rate of CLIP (paper 1e-6)"),
     EnvOption(
-        "--weight-decay", "weight_decay", float, "AdamW weight decay (paper 0.2, synthetic 0.05)"
+        "--epochs", "epochs", POSITIVE_INT.parse, "epochs (preset / paper value per dataset)"
+    ),
+    EnvOption(
+        "--batch-size", "batch_size", POSITIVE_INT.parse, "pairs per optimizer step (paper 128)"
+    ),
+    EnvOption("--lr", "lr", RATE.parse, "learning rate of fusion + indicators (paper 1e-4)"),
+    EnvOption("--backbone-lr", "backbone_lr", REAL.parse, "learning rate of CLIP (paper 1e-6)"),
+    EnvOption(
+        "--weight-decay",
+        "weight_decay",
+        REAL.parse,
+        "AdamW weight decay (paper 0.2, synthetic 0.05)",
     ),
     EnvOption(
         "--warmup",
         "warmup",
-        float,
+        REAL.parse,
         "warm-up: fraction of steps (<1) or steps (paper 0.05, synthetic 0 = constant lr)",
     ),
     EnvOption(
         "--min-lr-ratio",
         "min_lr_ratio",
-        float,
+        FRACTION.parse,
         "cosine decays to lr x this (paper 0; synthetic 1 = constant lr)",
     ),
-    EnvOption("--grad-accum", "grad_accum", int, "micro-batches per step", fallback=1),
-    EnvOption("--grad-clip", "grad_clip", float, "max gradient norm, 0 = off", fallback=0.0),
-    EnvOption("--seed", "seed", int, "random seed", fallback=0),
+    EnvOption(
+        "--grad-accum", "grad_accum", POSITIVE_INT.parse, "micro-batches per step", fallback=1
+    ),
+    EnvOption("--grad-clip", "grad_clip", REAL.parse, "max gradient norm, 0 = off", fallback=0.0),
+    EnvOption("--seed", "seed", SEED.parse, "random seed", fallback=0),
     EnvOption("--device", "device", str, "auto, cpu, cuda, cuda:N", fallback="auto"),
     EnvOption("--cache-dir", "cache_dir", str, "frame/feature cache directory (./.tb_cache)"),
-    EnvOption("--workers", "workers", int, "video decoding threads", fallback=2),
-    EnvOption("--threads", "threads", int, "torch CPU threads (torch default)"),
+    EnvOption("--workers", "workers", THREADS.parse, "video decoding threads", fallback=2),
+    EnvOption("--threads", "threads", THREADS.parse, "torch CPU threads (torch default)"),
 )
 TRAIN_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--data", "data", str, "dataset root (generic folder: what `tb synth` writes)"),
@@ -158,7 +180,12 @@ TRAIN_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption("--init", "init", str, "start from this checkpoint's weights"),
     *MODEL_OPTIONS,
     *OPTIM_OPTIONS,
-    EnvOption("--max-steps-per-epoch", "max_steps_per_epoch", int, "cut epochs short (smoke)"),
+    EnvOption(
+        "--max-steps-per-epoch",
+        "max_steps_per_epoch",
+        POSITIVE_INT.parse,
+        "cut epochs short (smoke)",
+    ),
     EnvOption(
         "--hard-negatives",
         "hard_negatives",

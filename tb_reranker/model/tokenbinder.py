@@ -20,6 +20,7 @@ from tb_reranker.model.config import TokenBinderConfig
 from tb_reranker.model.fusion import FocusedFusion, FocusedScores
 from tb_reranker.model.precision import autocast_dtype, check_precision, resolve_device
 from tb_reranker.model.text import IndicatorTextEncoder
+from tb_reranker.model.tokens import tokenize
 
 __all__ = ["TokenBinder", "build_clip"]
 
@@ -271,7 +272,8 @@ class TokenBinder(nn.Module):
                 self._tokenizer = open_clip.SimpleTokenizer(context_length=self.context_length)
             else:
                 self._tokenizer = open_clip.get_tokenizer(self.config.clip_model)
-        return self._tokenizer(list(texts), context_length=self.context_length).long()
+        # only what the text tower reads is BPE-encoded: same rows, bounded work per text
+        return tokenize(self._tokenizer, list(texts), self.context_length)
 
     def _check_tokens(self, texts_tokens: torch.Tensor) -> torch.Tensor:
         if texts_tokens.ndim != 2 or texts_tokens.shape[0] == 0:

@@ -8,20 +8,29 @@ batches under load (on the 2-core test machine a 2 ms window added 5-13 ms to a 
 lowered throughput, see benchmarks/grpc_rerank.py). Calls whose caller has gone (cancelled, deadline) are dropped
 before the batch runs. With ``enabled=False`` each call runs alone (batch size 1) on the same
 executor, which is the comparison the benchmark draws.
+
+Deadlines: a call submitted inside :func:`deadline_scope` (the gRPC servicers open one per call
+with its deadline) carries it. Batchers of different kinds share one device thread, so a batch
+may wait there behind another kind's work after it left the queue: on the device thread, just
+before ``run``, every call whose deadline has passed gets ``DeadlineExceededError`` and is not
+run (nor counted in ``on_batch``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["MicroBatcher", "BatchInfo"]
+from tb_reranker.errors import DeadlineExceededError
+
+__all__ = ["MicroBatcher", "BatchInfo", "deadline_scope"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,23 @@ ResultT = TypeVar("ResultT")
 
 # run(items) -> one result or one exception per item, same order
 BatchFn = Callable[[Sequence[Any]], Sequence[Any]]
+
+
+# time.monotonic() by which the current call must be answered (None: no deadline)
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "tb_call_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def deadline_scope(seconds: float | None) -> Iterator[None]:
+    """Calls submitted inside (and in tasks created inside) carry ``seconds`` from now as
+    their deadline; ``None``: no deadline."""
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,28 @@ class _Pending:
     item: Any
     future: asyncio.Future
     submitted_ns: int
+    deadline: float | None = None  # time.monotonic()
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _deadline_error() -> DeadlineExceededError:
+    return DeadlineExceededError("the call's deadline expired before the device ran it")
+
+
+def _live(batch: list[_Pending]) -> list[_Pending]:
+    """The calls still wanted: not cancelled; an expired one is failed here, not run."""
+    live = []
+    for pending in batch:
+        if pending.future.done():
+            continue
+        if _expired(pending.deadline):
+            pending.future.set_exception(_deadline_error())
+            continue
+        live.append(pending)
+    return live
 
 
 class MicroBatcher(Generic[ItemT, ResultT]):
@@ -84,19 +132,17 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     async def submit(self, item: ItemT) -> tuple[ResultT, BatchInfo]:
         """Run ``item`` in the next batch; returns its result and how it was batched."""
         submitted = time.perf_counter_ns()
+        deadline = _DEADLINE.get()
         loop = asyncio.get_running_loop()
         if not self.enabled:
-            results = await loop.run_in_executor(self._executor, self._run_safely, [item])
-            info = BatchInfo(queue_ns=0, batch_size=1)
-            if self._on_batch is not None:
-                self._on_batch(1)
-            return _unwrap(results[0]), info
+            results = await loop.run_in_executor(self._executor, self._run_live, [item], [deadline])
+            return _unwrap(results[0]), BatchInfo(queue_ns=0, batch_size=1)
         if self._worker is None or self._worker.done():
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work(), name=f"tb-{self.name}-batcher")
         future: asyncio.Future = loop.create_future()
         assert self._queue is not None
-        self._queue.put_nowait(_Pending(item, future, submitted))
+        self._queue.put_nowait(_Pending(item, future, submitted, deadline))
         return await future
 
     async def close(self) -> None:
@@ -130,15 +176,16 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     batch.append(await asyncio.wait_for(queue.get(), remaining))
                 except TimeoutError:
                     break
-            batch = [p for p in batch if not p.future.done()]  # callers that gave up
+            batch = _live(batch)  # callers that gave up or whose deadline passed are dropped
             if not batch:
                 continue
             started = time.perf_counter_ns()
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._run_safely, [p.item for p in batch]
+                    self._executor,
+                    self._run_live,
+                    [p.item for p in batch],
+                    [p.deadline for p in batch],
                 )
             except asyncio.CancelledError:
                 for pending in batch:
@@ -153,6 +200,21 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     pending.future.set_exception(result)
                 else:
                     pending.future.set_result((result, info))
+
+    def _run_live(self, items: list[Any], deadlines: list[float | None]) -> list[Any]:
+        """Device thread: ``run`` the items whose deadline has not passed; the others get
+        ``DeadlineExceededError`` without running."""
+        live = [n for n, deadline in enumerate(deadlines) if not _expired(deadline)]
+        results: list[Any] = [_deadline_error() for _ in items]
+        if len(live) < len(items):
+            log.debug("%s: %d expired calls dropped", self.name, len(items) - len(live))
+        if not live:
+            return results
+        if self._on_batch is not None:
+            self._on_batch(len(live))
+        for n, result in zip(live, self._run_safely([items[n] for n in live]), strict=True):
+            results[n] = result
+        return results
 
     def _run_safely(self, items: list[Any]) -> list[Any]:
         """``run`` that never raises: a failing batch of several is retried item by item."""

@@ -13,11 +13,35 @@ from typing import Any
 from tb_reranker.auth import check_token
 from tb_reranker.config import fields_from_env
 from tb_reranker.errors import InvalidInputError
+from tb_reranker.numbers import COUNT, MAX_INT32, PORT, PORT_OR_OFF, POSITIVE_INT, Bound
 from tb_reranker.requests import DEFAULT_LIMITS, MAX_TEXTS, Limits
 
-__all__ = ["ServerConfig", "ENV_PREFIX"]
+__all__ = ["ServerConfig", "ENV_PREFIX", "BOUNDS"]
 
 ENV_PREFIX = "SERVE_"  # fields read TB_SERVE_<FIELD> (tb_reranker.config adds "TB_")
+
+
+# What each numeric field accepts (flags, TB_SERVE_* variables and arguments alike): finite,
+# in range; the limits also fit the uint32 fields of InfoResponse.limits.
+BOUNDS: dict[str, Bound] = {
+    "port": PORT,
+    "http_port": PORT_OR_OFF,
+    "metrics_port": PORT_OR_OFF,
+    "max_candidates": POSITIVE_INT,
+    "max_text_chars": POSITIVE_INT,
+    "max_texts": POSITIVE_INT,
+    "max_message_bytes": Bound(1024, MAX_INT32),
+    "http_body_timeout_s": Bound(0, 3600, integer=False, low_open=True),
+    "max_concurrency": POSITIVE_INT,
+    "max_batch": POSITIVE_INT,
+    "max_wait_ms": Bound(0, 60_000, integer=False),  # a batch window beyond a minute is a typo
+    "cache_size": COUNT,
+    "query_cache_size": COUNT,
+    "grace_s": Bound(0, 3600, integer=False),
+    "io_threads": Bound(1, 1024),
+    "max_filter_chars": POSITIVE_INT,
+    "max_filter_depth": POSITIVE_INT,
+}
 
 
 @dataclass(frozen=True)
@@ -54,24 +78,10 @@ class ServerConfig:
     max_filter_depth: int = DEFAULT_LIMITS.max_filter_depth  # nested (), [] and {} in a filter
 
     def __post_init__(self) -> None:
-        for name in ("max_candidates", "max_text_chars", "max_texts", "max_message_bytes"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_concurrency", "max_batch", "io_threads", "max_filter_chars"):
-            if getattr(self, name) <= 0:
-                raise InvalidInputError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.query_cache_size < 0:
-            raise InvalidInputError(
-                f"query_cache_size must not be negative, got {self.query_cache_size}"
-            )
-        if self.max_filter_depth <= 0:
-            raise InvalidInputError(
-                f"max_filter_depth must be positive, got {self.max_filter_depth}"
-            )
+        for name, bound in BOUNDS.items():
+            object.__setattr__(self, name, bound.check(getattr(self, name), name))
         # a blank token is an error, never "auth off"; a trailing newline is trimmed
         object.__setattr__(self, "token", check_token(self.token, what="the server token"))
-        if self.max_wait_ms < 0 or self.grace_s < 0:
-            raise InvalidInputError("max_wait_ms and grace_s must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise InvalidInputError("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
@@ -105,6 +115,11 @@ class ServerConfig:
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:
+    if name in BOUNDS:
+        try:
+            return BOUNDS[name].parse(raw)
+        except ValueError as exc:
+            raise InvalidInputError(f"TB_{ENV_PREFIX}{name.upper()}={exc}") from None
     try:
         if kind is bool:
             lowered = raw.strip().lower()

@@ -18,8 +18,15 @@ import grpc
 from grpc import aio
 
 import tb_reranker
-from tb_reranker.errors import DeadlineExceededError, IndexBackendError, InvalidInputError, TBError
+from tb_reranker.errors import (
+    DeadlineExceededError,
+    IndexBackendError,
+    InvalidInputError,
+    ModelMismatchError,
+    TBError,
+)
 from tb_reranker.server.backend import Backend, SearchDisabledError
+from tb_reranker.server.batcher import deadline_scope
 from tb_reranker.server.scrub import public_message
 from tb_reranker.wire import pb, pb_grpc
 from tb_reranker.wire.convert import (
@@ -67,11 +74,13 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceededError("the call's deadline expired before it started")
-            coroutine = method(self, request, context)
-            if remaining is None:
-                return await coroutine
+            with deadline_scope(remaining):  # the batchers drop the call once it expires
+                coroutine = method(self, request, context)
+                if remaining is None:
+                    return await coroutine
+                task = asyncio.ensure_future(coroutine)  # the task copies the scope's context
             try:
-                return await asyncio.wait_for(coroutine, remaining)
+                return await asyncio.wait_for(task, remaining)
             except TimeoutError:
                 raise DeadlineExceededError(
                     f"deadline of {remaining:.3f} s expired while the call was running"
@@ -126,6 +135,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
 
     @_rpc
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext):
+        _check_query_side(self.backend, request)
         query, result, timings = await self.backend.rerank(
             candidates_ids=list(request.candidates_ids),
             **_query_of(request),
@@ -152,6 +162,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext):
+        _check_query_side(self.backend, request)
         query = _query_of(request)
         try:
             hits, timings = await self.backend.search(
@@ -224,6 +235,24 @@ def _query_of(request: pb.RerankRequest | pb.SearchRequest) -> dict[str, Any]:
     if which == "text":
         return {"text": request.text}
     return {"indicators": tensor_from_proto(request.indicators, name="indicators")}
+
+
+def _check_query_side(backend: Backend, request: pb.RerankRequest | pb.SearchRequest) -> None:
+    """Indicators made by another query side (text tower, indicators, fusion) than the served
+    model's are refused: the fusion would score them without error, and wrongly. An empty
+    ``query_fingerprint`` (an older client, or indicators from this server's Encode) is
+    trusted; a text query is encoded here and needs no check."""
+    claimed = request.query_fingerprint
+    if not claimed or request.WhichOneof("query") != "indicators":
+        return
+    backend.reranker  # noqa: B018 - raises while the model is loading (UNAVAILABLE)
+    served = backend.query_fingerprint
+    if claimed != served:
+        raise ModelMismatchError(
+            f"the indicators were encoded by another query side (text tower, indicators, "
+            f"fusion: {claimed[:12]}) than this server's model ({served[:12]}); encode them "
+            "with the checkpoint the server runs, or send the query text instead"
+        )
 
 
 def add_servicers(

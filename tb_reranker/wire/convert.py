@@ -9,7 +9,6 @@ validated by the server's ``Backend`` (the gRPC boundary) after conversion.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ __all__ = [
 ]
 
 _DTYPE = np.dtype("<f4")
+MAX_TENSOR_RANK = 8  # dimensions a FloatTensor may have (the messages use at most 3)
 _TIMING_FIELDS = ("queue_ns", "encode_ns", "fetch_ns", "fusion_ns", "total_ns")
 
 
@@ -44,15 +44,30 @@ def tensor_to_proto(array: Any) -> pb.FloatTensor:
 
 
 def tensor_from_proto(message: pb.FloatTensor, *, name: str = "tensor") -> np.ndarray:
-    """``FloatTensor`` → float32 array; a size/shape disagreement is ``InvalidInputError``."""
+    """``FloatTensor`` → float32 array. A shape that cannot describe the bytes carried (none, a
+    zero or oversized dimension, more than :data:`MAX_TENSOR_RANK` dimensions, a product that
+    disagrees with the byte length) is ``InvalidInputError``, never an array."""
     shape = tuple(int(s) for s in message.shape)
     if not shape:
         raise InvalidInputError(f"{name} has no shape")
-    expected = math.prod(shape) * _DTYPE.itemsize
-    if len(message.data) != expected:
+    if len(shape) > MAX_TENSOR_RANK:
         raise InvalidInputError(
-            f"{name} has shape {list(shape)} ({expected} bytes of float32) "
-            f"but carries {len(message.data)} bytes"
+            f"{name} has {len(shape)} dimensions; at most {MAX_TENSOR_RANK} are allowed"
+        )
+    if min(shape) <= 0:
+        raise InvalidInputError(f"{name} has shape {list(shape)}: every dimension must be >= 1")
+    values = len(message.data) // _DTYPE.itemsize
+    # the product of the dimensions may not exceed the values carried: checked dimension by
+    # dimension, so a shape like [2**31, 2**31, 2**31] never builds a huge number
+    product = 1
+    for size in shape:
+        product *= size
+        if product > values:
+            break
+    if product != values or len(message.data) % _DTYPE.itemsize:
+        raise InvalidInputError(
+            f"{name} has shape {list(shape)} but carries {len(message.data)} bytes "
+            f"(float32: 4 bytes per value, {_DTYPE.itemsize} x the product of the shape)"
         )
     return np.frombuffer(message.data, dtype=_DTYPE).reshape(shape).astype(np.float32)
 
@@ -109,8 +124,11 @@ def hit_from_proto(message: pb.SearchHit) -> Hit:
     )
 
 
-def rerank_request_to_proto(request: RerankRequest) -> list[pb.RerankRequest]:
-    """One ``RerankRequest`` message per query of ``request`` (sent as concurrent RPCs)."""
+def rerank_request_to_proto(
+    request: RerankRequest, query_fingerprint: str = ""
+) -> list[pb.RerankRequest]:
+    """One ``RerankRequest`` message per query of ``request`` (sent as concurrent RPCs);
+    ``query_fingerprint``: that of the model that encoded the indicators ("" = not known)."""
     messages = []
     for q, ids in enumerate(request.candidates_ids):
         message = pb.RerankRequest(
@@ -118,6 +136,7 @@ def rerank_request_to_proto(request: RerankRequest) -> list[pb.RerankRequest]:
             candidates_ids=ids,
             top_n=request.top_n or 0,
             strict=request.strict,
+            query_fingerprint=query_fingerprint,
         )
         if request.broad_scores[q] is not None:
             message.broad_scores.extend(request.broad_scores[q])
@@ -165,14 +184,19 @@ def rerank_result_from_proto(response: pb.RerankResponse) -> RerankResult:
     )
 
 
-def search_request_to_proto(request: SearchRequest) -> list[pb.SearchRequest]:
-    """One ``SearchRequest`` message per query of ``request``."""
+def search_request_to_proto(
+    request: SearchRequest, query_fingerprint: str = ""
+) -> list[pb.SearchRequest]:
+    """One ``SearchRequest`` message per query of ``request`` (``query_fingerprint``: as in
+    :func:`rerank_request_to_proto`, sent with indicators only)."""
     common = {"limit": request.limit, "rerank": request.rerank, "filter": request.filter or ""}
     if request.texts is not None:
         return [pb.SearchRequest(text=text, **common) for text in request.texts]
     assert request.indicators is not None
     return [
-        pb.SearchRequest(indicators=tensor_to_proto(query), **common)
+        pb.SearchRequest(
+            indicators=tensor_to_proto(query), query_fingerprint=query_fingerprint, **common
+        )
         for query in request.indicators
     ]
 

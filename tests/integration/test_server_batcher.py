@@ -102,3 +102,73 @@ def test_callers_that_gave_up_are_dropped(executor):
     (first, kept), _ = _run(main())
     assert first[0] == 0 and kept[0] == 2
     assert [1] not in seen and all(1 not in batch for batch in seen)
+
+
+def test_expired_calls_are_not_run_behind_another_batchers_work(executor):
+    """Two batchers share the device thread. A call of the second whose deadline passes while
+    the first's work holds the thread is answered DEADLINE_EXCEEDED and never run (before: it
+    left its queue at once, waited in the executor, and ran after its caller had gone)."""
+    from tb_reranker.errors import DeadlineExceededError
+    from tb_reranker.server.batcher import deadline_scope
+
+    gate = threading.Event()
+    ran: list[list[int]] = []
+
+    def hold(items):
+        gate.wait(5)
+        return list(items)
+
+    def record(items):
+        ran.append(list(items))
+        return list(items)
+
+    async def main():
+        encode = MicroBatcher(hold, executor, max_batch=4, max_wait_ms=0)
+        rerank = MicroBatcher(record, executor, max_batch=4, max_wait_ms=0)
+        blocker = asyncio.create_task(encode.submit(0))
+        await asyncio.sleep(0.05)
+        with deadline_scope(0.05):
+            doomed = asyncio.create_task(rerank.submit(1))
+        with deadline_scope(30):
+            kept = asyncio.create_task(rerank.submit(2))
+        await asyncio.sleep(0.2)  # both deadlines known; the first has passed
+        gate.set()
+        outcomes = await asyncio.gather(blocker, doomed, kept, return_exceptions=True)
+        await encode.close()
+        await rerank.close()
+        return outcomes
+
+    blocker, doomed, kept = _run(main())
+    assert blocker[0] == 0 and kept[0] == 2
+    assert isinstance(doomed, DeadlineExceededError)
+    assert all(1 not in batch for batch in ran) and any(2 in batch for batch in ran)
+
+
+def test_a_call_expired_in_the_queue_fails_with_deadline_exceeded(executor):
+    """Same batcher: the expired call gets its error (it is not left waiting)."""
+    from tb_reranker.errors import DeadlineExceededError
+    from tb_reranker.server.batcher import deadline_scope
+
+    gate = threading.Event()
+    ran: list[list[int]] = []
+
+    def slow(items):
+        ran.append(list(items))
+        gate.wait(5)
+        return list(items)
+
+    async def main():
+        batcher = MicroBatcher(slow, executor, max_batch=4, max_wait_ms=0)
+        first = asyncio.create_task(batcher.submit(0))
+        await asyncio.sleep(0.05)
+        with deadline_scope(0.01):
+            doomed = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.1)
+        gate.set()
+        outcomes = await asyncio.gather(first, doomed, return_exceptions=True)
+        await batcher.close()
+        return outcomes
+
+    first, doomed = _run(main())
+    assert first[0] == 0 and isinstance(doomed, DeadlineExceededError)
+    assert ran == [[0]]

@@ -55,7 +55,7 @@ class EncodeResponse(_message.Message):
     def __init__(self, indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("text", "indicators", "candidates_ids", "broad_scores", "top_n", "strict", "contents_hashes")
+    __slots__ = ("text", "indicators", "candidates_ids", "broad_scores", "top_n", "strict", "contents_hashes", "query_fingerprint")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDICATORS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class RerankRequest(_message.Message):
     TOP_N_FIELD_NUMBER: _ClassVar[int]
     STRICT_FIELD_NUMBER: _ClassVar[int]
     CONTENTS_HASHES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     text: str
     indicators: FloatTensor
     candidates_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -70,7 +71,8 @@ class RerankRequest(_message.Message):
     top_n: int
     strict: bool
     contents_hashes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., candidates_ids: _Optional[_Iterable[str]] = ..., broad_scores: _Optional[_Iterable[float]] = ..., top_n: _Optional[int] = ..., strict: _Optional[bool] = ..., contents_hashes: _Optional[_Iterable[str]] = ...) -> None: ...
+    query_fingerprint: str
+    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., candidates_ids: _Optional[_Iterable[str]] = ..., broad_scores: _Optional[_Iterable[float]] = ..., top_n: _Optional[int] = ..., strict: _Optional[bool] = ..., contents_hashes: _Optional[_Iterable[str]] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
     __slots__ = ("id", "index", "score", "broad_score", "delta", "best_frame_s", "reranked")
@@ -123,18 +125,20 @@ class RerankResponse(_message.Message):
     def __init__(self, ranks: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., missing: _Optional[_Iterable[_Union[MissingCandidate, _Mapping]]] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "indicators", "limit", "rerank", "filter")
+    __slots__ = ("text", "indicators", "limit", "rerank", "filter", "query_fingerprint")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDICATORS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     text: str
     indicators: FloatTensor
     limit: int
     rerank: bool
     filter: str
-    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., limit: _Optional[int] = ..., rerank: _Optional[bool] = ..., filter: _Optional[str] = ...) -> None: ...
+    query_fingerprint: str
+    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., limit: _Optional[int] = ..., rerank: _Optional[bool] = ..., filter: _Optional[str] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "broad_score", "delta", "rank", "reranked", "broad_rank", "best_frame_s", "metadata_json")
