@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ __all__ = [
     "emit",
     "plot_lines",
     "plot_bars",
-    "unpacked",
+    "prepared",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,17 +149,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
-@contextlib.contextmanager
-def unpacked() -> Iterator[None]:
-    """Linear layers on plain row-major weights inside the block (``packed_linear`` off), as
-    before issue 12: the baseline of the text-encoding, rerank and search benchmarks."""
-    from tb_reranker.model import packed_linear
+def prepared(model: Any) -> Any:
+    """A copy of ``model`` prepared for inference as search and serving run it (packed linear
+    layers, ``TokenBinder.prepare_for_inference``); ``model`` itself stays plain (open_clip's and
+    PyTorch's own modules, as before issue 12): the baseline of the text-encoding, rerank and
+    search benchmarks."""
+    import copy
 
-    previous = packed_linear.set_enabled(False)
-    try:
-        yield
-    finally:
-        packed_linear.set_enabled(previous)
+    return copy.deepcopy(model).prepare_for_inference()
 
 
 def configure_threads(threads: int) -> None:

@@ -68,17 +68,18 @@ class Product:
 
 
 def _linear(rows: int, in_features: int, out_features: int) -> Product:
-    """A packed float32 linear layer on ``rows`` rows (weights made outside ``inference_mode``:
-    the packed path needs their version counter)."""
+    """A packed float32 linear layer (``PackedLinear``, what a prepared model runs) on ``rows``
+    rows."""
     import torch
 
-    from tb_reranker.model.packed_linear import linear
+    from tb_reranker.model.packed_linear import PackedLinear
 
     weight = torch.randn(out_features, in_features) / in_features**0.5
     bias = torch.zeros(out_features)
+    layer = PackedLinear(weight, bias)
     x = torch.randn(rows, in_features)
     return Product(
-        lambda: linear(x, weight, bias),
+        lambda: layer(x),
         2.0 * rows * in_features * out_features,
         4 * (weight.numel() + bias.numel()),
     )
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     batch = 8 if args.quick else 64
     started = time.perf_counter()
-    with torch.no_grad():  # (weights made under inference_mode would not take the packed path)
+    with torch.no_grad():
         rates = _rates(**timing)
         floors = {
             "fusion_batch1": _floor(fusion_products(1), rates, **timing),

@@ -12,7 +12,7 @@ collection, same round):
 
 * ``before``: the reranked search as it was before issue 12: the text tower over all 77
   positions (``truncate=False``), the projected-K/V cache (``Reranker(cache_kv=True)``) and
-  the linear layers on plain weights (``packed_linear`` off);
+  the linear layers on plain weights (the model not prepared for inference);
 * ``plain_clip``: what a user without the reranker runs: open_clip's ``encode_text`` at full
   context (the same tower shape) + the same ANN search, broad only;
 * ``repeated``: a reranked search of a text searched before, through the query LRU.
@@ -50,8 +50,8 @@ from benchmarks.common import (
     emit,
     environment,
     plot_bars,
+    prepared,
     summarize,
-    unpacked,
 )
 
 __all__ = ["build_model", "fill_store", "fill_index", "measure_backend", "run", "main"]
@@ -279,14 +279,13 @@ def _ms(samples_ns: list[int]) -> dict[str, float]:
 
 
 def _before_search(search: Any, text: str, limit: int) -> Any:
-    with unpacked():  # linear layers on plain weights, as before issue 12
-        return search.search([text], limit=limit)[0]
+    return search.search([text], limit=limit)[0]
 
 
 class _BeforeBackend:
     """The in-process backend as it was before issue 12: the text tower over all 77 positions
-    and the projected-K/V cache (``Reranker(cache_kv=True)``), called with the linear layers on
-    plain weights (:func:`_before_search`); same results to float rounding."""
+    and the projected-K/V cache (``Reranker(cache_kv=True)``), on the model not prepared for
+    inference (linear layers on plain weights); same results to float rounding."""
 
     def __init__(self, reranker: Any) -> None:
         self.reranker = reranker
@@ -332,9 +331,19 @@ class _PlainClip:
 
 
 def measure_backend(
-    backend: str, uri: str, workdir: Path, model: Any, args: argparse.Namespace, n: int
+    backend: str,
+    uri: str,
+    workdir: Path,
+    model: Any,
+    args: argparse.Namespace,
+    n: int,
+    plain: Any = None,
 ) -> dict[str, Any]:
-    """Fill a fresh collection at ``uri``, then time ``Client.search`` and its stages."""
+    """Fill a fresh collection at ``uri``, then time ``Client.search`` and its stages.
+
+    ``model``: prepared for inference (what ``Client`` loads); ``plain``: the same weights not
+    prepared (the paths before issue 12 and plain CLIP; ``model`` when not given)."""
+    plain = model if plain is None else plain
     from tb_reranker.client import Client
     from tb_reranker.index import VideoIndex
     from tb_reranker.rerank import InProcessBackend, QueryCache, Reranker, TwoStageSearch
@@ -365,21 +374,21 @@ def measure_backend(
         client.search(texts[0], limit=args.limit, rerank=False)  # reopen + load_collection
         open_s = time.perf_counter() - t0
         before = TwoStageSearch(
-            client.index, _BeforeBackend(Reranker(model, client.store, cache_kv=True))
+            client.index, _BeforeBackend(Reranker(plain, client.store, cache_kv=True))
         )
         repeated = TwoStageSearch(
             client.index,
             InProcessBackend(Reranker(model, client.store)),
             query_cache=QueryCache(len(texts)),
         )
-        plain = _PlainClip(model, client.index)
+        plain_clip = _PlainClip(plain, client.index)
         for text in texts:  # the repeated-query path has seen every text once
             repeated.search([text], limit=args.limit)
         paths = {
             "broad_only": lambda text: client.search(text, limit=args.limit, rerank=False),
             "reranked": lambda text: client.search(text, limit=args.limit, rerank=True),
             "before": lambda text: _before_search(before, text, args.limit),
-            "plain_clip": lambda text: plain.search(text, args.limit),
+            "plain_clip": lambda text: plain_clip.search(text, args.limit),
             "repeated": lambda text: repeated.search([text], limit=args.limit)[0],
         }
         for text in texts[: args.warmup]:
@@ -456,7 +465,8 @@ def measure_backend(
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every (size, backend) cell; one JSON-able dict."""
     configure_threads(args.threads)
-    model = build_model(args.text_tower)
+    plain = build_model(args.text_tower)
+    model = prepared(plain)  # as Client loads a checkpoint
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="tb_bench_e2e_"))
@@ -472,7 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.info("store N=%d filled in %.1f s", n, store_s)
             for backend in args.backends:
                 uri = server.uri if backend == "server" else str(workdir / f"lite_{n}.db")
-                cell = measure_backend(backend, uri, workdir, model, args, n)
+                cell = measure_backend(backend, uri, workdir, model, args, n, plain)
                 cell["store_fill_s"] = round(store_s, 2)
                 results.append(cell)
             shutil.rmtree(workdir / f"store_{n}", ignore_errors=True)

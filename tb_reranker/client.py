@@ -126,7 +126,9 @@ class Client:
                 )
             from tb_reranker.model import load_checkpoint, resolve_device
 
-            self._model = load_checkpoint(path, device=resolve_device(self.settings.device))
+            self._model = load_checkpoint(
+                path, device=resolve_device(self.settings.device), inference=True
+            )
         return self._model
 
     @property

@@ -50,7 +50,7 @@ def save_checkpoint(model: TokenBinder, directory: str | Path) -> Path:
         name: tensor.detach().to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
     }
-    fingerprint = model.fingerprint()
+    fingerprint, vision_fingerprint, query_fingerprint = model._identities()  # one pass
     weights_tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(weights_tmp), metadata={"format": FORMAT, "fingerprint": fingerprint})
     document: dict[str, Any] = {
@@ -59,8 +59,8 @@ def save_checkpoint(model: TokenBinder, directory: str | Path) -> Path:
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": _sha256_file(weights_tmp),
         "fingerprint": fingerprint,
-        "vision_fingerprint": model.vision_fingerprint(),
-        "query_fingerprint": model.query_fingerprint(),
+        "vision_fingerprint": vision_fingerprint,
+        "query_fingerprint": query_fingerprint,
     }
     config_tmp = directory / (CONFIG_FILE + ".tmp")
     config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -135,8 +135,17 @@ def _check_shapes(directory: Path, weights_path: Path, config: Any) -> None:
         )
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device | None = None) -> TokenBinder:
+def load_checkpoint(
+    directory: str | Path,
+    device: str | torch.device | None = None,
+    *,
+    inference: bool = False,
+) -> TokenBinder:
     """Rebuild the model saved in ``directory`` without the network.
+
+    ``inference=True`` (search and serving) returns it prepared for inference
+    (``TokenBinder.prepare_for_inference``: frozen, packed linear layers on CPU, fingerprints
+    computed once); the default returns a plain model (training, evaluation, tools).
 
     Raises NotFoundError (no such directory) or CheckpointError (missing file, malformed config,
     weights hash mismatch, weights that do not fit the config, fingerprint mismatch).
@@ -171,24 +180,29 @@ def load_checkpoint(directory: str | Path, device: str | torch.device | None = N
         ) from exc
     model = TokenBinder(config, device="cpu", load_pretrained=False)
     model.load_state_dict(tensors, strict=True)
-    fingerprint = model.fingerprint()
+    del tensors
+    model.to(resolve_device(device))
+    model.eval()
+    if inference:
+        model.prepare_for_inference()
+    _verify_identity(directory, document, model)
+    logger.info("loaded TokenBinder %s from %s", document["fingerprint"], directory)
+    return model
+
+
+def _verify_identity(directory: Path, document: dict[str, Any], model: TokenBinder) -> None:
+    """The loaded model's fingerprints (one pass over the weights) against those recorded."""
+    fingerprint, vision, query = model._identities()
     if fingerprint != document["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {directory}: fingerprint {fingerprint} differs from the recorded "
             f"{document['fingerprint']}: config and weights do not belong together"
         )
-    for key, method in (
-        ("vision_fingerprint", model.vision_fingerprint),
-        ("query_fingerprint", model.query_fingerprint),
-    ):
+    for key, value in (("vision_fingerprint", vision), ("query_fingerprint", query)):
         # written since the identity was split; older checkpoints lack them
-        if key in document and document[key] != method():
+        if key in document and document[key] != value:
             raise CheckpointError(
-                f"checkpoint {directory}: {key} {method()} differs from the recorded "
+                f"checkpoint {directory}: {key} {value} differs from the recorded "
                 f"{document[key]}: it was written by another version of tb_reranker "
                 "(the preprocessing the vision side names changed)"
             )
-    model.to(resolve_device(device))
-    model.eval()
-    logger.info("loaded TokenBinder %s from %s", fingerprint, directory)
-    return model

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tb_reranker.model import packed_linear
-
 __all__ = ["FocusedScores", "FocusedFusion", "CrossAttentionBlock", "LISTWISE_HEADS"]
 
 # heads with one output per rank slot (at most ``max_candidates`` candidates, rank embeddings)
@@ -79,9 +77,7 @@ class CrossAttentionBlock(nn.Module):
     def project_kv(self, tokens: torch.Tensor, position_embeddings: torch.Tensor) -> torch.Tensor:
         """tokens [N, T', D], position_embeddings [T', D] -> kv [N, 2, T', D]"""
         x = self.kv_inputs(tokens, position_embeddings)  # [N, T', D]
-        return torch.stack(
-            [packed_linear.dense(self.k_proj, x), packed_linear.dense(self.v_proj, x)], dim=1
-        )  # [N, 2, T', D]
+        return torch.stack([self.k_proj(x), self.v_proj(x)], dim=1)  # [N, 2, T', D]
 
     def rank_kv(self, rank_embeddings: torch.Tensor) -> torch.Tensor:
         """rank_embeddings [K, D] -> bias-free projections [2, K, D] to add to keys and values."""
@@ -220,7 +216,7 @@ class CrossAttentionBlock(nn.Module):
     def _head_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """queries [B, Q, D] -> projected per-head queries [B, H, Q, d]"""
         batch_size, num_queries, _ = queries.shape
-        q = packed_linear.dense(self.q_proj, self.ln_q(queries))  # [B, Q, D]
+        q = self.q_proj(self.ln_q(queries))  # [B, Q, D]
         return q.view(batch_size, num_queries, self.heads, self.head_dim).transpose(1, 2)
 
     def _attention(
@@ -271,8 +267,8 @@ class CrossAttentionBlock(nn.Module):
 
     def _finish(self, queries: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Residual output projection and FFN: queries, attended [B, Q, D] -> queries [B, Q, D]"""
-        queries = queries + packed_linear.dense(self.out_proj, attended)
-        return queries + packed_linear.sequential(self.mlp, self.ln_mlp(queries))
+        queries = queries + self.out_proj(attended)
+        return queries + self.mlp(self.ln_mlp(queries))
 
 
 def _mix_candidates(mass: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
@@ -439,11 +435,7 @@ class FocusedFusion(nn.Module):
         per_block = []
         for block in self.blocks:
             x = block.kv_inputs(real_tokens, real_positions)  # [R, D]
-            per_block.append(
-                torch.stack(
-                    [packed_linear.dense(block.k_proj, x), packed_linear.dense(block.v_proj, x)], 1
-                )
-            )
+            per_block.append(torch.stack([block.k_proj(x), block.v_proj(x)], 1))
         projected = torch.stack(per_block, dim=1)  # [R, n_blocks, 2, D] (autocast's dtype)
         kv = projected.new_zeros(num_videos, num_tokens, self.num_blocks, 2, width)
         kv = kv.index_put((rows, cols), projected)
@@ -519,7 +511,7 @@ class FocusedFusion(nn.Module):
         assert attention is not None and mass is not None
         token_attention = attention.mean(dim=(1, 2))  # [B, K, T']
         if self.head_type == "listwise":
-            delta = packed_linear.sequential(self.head, queries.flatten(1))[:, :num_candidates]
+            delta = self.head(queries.flatten(1))[:, :num_candidates]
         elif self.head_type == "listwise_slots":
             assert summary is not None
             delta = self._slots_delta(queries, mass, summary, cand_mask)
@@ -564,9 +556,7 @@ class FocusedFusion(nn.Module):
             features = features * cand_mask[:, :, None, None].to(features.dtype)
         if num_candidates < self.max_candidates:
             features = F.pad(features, (0, 0, 0, 0, 0, self.max_candidates - num_candidates))
-        return packed_linear.sequential(self.head, features.reshape(batch_size, -1))[
-            :, :num_candidates
-        ]
+        return self.head(features.reshape(batch_size, -1))[:, :num_candidates]
 
     def _symmetric_delta(
         self,
@@ -582,4 +572,4 @@ class FocusedFusion(nn.Module):
         features = self._candidate_features(queries, mass, summary, cand_mask)  # [B, K, Q, D+1]
         batch_size, num_candidates = features.shape[:2]
         features = features.reshape(batch_size * num_candidates, -1)
-        return packed_linear.sequential(self.head, features).view(batch_size, num_candidates)
+        return self.head(features).view(batch_size, num_candidates)

@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tb_reranker.model import packed_linear
-
 __all__ = ["IndicatorTextEncoder", "eot_positions"]
 
 
@@ -94,9 +92,6 @@ class IndicatorTextEncoder(nn.Module):
     def attn_mask(self) -> torch.Tensor:
         return self._parts[0].attn_mask
 
-    def _resblocks(self) -> list[nn.Module]:
-        return list(getattr(self.transformer, "resblocks", None) or [None])
-
     @property
     def text_context_length(self) -> int:
         """Tokens left for the text itself (SOT + words + EOT) after the m indicators."""
@@ -144,60 +139,8 @@ class IndicatorTextEncoder(nn.Module):
         indicators = self.indicators.to(cast_dtype).unsqueeze(0).expand(batch_size, -1, -1)
         x = x.index_put((rows.expand_as(indicator_positions), indicator_positions), indicators)
         x = x + self.positional_embedding[:positions].to(cast_dtype)  # [B, P, W]
-        x = self._blocks(x, self.attn_mask[:positions, :positions])  # [B, P, W]
+        x = self.transformer(x, attn_mask=self.attn_mask[:positions, :positions])  # [B, P, W]
         x = self.ln_final(x)
         eot_features = self._project(x[rows.squeeze(1), eot])  # [B, D]
         indicator_states = x[rows, indicator_positions]  # [B, m, W]
         return self._project(indicator_states), eot_features
-
-    def _blocks(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """The transformer: x [B, P, W], attn_mask [P, P] (additive) -> [B, P, W].
-
-        At inference on CPU in float32 (see :mod:`packed_linear`) open_clip's plain residual
-        blocks are run here, the same operations with every linear layer on packed weights;
-        otherwise (training, autocast, GPU, other block types) open_clip's own forward.
-        """
-        blocks = self._resblocks()
-        plain = all(_is_plain_block(block) for block in blocks)  # checked per call: ≈ 20 µs
-        if not (plain and packed_linear.applies(x, blocks[0].mlp.c_fc.weight)):
-            return self.transformer(x, attn_mask=attn_mask)
-        mask = attn_mask.to(x.dtype)
-        for block in blocks:
-            x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), mask))
-            x = x + block.ls_2(packed_linear.sequential(block.mlp, block.ln_2(x)))
-        return x
-
-
-def _is_plain_block(block: nn.Module | None) -> bool:
-    """An open_clip ``ResidualAttentionBlock`` whose forward :meth:`IndicatorTextEncoder._blocks`
-    reproduces: self-attention through a standard ``nn.MultiheadAttention``, no dropout."""
-    if block is None or type(block).__name__ != "ResidualAttentionBlock":
-        return False
-    attn = getattr(block, "attn", None)
-    mlp = getattr(block, "mlp", None)
-    return (
-        isinstance(attn, nn.MultiheadAttention)
-        and attn._qkv_same_embed_dim
-        and attn.batch_first
-        and attn.bias_k is None
-        and not attn.add_zero_attn
-        and attn.dropout == 0.0
-        and not hasattr(block, "ln_1_kv")
-        and all(hasattr(block, name) for name in ("ln_1", "ln_2", "ls_1", "ls_2"))
-        and isinstance(mlp, nn.Sequential)
-        and isinstance(getattr(mlp, "c_fc", None), nn.Linear)
-    )
-
-
-def _self_attention(
-    attn: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """``attn(x, x, x, attn_mask=mask)`` on packed weights: x [B, P, W], mask [P, P] -> [B, P, W]"""
-    batch_size, positions, width = x.shape
-    heads = attn.num_heads
-    qkv = packed_linear.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, P, 3W]
-    qkv = qkv.view(batch_size, positions, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # [B, H, P, d] each
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, P, d]
-    out = out.transpose(1, 2).reshape(batch_size, positions, width)
-    return packed_linear.dense(attn.out_proj, out)

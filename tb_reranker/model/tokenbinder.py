@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +16,7 @@ from torch import nn
 from tb_reranker.errors import CheckpointError, InvalidInputError
 from tb_reranker.model.config import TokenBinderConfig
 from tb_reranker.model.fusion import FocusedFusion, FocusedScores
+from tb_reranker.model.inference import InferenceState, identities, prepare
 from tb_reranker.model.precision import autocast_dtype, check_precision, resolve_device
 from tb_reranker.model.text import IndicatorTextEncoder
 from tb_reranker.model.tokens import tokenize
@@ -26,8 +25,6 @@ __all__ = ["TokenBinder", "build_clip"]
 
 logger = logging.getLogger(__name__)
 
-# the state-dict prefix of the vision tower; its weights are the vision fingerprint's
-_VISION_PREFIX = "clip.visual."
 VISION_IDENTITY_VERSION = 1  # bump when what the vision fingerprint covers changes
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -170,7 +167,7 @@ class TokenBinder(nn.Module):
             )
         self._apply_freezing()
         self._tokenizer: Any = None
-        self._fingerprint_cache: tuple[tuple[Any, ...], tuple[str, str, str]] | None = None
+        self._inference: InferenceState | None = None  # set by prepare_for_inference
         self._precision = check_precision(precision)
         self.eval()
         self.to(resolve_device(device))
@@ -710,13 +707,25 @@ class TokenBinder(nn.Module):
             broad=broad, delta=delta, final=broad + delta, frame_attention=frame_attention
         )
 
-    # ---- identity and checkpoints --------------------------------------------------------------
+    # ---- inference and identity ---------------------------------------------------------------
+    def prepare_for_inference(self) -> TokenBinder:
+        """Make this model an inference model, in place, and return it (``inference.prepare``):
+        eval mode, packed linear layers on CPU float32, no parameters (its weights are frozen
+        buffers), its fingerprints computed once. For search and serving
+        (``load_checkpoint(inference=True)``); never for a model that will train."""
+        return prepare(self)
+
+    @property
+    def prepared(self) -> bool:
+        """Whether :meth:`prepare_for_inference` made this an inference model."""
+        return self.__dict__.get("_inference") is not None
+
     def fingerprint(self) -> str:
         """Stable hex hash of the config and every weight (name, dtype, shape, bytes): the whole
         model. Checkpoints are verified against it.
 
-        Cached until a parameter changes (in-place updates bump tensor versions).
-        """
+        Computed from the weights as they are: on every call, or (a prepared model) once and
+        again whenever its weights are loaded or replaced."""
         return self._identities()[0]
 
     def vision_fingerprint(self) -> str:
@@ -730,6 +739,11 @@ class TokenBinder(nn.Module):
         """Hash of the query side: the config and every weight outside the vision tower (text
         tower, indicators, fusion, logit scale). Retraining it never needs a re-ingest."""
         return self._identities()[2]
+
+    def _identities(self) -> tuple[str, str, str]:
+        """(whole model, vision side, query side) fingerprints, computed in one pass."""
+        state = self.__dict__.get("_inference")
+        return identities(self) if state is None else state.identities(self)
 
     def _vision_spec(self) -> dict[str, Any]:
         config = self.config
@@ -752,32 +766,6 @@ class TokenBinder(nn.Module):
             "std": list(self.image_std),
             "tokens": "l2-normalised per frame, [CLS] = normalised mean over real frames",
         }
-
-    def _identities(self) -> tuple[str, str, str]:
-        """(whole model, vision side, query side) fingerprints, computed in one pass."""
-        state = self.state_dict(keep_vars=True)  # no per-call detached copies (hot path)
-        key = tuple(
-            (name, tensor.data_ptr(), tensor._version, str(tensor.device))
-            for name, tensor in state.items()
-        )
-        if self._fingerprint_cache is not None and self._fingerprint_cache[0] == key:
-            return self._fingerprint_cache[1]
-        whole, vision, query = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-        whole.update(self.config.to_json().encode())
-        vision.update(json.dumps(self._vision_spec(), sort_keys=True).encode())
-        query.update(b"query|" + self.config.to_json().encode())
-        for name in sorted(state):
-            tensor = state[name].detach()
-            header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
-            flat = tensor.to("cpu").contiguous().reshape(-1)
-            data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-            side = vision if name.startswith(_VISION_PREFIX) else query
-            for digest in (whole, side):
-                digest.update(header)
-                digest.update(data)
-        value = (whole.hexdigest()[:32], vision.hexdigest()[:32], query.hexdigest()[:32])
-        self._fingerprint_cache = (key, value)
-        return value
 
     def extra_repr(self) -> str:
         return (

@@ -24,8 +24,9 @@ __all__ = ["RerankBackend", "ModelInfo", "InProcessBackend", "encode_texts", "qu
 
 def query_fingerprint(model: Any) -> str:
     """What identifies the text side of ``model`` (the query encoder): the key of the query
-    cache. The model's query-side fingerprint (config, text tower, indicators, fusion; cached by
-    the model until a weight changes): a new vision side alone never changes an encoded query."""
+    cache. The model's query-side fingerprint (config, text tower, indicators, fusion; computed
+    from its weights, by a prepared model once): a new vision side alone never changes an
+    encoded query."""
     return str(model.query_fingerprint())
 
 

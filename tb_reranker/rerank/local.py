@@ -94,13 +94,11 @@ class Reranker:
         self.cache = KVCache(cache_size, cache_ttl_s)
         self.cache_kv = bool(cache_kv)
         self.limits = Limits.sdk(max_candidates=max_candidates)
-        self.device = next(model.parameters()).device
+        self.device = model.device  # a prepared model has buffers, no parameters
         self.embed_dim = int(model.embed_dim)
         self.num_indicators = int(model.num_indicators)
         self.top_k = int(model.top_k)
         self.tokens_per_frame = int(getattr(model, "tokens_per_frame", 1))
-        self._fingerprint: str | None = None  # the model's vision one, at the first store read
-        self._model_fingerprint = ""  # the whole model's (legacy records carry it)
 
     @property
     def max_candidates(self) -> int:
@@ -229,20 +227,21 @@ class Reranker:
         fingerprint: accepted when it is the loaded model's). Records without a fingerprint
         (written by hand or by an old version) are accepted, as a collection without one is.
         """
-        if self._fingerprint is None:
-            self._fingerprint = str(self.model.vision_fingerprint())
-            self._model_fingerprint = str(self.model.fingerprint())
-        accepted = ("", self._fingerprint, self._model_fingerprint)
+        vision = str(self.model.vision_fingerprint())  # a prepared model's: computed once
+        marks = {getattr(record, "fingerprint", "") for record in records.values()} - {"", vision}
+        if not marks:
+            return
+        whole = str(self.model.fingerprint())  # legacy records carry the whole model's
         foreign = sorted(
             video_id
             for video_id, record in records.items()
-            if getattr(record, "fingerprint", "") not in accepted
+            if getattr(record, "fingerprint", "") not in ("", vision, whole)
         )
         if foreign:
             other = records[foreign[0]].fingerprint
             raise ModelMismatchError(
                 f"{len(foreign)} stored videos (e.g. {foreign[0]!r}) hold frame tokens of model "
-                f"{other}, but the loaded checkpoint's vision side is {self._fingerprint}: serve "
+                f"{other}, but the loaded checkpoint's vision side is {vision}: serve "
                 "a checkpoint with their vision side, run `tb migrate --checkpoint "
                 "THE_CHECKPOINT_THAT_INGESTED_THEM` if the store predates vision fingerprints, "
                 "or re-index them with this checkpoint (`tb ingest VIDEOS --checkpoint CHECKPOINT "

@@ -384,7 +384,7 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
 
     device = resolve_device(config.device)
     dtype = resolve_precision(config.dtype, device)  # the model runs this autocast itself
-    model = load_checkpoint(settings.checkpoint, device=device)
+    model = load_checkpoint(settings.checkpoint, device=device, inference=True)
     model.precision = dtype
     store = open_store(settings.store)
     reranker = Reranker(

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig, packed_linear
+from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
 from tb_reranker.model import fusion as fusion_module
 from tb_reranker.model.fusion import CrossAttentionBlock, FocusedFusion, gumbel_like
 
@@ -555,36 +555,33 @@ def test_token_path_gradients_equal_the_plain_formulation(head, blocks):
             torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-9, msg=name)
 
 
-def _record_projections(model: TokenBinder, monkeypatch) -> list[tuple[str, int]]:
-    """(``"k"``/``"v"``, rows) of every K/V projection the fusion's linear layers run."""
-    weights = {}
-    for block in model.fusion.blocks:
-        weights[id(block.k_proj.weight)] = "k"
-        weights[id(block.v_proj.weight)] = "v"
+def _record_projections(model: TokenBinder) -> list[tuple[str, int]]:
+    """(``"k"``/``"v"``, rows) of every K/V projection the fusion's linear layers run (module
+    calls: plain ``nn.Linear`` or, on a prepared model, ``PackedLinear``)."""
     calls: list[tuple[str, int]] = []
-    real = packed_linear.linear
-
-    def recording(x, weight, bias=None):
-        if id(weight) in weights:
-            calls.append((weights[id(weight)], int(x.shape[0])))
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(packed_linear, "linear", recording)
+    for block in model.fusion.blocks:
+        for name, layer in (("k", block.k_proj), ("v", block.v_proj)):
+            layer.register_forward_pre_hook(
+                lambda _module, args, name=name: calls.append((name, int(args[0].shape[0])))
+            )
     return calls
 
 
-def test_focused_scores_on_tokens_never_projects_them(monkeypatch) -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
+def test_focused_scores_on_tokens_never_projects_them(prepared: bool) -> None:
     """``focused_scores(cand_tokens=...)`` takes the K/V-free path: no K/V projection runs, and
     the scores equal those on the projected K/V."""
     model = TokenBinder(TokenBinderConfig.tiny(fusion_blocks=2)).eval()
     _randomise_head(model)
+    if prepared:
+        model.prepare_for_inference()
     indicators, cand_cls, cand_tokens = _inputs()
     with torch.inference_mode():
         cand_kv = model.project_candidates(cand_tokens.reshape(B * K, T, D))
         cached = model.focused_scores(
             indicators, cand_cls, cand_kv=cand_kv.view(B, K, *cand_kv.shape[1:])
         )
-    calls = _record_projections(model, monkeypatch)
+    calls = _record_projections(model)
     with torch.inference_mode():
         direct = model.focused_scores(indicators, cand_cls, cand_tokens)
         assert calls == []
@@ -706,15 +703,18 @@ def test_padded_copy_scores_like_the_unpadded_original_v2t(head: str) -> None:
     assert not torch.allclose(unmasked.delta, expected.delta, atol=1e-4)
 
 
-def test_padded_frames_are_not_projected(monkeypatch) -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
+def test_padded_frames_are_not_projected(prepared: bool) -> None:
     """The K/V of padded frames are never computed (zero), the real ones are unchanged."""
     model = TokenBinder(TokenBinderConfig.tiny(fusion_blocks=2)).eval()
+    if prepared:
+        model.prepare_for_inference()
     _, _, cand_tokens = _inputs()
     videos = cand_tokens[0]  # [K, T, D]
     mask = torch.ones(K, T, dtype=torch.bool)
     mask[0, 3:] = False
     mask[2, 1::2] = False
-    calls = _record_projections(model, monkeypatch)
+    calls = _record_projections(model)
     with torch.inference_mode():
         full = model.project_candidates(videos)
         calls.clear()

@@ -96,12 +96,15 @@ def test_cuda_requested_without_cuda_is_a_typed_error(device: str, tmp_path: Pat
         TokenBinder(TokenBinderConfig.tiny(), device=device)
 
 
-def test_model_precision_decides_autocast_on_cpu() -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
+def test_model_precision_decides_autocast_on_cpu(prepared: bool) -> None:
     model = TokenBinder(TokenBinderConfig.tiny())
     _randomise = torch.Generator().manual_seed(1)
     with torch.no_grad():
         last = model.fusion.head[-1]
         last.weight.copy_(torch.randn(last.weight.shape, generator=_randomise))
+    if prepared:  # packed layers: autocast takes their F.linear path
+        model.prepare_for_inference()
     assert model.precision == "auto"
     auto, reference = _run(model)  # "auto" on CPU: no autocast
     assert set(auto.fusion) == set(auto.text) == {torch.float32}
