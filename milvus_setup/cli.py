@@ -139,7 +139,9 @@ def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
             if not index.exists():
                 from tb_reranker.errors import NotFoundError
 
-                raise NotFoundError(f"collection {args.collection!r} does not exist at {index.uri}")
+                raise NotFoundError(
+                    f"collection {args.collection!r} does not exist at {index.where}"
+                )
             print(json.dumps(index.describe(), indent=2, default=str), file=out)
             return 0
         if action == "drop":
@@ -155,7 +157,9 @@ def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
             if not index.exists():
                 from tb_reranker.errors import NotFoundError
 
-                raise NotFoundError(f"collection {args.collection!r} does not exist at {index.uri}")
+                raise NotFoundError(
+                    f"collection {args.collection!r} does not exist at {index.where}"
+                )
             problems = index._call(
                 "check",
                 schema.check_collection,

@@ -45,6 +45,8 @@ _SERVER_FLAGS: dict[str, str] = {
     "dtype": "auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16",
     "grace_s": "seconds in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
     "io_threads": "threads for Milvus calls (default 4)",
+    "milvus_probe_s": "seconds between the health probes of Milvus (default 5; 0 = none)",
+    "milvus_probe_timeout_s": "seconds a Milvus health probe may take (default 2)",
     "max_filter_chars": "characters of a Search filter expression (default 16384)",
     "max_filter_depth": "nested brackets in a Search filter expression (default 32)",
 }

@@ -126,7 +126,9 @@ def check(
             fingerprint=str(model.vision_fingerprint()), model_fingerprint=str(model.fingerprint())
         )
     if not index.exists():
-        raise NotFoundError(f"Milvus collection {index.collection!r} does not exist at {index.uri}")
+        raise NotFoundError(
+            f"Milvus collection {index.collection!r} does not exist at {index.where}"
+        )
     stored = index.stored_identity()
     report = CheckReport(fingerprint_ok=index.check_fingerprint())
     if repair and not report.fingerprint_ok:
@@ -300,7 +302,9 @@ def migrate(*, model: Any, index: VideoIndex, store: FrameStore) -> MigrateRepor
     """
     vision, whole = str(model.vision_fingerprint()), str(model.fingerprint())
     if not index.exists():
-        raise NotFoundError(f"Milvus collection {index.collection!r} does not exist at {index.uri}")
+        raise NotFoundError(
+            f"Milvus collection {index.collection!r} does not exist at {index.where}"
+        )
     stored = index.stored_identity()
     report = MigrateReport(collection=index.collection, was=stored.kind, vision_fingerprint=vision)
     if stored.kind == "legacy" and stored.value != whole:

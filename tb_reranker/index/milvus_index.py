@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,11 @@ def _is_handled(exc: BaseException) -> bool:
     return _is_missing_collection(exc) or _is_invalid_input(exc) or _is_unavailable(exc)
 
 
+def lite_path(uri: str) -> str:
+    """The absolute path of a Milvus Lite URI (``./x.db``, ``~/x.db``, ``file:///x.db``)."""
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
+
+
 def _positive_dim(dim: Any) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim <= 0:
         raise InvalidInputError(f"dim must be a positive int, got {dim!r}")
@@ -224,8 +230,11 @@ class VideoIndex:
         self.allow_fingerprint_mismatch = allow_fingerprint_mismatch
         self.exact_threshold = max(0, int(exact_threshold))
         self.is_lite = is_lite_uri(self.uri)
+        # where, in messages: a Lite database as its absolute path, a server as its URI
+        self.where = lite_path(self.uri) if self.is_lite else self.uri
         self._ready = False
         self._client = self._connect(token)
+        self._database_id = self._lite_identity()  # the Lite directory this index opened
 
     def __repr__(self) -> str:
         return f"VideoIndex({self.uri!r}, collection={self.collection!r})"
@@ -242,7 +251,58 @@ class VideoIndex:
             with handled_failures(_is_unavailable):
                 return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
         except Exception as exc:  # noqa: BLE001
-            raise IndexBackendError(f"cannot connect to Milvus at {self.uri}: {exc}") from exc
+            raise IndexBackendError(f"cannot connect to Milvus at {self.where}: {exc}") from exc
+
+    def _lite_identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the Lite database directory; None for a server or when absent."""
+        if not self.is_lite:
+            return None
+        try:
+            status = os.stat(self.where)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def check_database(self) -> None:
+        """Milvus Lite: ``NotFoundError`` when the database directory this index opened was
+        removed or replaced since. Lite's server runs in this process and keeps answering from
+        memory after ``rm -rf``, so without this check a reader serves hits of a database that
+        is gone (and never sees a new one at the same path). A server: nothing to check."""
+        if not self.is_lite:
+            return
+        now = self._lite_identity()
+        if now is not None and now == self._database_id:
+            return
+        what = "removed" if now is None else "replaced by another database"
+        raise NotFoundError(
+            f"Milvus Lite database {self.where} was {what} after this process opened it"
+        )
+
+    def probe(self, timeout: float) -> None:
+        """One cheap round trip bounded by ``timeout`` seconds: the Lite database is still the
+        one opened and the collection exists (``NotFoundError``), Milvus answers in time
+        (``IndexBackendError``)."""
+        self.check_database()
+        if not self._call(
+            "has_collection", self._client.has_collection, self.collection, timeout=timeout
+        ):
+            raise NotFoundError(
+                f"Milvus collection {self.collection!r} does not exist at {self.where}"
+            )
+
+    def release_database(self) -> None:
+        """Close this index and, for Milvus Lite, stop this process's server of its path (every
+        client of the path shares it): after :meth:`check_database` failed, the next
+        ``VideoIndex`` on the path then opens what is there now instead of the old server's
+        memory."""
+        self.close()
+        if not self.is_lite:
+            return
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:  # pragma: no cover - milvus-lite ships with pymilvus here
+            return
+        server_manager_instance.release_server(self.uri)  # the key pymilvus started it with
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one pymilvus call with the timeout, mapping its errors to ours."""
@@ -255,12 +315,12 @@ class VideoIndex:
         except Exception as exc:  # noqa: BLE001 - pymilvus/grpc raise many types
             if _is_missing_collection(exc):
                 raise NotFoundError(
-                    f"Milvus collection {self.collection!r} does not exist at {self.uri} "
+                    f"Milvus collection {self.collection!r} does not exist at {self.where} "
                     "(create it with `tb collection create` or by ingesting videos)"
                 ) from exc
             if _is_invalid_input(exc):
                 raise InvalidInputError(f"Milvus rejected {what}: {exc}") from exc
-            raise IndexBackendError(f"Milvus {what} failed at {self.uri}: {exc}") from exc
+            raise IndexBackendError(f"Milvus {what} failed at {self.where}: {exc}") from exc
 
     @property
     def dim(self) -> int | None:
@@ -433,7 +493,7 @@ class VideoIndex:
 
         if self.exists():
             if not exist_ok:
-                raise AlreadyExistsError(f"collection {self.collection!r} exists at {self.uri}")
+                raise AlreadyExistsError(f"collection {self.collection!r} exists at {self.where}")
             self._ready = False
             self._ensure_ready()
             return False

@@ -7,7 +7,11 @@ get ``grace_s`` to finish. :func:`serve` runs a server until SIGTERM/SIGINT.
 
 Health services: ``""`` (overall) and Encode/Rerank/Info follow the model + store; SearchService
 follows Milvus as well (NOT_SERVING while Milvus is down or not configured), so a server without
-Milvus still serves Encode and Rerank.
+Milvus still serves Encode and Rerank. Once connected, Milvus is probed by itself every
+``milvus_probe_s`` seconds (a round trip bounded by ``milvus_probe_timeout_s``): SearchService
+follows it both ways without waiting for a client's Search, and a Milvus Lite database removed
+or replaced under the server (or a dropped collection) is released and reopened when it is back,
+never served from memory.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +29,13 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError, TBError
+from tb_reranker.errors import (
+    IndexBackendError,
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    TBError,
+)
 from tb_reranker.server.backend import Backend, Components, SearchDisabledError
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.interceptors import (
@@ -79,6 +90,10 @@ class TBServer:
         self._runners: list[web.AppRunner] = []
         self._tasks: list[asyncio.Task] = []
         self._ready = asyncio.Event()
+        # Milvus probes run on their own thread: a frozen Milvus never holds up Search's pool
+        self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="tb-milvus-probe")
+        self._probe_pending: Future | None = None
+        self.milvus_ok: bool | None = None  # what the last probe found (None: none yet)
         self.load_error: BaseException | None = None
         self.port = 0  # the bound gRPC port
         self.http_port: int | None = None  # the bound provider HTTP port
@@ -201,9 +216,13 @@ class TBServer:
         self._ready.set()
         if components.index is not None:
             await self._set_milvus_status(True)
+            await self._watch_index()
         elif self._connect_index is not None:
             self.backend.index_error = "still connecting"
-            await self._connect_index_until_ready()
+            while True:  # connect; watch; when the database or collection is gone, again
+                await self._connect_index_until_ready()
+                if not await self._watch_index():
+                    return
 
     async def _connect_index_until_ready(self) -> None:
         """Open the collection, retrying; Search stays NOT_SERVING until it is there.
@@ -246,9 +265,73 @@ class TBServer:
             self.backend.components.index = index
             self.backend.index_error = None
             self.backend.index_failure = None
+            self.milvus_ok = True
             log.info("tb serve: Milvus collection ready, Search is serving")
             await self._set_milvus_status(True)
             return
+
+    async def _watch_index(self) -> bool:
+        """Probe the connected index every ``milvus_probe_s`` seconds and set SearchService's
+        health from what each probe finds. Returns True once the database or collection is
+        gone (the index is released, Search is NOT_SERVING; the caller reconnects), False
+        when probing is off."""
+        period = self.config.milvus_probe_s
+        if period <= 0:
+            return False
+        while True:
+            await asyncio.sleep(period)
+            components = self.backend.components
+            index = components.index if components is not None else None
+            if index is None:
+                return True
+            failure = await self._probe(index)
+            if isinstance(failure, NotFoundError):
+                await self._release_index(index, failure)
+                return True
+            await self._follow_probe(failure)
+
+    async def _probe(self, index: VideoIndex) -> BaseException | None:
+        """One probe on the probe thread, bounded by ``milvus_probe_timeout_s`` (plus a
+        second): None when Milvus answered and the collection is there, else the failure. A
+        probe still stuck from before counts as a failure without starting another."""
+        timeout = self.config.milvus_probe_timeout_s
+        if self._probe_pending is not None and not self._probe_pending.done():
+            return IndexBackendError("Milvus has not answered the previous health probe")
+        future = self._probe_executor.submit(index.probe, timeout)
+        self._probe_pending = future
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)
+        except TimeoutError:
+            return IndexBackendError(f"Milvus did not answer a health probe in {timeout:g} s")
+        except Exception as exc:  # noqa: BLE001 - every failure is a probe result
+            return exc
+        return None
+
+    async def _follow_probe(self, failure: BaseException | None) -> None:
+        """SearchService SERVING when the probe passed, NOT_SERVING when Milvus failed it."""
+        ok = failure is None
+        if ok != self.milvus_ok:
+            if ok:
+                log.info("tb serve: Milvus answers health probes, Search is serving")
+            else:
+                log.warning("tb serve: Search is NOT_SERVING: %s", failure)
+        self.milvus_ok = ok
+        await self._set_milvus_status(ok)
+
+    async def _release_index(self, index: VideoIndex, failure: BaseException) -> None:
+        """The database or collection is gone: stop serving it, release it, reconnect later."""
+        assert self.backend.components is not None
+        self.backend.components.index = None
+        self.backend.index_failure = SearchDisabledError(f"Search is not serving: {failure}")
+        self.backend.index_error = str(failure)
+        self.milvus_ok = False
+        await self._set_milvus_status(False)
+        log.warning("tb serve: %s; Search is NOT_SERVING until it is back", failure)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._probe_executor, index.release_database)
+        except Exception:  # noqa: BLE001 - releasing a lost database is best effort
+            log.debug("releasing the lost Milvus database failed", exc_info=True)
 
     async def _set_milvus_status(self, ok: bool) -> None:
         ready = (
@@ -283,6 +366,7 @@ class TBServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self.backend.close()
+        self._probe_executor.shutdown(wait=False, cancel_futures=True)
         log.info("tb serve: stopped")
 
     async def wait_for_termination(self) -> None:
@@ -400,20 +484,23 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
 def _index_connector(
     settings: Settings, fingerprints: Callable[[], tuple[str, str]]
 ) -> ConnectIndexFn:
-    """Opens the configured collection, never creating anything: a Lite database file that is
-    not there, or a collection that does not exist, is ``NotFoundError`` (the sidecar only
-    reads; ``tb ingest`` creates them)."""
+    """Opens the configured collection, never creating anything: a Lite database that is not
+    there, or a collection that does not exist, is ``NotFoundError`` (the sidecar only reads;
+    ``tb ingest`` creates them). Milvus Lite 3.x keeps a database as a directory (2.x: a file);
+    either is a database."""
 
     def connect() -> VideoIndex:
         from tb_reranker.index import VideoIndex
+        from tb_reranker.index.milvus_index import lite_path
         from tb_reranker.index.schema import is_lite_uri
 
         uri = settings.milvus_uri
+        where = uri
         if is_lite_uri(uri):
-            path = Path(uri.removeprefix("file://")).expanduser()
-            if not path.is_file():
+            where = lite_path(uri)
+            if not Path(where).exists():
                 raise NotFoundError(
-                    f"Milvus Lite database {path} does not exist (ingest videos into it first, "
+                    f"Milvus Lite database {where} does not exist (ingest videos into it first, "
                     "or point --uri at an existing database)"
                 )
         vision, whole = fingerprints()
@@ -427,7 +514,7 @@ def _index_connector(
         try:
             if not index.exists():
                 raise NotFoundError(
-                    f"Milvus collection {settings.collection!r} does not exist at {uri} "
+                    f"Milvus collection {settings.collection!r} does not exist at {where} "
                     "(ingest videos into it first, or choose --collection)"
                 )
             index.count()  # checks the dimension and the vision fingerprint, loads the collection

@@ -203,8 +203,9 @@ class Backend:
     def _run_search(self, pipeline: TwoStageSearch, request: SearchRequest) -> list[Hit]:
         """I/O thread: one two-stage search; Milvus failures become the server's errors."""
         try:
+            pipeline.index.check_database()  # a removed Lite database is never served
             return pipeline.run(request)[0]
-        except NotFoundError as exc:  # the collection is gone: the server's problem
+        except NotFoundError as exc:  # the database or collection is gone: the server's problem
             log.warning("Search is not serving: %s", exc)
             raise SearchDisabledError(f"Search is not serving: {exc}") from exc
         except TBError:

@@ -39,6 +39,8 @@ BOUNDS: dict[str, Bound] = {
     "query_cache_size": COUNT,
     "grace_s": Bound(0, 3600, integer=False),
     "io_threads": Bound(1, 1024),
+    "milvus_probe_s": Bound(0, 3600, integer=False),
+    "milvus_probe_timeout_s": Bound(0, 600, integer=False, low_open=True),
     "max_filter_chars": POSITIVE_INT,
     "max_filter_depth": POSITIVE_INT,
 }
@@ -74,6 +76,10 @@ class ServerConfig:
     dtype: str = "auto"  # "auto" (bfloat16 autocast on cuda, float32 on cpu), "float32", "bfloat16"
     grace_s: float = 10.0  # graceful shutdown: in-flight calls get this long to finish
     io_threads: int = 4  # threads for Milvus calls (Search)
+    # SearchService health follows a probe of Milvus every milvus_probe_s seconds (0 = no
+    # probe: health then changes only with Search calls), each bounded by the timeout
+    milvus_probe_s: float = 5.0
+    milvus_probe_timeout_s: float = 2.0
     max_filter_chars: int = DEFAULT_LIMITS.max_filter_chars  # characters of a Search filter
     max_filter_depth: int = DEFAULT_LIMITS.max_filter_depth  # nested (), [] and {} in a filter
 

@@ -9,6 +9,9 @@
     per test session by :class:`milvus_setup.launcher.LocalMilvus` and stopped at the end
     (start ≈ 5-10 s; skipped with the reason when the server cannot start, e.g. set
     ``TB_SKIP_MILVUS_SERVER=1``). No token (authorisation off).
+``milvus_server``
+    The :class:`milvus_setup.launcher.LocalMilvus` behind ``milvus_server_uri`` (its process, for
+    tests that freeze it; such a test must leave it running).
 ``milvus_uri``
     Parametrised over both: ``"lite"`` and ``"server"`` (tests marked ``server`` for the latter).
 ``unique_collection``
@@ -50,7 +53,12 @@ def _skip_or_fail(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def milvus_server_uri(milvus_server) -> str:
+    return str(milvus_server.uri)
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     if os.environ.get("TB_SKIP_MILVUS_SERVER"):
         pytest.skip("TB_SKIP_MILVUS_SERVER is set")
     try:
@@ -67,7 +75,7 @@ def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
         "Milvus server for this session: %s (started in %.1f s)", server.uri, server.start_seconds
     )
     try:
-        yield server.uri
+        yield server
     finally:
         server.stop()
 
