@@ -56,6 +56,7 @@ from tb_reranker.wire.convert import (
 from tb_reranker.wire.status import ERROR_TYPE_KEY, STATUS_ERRORS, named_error
 
 __all__ = [
+    "Indicators",
     "RemoteReranker",
     "AsyncRemoteReranker",
     "RemoteBackend",
@@ -200,14 +201,40 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 
 # ---------------------------------------------------------------------- requests
+class Indicators(np.ndarray):
+    """Query indicators ``[Q, m, D]`` float32 from a sidecar's Encode, with the query side that
+    made them: ``query_fingerprint`` (``EncodeResponse.query_fingerprint``; "" from a sidecar
+    older than the field). ``rerank`` and ``search`` send it back with them, so a sidecar with
+    another query side (another replica behind the same target, a model swapped in between)
+    refuses them with ``ModelMismatchError`` instead of scoring them. Slices and views keep it;
+    ``np.asarray`` and pickling drop it (then nothing is checked, as for any other array)."""
+
+    query_fingerprint: str = ""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.query_fingerprint = getattr(obj, "query_fingerprint", "")
+
+
 def _encode_message(texts: Sequence[str]) -> pb.EncodeRequest:
     return pb.EncodeRequest(texts=check_texts(texts, _SYNTAX))
 
 
-def _fingerprint_option(options: dict[str, Any]) -> str:
+def _indicators(response: pb.EncodeResponse) -> Indicators:
+    indicators = tensor_from_proto(response.indicators, name="indicators").view(Indicators)
+    indicators.query_fingerprint = response.query_fingerprint
+    return indicators
+
+
+def _attached_fingerprint(indicators: Any) -> str:
+    """The query side an :class:`Indicators` array came from ("" for any other value)."""
+    return indicators.query_fingerprint if isinstance(indicators, Indicators) else ""
+
+
+def _fingerprint_option(options: dict[str, Any], indicators: Any = None) -> str:
     """``query_fingerprint`` popped from ``options``: the query side that encoded the given
-    indicators (``TokenBinder.query_fingerprint()``; None or "" = unknown, not checked)."""
-    value = options.pop("query_fingerprint", None) or ""
+    indicators (``TokenBinder.query_fingerprint()``); when not given, the one an
+    :class:`Indicators` array carries from Encode; "" = unknown, not checked."""
+    value = options.pop("query_fingerprint", None) or _attached_fingerprint(indicators)
     if not isinstance(value, str):
         raise InvalidInputError("query_fingerprint must be a string")
     return value
@@ -218,7 +245,7 @@ def _rerank_messages(
 ) -> list[pb.RerankRequest]:
     """``rerank``'s arguments (``options``: top_n, strict, contents_hashes,
     query_fingerprint) → one message per query, checked for types and shapes first."""
-    fingerprint = _fingerprint_option(options)
+    fingerprint = _fingerprint_option(options, indicators)
     request = RerankRequest.build(
         indicators, candidates_ids, broad_scores, shape=None, limits=_SYNTAX, **options
     )
@@ -228,7 +255,7 @@ def _rerank_messages(
 def _search_messages(queries: Any, options: dict[str, Any]) -> list[pb.SearchRequest]:
     """``search``'s arguments (``options``: limit, rerank, filter, query_fingerprint) → one
     message per query."""
-    fingerprint = _fingerprint_option(options)
+    fingerprint = _fingerprint_option(options, queries)
     return search_request_to_proto(
         SearchRequest.build(queries, shape=None, limits=_SYNTAX, **options), fingerprint
     )
@@ -339,10 +366,10 @@ class RemoteReranker(_RemoteBase):
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- verbs
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts → indicators ``[Q, m, D]`` float32."""
-        response = self._call(self._encode.Encode, _encode_message(texts))
-        return tensor_from_proto(response.indicators, name="indicators")
+    def encode(self, texts: Sequence[str]) -> Indicators:
+        """Texts → indicators ``[Q, m, D]`` float32, an :class:`Indicators` array that carries
+        the sidecar's query side to ``rerank`` and ``search``."""
+        return _indicators(self._call(self._encode.Encode, _encode_message(texts)))
 
     def rerank(
         self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any
@@ -357,8 +384,10 @@ class RemoteReranker(_RemoteBase):
         self, request: RerankRequest, *, query_fingerprint: str | None = None
     ) -> list[RerankResult]:
         """``rerank`` of an already validated request; ``query_fingerprint``: the query side
-        that encoded its indicators (the sidecar refuses another one: ``ModelMismatchError``)."""
-        return self._reranked(rerank_request_to_proto(request, query_fingerprint or ""))
+        that encoded its indicators (the sidecar refuses another one: ``ModelMismatchError``;
+        None: the one its :class:`Indicators` carry from Encode, if any)."""
+        fingerprint = query_fingerprint or _attached_fingerprint(request.indicators)
+        return self._reranked(rerank_request_to_proto(request, fingerprint))
 
     def _reranked(self, messages: list[pb.RerankRequest]) -> list[RerankResult]:
         return [rerank_result_from_proto(r) for r in self._call_many(self._rerank.Rerank, messages)]
@@ -456,7 +485,8 @@ class RemoteBackend:
         return self.remote.encode(texts)
 
     def rerank(self, request: RerankRequest) -> list[RerankResult]:
-        # the sidecar checks that the indicators encoded here come from its own query side
+        # the sidecar checks that the indicators come from its own query side: the local
+        # encoder's fingerprint, or the one the sidecar's Encode gave with them
         return self.remote.rerank_request(request, query_fingerprint=self.query_fingerprint())
 
     def info(self) -> ModelInfo:
@@ -513,10 +543,10 @@ class AsyncRemoteReranker(_RemoteBase):
             await asyncio.gather(*(self._call(service, method, r, response_type) for r in requests))
         )
 
-    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+    async def encode(self, texts: Sequence[str]) -> Indicators:
         request = _encode_message(texts)
         response = await self._call("EncodeService", "Encode", request, pb.EncodeResponse)
-        return tensor_from_proto(response.indicators, name="indicators")
+        return _indicators(response)
 
     async def rerank(
         self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any

@@ -126,6 +126,7 @@ class EncodeServicer(pb_grpc.EncodeServiceServicer):
             indicators=tensor_to_proto(indicators),
             model_fingerprint=self.backend.fingerprint,
             metadata=metadata_to_proto(timings),
+            query_fingerprint=self.backend.query_fingerprint,  # to send back with them
         )
 
 

@@ -153,6 +153,92 @@ def test_query_fingerprint_on_the_wire(world):
         assert len(rerank.Rerank(text, timeout=30).ranks) == 4
 
 
+@pytest.fixture(scope="module")
+def other_sidecar(world):
+    """A second sidecar on the same store, serving the checkpoint with the other query side:
+    what a replica behind the same target serves halfway through a rolling upgrade."""
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.rerank import Reranker
+    from tb_reranker.server.backend import Components
+
+    store = world.running.server.backend.reranker.store
+    model = load_checkpoint(world.other_checkpoint)
+    components = Components(reranker=Reranker(model, store), device="cpu", dtype="float32")
+    with ServerThread(ServerConfig(port=0), lambda: components) as running:
+        yield running
+
+
+def test_encode_response_names_its_query_side(world):
+    """Before: EncodeResponse had no query_fingerprint, so indicators taken from Encode could
+    not be checked when they came back."""
+    with grpc.insecure_channel(world.running.target) as channel:
+        info = pb_grpc.InfoServiceStub(channel).Info(pb.InfoRequest(), timeout=30)
+        encoded = pb_grpc.EncodeServiceStub(channel).Encode(
+            pb.EncodeRequest(texts=["a red square", "a blue circle"]), timeout=30
+        )
+    assert info.query_fingerprint and encoded.query_fingerprint == info.query_fingerprint
+
+
+def test_sdk_encode_then_rerank_elsewhere_is_refused(world, other_sidecar):
+    """Indicators from one sidecar's Encode, reranked by a sidecar with another query side:
+    before, scored without a word (the SDK sent no fingerprint); now ModelMismatchError. Back
+    to the sidecar that made them, or as a plain array (origin unknown), they are served."""
+    ids = world.ids[:6]
+    with (
+        RemoteReranker(world.running.target) as here,
+        RemoteReranker(other_sidecar.target) as there,
+    ):
+        indicators = here.encode(["a red square", "a blue circle"])
+        assert indicators.query_fingerprint == here.info()["query_fingerprint"]
+        assert len(here.rerank(indicators, [ids, ids])[1].candidates) == 6
+        for sent in (indicators, indicators[1], indicators[1:]):  # views keep it
+            with pytest.raises(ModelMismatchError, match="query side"):
+                there.rerank(sent, [ids] * (2 if sent.ndim == 3 and len(sent) == 2 else 1))
+        assert len(there.rerank(np.asarray(indicators[0]), [ids])[0].candidates) == 6
+        with pytest.raises(ModelMismatchError):  # an explicit fingerprint still wins
+            here.rerank(np.asarray(indicators[0]), [ids], query_fingerprint="0" * 64)
+
+
+def test_remote_backend_carries_encode_fingerprint_to_rerank(world, other_sidecar):
+    """``RemoteBackend`` without a local encoder (Encode and Rerank both on the sidecar): the
+    TwoStageSearch path passes Encode's indicators (sliced per query) to Rerank."""
+    from tb_reranker.remote import RemoteBackend
+    from tb_reranker.requests import RerankRequest
+
+    with (
+        RemoteReranker(world.running.target) as here,
+        RemoteReranker(other_sidecar.target) as there,
+    ):
+        indicators = RemoteBackend(here).encode(["a red square", "a dog", "a cat"])
+        request = RerankRequest(
+            indicators=indicators[[0, 2]],  # what the pipeline sends: the queries with rows
+            candidates_ids=[world.ids[:4], world.ids[4:8]],
+            broad_scores=[None, None],
+            contents_hashes=[None, None],
+        )
+        assert [len(r.candidates) for r in RemoteBackend(here).rerank(request)] == [4, 4]
+        with pytest.raises(ModelMismatchError, match="query side"):
+            RemoteBackend(there).rerank(request)
+
+
+def test_async_sdk_encode_then_rerank_elsewhere_is_refused(world, other_sidecar):
+    import asyncio
+
+    from tb_reranker.remote import AsyncRemoteReranker
+
+    async def scenario() -> None:
+        async with (
+            AsyncRemoteReranker(world.running.target) as here,
+            AsyncRemoteReranker(other_sidecar.target) as there,
+        ):
+            indicators = await here.encode(["a red square"])
+            assert len((await here.rerank(indicators, [world.ids[:3]]))[0].candidates) == 3
+            with pytest.raises(ModelMismatchError, match="query side"):
+                await there.rerank(indicators, [world.ids[:3]])
+
+    asyncio.run(scenario())
+
+
 def test_tb_search_with_another_query_side_exits_2(world):
     """The user's path: `tb serve` serving one checkpoint, `tb search --checkpoint` another
     with the same vision side, as processes on the data dir."""

@@ -45,14 +45,16 @@ class EncodeRequest(_message.Message):
     def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("indicators", "model_fingerprint", "metadata")
+    __slots__ = ("indicators", "model_fingerprint", "metadata", "query_fingerprint")
     INDICATORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     indicators: FloatTensor
     model_fingerprint: str
     metadata: Metadata
-    def __init__(self, indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ...) -> None: ...
+    query_fingerprint: str
+    def __init__(self, indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
     __slots__ = ("text", "indicators", "candidates_ids", "broad_scores", "top_n", "strict", "contents_hashes", "query_fingerprint")
