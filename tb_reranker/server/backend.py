@@ -6,6 +6,11 @@ pool through the one search pipeline, ``TwoStageSearch``. This is the server's i
 (for gRPC and HTTP alike): each verb checks its arguments once against ``config.limits``
 (``tb_reranker.requests``), before a call takes a batch slot, and violations name the limit
 (``max_candidates=1000``) so a client knows which knob it hit; the batch functions trust them.
+
+Work per device call: an Encode call's texts go to the device :data:`ENCODE_CHUNK_TEXTS` at a
+time, one chunk after the other, and an Encode batch (chunks of concurrent calls fused) holds at
+most that many texts. Rerank batches queued meanwhile run between two chunks, so a Rerank waits
+behind one chunk, never behind a whole ``max_texts`` Encode (``docs/security.md``, "Limits").
 """
 
 from __future__ import annotations
@@ -40,9 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.rerank.local import Reranker
     from tb_reranker.types import Hit, RerankResult
 
-__all__ = ["Backend", "Components", "RerankItem", "SearchDisabledError"]
+__all__ = ["Backend", "Components", "RerankItem", "SearchDisabledError", "ENCODE_CHUNK_TEXTS"]
 
 log = logging.getLogger(__name__)
+
+# texts per device call of Encode. ViT-B/32's text tower on this project's shared 2-core machine
+# (benchmarks/tokenize_cost.py, load 4-4.6): 28-45 s for 256 texts that fill the context in one
+# call, 2.3 s for 16 of them (short queries: about a tenth of that)
+ENCODE_CHUNK_TEXTS = 16
 
 
 @dataclass
@@ -81,10 +91,12 @@ class Backend:
         self.query_cache = QueryCache(config.query_cache_size)  # Search's encoded texts
         self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="tb-device")
         self._io_executor = ThreadPoolExecutor(config.io_threads, thread_name_prefix="tb-io")
-        self.encode_batcher: MicroBatcher = self._batcher("encode", self._run_encode)
+        self.encode_batcher: MicroBatcher = self._batcher(
+            "encode", self._run_encode, weight=len, max_weight=ENCODE_CHUNK_TEXTS
+        )
         self.rerank_batcher: MicroBatcher = self._batcher("rerank", self._run_rerank)
 
-    def _batcher(self, kind: str, run: Any) -> MicroBatcher:
+    def _batcher(self, kind: str, run: Any, **weights: Any) -> MicroBatcher:
         histogram = self.metrics.batch_size.labels(kind) if self.metrics is not None else None
         return MicroBatcher(
             run,
@@ -94,6 +106,7 @@ class Backend:
             enabled=self.config.batching,
             on_batch=histogram.observe if histogram is not None else None,
             name=kind,
+            **weights,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,12 +161,21 @@ class Backend:
 
     # ------------------------------------------------------------------ verbs
     async def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, dict[str, int]]:
-        """Texts → indicators ``[Q, m, D]`` and timings (ns, batch_size)."""
+        """Texts → indicators ``[Q, m, D]`` and timings (ns, batch_size), encoded
+        :data:`ENCODE_CHUNK_TEXTS` texts at a time (other work runs between two chunks)."""
         texts = check_texts(texts, self.limits)
         self.reranker  # noqa: B018 - raises while loading
         started = time.perf_counter_ns()
-        (indicators, encode_ns), info = await self.encode_batcher.submit(texts)
-        return indicators, _timings(info, started, encode_ns=encode_ns)
+        parts, encode_ns, queue_ns, batch_size = [], 0, 0, 0
+        for start in range(0, len(texts), ENCODE_CHUNK_TEXTS):
+            chunk = texts[start : start + ENCODE_CHUNK_TEXTS]
+            (indicators, chunk_ns), info = await self.encode_batcher.submit(chunk)
+            parts.append(indicators)
+            encode_ns += chunk_ns
+            queue_ns += info.queue_ns
+            batch_size = max(batch_size, info.batch_size)
+        indicators = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return indicators, _timings(BatchInfo(queue_ns, batch_size), started, encode_ns=encode_ns)
 
     async def rerank(self, **fields: Any) -> tuple[RerankQuery, RerankResult, dict[str, int]]:
         """One query (``RerankQuery.build``'s fields: candidates_ids, text | indicators,

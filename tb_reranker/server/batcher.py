@@ -9,6 +9,11 @@ lowered throughput, see benchmarks/grpc_rerank.py). Calls whose caller has gone 
 before the batch runs. With ``enabled=False`` each call runs alone (batch size 1) on the same
 executor, which is the comparison the benchmark draws.
 
+Weights: with ``max_weight`` a batch also holds at most that much work (``weight(item)``, e.g. the
+texts of an Encode call): the call that would overflow it opens the next batch instead (a call
+heavier than ``max_weight`` runs alone). The worker runs one batch at a time, so work another
+batcher queued on the device thread in the meantime runs between two batches.
+
 Deadlines: a call submitted inside :func:`deadline_scope` (the gRPC servicers open one per call
 with its deadline) carries it. Batchers of different kinds share one device thread, so a batch
 may wait there behind another kind's work after it left the queue: on the device thread, just
@@ -104,6 +109,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         max_wait_ms: longest a batch waits to fill after its first item arrived.
         enabled: False → every item runs alone, at once.
         on_batch: optional callback ``(batch_size)`` for metrics.
+        weight: the work of one item (default 1 each).
+        max_weight: most work per batch (None: only ``max_batch`` bounds a batch).
     """
 
     def __init__(
@@ -116,6 +123,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         enabled: bool = True,
         on_batch: Callable[[int], None] | None = None,
         name: str = "batch",
+        weight: Callable[[Any], int] | None = None,
+        max_weight: int | None = None,
     ) -> None:
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
@@ -126,8 +135,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         self.enabled = enabled
         self._on_batch = on_batch
         self.name = name
+        self._weight = weight if weight is not None else _one
+        self.max_weight = max_weight
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task | None = None
+        self._held: _Pending | None = None  # taken from the queue, opens the next batch
 
     async def submit(self, item: ItemT) -> tuple[ResultT, BatchInfo]:
         """Run ``item`` in the next batch; returns its result and how it was batched."""
@@ -152,6 +164,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        if self._held is not None:
+            if not self._held.future.done():
+                self._held.future.cancel()
+            self._held = None
         if self._queue is not None:
             while not self._queue.empty():
                 pending = self._queue.get_nowait()
@@ -163,20 +179,8 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         queue = self._queue
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await queue.get()]
-            close_at = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                remaining = close_at - loop.time()
-                if remaining <= 0:
-                    # take whatever is already waiting, without waiting more
-                    while len(batch) < self.max_batch and not queue.empty():
-                        batch.append(queue.get_nowait())
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
-            batch = _live(batch)  # callers that gave up or whose deadline passed are dropped
+            # callers that gave up or whose deadline passed are dropped
+            batch = _live(await self._collect(queue, loop))
             if not batch:
                 continue
             started = time.perf_counter_ns()
@@ -200,6 +204,35 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     pending.future.set_exception(result)
                 else:
                     pending.future.set_result((result, info))
+
+    async def _collect(
+        self, queue: asyncio.Queue[_Pending], loop: asyncio.AbstractEventLoop
+    ) -> list[_Pending]:
+        """The next batch: the call held over (or the first to arrive), then the calls that
+        arrive within ``max_wait_s`` while the batch has room (``max_batch``, ``max_weight``);
+        once the window closed, only those already waiting."""
+        first = self._held if self._held is not None else await queue.get()
+        self._held = None
+        batch, weight = [first], self._weight(first.item)
+        close_at = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = close_at - loop.time()
+            if remaining <= 0:
+                if queue.empty():
+                    break
+                pending = queue.get_nowait()
+            else:
+                try:
+                    pending = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            more = self._weight(pending.item)
+            if self.max_weight is not None and weight + more > self.max_weight:
+                self._held = pending
+                break
+            batch.append(pending)
+            weight += more
+        return batch
 
     def _run_live(self, items: list[Any], deadlines: list[float | None]) -> list[Any]:
         """Device thread: ``run`` the items whose deadline has not passed; the others get
@@ -228,6 +261,10 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         if len(results) != len(items):
             raise RuntimeError(f"{self.name}: {len(items)} items but {len(results)} results")
         return results
+
+
+def _one(item: Any) -> int:
+    return 1
 
 
 def _unwrap(result: Any) -> Any:

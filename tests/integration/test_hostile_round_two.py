@@ -404,3 +404,50 @@ def test_long_texts_are_cut_before_bpe_on_the_server(world):
     with torch.inference_mode():
         local = model.encode_text(texts).numpy()
     np.testing.assert_allclose(indicators, local, atol=1e-5)
+
+
+def test_a_long_encode_lets_a_rerank_run_between_its_chunks(world, monkeypatch):
+    """Before: an Encode of max_texts texts was one device call (3-13 s of ViT-B/32 on 2 cores)
+    and a Rerank arriving meanwhile waited for all of it. Now the texts go to the device
+    ENCODE_CHUNK_TEXTS at a time and the Rerank runs between two chunks; the indicators are
+    the same as in one piece. The first chunk is held until the Rerank waits on the device
+    thread, so the order does not depend on timing."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tb_reranker.server.backend import ENCODE_CHUNK_TEXTS
+
+    backend = world.running.server.backend
+    order: list[tuple[str, int]] = []
+    run_encode, run_rerank = backend.encode_batcher._run, backend.rerank_batcher._run
+    encode_started = threading.Event()
+
+    def encode(items):
+        order.append(("encode", sum(len(texts) for texts in items)))
+        if not encode_started.is_set():
+            encode_started.set()
+            waited = time.monotonic() + 60
+            while backend._device_executor._work_queue.empty():  # the Rerank's batch
+                assert time.monotonic() < waited, "the Rerank never reached the device thread"
+                time.sleep(0.01)
+        return run_encode(items)
+
+    def rerank(items):
+        order.append(("rerank", len(items)))
+        return run_rerank(items)
+
+    monkeypatch.setattr(backend.encode_batcher, "_run", encode)
+    monkeypatch.setattr(backend.rerank_batcher, "_run", rerank)
+    texts = [f"a video number {n} of a red square" for n in range(3 * ENCODE_CHUNK_TEXTS + 5)]
+    with RemoteReranker(world.running.target, timeout=120) as remote, ThreadPoolExecutor(1) as pool:
+        encoding = pool.submit(remote.encode, texts)
+        assert encode_started.wait(60)
+        result = remote.rerank(np.eye(4, 64, dtype=np.float32), [world.ids[:4]])
+        indicators = encoding.result(120)
+    assert len(result[0].candidates) == 4
+    encodes = [n for kind, n in order if kind == "encode"]
+    assert sum(encodes) == len(texts) and max(encodes) <= ENCODE_CHUNK_TEXTS
+    assert order.index(("rerank", 1)) < len(order) - 1  # not after the whole Encode
+    model = backend.reranker.model
+    with torch.inference_mode():
+        np.testing.assert_allclose(indicators, model.encode_text(texts).numpy(), atol=1e-5)

@@ -8,6 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.server.batcher import MicroBatcher
@@ -172,3 +174,63 @@ def test_a_call_expired_in_the_queue_fails_with_deadline_exceeded(executor):
     first, doomed = _run(main())
     assert first[0] == 0 and isinstance(doomed, DeadlineExceededError)
     assert ran == [[0]]
+
+
+# ---------------------------------------------------------------------- weights
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 80), min_size=1, max_size=30),
+    max_weight=st.integers(1, 64),
+    max_batch=st.integers(1, 8),
+)
+def test_weighted_batches_hold_at_most_max_weight(sizes, max_weight, max_batch):
+    """Before: a batch took up to max_batch calls whatever their size (32 Encode calls of 256
+    texts were one device call of 8,192 texts). Now at most max_weight (a heavier call runs
+    alone), every call once, in arrival order, each with its own result."""
+    batches: list[list[int]] = []
+
+    def run(items):
+        batches.append([len(item) for item in items])
+        return [sum(item) for item in items]
+
+    async def main():
+        batcher = MicroBatcher(
+            run, pool, max_batch=max_batch, max_wait_ms=20, weight=len, max_weight=max_weight
+        )
+        calls = [list(range(size)) for size in sizes]
+        results = await asyncio.gather(*(batcher.submit(call) for call in calls))
+        await batcher.close()
+        return [value for value, _ in results]
+
+    with ThreadPoolExecutor(1) as pool:
+        assert _run(main()) == [sum(range(size)) for size in sizes]
+    assert [size for batch in batches for size in batch] == sizes
+    for batch in batches:
+        assert len(batch) <= max_batch
+        assert sum(batch) <= max_weight or len(batch) == 1
+
+
+def test_close_cancels_the_call_held_for_the_next_batch(executor):
+    """The call that did not fit the running batch is not left waiting forever."""
+    gate = threading.Event()
+
+    def hold(items):
+        gate.wait(5)
+        return [len(item) for item in items]
+
+    async def main():
+        batcher = MicroBatcher(
+            hold, executor, max_batch=8, max_wait_ms=50, weight=len, max_weight=4
+        )
+        first = asyncio.create_task(batcher.submit([1, 2, 3]))
+        held = asyncio.create_task(batcher.submit([4, 5, 6]))  # 3 + 3 > 4: the next batch
+        await asyncio.sleep(0.2)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await closing
+        return await asyncio.gather(first, held, return_exceptions=True)
+
+    first, held = _run(main())
+    assert isinstance(held, asyncio.CancelledError)
+    assert isinstance(first, asyncio.CancelledError) or first[0] == 3
