@@ -1,8 +1,10 @@
 """Delete videos, check (and repair) the agreement of the Milvus index and the frame store, and
 migrate a collection and store written before the vision fingerprint existed.
 
-Both keep the ingest pipeline's invariant: the store is written first and cleared last, so a
-Milvus row always has its tokens, except after damage that :func:`check` finds and repairs.
+Ingest writes the store first and Milvus second, so a crash leaves store entries without a row,
+which :func:`check` re-indexes (the store is the newer). Delete runs in the opposite order,
+store first and Milvus second, so a crash leaves Milvus rows without tokens, which
+:func:`check` deletes: a deleted video never comes back, whatever instant the crash hits.
 """
 
 from __future__ import annotations
@@ -75,7 +77,12 @@ class CheckReport:
 
 
 def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> DeleteReport:
-    """Delete videos from Milvus first (they stop being found), then from the store.
+    """Delete videos from the store first, then from Milvus.
+
+    The order is what makes a deletion stick: a crash in between leaves Milvus rows without
+    tokens (searches rank them last, unreranked), and ``check(repair=True)`` deletes such rows;
+    the opposite order would leave tokens without a row, which repair re-indexes (it cannot tell
+    them from an interrupted ingest), bringing the deleted videos back.
 
     Returns which ids were deleted (found in the index or the store) and which were found in
     neither (nothing to delete; reported, not an error here).
@@ -91,8 +98,8 @@ def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> Delet
     report.deleted = [i for i in wanted if i in present]
     report.not_found = [i for i in wanted if i not in present]
     if report.deleted:
-        index.delete(report.deleted)
         store.delete_many(report.deleted)
+        index.delete(report.deleted)
     log.info("deleted %d videos (%d not found)", len(report.deleted), len(report.not_found))
     return report
 
@@ -107,7 +114,8 @@ def check(
 ) -> CheckReport:
     """Find (and with ``repair`` fix) disagreements between the index and the store.
 
-    Repair: Milvus rows without tokens are deleted (they cannot be reranked); store entries
+    Repair: Milvus rows without tokens are deleted (they cannot be reranked, and an interrupted
+    ``delete`` leaves exactly those: what was deleted stays deleted); store entries
     without a row (or with a row of another content hash: the store is written first, so it is
     the newer) are re-indexed from their tokens (``store_only="reindex"``, the video CLS being
     the L2-normalised mean of the real frames' features, as in the model) or deleted
