@@ -185,8 +185,7 @@ class Client:
 
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        self.index.create()
-        report = ingest(
+        report = ingest(  # checks the options, then creates the collection if needed
             [str(p) for p in paths], model=self.model, index=self.index, store=self.store, **options
         )
         if self._reranker is not None:
@@ -259,7 +258,7 @@ class Client:
         )
 
     def delete(self, ids: Sequence[str], *, missing_ok: bool = True) -> int:
-        """Remove videos from Milvus, then from the store. Returns how many were removed (ids
+        """Remove videos from the store, then from Milvus. Returns how many were removed (ids
         found in neither are not counted; logged). ``missing_ok=False``: raise NotFoundError
         naming them, and delete nothing, when any id is unknown."""
         return len(self.delete_report(ids, missing_ok=missing_ok).deleted)

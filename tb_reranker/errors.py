@@ -22,7 +22,16 @@ __all__ = [
     "DeadlineExceededError",
     "AuthenticationError",
     "DataCorruptionError",
+    "printable",
 ]
+
+
+def printable(text: object) -> str:
+    """``text`` for a one-line message: as it is when every character prints, else its
+    ``repr`` (a newline, a control character or an undecodable byte of a file name is escaped,
+    so it can neither split the line nor fail to print)."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)
 
 
 class TBError(Exception):
@@ -64,7 +73,7 @@ class VideoDecodeError(TBError):
     """A video file cannot be decoded (corrupt, truncated, no video stream, zero frames)."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot decode video {path!s}: {reason}")
+        super().__init__(f"cannot decode video {printable(path)}: {reason}")
         self.path = str(path)
         self.reason = reason
 

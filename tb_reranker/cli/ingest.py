@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_reranker.cli._common import add_client_args, client_from_args, print_json
-from tb_reranker.errors import InvalidInputError, NotFoundError
+from tb_reranker.errors import InvalidInputError, NotFoundError, printable
 from tb_reranker.numbers import POSITIVE_INT, THREADS
 
 __all__ = ["register", "run"]
@@ -74,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         for path, reason in report.failed:
-            print(f"  failed: {path}: {reason}")
+            print(f"  failed: {printable(path)}: {reason}")
     return 0 if not report.failed else 1

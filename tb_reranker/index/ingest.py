@@ -21,14 +21,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tb_reranker.errors import InvalidInputError, VideoDecodeError
-from tb_reranker.index.inputs import expand_paths, video_ids_for
+from tb_reranker.errors import InvalidInputError, VideoDecodeError, printable
+from tb_reranker.index.inputs import assign_ids, expand_paths
 from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.index.rows import (
     READ_BATCH,
@@ -152,12 +152,13 @@ def ingest(
         StoreError, IndexBackendError: a backend failed (re-running resumes safely).
     """
     started = time.perf_counter()
-    options = replace(options or IngestOptions(), **settings)
+    options = _options(options, settings)
     files, problems = expand_paths(paths)
-    if not files:
-        shown = "; ".join(f"{item}: {why}" for item, why in problems[:5]) or "no input given"
-        raise InvalidInputError(f"nothing to ingest: {shown}")
-    videos = list(zip(video_ids_for(files, options.ids), files, strict=True))
+    videos, misnamed = assign_ids(files, options.ids)
+    problems.extend(misnamed)  # a file whose name is no valid id fails alone
+    if not videos:
+        shown = "; ".join(f"{printable(item)}: {why}" for item, why in problems[:5])
+        raise InvalidInputError(f"nothing to ingest: {shown or 'no input given'}")
     run = Ingestion(model=model, index=index, store=store, options=options)
     run.report.failed.extend(problems)
     report = run.run(videos)
@@ -165,8 +166,23 @@ def ingest(
     report.videos_per_s = report.ingested / report.seconds if report.seconds > 0 else 0.0
     log.info("ingest: %s", report.summary())
     for path, reason in report.failed:
-        log.info("ingest failed: %s: %s", path, reason)
+        log.info("ingest failed: %s: %s", printable(path), reason)
     return report
+
+
+def _options(options: IngestOptions | None, settings: dict[str, Any]) -> IngestOptions:
+    """``options`` with ``settings`` applied; an unknown name or a wrong type is an
+    :class:`InvalidInputError` naming it (not the dataclass's TypeError)."""
+    if options is not None and not isinstance(options, IngestOptions):
+        raise InvalidInputError(f"options must be an IngestOptions, got {type(options).__name__}")
+    known = [f.name for f in fields(IngestOptions)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown ingest option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+        )
+    return replace(options or IngestOptions(), **settings)
 
 
 class Ingestion:

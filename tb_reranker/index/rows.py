@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,18 +35,60 @@ def video_row(
     return row
 
 
+MAX_METADATA_DEPTH = 32  # lists/objects nested deeper are refused (JSON parsers recurse)
+_INT64 = 1 << 63
+_JSON_TYPES = "strings, finite numbers, booleans, null, lists and objects"
+
+
 def check_metadata(metadata: Mapping[str, Any] | None) -> None:
-    """Refuse metadata that is not ``{id or path: {field: value}}`` or uses a reserved field."""
-    for key, value in (metadata or {}).items():
+    """Refuse metadata that is not ``{id or path: {field: value}}``, uses a reserved field, or
+    holds a value Milvus's JSON cannot keep as given: NaN/inf (stored as null), an int outside
+    int64, a non-string object key, or a non-JSON type (anywhere inside nested values)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise InvalidInputError(
+            "metadata must be a dict {video id or path: {field: value}}, got "
+            f"{type(metadata).__name__}"
+        )
+    for key, value in metadata.items():
         if not isinstance(value, Mapping):
             raise InvalidInputError(
                 f"metadata for {key!r} must be a dict, got {type(value).__name__}"
+            )
+        if not all(isinstance(k, str) and k for k in value):
+            raise InvalidInputError(
+                f"metadata for {key!r}: field names must be non-empty strings, got "
+                f"{[k for k in value if not (isinstance(k, str) and k)][:5]!r}"
             )
         clash = set(value) & _RESERVED
         if clash or any(str(k).startswith("$") for k in value):
             raise InvalidInputError(
                 f"metadata for {key!r} uses reserved field names {sorted(clash) or list(value)}"
             )
+        for name, item in value.items():
+            problem = _json_problem(item, 0)
+            if problem:
+                raise InvalidInputError(f"metadata for {key!r}: field {name!r} {problem}")
+
+
+def _json_problem(value: Any, depth: int) -> str:
+    """Why ``value`` cannot be stored as JSON exactly ("" when it can)."""
+    if value is None or isinstance(value, bool | str):
+        return ""
+    if isinstance(value, int):
+        return "" if -_INT64 <= value < _INT64 else f"holds {value}, outside the int64 range"
+    if isinstance(value, float):
+        return "" if math.isfinite(value) else f"holds {value!r}: use finite numbers (or null)"
+    if depth >= MAX_METADATA_DEPTH:
+        return f"is nested deeper than {MAX_METADATA_DEPTH} levels"
+    if isinstance(value, list | tuple):
+        return next((p for p in (_json_problem(v, depth + 1) for v in value) if p), "")
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            return "holds an object with non-string keys"
+        return next((p for p in (_json_problem(v, depth + 1) for v in value.values()) if p), "")
+    return f"holds a {type(value).__name__}: use JSON values ({_JSON_TYPES})"
 
 
 def user_fields(row: Mapping[str, Any]) -> dict[str, Any]:
