@@ -64,6 +64,15 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)  # O
 DEFAULT_SEEK_THRESHOLD_S = 15.0
 # Corrupt packets tolerated (skipped) before a decode is abandoned.
 MAX_BAD_PACKETS = 64
+# Decoded frame size. Frames above MAX_FRAME_PIXELS (8K UHD) are refused: a tiny file can
+# declare 8192x8192 frames, and each one decoded costs 100 MB before any resize. Frames above
+# REDUCE_ABOVE_PIXELS (4K UHD) are decoded on one thread and shrunk as soon as they are picked
+# (to REDUCED_SHORT_SIDE_FACTOR x image_size on the short side, area-averaged; the frames are
+# resized to image_size anyway), so the T picked frames never sit in memory at full size.
+# Frames up to 4K are preprocessed exactly as before (open_clip's transform from full size).
+MAX_FRAME_PIXELS = 7680 * 4320
+REDUCE_ABOVE_PIXELS = 3840 * 2160
+REDUCED_SHORT_SIDE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -255,11 +264,43 @@ def _stream_span(
     return t0, duration or 0.0
 
 
-class _Picker:
-    """Keeps, for each target time, the nearest frame seen so far."""
+def _check_frame_size(path: str, width: int, height: int) -> None:
+    if width * height > MAX_FRAME_PIXELS:
+        raise VideoDecodeError(
+            path,
+            f"frames of {width}x{height} pixels exceed the limit of {MAX_FRAME_PIXELS} pixels "
+            "(8K UHD): refused, as decoding them would take gigabytes of memory",
+        )
 
-    def __init__(self, targets: np.ndarray) -> None:
+
+class _Reduced:
+    """A picked frame kept as a small RGB image (for frames above REDUCE_ABOVE_PIXELS): what
+    the preprocessing reads of a frame (``to_image``, ``rotation``), at a fraction of the size."""
+
+    def __init__(self, frame: Any, short_side: int) -> None:
+        width, height = int(frame.width), int(frame.height)
+        scale = min(1.0, short_side / max(1, min(width, height)))
+        self.image = frame.to_image(
+            width=max(1, round(width * scale)),
+            height=max(1, round(height * scale)),
+            interpolation="AREA",
+        )
+        try:
+            self.rotation = int(frame.rotation)
+        except Exception:  # noqa: BLE001 - malformed side data: treat as unrotated
+            self.rotation = 0
+
+    def to_image(self) -> Any:
+        return self.image
+
+
+class _Picker:
+    """Keeps, for each target time, the nearest frame seen so far (``reduce_to``: frames larger
+    than REDUCE_ABOVE_PIXELS are kept as a :class:`_Reduced` image of that short side)."""
+
+    def __init__(self, targets: np.ndarray, reduce_to: int = 0) -> None:
         self.targets = targets
+        self.reduce_to = reduce_to
         self.best_frames: list[Any] = [None] * len(targets)
         self.best_times = np.full(len(targets), np.nan)
         self.best_dist = np.full(len(targets), np.inf)
@@ -267,6 +308,8 @@ class _Picker:
     def offer(self, frame: Any, t: float) -> None:
         dist = np.abs(self.targets - t)
         better = dist < self.best_dist
+        if self.reduce_to and better.any() and frame.width * frame.height > REDUCE_ABOVE_PIXELS:
+            frame = _Reduced(frame, self.reduce_to)  # the full-size frame is released
         for i in np.flatnonzero(better):
             self.best_frames[i] = frame
             self.best_times[i] = t
@@ -297,6 +340,7 @@ def _decode_packets(
                 raise VideoDecodeError(path, f"too many corrupt packets ({last_error})") from None
             continue
         for frame in frames:
+            _check_frame_size(path, int(frame.width), int(frame.height))  # a size change
             t = _time_of(frame, time_base)
             if t is not None:
                 yield frame, t
@@ -305,9 +349,14 @@ def _decode_packets(
 
 
 def _pick_sequential(
-    container: Any, stream: Any, path: str, targets: np.ndarray, deadline: _Deadline
+    container: Any,
+    stream: Any,
+    path: str,
+    targets: np.ndarray,
+    deadline: _Deadline,
+    reduce_to: int = 0,
 ) -> _Picker:
-    picker = _Picker(targets)
+    picker = _Picker(targets, reduce_to)
     last_target = float(targets[-1])
     for frame, t in _decode_packets(container, stream, path, deadline):
         picker.offer(frame, t)
@@ -317,9 +366,14 @@ def _pick_sequential(
 
 
 def _pick_seeking(
-    container: Any, stream: Any, path: str, targets: np.ndarray, deadline: _Deadline
+    container: Any,
+    stream: Any,
+    path: str,
+    targets: np.ndarray,
+    deadline: _Deadline,
+    reduce_to: int = 0,
 ) -> _Picker:
-    picker = _Picker(targets)
+    picker = _Picker(targets, reduce_to)
     time_base = stream.time_base
     for i, target in enumerate(targets):
         if picker.best_frames[i] is not None and picker.best_times[i] >= target:
@@ -428,6 +482,10 @@ def _decode(
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
+        width, height = int(stream.codec_context.width), int(stream.codec_context.height)
+        _check_frame_size(path, width, height)  # before a single frame is decoded
+        if width * height > REDUCE_ABOVE_PIXELS:
+            threads = 1  # every decoding thread holds a full-size frame of its own
         if threads:
             stream.codec_context.thread_count = threads
         t0, duration = _stream_span(container, stream, deadline, seek_threshold_s)
@@ -440,10 +498,9 @@ def _decode(
         # centres of num_frames equal parts of [seg_start, seg_end)
         parts = (np.arange(num_frames, dtype=np.float64) + 0.5) / num_frames
         targets = seg_start + parts * (seg_end - seg_start)
-        if duration > seek_threshold_s:
-            picker = _pick_seeking(container, stream, path, targets, deadline)
-        else:
-            picker = _pick_sequential(container, stream, path, targets, deadline)
+        pick = _pick_seeking if duration > seek_threshold_s else _pick_sequential
+        reduce_to = REDUCED_SHORT_SIDE_FACTOR * image_size
+        picker = pick(container, stream, path, targets, deadline, reduce_to)
         if not picker.complete:
             raise VideoDecodeError(path, "no decodable video frames")
         stream_rotation = _stream_rotation(stream)
