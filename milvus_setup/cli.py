@@ -106,6 +106,15 @@ def _uri(args: argparse.Namespace) -> str:
     return Settings.from_env().milvus_uri
 
 
+def _interactive() -> bool:
+    """Whether stdin is a terminal someone can confirm on (a pipe, a file, /dev/null or a
+    closed stdin is not: destructive actions then need --yes)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (ValueError, OSError):  # closed
+        return False
+
+
 def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
     """Run ``action``; raises ``TBError`` subclasses for user/backend errors."""
     from tb_reranker.errors import InvalidInputError
@@ -113,6 +122,11 @@ def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
     from tb_reranker.index.milvus_index import VideoIndex
 
     out = out or sys.stdout
+    if action == "drop" and not args.yes and not _interactive():
+        raise InvalidInputError(
+            f"refusing to drop collection {args.collection!r} without --yes: stdin is not a "
+            "terminal to confirm on"
+        )
     index = VideoIndex(
         _uri(args),
         token=args.token,
@@ -145,8 +159,8 @@ def run(action: str, args: argparse.Namespace, out: Any = None) -> int:
             print(json.dumps(index.describe(), indent=2, default=str), file=out)
             return 0
         if action == "drop":
-            if not args.yes and sys.stdin.isatty():
-                answer = input(f"drop collection {args.collection!r} at {index.uri}? [y/N] ")
+            if not args.yes:  # on a terminal (_interactive): ask
+                answer = input(f"drop collection {args.collection!r} at {index.where}? [y/N] ")
                 if answer.strip().lower() not in ("y", "yes"):
                     print("not dropped", file=out)
                     return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from tb_reranker.errors import TBError
@@ -77,16 +78,56 @@ def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     logging.getLogger("tb_reranker.progress").setLevel(min(ours, logging.INFO))
 
 
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for `yes | head`'s yes
+
+
+def _one_line(text: object) -> str:
+    """``text`` with every character that does not print (a newline in a file name, a control
+    character, an undecodable byte) escaped: the error stays one line and always prints."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe whose reader has gone (POLLERR), not some other broken pipe."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll(), no real stdout
+        return True
+
+
+def _stdout_gone() -> int:
+    """The reader of stdout went away (``tb search ... | head``): exit quietly, as Unix tools
+    do. stdout is pointed at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout to point anywhere
+        pass
+    return SIGPIPE_EXIT
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, quiet=getattr(args, "quiet_logs", False))
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError as exc:
+        if _stdout_broken():
+            return _stdout_gone()
+        print(f"tb {args.command}: unexpected error: BrokenPipeError: {exc}", file=sys.stderr)
+        return 1
     except TBError as exc:
         if args.debug:
             raise
-        print(f"tb {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tb {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tb {args.command}: interrupted", file=sys.stderr)
@@ -94,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         if args.debug:
             raise
-        print(f"tb {args.command}: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"tb {args.command}: unexpected error: {type(exc).__name__}: {_one_line(exc)}",
+            file=sys.stderr,
+        )
         return 1
 
 

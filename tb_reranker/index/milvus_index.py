@@ -241,9 +241,10 @@ class VideoIndex:
 
     # ---------------------------------------------------------------- plumbing
     def _connect(self, token: str) -> Any:
-        if self.is_lite:
-            path = self.uri.removeprefix("file://")
-            Path(path).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        if self.is_lite:  # a path Lite cannot open, or another process's: one clear line
+            from tb_reranker.index.lite import check_lite_database
+
+            check_lite_database(Path(self.uri.removeprefix("file://")).expanduser().resolve())
         try:
             from pymilvus import MilvusClient
 
