@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def build_clip(config: TokenBinderConfig, load_pretrained: bool = True) -> nn.Mo
             try:
                 open_clip.load_checkpoint(model, pretrained)
             except Exception as exc:  # open_clip raises many kinds here
-                raise CheckpointError(f"cannot load CLIP weights from {pretrained}: {exc}") from exc
+                raise _weights_error(f"cannot load CLIP weights from {pretrained}", exc) from exc
         return model
     if config.clip_model not in open_clip.list_models():
         raise InvalidInputError(
@@ -70,10 +71,26 @@ def build_clip(config: TokenBinderConfig, load_pretrained: bool = True) -> nn.Mo
     try:
         return open_clip.create_model(config.clip_model, pretrained=pretrained)
     except Exception as exc:  # open_clip raises RuntimeError/FileNotFoundError/HF errors
-        raise CheckpointError(
-            f"cannot create open_clip model {config.clip_model!r} with pretrained="
-            f"{pretrained!r}: {exc}"
+        raise _weights_error(
+            f"cannot create open_clip model {config.clip_model!r} with pretrained={pretrained!r}",
+            exc,
         ) from exc
+
+
+def _weights_error(what: str, exc: BaseException) -> CheckpointError:
+    """One line for a weights file that failed to load. A pickle holding more than tensors
+    (refused by ``torch.load(weights_only=True)``, whose message suggests the unsafe option) is
+    named as such, with the safe way out; anything else keeps its first line."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        culprit = f" ({found.group(1)})" if found else ""
+        return CheckpointError(
+            f"{what}: the file is a pickle holding more than tensors{culprit}, and pickles are "
+            "only read as plain tensors: refused; save the weights as .safetensors instead"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return CheckpointError(f"{what}: {first}")
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
