@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tb_reranker import Client
 from tb_reranker.cli import main
@@ -60,7 +62,10 @@ def data_dir(tmp_path: Path, checkpoint: Path) -> Path:
 
 
 def tb(capsys: pytest.CaptureFixture[str], data_dir: Path, *args: str) -> tuple[int, str, str]:
-    code = main([*args, "--data-dir", str(data_dir)])
+    try:
+        code = main([*args, "--data-dir", str(data_dir)])
+    except SystemExit as exc:  # a usage error (argparse) ends the process: exit 2
+        code = int(exc.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -354,7 +359,7 @@ def _user_error_cases(tmp: Path, videos: list[Path]) -> dict[str, tuple[list[str
         "ingest-glob-nothing": (["ingest", str(tmp / "*.nothing")], "matches no file"),
         "ingest-bad-name": (
             ["ingest", _write(tmp / "my vidéo.mp4", Path(good).read_bytes())],
-            "invalid video ids",
+            "invalid video id",
         ),
         "ingest-metadata-not-json": (
             ["ingest", good, "--metadata", _write(tmp / "m1.json", "{not json")],
@@ -394,7 +399,30 @@ def _user_error_cases(tmp: Path, videos: list[Path]) -> dict[str, tuple[list[str
             ],
             "same video id",
         ),
-        "ingest-batch-zero": (["ingest", good, "--batch-size", "0"], "batch_size"),
+        "ingest-metadata-nan": (
+            ["ingest", good, "--metadata", _write(tmp / "m6.json", '{"v0": {"rating": NaN}}')],
+            "finite",
+        ),
+        "ingest-metadata-nested-inf": (
+            [
+                "ingest",
+                good,
+                "--metadata",
+                _write(tmp / "m7.json", '{"v0": {"a": [1, {"b": -Infinity}]}}'),
+            ],
+            "finite",
+        ),
+        "ingest-metadata-huge-int": (
+            ["ingest", good, "--metadata", _write(tmp / "m8.json", '{"v0": {"n": 1e400}}')],
+            "finite",
+        ),
+        "search-uri-proc": (["search", "red", "--uri", "/proc/self/x.db"], "Milvus Lite"),
+        "ingest-uri-under-file": (
+            ["ingest", good, "--uri", _write(tmp / "plain.txt", "x") + "/x.db"],
+            "Milvus Lite",
+        ),
+        "drop-without-yes": (["collection", "drop"], "--yes"),
+        "ingest-batch-zero": (["ingest", good, "--batch-size", "0"], "batch-size"),
         "search-limit-zero": (["search", "red", "--limit", "0"], "limit"),
         "search-limit-huge": (["search", "red", "--limit", "100000000"], "limit"),
         "search-blank-text": (["search", "   "], "non-empty"),
@@ -426,6 +454,12 @@ CASE_NAMES = [
     "ingest-metadata-missing",
     "ingest-ids-traversal",
     "ingest-ids-duplicate",
+    "ingest-metadata-nan",
+    "ingest-metadata-nested-inf",
+    "ingest-metadata-huge-int",
+    "search-uri-proc",
+    "ingest-uri-under-file",
+    "drop-without-yes",
     "ingest-batch-zero",
     "search-limit-zero",
     "search-limit-huge",
@@ -653,3 +687,372 @@ def test_kill_9_during_ingest_then_rerun_converges(
     assert stored_ids(data_dir) == (sorted(["keep", *(f"k{i}" for i in range(8))]),) * 2
     code, out, _ = tb(capsys, data_dir, "check", "--json")
     assert code == 0 and json.loads(out)["ok"]
+
+
+# ----------------------------------------------------------------------------- round two (#20)
+class _Crash(RuntimeError):
+    pass
+
+
+# every instant of a delete: before anything, inside the store's delete (half of the ids
+# gone), between the store and Milvus, inside Milvus's delete, after both
+DELETE_INSTANTS = ["before", "store-partial", "between", "index-partial", "after"]
+
+
+@pytest.mark.parametrize("instant", DELETE_INSTANTS)
+def test_deleted_videos_stay_deleted_whatever_instant_a_crash_hits(
+    milvus_lite_uri: str, unique_collection: str, tmp_path: Path, model, videos, instant: str
+) -> None:
+    """A crash between the Milvus delete and the store delete used to leave tokens without a
+    row, which ``check --repair`` re-indexed: the deleted videos came back."""
+    from tb_reranker.index import VideoIndex, check, delete, ingest
+
+    armed = [True]  # one crash: repair's own deletes run normally
+
+    def crash_at(point: str) -> None:
+        if armed[0] and instant == point:
+            armed[0] = False
+            raise _Crash(point)
+
+    class Index(VideoIndex):
+        def delete(self, ids):
+            ids = list(ids)
+            if armed[0] and instant == "index-partial":
+                super().delete(ids[:1])
+                crash_at("index-partial")
+            super().delete(ids)
+            crash_at("after")
+
+    class Store(LmdbFrameStore):
+        def delete_many(self, ids):
+            ids = list(ids)
+            crash_at("before")
+            if armed[0] and instant == "store-partial":
+                super().delete_many(ids[:1])
+                crash_at("store-partial")
+            count = super().delete_many(ids)
+            crash_at("between")
+            return count
+
+    index = Index(milvus_lite_uri, collection=unique_collection)
+    store = Store(tmp_path / "frames")
+    try:
+        ingest(videos, model=model, index=index, store=store, progress=False)
+        with pytest.raises(_Crash):
+            delete(["v0", "v2"], index=index, store=store)
+        # a video the crash removed from either place was deleted: it must stay deleted
+        touched = {"v0", "v2"} - (set(index.list_ids()) & set(store.list_ids()))
+        # nobody re-runs the delete: repair alone must respect it
+        assert check(index, store, repair=True, model=model).repaired
+        kept = (index.list_ids(), sorted(store.list_ids()))
+        if instant == "before":  # nothing was deleted yet: nothing may be lost either
+            assert kept == (["v0", "v1", "v2"],) * 2
+        else:
+            assert "v1" in kept[0] and "v1" in kept[1]
+            # whatever of v0/v2 the crash had removed anywhere stays removed everywhere
+            assert set(kept[0]) == set(kept[1]), kept
+            assert touched and not touched & (set(kept[0]) | set(kept[1])), (touched, kept)
+        assert check(index, store, model=model).ok
+    finally:
+        store.close()
+        index.close()
+
+
+def _held_lite(data_dir: Path) -> subprocess.Popen:
+    """A process that opens the data dir's Milvus Lite database and keeps it."""
+    code = (
+        "import sys, time\n"
+        "from tb_reranker import Client\n"
+        "client = Client(data_dir=sys.argv[1]); client.index.list_ids()\n"
+        "print('ready', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert holder.stdout.readline().strip() == "ready"
+    return holder
+
+
+@pytest.mark.timeout(300)
+def test_destructive_commands_refuse_a_non_interactive_stdin(shared_dir: Path) -> None:
+    """``echo | tb collection drop`` (no --yes) used to drop the collection."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for stdin in ("\n", "y\n", ""):
+        found = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tb_reranker",
+                "collection",
+                "drop",
+                "--data-dir",
+                str(shared_dir),
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
+        assert_user_error(found.returncode, found.stderr, "--yes", "not a terminal")
+    found = subprocess.run(
+        [sys.executable, "-m", "milvus_setup", "drop", "--uri", str(shared_dir / "milvus.db")],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert found.returncode == 2 and "--yes" in found.stderr, found.stderr
+    assert stored_ids(shared_dir) == (["v0", "v1", "v2"],) * 2
+
+
+@pytest.mark.timeout(400)
+def test_cli_into_a_closed_pipe_and_on_a_held_lite_database(data_dir: Path, videos) -> None:
+    """``tb search ... | head`` used to exit 1 with a BrokenPipeError line; any command on a
+    Lite database another process holds printed Lite's ~20-line DataDirLockedError traceback.
+    (Every tb runs in a child: Lite locks its database for the process that opened it.)"""
+    assert tb_process(data_dir, "ingest", *map(str, videos)).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tb_reranker",
+            "search",
+            "red",
+            "--json",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    child.stdout.close()  # the reader is gone before the first line is written
+    err = child.stderr.read().decode()
+    child.wait(240)
+    assert child.returncode == 141, err  # 128 + SIGPIPE, as `yes | head` gives
+    assert "error" not in err.lower() and "Traceback" not in err, err
+
+    holder = _held_lite(data_dir)
+    try:
+        for argv in (["search", "red"], ["delete", "v0"], ["check"]):
+            found = tb_process(data_dir, *argv)
+            assert_user_error(
+                found.returncode, found.stderr, f"in use by process {holder.pid}", "tb serve"
+            )
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert stored_ids(data_dir) == (["v0", "v1", "v2"],) * 2
+
+
+@pytest.mark.timeout(300)
+def test_directory_ingest_bad_names_fail_alone_and_loops_end(
+    data_dir: Path, videos, tmp_path: Path
+) -> None:
+    """One file name that is no valid id used to abort the whole directory; a name with a
+    newline split the error line; a glob through ``a/up -> ..`` never ended."""
+    lib = tmp_path / "lib"
+    (lib / "a").mkdir(parents=True)
+    shutil.copy(videos[0], lib / "good.mp4")
+    shutil.copy(videos[1], lib / "a" / "also_good.mp4")
+    shutil.copy(videos[2], lib / "my vidéo.mp4")
+    shutil.copy(videos[2], lib / "a" / "two\nlines.mp4")
+    (lib / "a" / "up").symlink_to("..")
+    (lib / "a" / "down").symlink_to(".")
+    found = tb_process(data_dir, "ingest", str(lib / "**" / "*.mp4"), timeout=240)
+    assert found.returncode == 1, found.stderr
+    failed = [line for line in found.stdout.splitlines() if line.startswith("  failed: ")]
+    assert len(failed) == 2 and "Traceback" not in found.stderr, found.stdout
+    assert any("'" in line and "two\\nlines.mp4" in line for line in failed), failed
+    assert "ingested 2" in found.stdout and "failed 2" in found.stdout, found.stdout
+    again = tb_process(data_dir, "ingest", str(lib), "--json", timeout=240)
+    report = json.loads(again.stdout)
+    assert report["unchanged"] == 2 and len(report["failed"]) == 2, again.stderr
+    assert stored_ids(data_dir) == (["also_good", "good"],) * 2
+
+
+def _huge_video(path: Path, side: int, frames: int) -> Path:
+    """A few black ``side``x``side`` H.264 frames (a small file), made in a child process so
+    the encoder's memory is not this process's."""
+    code = (
+        "import sys, av\n"
+        "side = int(sys.argv[2])\n"
+        "with av.open(sys.argv[1], 'w') as c:\n"
+        "    s = c.add_stream('libx264', rate=5); s.width = s.height = side\n"
+        "    s.pix_fmt = 'yuv420p'; s.options = {'preset': 'ultrafast'}\n"
+        "    s.codec_context.thread_count = 1\n"
+        "    for _ in range(int(sys.argv[3])):\n"
+        "        f = av.VideoFrame(side, side, 'yuv420p')\n"
+        "        for p in f.planes: p.update(bytes(p.buffer_size))\n"
+        "        for k in s.encode(f): c.mux(k)\n"
+        "    for k in s.encode(): c.mux(k)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(side), str(frames)], check=True, timeout=240
+    )
+    return path
+
+
+_PEAK_RSS = (
+    "import json, resource, sys\n"
+    "from tb_reranker.video import decode_video\n"
+    "from tb_reranker.errors import VideoDecodeError\n"
+    "decode_video(sys.argv[1], num_frames=4, image_size=32)  # imports, codecs: the baseline\n"
+    "rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "base = rss()\n"
+    "try:\n"
+    "    decode_video(sys.argv[2], num_frames=8, image_size=32)\n"
+    "    outcome = 'decoded'\n"
+    "except VideoDecodeError as exc:\n"
+    "    outcome = str(exc)\n"
+    "print(json.dumps({'growth_mb': rss() - base, 'outcome': outcome}))\n"
+)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("side", "frames", "bound_mb"), [(8192, 3, 400)])
+def test_huge_frames_do_not_take_gigabytes(
+    tmp_path: Path, videos, side: int, frames: int, bound_mb: int
+) -> None:
+    """An 8192x8192 video (a 0.2 MB file) used to add 1-1.5 GB to the decoding process. Frames
+    above 8K UHD are now refused before decoding (what remains is FFmpeg's stream probe).
+    Peak RSS growth measured in a child process (ru_maxrss)."""
+    huge = _huge_video(tmp_path / f"huge{side}.mp4", side, frames)
+    assert huge.stat().st_size < 2_000_000
+    found = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(videos[0]), str(huge)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert found.returncode == 0, found.stderr
+    result = json.loads(found.stdout)
+    assert f"{side}x{side}" in result["outcome"] and "limit" in result["outcome"], result
+    assert result["growth_mb"] < bound_mb, result  # before: 970-1,480 MB, decoded; now ~150
+
+
+# tb init: shapes and weights are checked before a checkpoint is written
+_SHAPES = [
+    ("", "embed_dim"),
+    ("vision_cfg", "image_size"),
+    ("vision_cfg", "patch_size"),
+    ("vision_cfg", "width"),
+    ("vision_cfg", "head_width"),
+    ("vision_cfg", "layers"),
+    ("text_cfg", "width"),
+    ("text_cfg", "heads"),
+    ("text_cfg", "context_length"),
+]
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory: pytest.TempPathFactory, tiny_clip) -> Path:
+    return tiny_clip.save(tmp_path_factory.mktemp("clip") / "tiny.safetensors")
+
+
+def _init(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["init", *argv])
+    return code, capsys.readouterr().err
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.sampled_from(_SHAPES),
+    st.one_of(
+        st.integers(-3, 3),
+        st.integers(5, 100),
+        st.just(10**9),
+        st.floats(allow_nan=True),
+        st.sampled_from(["8", None, True, [8]]),
+    ),
+)
+def test_init_config_values_build_or_exit_2(
+    capsys, tmp_path_factory, clip_weights: Path, shape, value
+) -> None:
+    """``patch_size: 0`` / ``embed_dim: -1`` used to exit 1 with ZeroDivisionError /
+    RuntimeError; any value now builds a working checkpoint or is exit 2 with one line."""
+    from tb_reranker.model.config import TINY_CLIP_CFG
+
+    section, key = shape
+    cfg = json.loads(json.dumps(TINY_CLIP_CFG))
+    (cfg[section] if section else cfg)[key] = value
+    tmp = tmp_path_factory.mktemp("init")
+    config = tmp / "cfg.json"
+    config.write_text(json.dumps(cfg))
+    code, err = _init(
+        capsys, "--config", str(config), "--pretrained", str(clip_weights), "--out", str(tmp / "o")
+    )
+    if code == 0:
+        import torch
+
+        from tb_reranker.model import load_checkpoint
+
+        model = load_checkpoint(tmp / "o", device="cpu")
+        with torch.no_grad():
+            assert torch.isfinite(model.encode_text(["a red square"])).all()
+    else:
+        assert_user_error(code, err)
+        assert not (tmp / "o" / "config.json").exists()
+
+
+def test_init_refuses_nan_weights_and_pickles_in_one_line(
+    capsys, tmp_path: Path, tiny_clip, clip_weights: Path
+) -> None:
+    """NaN weights used to make a checkpoint that failed later; a refused pickle printed six
+    lines that suggested ``weights_only=False``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tb_reranker.model.config import TINY_CLIP_CFG
+
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps(TINY_CLIP_CFG))
+    state = {k: v.contiguous().clone() for k, v in tiny_clip.build().state_dict().items()}
+    state["visual.conv1.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    torch.save({"state_dict": _Evil()}, tmp_path / "evil.pt")
+    for weights, needle in (("nan.safetensors", "NaN/inf"), ("evil.pt", "pickle")):
+        code, err = _init(
+            capsys,
+            "--config",
+            str(config),
+            "--pretrained",
+            str(tmp_path / weights),
+            "--out",
+            str(tmp_path / "out"),
+        )
+        assert_user_error(code, err, needle)
+        assert "weights_only=False" not in err and "weights_only` set to `False" not in err
+        assert not (tmp_path / "out" / "config.json").exists()
+    found = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tb_reranker",
+            "init",
+            "--config",
+            str(config),
+            "--pretrained",
+            str(tmp_path / "nan.safetensors"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert_user_error(found.returncode, found.stderr, "NaN/inf")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))

@@ -189,7 +189,10 @@ def test_metadata_shape_checked_typed(metadata) -> None:
         bad = [
             v
             for v in metadata.values()
-            if not isinstance(v, dict) or set(v) & reserved or any(k.startswith("$") for k in v)
+            if not isinstance(v, dict)
+            or set(v) & reserved
+            or any(k.startswith("$") or not k for k in v)  # empty names: issue 20
+            or any(abs(i) >= 2**63 for i in v.values())  # outside int64: issue 20
         ]
         assert bad
         return
@@ -267,3 +270,174 @@ def test_float16_finiteness_from_the_bits_equals_numpy(bits: list[int], special)
     halves = values.view(np.float16).reshape(-1, 1)
     assert all_finite(halves) == bool(np.isfinite(halves).all())
     assert all_finite(halves.astype(np.float32)) == bool(np.isfinite(halves).all())
+
+
+# ----------------------------------------------------------------------------- round two (#20)
+# metadata: any value is stored exactly (JSON without NaN/inf, ints within int64) or refused
+_JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.text(max_size=8),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([b"bytes", {1, 2}, object(), np.float32(1.5), 1j]),
+)
+_JSON_VALUES = st.recursive(
+    _JSON_LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 3)), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@FAST
+@given(st.dictionaries(st.text(min_size=1, max_size=6), _JSON_VALUES, max_size=3))
+def test_metadata_is_stored_exactly_or_refused_typed(fields: dict) -> None:
+    """NaN/inf (anywhere inside) used to be stored as null; other types failed untyped."""
+    fields = {k: v for k, v in fields.items() if not k.startswith("$")}
+    try:
+        IngestOptions(metadata={"vid": fields})
+    except InvalidInputError as exc:
+        assert "\n" not in str(exc)
+        return
+    text = json.dumps(fields, allow_nan=False)  # what Milvus and the record keep
+    assert all(abs(i) < 2**63 for i in _ints(fields))
+    assert json.loads(text) == json.loads(json.dumps(fields))
+
+
+def _ints(value):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _ints(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _ints(item)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"vid": {"rating": float("nan")}},
+        {"vid": {"deep": [1, {"x": [float("-inf")]}]}},
+        [{"vid": {"a": 1}}],
+        {"vid": {"tags": {1, 2}}},
+        {"vid": {"when": object()}},
+    ],
+    ids=["nan", "nested-inf", "list", "set", "object"],
+)
+def test_metadata_examples_refused_typed(metadata) -> None:
+    with pytest.raises(InvalidInputError, match="metadata"):
+        IngestOptions(metadata=metadata)
+
+
+def test_unknown_ingest_option_is_typed_before_any_work() -> None:
+    from tb_reranker.index.ingest import ingest
+
+    # model/index/store are never touched: the options are checked first
+    with pytest.raises(InvalidInputError, match="unknown ingest option 'bogus'.*batch_size"):
+        ingest(["/nowhere"], model=None, index=None, store=None, bogus=1)
+
+
+# file names: a name that makes no valid id fails alone; every message stays one line
+@FAST
+@given(
+    st.lists(
+        st.text(
+            st.characters(blacklist_characters="/\x00", blacklist_categories=("Cs",)),
+            min_size=1,
+            max_size=30,
+        ).filter(lambda n: n not in (".", "..")),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    )
+)
+def test_any_file_name_is_ingested_or_fails_alone(names: list[str]) -> None:
+    from tb_reranker.errors import printable
+    from tb_reranker.index.inputs import assign_ids
+
+    paths = [f"/lib/{name}.mp4" for name in names]
+    try:
+        videos, failed = assign_ids(paths)
+    except InvalidInputError as exc:  # only two names making the same id
+        assert "same video id" in str(exc) and "\n" not in str(exc)
+        return
+    assert sorted(p for _, p in videos) + sorted(p for p, _ in failed) == sorted(paths) or (
+        sorted([p for _, p in videos] + [p for p, _ in failed]) == sorted(paths)
+    )
+    for video_id, path in videos:
+        assert validate_video_id(video_id) == Path(path).stem
+    for path, reason in failed:
+        assert not VIDEO_ID_PATTERN.fullmatch(Path(path).stem) or ".." in Path(path).stem
+        line = f"failed: {printable(path)}: {reason}"
+        assert "\n" not in line and "\r" not in line and line.isprintable()
+
+
+@FAST
+@given(st.text(max_size=60))
+def test_printable_is_one_printable_line(text: str) -> None:
+    from tb_reranker.cli import _one_line
+    from tb_reranker.errors import printable
+
+    for shown in (printable(text), _one_line(text)):
+        assert shown.isprintable()
+        shown.encode("utf-8")  # never fails to print (surrogates escaped)
+    if text.isprintable():
+        assert printable(text) == text == _one_line(text)
+
+
+# symlink loops: a walk or a glob visits each real directory once and ends
+_TREE = st.tuples(
+    st.lists(st.sampled_from(["a", "b", "a/c", "b/d", "a/c/e"]), max_size=5, unique=True),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", "a", "b", "a/c", "b/d", "a/c/e"]),
+            st.sampled_from(["..", "../..", ".", "../a", "../../b"]),
+        ),
+        max_size=4,
+    ),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_TREE)
+@pytest.mark.timeout(120)
+def test_walks_and_globs_end_through_symlink_loops(tmp_path_factory, tree) -> None:
+    """``tb ingest 'lib/**/*.mp4'`` with ``lib/a/up -> ..`` used to walk without end."""
+    dirs, links = tree
+    root = tmp_path_factory.mktemp("lib")
+    videos = {root / "top.mp4"}
+    for d in dirs:
+        (root / d).mkdir(parents=True, exist_ok=True)
+        videos.add(root / d / f"{d.replace('/', '_')}.mp4")
+    for video in videos:
+        video.parent.mkdir(parents=True, exist_ok=True)
+        video.write_bytes(b"x")
+    for i, (where, target) in enumerate(links):
+        (root / where).mkdir(parents=True, exist_ok=True)
+        if (root / where / target).resolve().is_relative_to(root.resolve()):  # inside the tree
+            (root / where / f"up{i}").symlink_to(target)
+    real = {str(v.resolve()) for v in videos}
+    for inputs in ([str(root)], [str(root / "**" / "*.mp4")], [str(root / "**")]):
+        paths, _ = expand_paths(inputs)
+        found = [os.path.realpath(p) for p in paths]
+        assert len(found) == len(set(found)) and set(found) == real, inputs
+
+
+def test_glob_with_looping_links_example(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    (lib / "a" / "b").mkdir(parents=True)
+    for name in ("lib/x.mp4", "lib/a/y.mp4", "lib/a/b/z.mp4"):
+        (tmp_path / name).write_bytes(b"x")
+    (lib / "a" / "up").symlink_to("..")
+    (lib / "a" / "b" / "up").symlink_to("../..")
+    (lib / "a" / "b" / "self").symlink_to(".")
+    paths, problems = expand_paths([str(lib / "**" / "*.mp4"), str(lib)])
+    assert sorted(paths) == sorted(str(lib / n) for n in ("x.mp4", "a/y.mp4", "a/b/z.mp4"))
+    assert problems == []
