@@ -387,11 +387,21 @@ def _random_word(rng: random.Random, length: int) -> str:
     return "".join(rng.choice(string.ascii_letters) for _ in range(length))
 
 
-def test_long_texts_are_cut_before_bpe_on_the_server(world):
+def test_long_texts_are_cut_before_bpe_on_the_server(world, monkeypatch):
     """Before: 64 texts of 2,048 random letters kept the device thread ~15 s (BPE of each whole
     text; a concurrent Rerank waited behind it). The encoder reads at most context_length
-    tokens: the server BPE-encodes only that part (open_clip keeps every word it encoded in its
-    cache: none is longer than the bound), with the same indicators as the model in process."""
+    tokens: the server BPE-encodes only that part (every word handed to BPE is at most the
+    bound long), with the same indicators as the model in process."""
+    from tb_reranker.model import tokens
+
+    seen: list[str] = []
+    real_bpe = tokens.bpe
+
+    def recording_bpe(ranks, word):
+        seen.append(word)
+        return real_bpe(ranks, word)
+
+    monkeypatch.setattr(tokens, "bpe", recording_bpe)
     rng = random.Random(5)
     texts = [_random_word(rng, 2048) for _ in range(64)]
     model = world.running.server.backend.reranker.model
@@ -400,7 +410,9 @@ def test_long_texts_are_cut_before_bpe_on_the_server(world):
         result = remote.rerank(np.eye(4, 64, dtype=np.float32), [world.ids[:4]])
     assert len(result[0].candidates) == 4
     bound = (model.context_length - 1) * 32  # 32: the longest token of CLIP's vocabulary
-    assert max(len(word) for word in model._tokenizer.cache) <= bound + len("</w>")
+    assert len(seen) >= 64, "the server's texts did not go through tokens.bpe"
+    assert max(len(word) for word in seen) <= bound + len("</w>")
+    assert max(len(word) for word in seen) < 2048  # the cut applied: the texts are longer
     with torch.inference_mode():
         local = model.encode_text(texts).numpy()
     np.testing.assert_allclose(indicators, local, atol=1e-5)
