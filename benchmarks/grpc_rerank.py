@@ -49,10 +49,10 @@ def build(kind: str, directory: Path, seed: int) -> tuple[Any, list[str]]:
     import torch
 
     from benchmarks._fusion_model import build_fusion_model
-    from tb_reranker.index import open_store
     from tb_reranker.rerank import Reranker
-    from tb_reranker.server.backend import Components
+    from tb_reranker.server.engine import Components
     from tb_reranker.server.testing import tiny_records
+    from tb_reranker.stores import open_store
 
     torch.manual_seed(seed)
     model = build_fusion_model(embed_dim=512, num_frames=12, num_indicators=4, top_k=TOP_K)

@@ -90,8 +90,8 @@ def measure_model(
     name: str, videos_dir: Path, workdir: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Ingest every clip of ``videos_dir`` with model ``name``; compare with the raw encoder."""
-    from tb_reranker.index import VideoIndex, ingest, open_store
-    from tb_reranker.stores import encode_record
+    from tb_reranker.index import VideoIndex, ingest
+    from tb_reranker.stores import encode_record, open_store
 
     model = build_model(name)
     raw = raw_encoder(model, args.batch_size, repeats=args.raw_repeats, max_seconds=args.raw_s)

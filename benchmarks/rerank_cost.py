@@ -57,7 +57,7 @@ INDICATORS = 4  # m
 
 
 def _fill_store(path: Path, num_videos: int, seed: int) -> Any:
-    from tb_reranker.index import FrameRecord, open_store
+    from tb_reranker.stores import FrameRecord, open_store
 
     rng = np.random.default_rng(seed)
     store = open_store(str(path))

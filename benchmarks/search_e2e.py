@@ -149,7 +149,7 @@ def _content_hash(n: int) -> str:
 
 def fill_store(store_dir: Path, num_videos: int, seed: int) -> float:
     """Write ``num_videos`` random float16 ``[T, D]`` records; returns the seconds taken."""
-    from tb_reranker.index import FrameRecord, open_store
+    from tb_reranker.stores import FrameRecord, open_store
 
     rng = np.random.default_rng(seed)
     pool = rng.standard_normal((TOKEN_POOL, NUM_FRAMES, EMBED_DIM), dtype=np.float32)

@@ -94,8 +94,8 @@ def build_model(kind: str) -> Any:
 
 def prepare(workdir: Path, kind: str, num_videos: int, seed: int) -> tuple[Any, list[str]]:
     """Checkpoint at ``workdir/ckpt`` and store at ``workdir/frames``; returns (model, ids)."""
-    from tb_reranker.index import FrameRecord, open_store
     from tb_reranker.model import save_checkpoint
+    from tb_reranker.stores import FrameRecord, open_store
 
     model = build_model(kind)
     save_checkpoint(model, workdir / "ckpt")

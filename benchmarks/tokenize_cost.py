@@ -117,7 +117,7 @@ def measure_call(texts_count: int, chunk: int, seed: int, whole: bool) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from tb_reranker.server.backend import ENCODE_CHUNK_TEXTS
+    from tb_reranker.server.engine import ENCODE_CHUNK_TEXTS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)

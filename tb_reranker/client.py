@@ -30,12 +30,13 @@ from tb_reranker.requests import Limits, SearchRequest
 from tb_reranker.types import Hit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tb_reranker.index import FrameStore, VideoIndex
+    from tb_reranker.index import VideoIndex
     from tb_reranker.model import TokenBinder
     from tb_reranker.remote import RemoteReranker
     from tb_reranker.rerank.backend import RerankBackend
     from tb_reranker.rerank.local import Reranker
     from tb_reranker.rerank.pipeline import TwoStageSearch
+    from tb_reranker.stores import FrameStore
 
 __all__ = ["Client", "AsyncClient"]
 
@@ -134,7 +135,7 @@ class Client:
     @property
     def store(self) -> FrameStore:
         if self._store is None:
-            from tb_reranker.index import open_store
+            from tb_reranker.stores import open_store
 
             self._store = open_store(self.settings.store)
         return self._store
@@ -238,12 +239,8 @@ class Client:
         return self._model is not None or (Path(self.settings.checkpoint) / "config.json").exists()
 
     def _backend(self) -> RerankBackend:
-        from tb_reranker.rerank.backend import (
-            InProcessBackend,
-            ModelInfo,
-            encode_texts,
-            query_fingerprint,
-        )
+        from tb_reranker.rerank.in_process import InProcessBackend
+        from tb_reranker.rerank.model_info import ModelInfo, encode_texts, query_fingerprint
 
         if not self.is_remote:
             return InProcessBackend(self.reranker)

@@ -16,6 +16,7 @@ __all__ = [
     "ModelMismatchError",
     "VideoDecodeError",
     "StoreError",
+    "IndexUnavailableError",
     "IndexBackendError",
     "RerankerUnavailableError",
     "ResourceExhaustedError",
@@ -82,10 +83,15 @@ class StoreError(TBError):
     """The frame-token store failed to read or write (I/O, corruption, backend down)."""
 
 
-class IndexBackendError(TBError):
+class IndexUnavailableError(TBError):
     """Milvus failed or is unreachable. Retriable by default: the server may come back."""
 
     retriable = True
+
+
+# Deprecated name of IndexUnavailableError (the same class: ``except IndexBackendError`` and
+# a sidecar that names it in its error trailer keep working)
+IndexBackendError = IndexUnavailableError
 
 
 class RerankerUnavailableError(TBError):

@@ -42,7 +42,7 @@ from tb_reranker.auth import check_token
 from tb_reranker.errors import InvalidInputError, RerankerUnavailableError, TBError
 from tb_reranker.numbers import MAX_INT32, SECONDS, Bound
 from tb_reranker.requests import Limits, RerankRequest, SearchRequest, check_texts
-from tb_reranker.rerank.backend import ModelInfo
+from tb_reranker.rerank.model_info import ModelInfo
 from tb_reranker.types import Hit, RerankResult
 from tb_reranker.wire import pb, pb_grpc
 from tb_reranker.wire.convert import (

@@ -1,8 +1,8 @@
 """Request objects and the one set of input limits, checked once at each boundary.
 
 The boundaries are the SDK (``Client``, ``Reranker``, ``RemoteReranker``), the gRPC servicers and
-the HTTP provider endpoints (both through ``server.backend.Backend``). Each builds a request with
-``SearchRequest.build`` / ``RerankRequest.build`` / ``RerankQuery.build`` (or ``check_texts``),
+the HTTP provider endpoints (both through ``server.engine.ServingEngine``). Each builds a request
+with ``SearchRequest.build`` / ``RerankRequest.build`` / ``RerankQuery.build`` (or ``check_texts``),
 which raise ``InvalidInputError`` naming the limit; the layers below (``TwoStageSearch.run``,
 ``Reranker.rerank_request``, the micro-batcher) take the built objects and check nothing again.
 

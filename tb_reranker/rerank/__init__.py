@@ -3,7 +3,9 @@ pipeline ``TwoStageSearch``.
 
 | module | concern |
 |---|---|
-| ``backend`` | ``RerankBackend`` (encode, rerank, info), ``ModelInfo``, ``InProcessBackend`` |
+| ``backend`` | ``RerankBackend``: the protocol the pipeline calls (encode, rerank, info) |
+| ``in_process`` | ``InProcessBackend``: the protocol over a ``Reranker`` in this process |
+| ``model_info`` | ``ModelInfo``, ``encode_texts``, ``query_fingerprint``: what the pipeline reads of a model |
 | ``pipeline`` | ``TwoStageSearch``: Milvus broad search + rerank, the one place hits are made |
 | ``query_cache`` | ``QueryCache``: the pipeline's LRU of encoded queries (text × model fingerprint) |
 | ``local`` | ``Reranker``: model + frame store + K/V cache, in process |
@@ -18,7 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tb_reranker._lazy import lazy_attributes
-from tb_reranker.rerank.backend import InProcessBackend, ModelInfo, RerankBackend
+from tb_reranker.rerank.backend import RerankBackend
+from tb_reranker.rerank.in_process import InProcessBackend
+from tb_reranker.rerank.model_info import ModelInfo
 from tb_reranker.rerank.pipeline import TwoStageSearch
 from tb_reranker.rerank.query_cache import QueryCache
 from tb_reranker.types import RerankedCandidate, RerankResult

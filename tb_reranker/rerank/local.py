@@ -27,7 +27,6 @@ import torch
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError
 from tb_reranker.requests import Limits, RerankRequest, check_texts
-from tb_reranker.rerank.backend import ModelInfo, encode_texts
 from tb_reranker.rerank.batch import (
     FusionBatch,
     Plan,
@@ -39,11 +38,12 @@ from tb_reranker.rerank.batch import (
     unique_ids,
 )
 from tb_reranker.rerank.cache import KVCache, Rows
+from tb_reranker.rerank.model_info import ModelInfo, encode_texts
 from tb_reranker.types import RerankResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tb_reranker.index import FrameStore
     from tb_reranker.model import TokenBinder
+    from tb_reranker.stores import FrameStore
 
 __all__ = ["Reranker"]
 

@@ -17,13 +17,13 @@ _LAZY = {
     "TBServer": "tb_reranker.server.app",
     "serve": "tb_reranker.server.app",
     "load_components": "tb_reranker.server.app",
-    "Components": "tb_reranker.server.backend",
+    "Components": "tb_reranker.server.engine",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.server.app import TBServer, load_components, serve
-    from tb_reranker.server.backend import Components
     from tb_reranker.server.config import ServerConfig
+    from tb_reranker.server.engine import Components
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

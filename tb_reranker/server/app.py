@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -30,14 +31,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from tb_reranker.errors import (
-    IndexBackendError,
+    IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
     NotFoundError,
     TBError,
 )
-from tb_reranker.server.backend import Backend, Components, SearchDisabledError
 from tb_reranker.server.config import ServerConfig
+from tb_reranker.server.engine import Components, SearchDisabledError, ServingEngine
 from tb_reranker.server.interceptors import (
     AuthInterceptor,
     ConcurrencyLimitInterceptor,
@@ -82,8 +83,8 @@ class TBServer:
         self._load = load
         self._connect_index = connect_index
         self._index_retry_s = index_retry_s
-        self.metrics = ServerMetrics(cache_stats=lambda: self.backend.cache_stats())
-        self.backend = Backend(config, self.metrics)
+        self.metrics = ServerMetrics(cache_stats=lambda: self.engine.cache_stats())
+        self.engine = ServingEngine(config, self.metrics)
         self.limiter = ConcurrencyLimitInterceptor(config.max_concurrency, self.metrics)
         self.health = health_aio.HealthServicer()
         self._server: aio.Server | None = None
@@ -98,6 +99,14 @@ class TBServer:
         self.port = 0  # the bound gRPC port
         self.http_port: int | None = None  # the bound provider HTTP port
         self.metrics_port: int | None = None  # the bound /metrics port
+
+    @property
+    def backend(self) -> ServingEngine:
+        """Deprecated name of :attr:`engine`."""
+        warnings.warn(
+            "TBServer.backend is deprecated: use TBServer.engine", DeprecationWarning, stacklevel=2
+        )
+        return self.engine
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -118,7 +127,7 @@ class TBServer:
             ],
             maximum_concurrent_rpcs=None,  # shedding is ConcurrencyLimitInterceptor's job
         )
-        add_servicers(server, self.backend, self._set_milvus_status)
+        add_servicers(server, self.engine, self._set_milvus_status)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             *SERVICE_NAMES.values(),
@@ -169,7 +178,7 @@ class TBServer:
         config = self.config
         ssl_context = _ssl_context(config) if config.tls else None
         if config.http_port >= 0:
-            app = build_provider_app(self.backend, token=config.token, metrics=self.metrics)
+            app = build_provider_app(self.engine, token=config.token, metrics=self.metrics)
             self.http_port = await self._run_app(app, config.http_port, ssl_context, web)
             log.info("tb serve: provider HTTP endpoints on %s:%d", config.host, self.http_port)
         if config.metrics_port >= 0:
@@ -200,7 +209,7 @@ class TBServer:
         loop = asyncio.get_running_loop()
         try:
             components = await loop.run_in_executor(None, self._load)
-            await self.backend.attach(components)
+            await self.engine.attach(components)
         except Exception as exc:  # stays NOT_SERVING; the cause is logged and kept
             self.load_error = exc
             log.error(
@@ -212,13 +221,13 @@ class TBServer:
             return
         for name in ("", SERVICE_NAMES["encode"], SERVICE_NAMES["rerank"], SERVICE_NAMES["info"]):
             await self.health.set(name, SERVING)
-        log.info("tb serve: model ready (fingerprint %s)", self.backend.fingerprint[:12])
+        log.info("tb serve: model ready (fingerprint %s)", self.engine.fingerprint[:12])
         self._ready.set()
         if components.index is not None:
             await self._set_milvus_status(True)
             await self._watch_index()
         elif self._connect_index is not None:
-            self.backend.index_error = "still connecting"
+            self.engine.index_error = "still connecting"
             while True:  # connect; watch; when the database or collection is gone, again
                 await self._connect_index_until_ready()
                 if not await self._watch_index():
@@ -241,16 +250,16 @@ class TBServer:
             except Exception as exc:
                 reason = str(exc)
                 if isinstance(exc, NotFoundError | ModelMismatchError):
-                    self.backend.index_failure = (
+                    self.engine.index_failure = (
                         exc
                         if isinstance(exc, ModelMismatchError)
                         else SearchDisabledError(f"Search is not serving: {reason}")
                     )
                     what = "Milvus collection unusable"
                 else:
-                    self.backend.index_failure = None
+                    self.engine.index_failure = None
                     what = "Milvus not reachable"
-                self.backend.index_error = reason
+                self.engine.index_error = reason
                 log.log(
                     logging.WARNING if reason != last_reason else logging.DEBUG,
                     "tb serve: %s (%s); Search stays NOT_SERVING, retrying every %.0f s",
@@ -261,10 +270,10 @@ class TBServer:
                 last_reason = reason
                 await asyncio.sleep(self._index_retry_s)
                 continue
-            assert self.backend.components is not None
-            self.backend.components.index = index
-            self.backend.index_error = None
-            self.backend.index_failure = None
+            assert self.engine.components is not None
+            self.engine.components.index = index
+            self.engine.index_error = None
+            self.engine.index_failure = None
             self.milvus_ok = True
             log.info("tb serve: Milvus collection ready, Search is serving")
             await self._set_milvus_status(True)
@@ -280,7 +289,7 @@ class TBServer:
             return False
         while True:
             await asyncio.sleep(period)
-            components = self.backend.components
+            components = self.engine.components
             index = components.index if components is not None else None
             if index is None:
                 return True
@@ -296,13 +305,13 @@ class TBServer:
         probe still stuck from before counts as a failure without starting another."""
         timeout = self.config.milvus_probe_timeout_s
         if self._probe_pending is not None and not self._probe_pending.done():
-            return IndexBackendError("Milvus has not answered the previous health probe")
+            return IndexUnavailableError("Milvus has not answered the previous health probe")
         future = self._probe_executor.submit(index.probe, timeout)
         self._probe_pending = future
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)
         except TimeoutError:
-            return IndexBackendError(f"Milvus did not answer a health probe in {timeout:g} s")
+            return IndexUnavailableError(f"Milvus did not answer a health probe in {timeout:g} s")
         except Exception as exc:  # noqa: BLE001 - every failure is a probe result
             return exc
         return None
@@ -320,10 +329,10 @@ class TBServer:
 
     async def _release_index(self, index: VideoIndex, failure: BaseException) -> None:
         """The database or collection is gone: stop serving it, release it, reconnect later."""
-        assert self.backend.components is not None
-        self.backend.components.index = None
-        self.backend.index_failure = SearchDisabledError(f"Search is not serving: {failure}")
-        self.backend.index_error = str(failure)
+        assert self.engine.components is not None
+        self.engine.components.index = None
+        self.engine.index_failure = SearchDisabledError(f"Search is not serving: {failure}")
+        self.engine.index_error = str(failure)
         self.milvus_ok = False
         await self._set_milvus_status(False)
         log.warning("tb serve: %s; Search is NOT_SERVING until it is back", failure)
@@ -335,7 +344,7 @@ class TBServer:
 
     async def _set_milvus_status(self, ok: bool) -> None:
         ready = (
-            ok and self.backend.components is not None and self.backend.components.index is not None
+            ok and self.engine.components is not None and self.engine.components.index is not None
         )
         await self.health.set(SERVICE_NAMES["search"], SERVING if ready else NOT_SERVING)
 
@@ -365,7 +374,7 @@ class TBServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        await self.backend.close()
+        await self.engine.close()
         self._probe_executor.shutdown(wait=False, cancel_futures=True)
         log.info("tb serve: stopped")
 
@@ -461,10 +470,10 @@ def _ssl_context(config: ServerConfig) -> Any:
 
 def load_components(settings: Settings, config: ServerConfig) -> Components:
     """Model (checkpoint) + frame store from ``settings``; Milvus is connected separately."""
-    from tb_reranker.index import open_store
     from tb_reranker.model import load_checkpoint
     from tb_reranker.model.precision import resolve_device, resolve_precision
     from tb_reranker.rerank import Reranker
+    from tb_reranker.stores import open_store
 
     device = resolve_device(config.device)
     dtype = resolve_precision(config.dtype, device)  # the model runs this autocast itself
@@ -546,7 +555,7 @@ async def serve(
         """(vision, whole-model) fingerprints of the served model."""
         if server is None:
             return "", ""
-        return server.backend.vision_fingerprint, server.backend.fingerprint
+        return server.engine.vision_fingerprint, server.engine.fingerprint
 
     server = TBServer(
         config,

@@ -47,7 +47,7 @@ from aiohttp import web
 
 import tb_reranker
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.server.backend import Backend
+from tb_reranker.server.engine import ServingEngine
 from tb_reranker.server.http_wire import (
     BODY_KEY,
     REQUESTS_KEY,
@@ -65,16 +65,16 @@ log = logging.getLogger(__name__)
 MISSING_SCORE = -1000.0  # score of documents whose id has no frame tokens in the store
 _MIN_STEP = 1e-6  # gap that keeps the scores strictly decreasing along TokenBinder's order
 
-BACKEND_KEY = web.AppKey("backend", Backend)
+ENGINE_KEY = web.AppKey("engine", ServingEngine)
 
 
 async def scored_documents(
-    backend: Backend, query: Any, documents: list[str], top_n: int | None = None
+    engine: ServingEngine, query: Any, documents: list[str], top_n: int | None = None
 ) -> list[tuple[int, float]]:
     """(index into ``documents``, score) in TokenBinder order, missing ids last."""
     if not isinstance(query, str):
         raise InvalidInputError("'query' must be a string")
-    _, result, _ = await backend.rerank(candidates_ids=documents, text=query)
+    _, result, _ = await engine.rerank(candidates_ids=documents, text=query)
     ranked: list[tuple[int, float]] = []
     previous = float("inf")
     for candidate in result.candidates:
@@ -156,15 +156,15 @@ def _cohere_answer(
     }
 
 
-def _tei_info(backend: Backend) -> dict[str, Any]:
+def _tei_info(engine: ServingEngine) -> dict[str, Any]:
     """TEI's ``/info`` fields for the loaded model (a reranker with one score per text)."""
-    assert backend.components is not None
-    config = backend.config
-    context = int(backend.components.reranker.model.context_length)
+    assert engine.components is not None
+    config = engine.config
+    context = int(engine.components.reranker.model.context_length)
     return {
         "model_id": "tokenbinder",
-        "model_sha": backend.fingerprint,
-        "model_dtype": backend.components.dtype,
+        "model_sha": engine.fingerprint,
+        "model_dtype": engine.components.dtype,
         "model_type": {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}},
         "max_concurrent_requests": config.max_concurrency,
         "max_input_length": context,  # query tokens; longer queries are truncated
@@ -180,10 +180,10 @@ def _tei_info(backend: Backend) -> dict[str, Any]:
 
 
 class _Routes:
-    """The provider routes over one ``Backend``."""
+    """The provider routes over one ``ServingEngine``."""
 
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
 
     async def rerank(self, request: web.Request) -> web.Response:
         """TEI (``texts``) or Weaviate (``documents``), told apart by the body's keys."""
@@ -195,12 +195,12 @@ class _Routes:
         if "texts" in body:
             texts = _documents(body, "texts")
             return_text = _flag(body, "return_text")
-            ranked = await scored_documents(self.backend, body.get("query"), texts)
+            ranked = await scored_documents(self.engine, body.get("query"), texts)
             return web.json_response(_tei_answer(texts, ranked, return_text))
         # Weaviate reranker-transformers and vLLM (Milvus provider "vllm") post the same body
         documents = _documents(body, "documents")
         top_n = _top_n(body)
-        ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
+        ranked = await scored_documents(self.engine, body.get("query"), documents, top_n)
         return web.json_response(_weaviate_answer(body.get("query"), documents, ranked))
 
     async def _cohere(self, request: web.Request, version: str) -> web.Response:
@@ -208,7 +208,7 @@ class _Routes:
         documents = _documents(body, "documents")
         return_documents = _flag(body, "return_documents")
         top_n = _top_n(body)
-        ranked = await scored_documents(self.backend, body.get("query"), documents, top_n)
+        ranked = await scored_documents(self.engine, body.get("query"), documents, top_n)
         return web.json_response(_cohere_answer(documents, ranked, return_documents, version))
 
     async def cohere_v1(self, request: web.Request) -> web.Response:
@@ -218,49 +218,49 @@ class _Routes:
         return await self._cohere(request, "2")
 
     async def ready(self, request: web.Request) -> web.Response:
-        return web.Response(status=204 if self.backend.ready else 503)
+        return web.Response(status=204 if self.engine.ready else 503)
 
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
     async def health(self, request: web.Request) -> web.Response:
         """TEI's probe: 200 (no body) once the model is loaded, 503 with a JSON error before."""
-        if self.backend.ready:
+        if self.engine.ready:
             return web.Response(status=200)
         return error_response(503, "the model is not loaded yet")
 
     async def info(self, request: web.Request) -> web.Response:
         """TEI's ``/info``; 503 until the model is loaded (TEI answers only once it is)."""
-        if not self.backend.ready:
+        if not self.engine.ready:
             return error_response(503, "the model is not loaded yet")
-        return web.json_response(_tei_info(self.backend))
+        return web.json_response(_tei_info(self.engine))
 
     async def meta(self, request: web.Request) -> web.Response:
-        backend = self.backend
+        engine = self.engine
         info: dict[str, Any] = {"name": "tokenbinder", "version": tb_reranker.__version__}
-        if backend.components is not None:
-            model = backend.components.reranker.model
+        if engine.components is not None:
+            model = engine.components.reranker.model
             info.update(
-                fingerprint=backend.fingerprint,
-                vision_fingerprint=backend.vision_fingerprint,
-                query_fingerprint=backend.query_fingerprint,
+                fingerprint=engine.fingerprint,
+                vision_fingerprint=engine.vision_fingerprint,
+                query_fingerprint=engine.query_fingerprint,
                 embed_dim=int(model.embed_dim),
                 num_indicators=int(model.num_indicators),
                 top_k=int(model.top_k),
                 num_frames=int(model.num_frames),
-                device=backend.components.device,
+                device=engine.components.device,
             )
         return web.json_response({"model": info})
 
 
 def build_provider_app(
-    backend: Backend, *, token: str = "", metrics: ServerMetrics | None = None
+    engine: ServingEngine, *, token: str = "", metrics: ServerMetrics | None = None
 ) -> web.Application:
     """The aiohttp application of the provider endpoints (plus ``/metrics`` when ``metrics``).
 
     It sheds load with slots of its own (``max_concurrency`` of them), apart from gRPC's.
     """
-    config = backend.config
+    config = engine.config
     slots = Slots(
         config.max_concurrency,
         gauge=metrics.http_in_flight if metrics is not None else None,
@@ -269,9 +269,9 @@ def build_provider_app(
     )
     guard, requests = guard_middleware(token, slots, metrics, config.http_body_timeout_s)
     app = web.Application(middlewares=[guard], client_max_size=config.max_message_bytes)
-    app[BACKEND_KEY] = backend
+    app[ENGINE_KEY] = engine
     app[REQUESTS_KEY] = requests
-    routes = _Routes(backend)
+    routes = _Routes(engine)
     app.router.add_post("/rerank", routes.rerank)
     app.router.add_post("/v1/rerank", routes.cohere_v1)
     app.router.add_post("/v2/rerank", routes.cohere_v2)

@@ -1,4 +1,4 @@
-"""The ``tb_reranker.v1`` servicers: thin translation between messages and the ``Backend``.
+"""The ``tb_reranker.v1`` servicers: thin translation between messages and the ``ServingEngine``.
 
 Errors are mapped to status codes in one place (:func:`_rpc`): ``TBError`` subclasses through
 ``tb_reranker.wire.status.GRPC_STATUS``; anything else is logged once with its traceback and returned
@@ -20,13 +20,13 @@ from grpc import aio
 import tb_reranker
 from tb_reranker.errors import (
     DeadlineExceededError,
-    IndexBackendError,
+    IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
     TBError,
 )
-from tb_reranker.server.backend import Backend, SearchDisabledError
 from tb_reranker.server.batcher import deadline_scope
+from tb_reranker.server.engine import SearchDisabledError, ServingEngine
 from tb_reranker.server.scrub import public_message
 from tb_reranker.wire import pb, pb_grpc
 from tb_reranker.wire.convert import (
@@ -116,28 +116,28 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
 
 
 class EncodeServicer(pb_grpc.EncodeServiceServicer):
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
 
     @_rpc
     async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext):
-        indicators, timings = await self.backend.encode(list(request.texts))
+        indicators, timings = await self.engine.encode(list(request.texts))
         return pb.EncodeResponse(
             indicators=tensor_to_proto(indicators),
-            model_fingerprint=self.backend.fingerprint,
+            model_fingerprint=self.engine.fingerprint,
             metadata=metadata_to_proto(timings),
-            query_fingerprint=self.backend.query_fingerprint,  # to send back with them
+            query_fingerprint=self.engine.query_fingerprint,  # to send back with them
         )
 
 
 class RerankServicer(pb_grpc.RerankServiceServicer):
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
 
     @_rpc
     async def Rerank(self, request: pb.RerankRequest, context: aio.ServicerContext):
-        _check_query_side(self.backend, request)
-        query, result, timings = await self.backend.rerank(
+        _check_query_side(self.engine, request)
+        query, result, timings = await self.engine.rerank(
             candidates_ids=list(request.candidates_ids),
             **_query_of(request),
             broad_scores=list(request.broad_scores) if len(request.broad_scores) else None,
@@ -150,29 +150,31 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     @_rpc
     async def Invalidate(self, request: pb.InvalidateRequest, context: aio.ServicerContext):
         if request.all:
-            await self.backend.invalidate(None)
+            await self.engine.invalidate(None)
         elif len(request.videos_ids):
-            await self.backend.invalidate(list(request.videos_ids))
+            await self.engine.invalidate(list(request.videos_ids))
         return pb.InvalidateResponse()
 
 
 class SearchServicer(pb_grpc.SearchServiceServicer):
-    def __init__(self, backend: Backend, on_milvus_status: Callable[[bool], Any] | None = None):
-        self.backend = backend
+    def __init__(
+        self, engine: ServingEngine, on_milvus_status: Callable[[bool], Any] | None = None
+    ):
+        self.engine = engine
         self._on_milvus_status = on_milvus_status
 
     @_rpc
     async def Search(self, request: pb.SearchRequest, context: aio.ServicerContext):
-        _check_query_side(self.backend, request)
+        _check_query_side(self.engine, request)
         query = _query_of(request)
         try:
-            hits, timings = await self.backend.search(
+            hits, timings = await self.engine.search(
                 query.get("text", query.get("indicators")),
                 limit=int(request.limit) or 10,
                 rerank=bool(request.rerank),
                 filter=request.filter or None,
             )
-        except (IndexBackendError, SearchDisabledError):
+        except (IndexUnavailableError, SearchDisabledError):
             if self._on_milvus_status is not None:
                 await self._on_milvus_status(False)
             raise
@@ -184,12 +186,12 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
 
 
 class InfoServicer(pb_grpc.InfoServiceServicer):
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
+    def __init__(self, engine: ServingEngine) -> None:
+        self.engine = engine
 
     @_rpc
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext):
-        backend, config = self.backend, self.backend.config
+        engine, config = self.engine, self.engine.config
         response = pb.InfoResponse(
             server_version=tb_reranker.__version__,
             api_version=API_VERSION,
@@ -208,13 +210,13 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         torch = sys.modules.get("torch")
         if torch is not None:
             response.torch_version = torch.__version__
-        components = backend.components
+        components = engine.components
         if components is None:
             return response  # still loading: versions and limits only
         model = components.reranker.model
-        response.model_fingerprint = backend.fingerprint
-        response.vision_fingerprint = backend.vision_fingerprint
-        response.query_fingerprint = backend.query_fingerprint
+        response.model_fingerprint = engine.fingerprint
+        response.vision_fingerprint = engine.vision_fingerprint
+        response.query_fingerprint = engine.query_fingerprint
         response.embed_dim = int(model.embed_dim)
         response.num_indicators = int(model.num_indicators)
         response.top_k = int(model.top_k)
@@ -222,7 +224,7 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         response.device = components.device
         response.dtype = components.dtype
         response.search_enabled = components.index is not None
-        stats = backend.cache_stats()
+        stats = engine.cache_stats()
         if stats is not None:
             response.cache.CopyFrom(pb.CacheStats(**stats))
         return response
@@ -238,7 +240,7 @@ def _query_of(request: pb.RerankRequest | pb.SearchRequest) -> dict[str, Any]:
     return {"indicators": tensor_from_proto(request.indicators, name="indicators")}
 
 
-def _check_query_side(backend: Backend, request: pb.RerankRequest | pb.SearchRequest) -> None:
+def _check_query_side(engine: ServingEngine, request: pb.RerankRequest | pb.SearchRequest) -> None:
     """Indicators made by another query side (text tower, indicators, fusion) than the served
     model's are refused: the fusion would score them without error, and wrongly. An empty
     ``query_fingerprint`` (an older client, or indicators from this server's Encode) is
@@ -246,8 +248,8 @@ def _check_query_side(backend: Backend, request: pb.RerankRequest | pb.SearchReq
     claimed = request.query_fingerprint
     if not claimed or request.WhichOneof("query") != "indicators":
         return
-    backend.reranker  # noqa: B018 - raises while the model is loading (UNAVAILABLE)
-    served = backend.query_fingerprint
+    engine.reranker  # noqa: B018 - raises while the model is loading (UNAVAILABLE)
+    served = engine.query_fingerprint
     if claimed != served:
         raise ModelMismatchError(
             f"the indicators were encoded by another query side (text tower, indicators, "
@@ -258,10 +260,10 @@ def _check_query_side(backend: Backend, request: pb.RerankRequest | pb.SearchReq
 
 def add_servicers(
     server: aio.Server,
-    backend: Backend,
+    engine: ServingEngine,
     on_milvus_status: Callable[[bool], Any] | None = None,
 ) -> None:
-    pb_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(backend), server)
-    pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(backend), server)
-    pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(backend, on_milvus_status), server)
-    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(backend), server)
+    pb_grpc.add_EncodeServiceServicer_to_server(EncodeServicer(engine), server)
+    pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(engine), server)
+    pb_grpc.add_SearchServiceServicer_to_server(SearchServicer(engine, on_milvus_status), server)
+    pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(engine), server)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tb_reranker.server.backend import Components
+from tb_reranker.server.engine import Components
 
 __all__ = ["build_tiny_components", "tiny_records", "ServerThread"]
 
@@ -22,7 +22,7 @@ def tiny_records(model: Any, videos_ids: list[str], *, seed: int = 0) -> dict[st
     """``FrameRecord`` per id: the model's frame tokens of random frames ``[T, 3, H, W]``."""
     import torch
 
-    from tb_reranker.index import FrameRecord
+    from tb_reranker.stores import FrameRecord
 
     generator = torch.Generator().manual_seed(seed)
     frames_count, size = int(model.num_frames), int(model.image_size)
@@ -57,9 +57,9 @@ def build_tiny_components(
     """
     import torch
 
-    from tb_reranker.index import open_store
     from tb_reranker.model import TokenBinder, TokenBinderConfig
     from tb_reranker.rerank import Reranker
+    from tb_reranker.stores import open_store
 
     torch.manual_seed(seed)
     model = TokenBinder(TokenBinderConfig.tiny(**(model_overrides or {}))).eval()

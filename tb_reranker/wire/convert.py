@@ -3,7 +3,7 @@ messages.
 
 Shared by the servicers and the remote client so both ends agree on one encoding. A request
 object (``tb_reranker.requests``) is validated before it is converted; a message read here is
-validated by the server's ``Backend`` (the gRPC boundary) after conversion.
+validated by the server's ``ServingEngine`` (the gRPC boundary) after conversion.
 """
 
 from __future__ import annotations

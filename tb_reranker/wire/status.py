@@ -34,7 +34,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     e.VideoDecodeError: "INVALID_ARGUMENT",
     e.DataCorruptionError: "DATA_LOSS",  # before StoreError: the MRO's first match wins
     e.StoreError: "UNAVAILABLE",
-    e.IndexBackendError: "UNAVAILABLE",
+    e.IndexUnavailableError: "UNAVAILABLE",
     e.RerankerUnavailableError: "UNAVAILABLE",
     e.ResourceExhaustedError: "RESOURCE_EXHAUSTED",
     e.DeadlineExceededError: "DEADLINE_EXCEEDED",

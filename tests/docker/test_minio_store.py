@@ -92,7 +92,7 @@ def minio_endpoint() -> Iterator[str]:
 def store(minio_endpoint: str, monkeypatch: pytest.MonkeyPatch):
     import boto3
 
-    from tb_reranker.index import open_store
+    from tb_reranker.stores import open_store
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", USER)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PASSWORD)
@@ -108,7 +108,7 @@ def store(minio_endpoint: str, monkeypatch: pytest.MonkeyPatch):
 
 
 def _record(seed: int, T: int = 12, D: int = 64):
-    from tb_reranker.index import FrameRecord
+    from tb_reranker.stores import FrameRecord
 
     rng = np.random.default_rng(seed)
     return FrameRecord(

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tb_reranker import Client
 from tb_reranker.cli import main
 from tb_reranker.errors import DataCorruptionError, NotFoundError
-from tb_reranker.index import LmdbFrameStore
+from tb_reranker.stores import LmdbFrameStore
 from tb_reranker.wire.status import grpc_status_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -172,7 +172,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tb_reranker.index import FrameRecord, LmdbFrameStore, VideoIndex
+from tb_reranker.index import VideoIndex
+from tb_reranker.stores import FrameRecord, LmdbFrameStore
 from tb_reranker.model import load_checkpoint
 
 data_dir, n = Path(sys.argv[1]), int(sys.argv[2])

@@ -419,7 +419,7 @@ def test_error_details_do_not_carry_server_paths(world, log):
     caller's mistake) without the .db path, which the server log keeps."""
     from tb_reranker.index import VideoIndex
 
-    components = world.running.server.backend.components
+    components = world.running.server.engine.components
     config = ServerConfig(port=0, http_port=0)
     broken = dataclasses.replace(
         components, index=VideoIndex(world.db_path, collection="gone", dim=64)
@@ -632,7 +632,7 @@ def test_port_in_use_is_a_clear_error(world):
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         taken = sock.getsockname()[1]
-        components = world.running.server.backend.components
+        components = world.running.server.engine.components
         for config in (ServerConfig(port=taken), ServerConfig(port=0, http_port=taken)):
             running = ServerThread(config, lambda: components, wait_ready=False)
             running.thread.start()
@@ -653,7 +653,7 @@ def test_sdk_empty_query_list_and_non_string_filter(world, tmp_path):
     from tb_reranker.remote import RemoteReranker
     from tb_reranker.rerank import InProcessBackend, TwoStageSearch
 
-    components = world.running.server.backend.components
+    components = world.running.server.engine.components
     reranker, index = components.reranker, components.index
     pipeline = TwoStageSearch(index, InProcessBackend(reranker))
     with pytest.raises(InvalidInputError, match="no quer"):

@@ -159,9 +159,9 @@ def other_sidecar(world):
     what a replica behind the same target serves halfway through a rolling upgrade."""
     from tb_reranker.model import load_checkpoint
     from tb_reranker.rerank import Reranker
-    from tb_reranker.server.backend import Components
+    from tb_reranker.server.engine import Components
 
-    store = world.running.server.backend.reranker.store
+    store = world.running.server.engine.reranker.store
     model = load_checkpoint(world.other_checkpoint)
     components = Components(reranker=Reranker(model, store), device="cpu", dtype="float32")
     with ServerThread(ServerConfig(port=0), lambda: components) as running:
@@ -298,7 +298,8 @@ def test_tb_search_with_another_query_side_exits_2(world):
 _FILL_SCRIPT = """
 import sys
 from pathlib import Path
-from tb_reranker.index import VideoIndex, open_store
+from tb_reranker.index import VideoIndex
+from tb_reranker.stores import open_store
 from tb_reranker.model import load_checkpoint
 root = Path(sys.argv[1])
 model = load_checkpoint(root / "checkpoint")
@@ -404,7 +405,7 @@ def test_long_texts_are_cut_before_bpe_on_the_server(world, monkeypatch):
     monkeypatch.setattr(tokens, "bpe", recording_bpe)
     rng = random.Random(5)
     texts = [_random_word(rng, 2048) for _ in range(64)]
-    model = world.running.server.backend.reranker.model
+    model = world.running.server.engine.reranker.model
     with RemoteReranker(world.running.target, timeout=120) as remote:
         indicators = remote.encode(texts)
         result = remote.rerank(np.eye(4, 64, dtype=np.float32), [world.ids[:4]])
@@ -427,9 +428,9 @@ def test_a_long_encode_lets_a_rerank_run_between_its_chunks(world, monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from tb_reranker.server.backend import ENCODE_CHUNK_TEXTS
+    from tb_reranker.server.engine import ENCODE_CHUNK_TEXTS
 
-    backend = world.running.server.backend
+    backend = world.running.server.engine
     order: list[tuple[str, int]] = []
     run_encode, run_rerank = backend.encode_batcher._run, backend.rerank_batcher._run
     encode_started = threading.Event()

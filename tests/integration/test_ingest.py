@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
-from tb_reranker.index import FrameRecord, LmdbFrameStore, VideoIndex, check, delete, ingest
+from tb_reranker.index import VideoIndex, check, delete, ingest
 from tb_reranker.index.inputs import expand_paths
+from tb_reranker.stores import FrameRecord, LmdbFrameStore
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_cli_ingest_check_delete(capsys: pytest.CaptureFixture[str], data_dir: P
     code, out, err = tb(capsys, data_dir, "delete", "../etc/passwd")
     assert code == 2 and "invalid video id" in err
 
-    from tb_reranker.index import LmdbFrameStore
+    from tb_reranker.stores import LmdbFrameStore
 
     with LmdbFrameStore(data_dir / "frames") as store:
         assert sorted(store.list_ids()) == ["cli1", "cli2"]

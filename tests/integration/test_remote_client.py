@@ -22,8 +22,8 @@ from tb_reranker.errors import (
 )
 from tb_reranker.remote import AsyncRemoteReranker, RemoteReranker
 from tb_reranker.rerank import InProcessBackend, RerankResult, TwoStageSearch
-from tb_reranker.server.backend import Components
 from tb_reranker.server.config import ServerConfig
+from tb_reranker.server.engine import Components
 from tb_reranker.server.testing import ServerThread, build_tiny_components
 from tb_reranker.types import Hit
 

@@ -201,15 +201,15 @@ def test_serve_cache_flags_reach_the_components(flags, cache_kv, query_cache_siz
     from tb_reranker.cli.serve import _SERVER_FLAGS
     from tb_reranker.config import Settings
     from tb_reranker.server.app import load_components
-    from tb_reranker.server.backend import Backend
     from tb_reranker.server.config import ServerConfig
+    from tb_reranker.server.engine import ServingEngine
 
     checkpoint, store, ids = _checkpoint_and_store(tmp_path)
     args = build_parser().parse_args(["serve", *flags])
     names = (*_SERVER_FLAGS, "batching", "cache_kv")
     config = ServerConfig.from_env(**{name: getattr(args, name, None) for name in names})
     assert (config.cache_kv, config.query_cache_size) == (cache_kv, query_cache_size)
-    assert Backend(config).query_cache.capacity == query_cache_size
+    assert ServingEngine(config).query_cache.capacity == query_cache_size
     components = load_components(
         Settings.from_env(checkpoint=str(checkpoint), store=str(store)), config
     )

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tb_reranker.errors import InvalidInputError, NotFoundError
-from tb_reranker.index import FrameRecord, open_store
 from tb_reranker.model import TokenBinder, TokenBinderConfig
 from tb_reranker.rerank import Reranker
+from tb_reranker.stores import FrameRecord, open_store
 
 
 @pytest.fixture(scope="module")

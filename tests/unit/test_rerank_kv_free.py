@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tb_reranker.index import FrameRecord, open_store
 from tb_reranker.model import TokenBinder, TokenBinderConfig
 from tb_reranker.rerank import Reranker
+from tb_reranker.stores import FrameRecord, open_store
 
 
 def _model(**overrides) -> TokenBinder:
