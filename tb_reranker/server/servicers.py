@@ -36,7 +36,7 @@ from tb_reranker.wire.convert import (
     tensor_from_proto,
     tensor_to_proto,
 )
-from tb_reranker.wire.status import ERROR_TYPE_KEY, grpc_status_name
+from tb_reranker.wire.status import ERROR_TYPE_KEY, grpc_status_name, wire_error_name
 
 __all__ = [
     "EncodeServicer",
@@ -104,7 +104,7 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             await context.abort(
                 grpc.StatusCode[status],
                 public_message(exc),
-                trailing_metadata=((ERROR_TYPE_KEY, type(exc).__name__),),
+                trailing_metadata=((ERROR_TYPE_KEY, wire_error_name(exc)),),
             )
         except Exception:
             log.exception("internal error in %s", method.__qualname__)

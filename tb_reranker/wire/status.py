@@ -19,6 +19,7 @@ __all__ = [
     "HTTP_STATUS",
     "grpc_status_name",
     "named_error",
+    "wire_error_name",
 ]
 
 ERROR_TYPE_KEY = "tb-error-type"  # trailing metadata: the TBError class name behind a status
@@ -71,6 +72,17 @@ def grpc_status_name(exc: BaseException) -> str:
         if klass in GRPC_STATUS:
             return GRPC_STATUS[klass]
     return "INTERNAL"
+
+
+# the names older SDKs know, for errors renamed since: the trailer keeps the old spelling (every
+# SDK resolves it to the same class through its alias) so an older client still raises the
+# specific error instead of the status's generic one
+_WIRE_NAMES: dict[type[BaseException], str] = {e.IndexUnavailableError: "IndexBackendError"}
+
+
+def wire_error_name(exc: BaseException) -> str:
+    """The class name the server puts in the :data:`ERROR_TYPE_KEY` trailer for ``exc``."""
+    return _WIRE_NAMES.get(type(exc), type(exc).__name__)
 
 
 def named_error(type_name: str) -> type[e.TBError] | None:

@@ -103,6 +103,9 @@ def test_index_backend_error_is_the_index_unavailable_error():
     assert status.grpc_status_name(errors.IndexBackendError("down")) == "UNAVAILABLE"
     assert status.named_error("IndexUnavailableError") is errors.IndexUnavailableError
     assert status.named_error("IndexBackendError") is errors.IndexUnavailableError
+    # the wire keeps the name older SDKs know (they have no IndexUnavailableError to resolve)
+    assert status.wire_error_name(errors.IndexUnavailableError("down")) == "IndexBackendError"
+    assert status.wire_error_name(errors.InvalidInputError("bad")) == "InvalidInputError"
 
 
 def test_the_server_attribute_backend_is_the_engine():
