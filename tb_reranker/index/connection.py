@@ -8,7 +8,7 @@ exceptions mapped to ours:
 
 - a collection that does not exist: :class:`NotFoundError`;
 - a malformed request (bad filter, wrong dimension): :class:`InvalidInputError`;
-- anything else (Milvus stopped, unreachable, timed out, failed): :class:`IndexBackendError`.
+- anything else (Milvus stopped, unreachable, timed out, failed): :class:`IndexUnavailableError`.
 
 For Milvus Lite it also remembers which database directory it opened (device and inode), so a
 database removed or replaced since is noticed (:meth:`MilvusConnection.check_database`).
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tb_reranker.errors import IndexBackendError, InvalidInputError, NotFoundError, TBError
+from tb_reranker.errors import IndexUnavailableError, InvalidInputError, NotFoundError, TBError
 from tb_reranker.index.milvus_logs import handled_failures
 from tb_reranker.index.schema import is_lite_uri
 
@@ -89,7 +89,7 @@ def is_missing_collection(exc: Exception) -> bool:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Milvus did not answer (stopped, unreachable, timed out): our ``IndexBackendError``."""
+    """Milvus did not answer (stopped, unreachable, timed out): our ``IndexUnavailableError``."""
     import grpc
     from pymilvus.exceptions import MilvusException
 
@@ -141,7 +141,7 @@ class MilvusConnection:
 
     Raises:
         InvalidInputError: a Lite path where no database directory can be.
-        IndexBackendError: Milvus cannot be reached, or another process holds the Lite database.
+        IndexUnavailableError: Milvus cannot be reached, or another process holds the Lite database.
     """
 
     def __init__(self, uri: str, *, token: str, collection: str, timeout: float) -> None:
@@ -167,7 +167,7 @@ class MilvusConnection:
             with handled_failures(is_unavailable):
                 return MilvusClient(uri=self.uri, token=token, timeout=self.timeout, **options)
         except Exception as exc:  # noqa: BLE001
-            raise IndexBackendError(f"cannot connect to Milvus at {self.where}: {exc}") from exc
+            raise IndexUnavailableError(f"cannot connect to Milvus at {self.where}: {exc}") from exc
 
     def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one pymilvus call with the timeout, mapping its errors to ours."""
@@ -185,7 +185,7 @@ class MilvusConnection:
                 ) from exc
             if is_invalid_input(exc):
                 raise InvalidInputError(f"Milvus rejected {what}: {exc}") from exc
-            raise IndexBackendError(f"Milvus {what} failed at {self.where}: {exc}") from exc
+            raise IndexUnavailableError(f"Milvus {what} failed at {self.where}: {exc}") from exc
 
     def check_database(self) -> None:
         """Milvus Lite: ``NotFoundError`` when the database directory opened was removed or

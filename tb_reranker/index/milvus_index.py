@@ -13,7 +13,7 @@ one module per job:
 - :mod:`tb_reranker.index.entities`: rows checked before a write and flattened after a read;
 - :mod:`tb_reranker.index.schema`: the schema and index definition.
 
-Errors: pymilvus failures become :class:`IndexBackendError` (retriable), an unknown collection
+Errors: pymilvus failures become :class:`IndexUnavailableError` (retriable), an unknown collection
 :class:`NotFoundError`, a malformed request (bad filter, wrong dimension) :class:`InvalidInputError`,
 and a collection filled by another model :class:`ModelMismatchError`.
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from tb_reranker.errors import (
     AlreadyExistsError,
-    IndexBackendError,
+    IndexUnavailableError,
     InvalidInputError,
     NotFoundError,
 )
@@ -242,7 +242,7 @@ class VideoIndex:
     def probe(self, timeout: float) -> None:
         """One cheap round trip bounded by ``timeout`` seconds: the Lite database is still the
         one opened and the collection exists (``NotFoundError``), Milvus answers in time
-        (``IndexBackendError``)."""
+        (``IndexUnavailableError``)."""
         self.check_database()
         if not self._call(
             "has_collection", self.client.has_collection, self.collection, timeout=timeout
@@ -422,4 +422,4 @@ class VideoIndex:
             if pending == 0 and info.get("state") in ("Finished", None):
                 return
             time.sleep(0.2)
-        raise IndexBackendError(f"index of {self.collection!r} not built after {timeout:.0f} s")
+        raise IndexUnavailableError(f"index of {self.collection!r} not built after {timeout:.0f} s")
