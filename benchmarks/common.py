@@ -149,14 +149,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
-def prepared(model: Any) -> Any:
-    """A copy of ``model`` prepared for inference as search and serving run it (packed linear
-    layers, ``TokenBinder.prepare_for_inference``); ``model`` itself stays plain (open_clip's and
-    PyTorch's own modules, as before issue 12): the baseline of the text-encoding, rerank and
-    search benchmarks."""
+def prepared(model: Any, *, packed: bool = True) -> Any:
+    """A copy of ``model`` prepared for inference as search and serving load it
+    (``TokenBinder.prepare_for_inference``: frozen weights, fingerprints computed once) with its
+    linear layers on packed weights, or with ``packed=False`` on PyTorch's own modules as before
+    issue 12 (the baseline of the text-encoding, rerank and search benchmarks). ``model`` itself
+    is left as it is."""
     import copy
 
-    return copy.deepcopy(model).prepare_for_inference()
+    from tb_reranker.model import packed_linear
+
+    previous = None if packed else packed_linear.set_enabled(False)
+    try:
+        return copy.deepcopy(model).prepare_for_inference()
+    finally:
+        if previous is not None:
+            packed_linear.set_enabled(previous)
 
 
 def configure_threads(threads: int) -> None:

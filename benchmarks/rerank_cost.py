@@ -10,8 +10,8 @@ them) of four rerankers: ``rerank_cached`` / ``rerank_uncached`` = the default `
 (frame tokens cached, every candidate fused K/V-free with ``focused_scores(cand_tokens=)``) with
 a warm cache and with ``cache_size=0`` (store read per call: the cold path); ``kv_cached`` /
 ``kv_uncached`` = ``Reranker(cache_kv=True)`` (projected K/V cached; a miss is projected);
-``before_cached`` / ``before_uncached`` = the same K/V paths on the model not prepared for
-inference (PyTorch's own linear layers, plain weights): the paths before issue 12; and the bare fusion on pre-stacked
+``before_cached`` / ``before_uncached`` = the same K/V paths on a copy prepared without packed
+layers (PyTorch's own linear layers, plain weights): the paths before issue 12; and the bare fusion on pre-stacked
 K/V as the floor. All paths of one
 configuration are timed round-robin, call by call (the machine is shared and noisy: read the
 ratios). ``kv_cache_break_even_hit_rate`` is the cache hit rate above which caching the K/V
@@ -143,6 +143,7 @@ def measure(
         embed_dim=DIM, num_frames=FRAMES, num_indicators=INDICATORS, top_k=k, device=device
     )
     model = prepared(plain)  # as search and serving load it
+    before = prepared(plain, packed=False)  # PyTorch's linear layers: before issue 12
     rng = np.random.default_rng(seed + 1000 * k + batch)
     requests = _requests(rng, num_videos, batch, k, count=4)
     rerankers = {
@@ -150,9 +151,9 @@ def measure(
         "rerank_uncached": Reranker(model, store, cache_size=0),
         "kv_cached": Reranker(model, store, cache_size=num_videos + 16, cache_kv=True),
         "kv_uncached": Reranker(model, store, cache_size=0, cache_kv=True),
-        # the K/V paths on the plain model (PyTorch's linear layers): before issue 12
-        "before_cached": Reranker(plain, store, cache_size=num_videos + 16, cache_kv=True),
-        "before_uncached": Reranker(plain, store, cache_size=0, cache_kv=True),
+        # the K/V paths on PyTorch's linear layers: before issue 12
+        "before_cached": Reranker(before, store, cache_size=num_videos + 16, cache_kv=True),
+        "before_uncached": Reranker(before, store, cache_size=0, cache_kv=True),
     }
     for indicators, ids, scores in requests:  # warm the caches; the six paths agree
         reference = rerankers["kv_uncached"].rerank(indicators, ids, scores)

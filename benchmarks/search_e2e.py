@@ -374,7 +374,8 @@ def measure_backend(
         client.search(texts[0], limit=args.limit, rerank=False)  # reopen + load_collection
         open_s = time.perf_counter() - t0
         before = TwoStageSearch(
-            client.index, _BeforeBackend(Reranker(plain, client.store, cache_kv=True))
+            client.index,
+            _BeforeBackend(Reranker(prepared(plain, packed=False), client.store, cache_kv=True)),
         )
         repeated = TwoStageSearch(
             client.index,

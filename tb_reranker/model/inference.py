@@ -101,6 +101,7 @@ class InferenceState:
     are replaced or loaded (see the module docstring)."""
 
     def __init__(self, model: TokenBinder) -> None:
+        self.packed = packed_linear.enabled()  # decided once, at preparation
         self._lock = threading.Lock()
         self._held: _Held | None = None
         self._value: Identities | None = None
@@ -122,7 +123,7 @@ class InferenceState:
     def refresh(self, model: TokenBinder) -> Identities:
         """Convert and freeze what is not (a layer put in since), then hash the weights."""
         with self._lock:
-            if packed_linear.enabled():  # the layers pack where they run on CPU in float32
+            if self.packed:  # the layers pack where they run on CPU in float32
                 fast_text.swap_blocks(model.text.transformer)
                 packed_linear.replace_linear(model.fusion)
             _freeze(model, self)

@@ -68,7 +68,9 @@ class Reranker:
     """TokenBinder's focused view over a frame-token store, in process.
 
     Args:
-        model: a loaded ``TokenBinder`` (eval mode is enforced).
+        model: a loaded ``TokenBinder`` (eval mode is enforced); one prepared for inference
+            (``load_checkpoint(inference=True)``) for speed: a plain model hashes its weights
+            at each store read (its vision fingerprint, checked against the records).
         store: the ``FrameStore`` holding each video's frame tokens.
         cache_size: videos whose frame tokens (or K/V) are kept (LRU); 0 disables the cache.
         cache_ttl_s: how long a cached entry is trusted when the caller gives no content hash.

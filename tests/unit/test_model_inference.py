@@ -124,7 +124,9 @@ MUTATIONS: dict[str, Mutation] = {
     "half": lambda model, a, b: model.half(),
     "float": lambda model, a, b: model.float(),
     "to_float64": lambda model, a, b: model.to(torch.float64),
-    "submodule_half_float": lambda model, a, b: model.fusion.half().float(),
+    "submodule_half_round_trip": lambda model, a, b: model.fusion.half().to(
+        model.text.indicators.dtype
+    ),
     "prepare": lambda model, a, b: model.prepare_for_inference(),
 }
 

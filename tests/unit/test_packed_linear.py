@@ -176,6 +176,11 @@ def test_switched_off_takes_the_plain_path() -> None:
     model = _tiny_prepared()
     assert model.prepared and packed_bytes(model) == 0
     assert not any(isinstance(m, PackedLinear | PackedResidualBlock) for m in model.modules())
+    packed_linear.set_enabled(True)  # decided at preparation: a later refresh keeps it
+    model.fusion.head[1] = torch.nn.Linear(*model.fusion.head[1].weight.shape[::-1])
+    model.fingerprint()
+    assert not any(isinstance(m, PackedLinear | PackedResidualBlock) for m in model.modules())
+    assert list(model.parameters()) == []
 
 
 def test_environment_switch() -> None:
