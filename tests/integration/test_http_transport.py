@@ -257,7 +257,8 @@ def test_bad_body_timeout_is_exit_2(saved, tmp_path):
             timeout=120,
         )
         assert result.returncode == 2, (value, result.stderr)
-        assert "http_body_timeout_s must be positive" in result.stderr
+        assert "--http-body-timeout-s" in result.stderr and "a number > 0" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert "Traceback" not in result.stderr
 
 

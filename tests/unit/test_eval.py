@@ -248,7 +248,7 @@ def test_cli_train_eval_and_ablate(synth_root, tmp_path, capsys, monkeypatch):
     assert all(0 <= row["t2v"]["reranked"]["R@1"] <= 100 for row in rows)
 
 
-def test_cli_bad_arguments_exit_2(synth_root, tmp_path, capsys, monkeypatch):
+def test_cli_bad_arguments_exit_2(synth_root, tmp_path, capsys, monkeypatch, tb_exit_code):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--epochs", "three"])
     assert exc.value.code == 2
@@ -259,10 +259,12 @@ def test_cli_bad_arguments_exit_2(synth_root, tmp_path, capsys, monkeypatch):
         main(["eval", "--v2t-protocol", "texts"])
     assert exc.value.code == 2
     assert (
-        main(["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--epochs", "0"])
+        tb_exit_code(
+            ["train", "--data", str(synth_root), "--out", str(tmp_path / "o"), "--epochs", "0"]
+        )
         == 2
     )
-    assert "epochs must be >= 1" in capsys.readouterr().err
+    assert "--epochs: '0': must be an integer >= 1" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "o")]) == 2  # no --data
     assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", str(synth_root)]) == 2
     assert main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2

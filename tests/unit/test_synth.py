@@ -216,7 +216,7 @@ def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
         generate(tmp_path / "x", **{**args, **kwargs})
 
 
-def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], tb_exit_code) -> None:
     out = tmp_path / "cli"
     argv = ["synth", str(out), "--train", "4", "--test", "4", "--seed", "3", "--no-progress"]
     assert main([*argv, "--json"]) == 0
@@ -227,7 +227,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "nothing to do" in capsys.readouterr().out
     assert main([*argv, "--size", "31"]) == 2  # odd size: typed error, exit 2
     assert "size must be even" in capsys.readouterr().err
-    assert main(["synth", str(tmp_path / "bad"), "--train", "-3", "--no-progress"]) == 2
+    assert tb_exit_code(["synth", str(tmp_path / "bad"), "--train", "-3", "--no-progress"]) == 2
     assert main(["synth", str(tmp_path / "f"), "--families", "order,nope", "--no-progress"]) == 2
     with pytest.raises(SystemExit) as info:
         main(["synth", str(out), "--train", "many"])

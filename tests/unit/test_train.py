@@ -255,7 +255,7 @@ def test_presets_fill_schedule_fields_and_explicit_values_win():
         TrainConfig(data_root="d", out_dir="o", min_lr_ratio=2.0)
 
 
-def test_cli_passes_min_lr_ratio_and_the_slots_head(tmp_path, monkeypatch, capsys):
+def test_cli_passes_min_lr_ratio_and_the_slots_head(tmp_path, monkeypatch, capsys, tb_exit_code):
     import tb_reranker.training as training
     from tb_reranker.cli import main
 
@@ -264,5 +264,5 @@ def test_cli_passes_min_lr_ratio_and_the_slots_head(tmp_path, monkeypatch, capsy
     argv = ["train", "--data", "d", "--out", str(tmp_path / "o"), "--head", "listwise_slots"]
     assert main([*argv, "--min-lr-ratio", "0.1"]) == 0
     assert seen[-1].min_lr_ratio == 0.1 and seen[-1].head == "listwise_slots"
-    assert main([*argv, "--min-lr-ratio", "2"]) == 2  # typed error, one line, exit 2
-    assert "min_lr_ratio must be in [0, 1]" in capsys.readouterr().err
+    assert tb_exit_code([*argv, "--min-lr-ratio", "2"]) == 2  # typed error, one line, exit 2
+    assert "--min-lr-ratio: '2': must be a number >= 0 and <= 1" in capsys.readouterr().err
