@@ -69,7 +69,10 @@ def build_clip(config: TokenBinderConfig, load_pretrained: bool = True) -> nn.Mo
             f"unknown open_clip model {config.clip_model!r} (see open_clip.list_models())"
         )
     try:
-        return open_clip.create_model(config.clip_model, pretrained=pretrained)
+        # the default device, not open_clip's "cpu": a model built under ``torch.device("meta")``
+        # (the checkpoint's shape check) stays there instead of failing to copy out of meta
+        device = torch.get_default_device()
+        return open_clip.create_model(config.clip_model, pretrained=pretrained, device=device)
     except Exception as exc:  # open_clip raises RuntimeError/FileNotFoundError/HF errors
         raise _weights_error(
             f"cannot create open_clip model {config.clip_model!r} with pretrained={pretrained!r}",
