@@ -68,7 +68,7 @@ def read_proc_status(pid: int) -> dict[str, float]:
 
 
 def build_model(kind: str) -> Any:
-    """``tiny`` or ``d512`` random-init TokenBinder (eval), head made non-zero."""
+    """``tiny``, ``d512`` or ``vit-b32`` random-init TokenBinder (eval), head made non-zero."""
     import torch
 
     from tb_reranker.model import TokenBinder, TokenBinderConfig
@@ -76,6 +76,12 @@ def build_model(kind: str) -> Any:
 
     if kind == "tiny":
         config = TokenBinderConfig.tiny()
+    elif kind == "vit-b32":  # ViT-B/32's shapes (random weights: no download)
+        config = TokenBinderConfig.vit_b_32(pretrained=None, top_k=TOP_K)
+        model = TokenBinder(config, load_pretrained=False).eval()
+        with torch.no_grad():
+            torch.nn.init.normal_(model.fusion.head[-1].weight, std=0.02)
+        return model
     elif kind == "d512":
         clip_cfg = copy.deepcopy(TINY_CLIP_CFG)
         clip_cfg["embed_dim"] = 512
@@ -83,7 +89,7 @@ def build_model(kind: str) -> Any:
             clip_cfg=clip_cfg, num_frames=12, num_indicators=4, top_k=TOP_K, fusion_heads=8
         )
     else:
-        raise ValueError(f"unknown model {kind!r} (tiny, d512)")
+        raise ValueError(f"unknown model {kind!r} (tiny, d512, vit-b32)")
     model = TokenBinder(config).eval()
     with torch.no_grad():
         last = model.fusion.head[-1]
@@ -307,7 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--calls", type=int, default=None, help="Rerank calls to send")
     parser.add_argument("--videos", type=int, default=None, help="videos in the store")
-    parser.add_argument("--model", choices=("tiny", "d512"), default="tiny", help="model")
+    parser.add_argument(
+        "--model", choices=("tiny", "d512", "vit-b32"), default="tiny", help="model"
+    )
     args = parser.parse_args(argv)
     args.calls = args.calls or (30 if args.quick else 500)
     args.videos = args.videos or (200 if args.quick else 5000)

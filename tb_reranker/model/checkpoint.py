@@ -20,6 +20,7 @@ import torch
 
 from tb_reranker.errors import CheckpointError, InvalidInputError, NotFoundError
 from tb_reranker.model.config import TokenBinderConfig
+from tb_reranker.model.inference import WITHOUT_VISION
 from tb_reranker.model.precision import resolve_device
 from tb_reranker.model.tokenbinder import TokenBinder
 
@@ -44,6 +45,8 @@ def save_checkpoint(model: TokenBinder, directory: str | Path) -> Path:
     """Save ``model`` into ``directory`` (created if needed); returns the directory."""
     from safetensors.torch import save_file
 
+    if not model.has_vision:
+        raise CheckpointError(f"cannot save to {directory}: {WITHOUT_VISION}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -140,12 +143,15 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     *,
     inference: bool = False,
+    vision: bool = True,
 ) -> TokenBinder:
     """Rebuild the model saved in ``directory`` without the network.
 
     ``inference=True`` (search and serving) returns it prepared for inference
     (``TokenBinder.prepare_for_inference``: frozen, packed linear layers on CPU, fingerprints
     computed once); the default returns a plain model (training, evaluation, tools).
+    ``vision=False`` with ``inference=True`` (the sidecar) frees the vision tower once the
+    fingerprints are verified: the model reranks and encodes texts, never videos.
 
     Raises NotFoundError (no such directory) or CheckpointError (missing file, malformed config,
     weights hash mismatch, weights that do not fit the config, fingerprint mismatch).
@@ -186,6 +192,8 @@ def load_checkpoint(
     if inference:
         model.prepare_for_inference()
     _verify_identity(directory, document, model)
+    if inference and not vision:
+        model.prepare_for_inference(vision=False)
     logger.info("loaded TokenBinder %s from %s", document["fingerprint"], directory)
     return model
 

@@ -22,6 +22,12 @@ at the load for search and serving) turns a model, in place and once, into an in
   sees: a comparison of the held tensors' identities, ≈ 76 µs on ViT-B/32, never a hash). The
   packed layers re-pack in the same events.
 
+``prepare(model, vision=False)`` (the sidecar: ``tb serve`` never encodes a video, it reads frame
+tokens from the store) also empties the vision tower's tensors once the identity is computed: the
+fingerprints stay those of the whole checkpoint, the memory of the tower is given back (≈ 350 MB
+of float32 on ViT-B/32), and anything that would need the tower again (``encode_frames``, a
+``load_state_dict`` that asks for a new identity, saving it) is a ``CheckpointError``.
+
 What is out of reach: writing into a prepared model's buffers directly (``buffer.data.copy_``):
 they are the frozen weights of an inference model, not parameters; change them through
 ``load_state_dict`` or prepare a model again.
@@ -40,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tb_reranker.errors import CheckpointError
 from tb_reranker.model import fast_text, packed_linear
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -102,6 +109,7 @@ class InferenceState:
 
     def __init__(self, model: TokenBinder) -> None:
         self.packed = packed_linear.enabled()  # decided once, at preparation
+        self.vision = True  # False once drop_vision emptied the vision tower
         self._lock = threading.Lock()
         self._held: _Held | None = None
         self._value: Identities | None = None
@@ -123,6 +131,8 @@ class InferenceState:
     def refresh(self, model: TokenBinder) -> Identities:
         """Convert and freeze what is not (a layer put in since), then hash the weights."""
         with self._lock:
+            if not self.vision:
+                raise CheckpointError(WITHOUT_VISION)
             if self.packed:  # the layers pack where they run on CPU in float32
                 fast_text.swap_blocks(model.text.transformer)
                 packed_linear.replace_linear(model.fusion)
@@ -130,6 +140,18 @@ class InferenceState:
             self._held = _Held(model)
             self._value = value = identities(model)
         return value
+
+    def drop_vision(self, model: TokenBinder) -> None:
+        """Empty every tensor of the vision tower, keeping the identity computed with it."""
+        self.refresh(model)
+        with self._lock:
+            for module in model.clip.visual.modules():
+                for name, tensor in list(module._buffers.items()):
+                    if tensor is not None:
+                        module._buffers[name] = tensor.new_empty(0)
+            self.vision = False
+            self._held = _Held(model)
+        _give_back_freed_memory()
 
     def identities(self, model: TokenBinder) -> Identities:
         value = self._value
@@ -153,16 +175,37 @@ def _freeze(model: nn.Module, state: InferenceState) -> None:
             module.register_load_state_dict_post_hook(state.invalidate)
 
 
-def prepare(model: TokenBinder) -> TokenBinder:
+def _give_back_freed_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them after large frees: its mmap
+    threshold grows with the first large free, so later tensors live in the heap)."""
+    import contextlib
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+WITHOUT_VISION = (
+    "this model was loaded for serving without its vision tower (its weights are not in memory):"
+    " load the checkpoint again, e.g. load_checkpoint(path), to encode videos or change weights"
+)
+
+
+def prepare(model: TokenBinder, *, vision: bool = True) -> TokenBinder:
     """Make ``model`` an inference model, in place (see the module docstring); returns it.
-    Preparing a prepared model does nothing."""
-    if model.prepared:
-        return model
-    model.eval()
-    model._inference = InferenceState(model)
-    log.debug(
-        "prepared for inference: %d packed layers, %.1f MB packed",
-        sum(isinstance(m, packed_linear.Repacking) for m in model.modules()),
-        packed_linear.packed_bytes(model) / 1e6,
-    )
+    Preparing a prepared model again only drops its vision tower, when ``vision=False``."""
+    if not model.prepared:
+        model.eval()
+        model._inference = InferenceState(model)
+        _give_back_freed_memory()  # the parameters the frozen copies replaced
+        log.debug(
+            "prepared for inference: %d packed layers, %.1f MB packed",
+            sum(isinstance(m, packed_linear.Repacking) for m in model.modules()),
+            packed_linear.packed_bytes(model) / 1e6,
+        )
+    if not vision and model._inference.vision:
+        model._inference.drop_vision(model)
+        log.debug("vision tower dropped (serving): its identity is kept")
     return model

@@ -17,7 +17,7 @@ from torch import nn
 from tb_reranker.errors import CheckpointError, InvalidInputError
 from tb_reranker.model.config import TokenBinderConfig
 from tb_reranker.model.fusion import FocusedFusion, FocusedScores
-from tb_reranker.model.inference import InferenceState, identities, prepare
+from tb_reranker.model.inference import WITHOUT_VISION, InferenceState, identities, prepare
 from tb_reranker.model.precision import autocast_dtype, check_precision, resolve_device
 from tb_reranker.model.text import IndicatorTextEncoder
 from tb_reranker.model.tokens import tokenize
@@ -366,6 +366,8 @@ class TokenBinder(nn.Module):
         returns (cls [B, D] L2-normalised mean pool, frames_tokens [B, T, D] L2-normalised per
         frame; [B, T·(1+P), D] frame-major with use_patch_tokens).
         """
+        if not self.has_vision:
+            raise CheckpointError(WITHOUT_VISION)
         frames = _as_float_tensor("frames", frames, 5, "[B, T, 3, H, W]")
         batch_size, num_frames, channels, height, width = frames.shape
         size = self.image_size
@@ -728,12 +730,20 @@ class TokenBinder(nn.Module):
         )
 
     # ---- inference and identity ---------------------------------------------------------------
-    def prepare_for_inference(self) -> TokenBinder:
+    def prepare_for_inference(self, *, vision: bool = True) -> TokenBinder:
         """Make this model an inference model, in place, and return it (``inference.prepare``):
         eval mode, packed linear layers on CPU float32, no parameters (its weights are frozen
         buffers), its fingerprints computed once. For search and serving
-        (``load_checkpoint(inference=True)``); never for a model that will train."""
-        return prepare(self)
+        (``load_checkpoint(inference=True)``); never for a model that will train.
+        ``vision=False`` (the sidecar) also frees the vision tower: it can no longer encode
+        videos, its fingerprints stay the checkpoint's."""
+        return prepare(self, vision=vision)
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether the vision tower's weights are in memory (False: a serving model)."""
+        state = self.__dict__.get("_inference")
+        return state is None or state.vision
 
     @property
     def prepared(self) -> bool:

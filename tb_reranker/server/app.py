@@ -477,7 +477,8 @@ def load_components(settings: Settings, config: ServerConfig) -> Components:
 
     device = resolve_device(config.device)
     dtype = resolve_precision(config.dtype, device)  # the model runs this autocast itself
-    model = load_checkpoint(settings.checkpoint, device=device, inference=True)
+    # the sidecar never encodes a video (frame tokens come from the store): no vision tower
+    model = load_checkpoint(settings.checkpoint, device=device, inference=True, vision=False)
     model.precision = dtype
     store = open_store(settings.store)
     reranker = Reranker(
