@@ -291,21 +291,22 @@ def test_sidecar_image_holds_exactly_the_locked_versions(stack: Stack):
     project and torch's pruned Triton) is in the lock, at the lock's version."""
     sys.path.insert(0, str(ROOT / "tests" / "unit"))
     from packaging.markers import default_environment
+    from packaging.utils import canonicalize_name
     from test_lock import LOCK, locked_version, parse_lock
 
     lock = parse_lock(LOCK.read_text())
     sidecar = stack.containers()["tb-reranker"]
     code, output = sidecar.exec_run(["python", "-m", "pip", "list", "--format", "json"])
     assert code == 0, output
-    installed = {d["name"]: d["version"] for d in json.loads(output.decode())}
-    assert {"torch", "grpcio", "pymilvus", "open-clip-torch"} <= {n.lower() for n in installed}
+    installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(output.decode())}
+    assert {"torch", "grpcio", "pymilvus", "open-clip-torch", "pip"} <= set(installed)
     code, version = sidecar.exec_run(
         ["python", "-c", "import platform; print(platform.python_version())"]
     )
     env = default_environment() | {"python_full_version": version.decode().strip(), "extra": ""}
     drift = []
     for name, version in installed.items():
-        if name.lower().replace("_", "-") in ("tb-reranker", "tb_reranker"):
+        if name == "tb-reranker":
             continue
         locked = locked_version(lock, name, env)
         if locked is None or str(locked) != version.split("+")[0]:
