@@ -3,7 +3,7 @@
 #
 # start: nothing to do when an engine already answers. Otherwise installs Debian's docker.io (and
 #        debootstrap, which build-images.sh needs) when missing, starts `dockerd --iptables=false
-#        --bridge=none` (what works on our machines, see shared/docs/MEASURED.md), waits until it
+#        --bridge=none` (what works on our machines: measured at the project's start), waits until it
 #        answers, and records its pid in build/docker/dockerd.pid.
 # stop:  stops only the engine that `start` started (by the recorded pid), never another one.
 # Exit status: 0 when an engine answers (start) or was stopped (stop); 1 with one line of reason.
