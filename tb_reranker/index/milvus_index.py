@@ -344,6 +344,7 @@ class VideoIndex:
         """
         check_limit(limit)
         self._ensure_ready()
+        self.check_database()  # a stat: a Lite database removed under any reader is never read
         query = SearchRequest.of(
             vectors, limit, filter, dim=self.dim, ef=ef, consistency_level=consistency_level
         )
