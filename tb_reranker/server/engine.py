@@ -227,8 +227,7 @@ class ServingEngine:
     def _run_search(self, pipeline: TwoStageSearch, request: SearchRequest) -> list[Hit]:
         """I/O thread: one two-stage search; Milvus failures become the server's errors."""
         try:
-            pipeline.index.check_database()  # a removed Lite database is never served
-            return pipeline.run(request)[0]
+            return pipeline.run(request)[0]  # VideoIndex.search refuses a removed Lite database
         except NotFoundError as exc:  # the database or collection is gone: the server's problem
             log.warning("Search is not serving: %s", exc)
             raise SearchDisabledError(f"Search is not serving: {exc}") from exc
