@@ -476,8 +476,12 @@ class TokenBinder(nn.Module):
             )
         return cand_mask.to(device=self.device, dtype=torch.bool)
 
-    def _fusion_queries(self, indicators: torch.Tensor) -> torch.Tensor:
-        """I_2..I_m (or I_1 alone when m = 1): [B, m, D] -> [B, Q, D]"""
+    def fusion_queries(self, indicators: torch.Tensor) -> torch.Tensor:
+        """The queries of the focused view: indicators [B, m, D] -> [B, Q, D].
+
+        I_2..I_m, the m - 1 indicators that attend over a candidate's frame tokens (I_1 is the
+        broad query, compared with the video's [CLS]); with m = 1, I_1 alone (Q = 1).
+        """
         return indicators[:, 1:] if indicators.shape[1] > 1 else indicators[:, :1]
 
     def focused_scores(
@@ -588,7 +592,7 @@ class TokenBinder(nn.Module):
         indicators = indicators.to(device)
         cand_cls = cand_cls.to(device)
         with self._autocast():
-            queries = self._fusion_queries(indicators)
+            queries = self.fusion_queries(indicators)
             if cand_kv is None:  # uncached: the K/V-free path (never projects the tokens)
                 assert cand_tokens is not None
                 delta, token_attention = self.fusion(
@@ -701,7 +705,7 @@ class TokenBinder(nn.Module):
             )  # [B, n, 2, T', D]
             pair_kv = kv.unsqueeze(1).expand(-1, num_candidates, *kv.shape[1:])
             pair_kv = pair_kv.reshape(batch_size * num_candidates, 1, *kv.shape[1:])
-            queries = self._fusion_queries(
+            queries = self.fusion_queries(
                 cand_indicators.reshape(batch_size * num_candidates, num_indicators, width)
             )
             delta, token_attention = self.fusion(

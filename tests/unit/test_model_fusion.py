@@ -610,7 +610,7 @@ def test_listwise_slots_output_k_reads_slot_k() -> None:
     indicators, cand_cls, cand_tokens = _inputs()
     with torch.no_grad():
         fusion = model.fusion
-        queries = model._fusion_queries(indicators)
+        queries = model.fusion_queries(indicators)
         inputs = []
         for tokens in (cand_tokens, cand_tokens[:, [1, 0, *range(2, K)]]):
             positions = fusion.position_embeddings(T)
