@@ -116,6 +116,50 @@ def test_checkpoint_records_and_verifies_both_sides(model: TokenBinder, tmp_path
         load_checkpoint(directory)
 
 
+def _patterned(config: TokenBinderConfig) -> TokenBinder:
+    """A model whose every weight is a fixed pattern: its fingerprints depend on the config and
+    the hashing alone, not on torch's random init."""
+    model = TokenBinder(config)
+    state = model.state_dict()
+    with torch.no_grad():
+        for index, name in enumerate(sorted(state)):
+            tensor = state[name]
+            ramp = torch.arange(tensor.numel(), dtype=torch.float64) * 7 + index
+            tensor.copy_((ramp % 101 / 101 - 0.5).reshape(tensor.shape).to(tensor.dtype))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {},
+            (
+                "88dfa086490aefbdc7b95b752eeaa4d2",
+                "934806cb8592a34304f8f267c0572209",
+                "d7d32180e5eeebb8558ae286902360f0",
+            ),
+        ),
+        (
+            {"use_patch_tokens": True, "head": "listwise", "broad_query": "clip"},
+            (
+                "301ffb014ac6b40e1b3122e680f4c0b4",
+                "38483dd1502090ca4179c6866e7db444",
+                "bf6831c833f53c206999f531f690822b",
+            ),
+        ),
+    ],
+)
+def test_fingerprint_values_are_pinned(overrides: dict, expected: tuple[str, str, str]) -> None:
+    """Checkpoints, Milvus collections and frame stores record these values: no refactoring may
+    change them (a new config field must stay out of ``to_json`` at its default)."""
+    model = _patterned(TokenBinderConfig.tiny(**overrides))
+    found = model.fingerprint(), model.vision_fingerprint(), model.query_fingerprint()
+    assert found == expected
+    model.prepare_for_inference()  # packed layers, frozen buffers: the same identity
+    assert (model.fingerprint(), model.vision_fingerprint(), model.query_fingerprint()) == expected
+
+
 def test_broad_query_clip_makes_i1_the_plain_clip_feature() -> None:
     model = TokenBinder(TokenBinderConfig.tiny(broad_query="clip"))
     texts = ["a red square then a blue circle", "dog"]
