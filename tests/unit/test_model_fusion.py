@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
-from tb_reranker.model import fusion as fusion_module
+from tb_reranker.model import fusion_block
 from tb_reranker.model.fusion import CrossAttentionBlock, FocusedFusion, gumbel_like
 
 B, K, T, D = 2, 6, 8, 64
@@ -299,7 +299,7 @@ def _reference_fusion(
     noises: list[torch.Tensor] | None = None,
     frames_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """METHOD.md §3 written plainly (attention over the K·T' tokens, values, head features);
+    """docs/method.md §3 written plainly (attention over the K·T' tokens, values, head features);
     ``noises``: the Gumbel noise of each block, already multiplied by ``gumbel_scale``;
     ``frames_mask`` [B, K, T']: tokens that get no attention."""
     batch_size, num_candidates, _, _, num_tokens, width = cand_kv.shape
@@ -393,7 +393,7 @@ def _fusion_inputs(blocks: int, dtype: torch.dtype, cached: bool, fusion: Focuse
 def test_fusion_forward_equals_the_plain_formulation(head, blocks, few_candidates, monkeypatch):
     """Values (float32, inference mode, as the reranker runs it) equal the plain formulation,
     with and without a candidate mask; the packed head weight follows updates."""
-    monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
+    monkeypatch.setattr(fusion_block, "_FEW_CANDIDATES", few_candidates)
     fusion = _perturbed_fusion(head, blocks, torch.float32)
     queries = torch.randn(4, 3, 64)
     cand_kv = torch.randn(4, 5, blocks, 2, 6, 64)
@@ -441,7 +441,7 @@ def test_fusion_gradients_equal_the_plain_formulation(
     """Training: the same values and the same gradients (every parameter, the queries, the
     cached K/V or the tokens they were projected from) as the plain formulation, in float64,
     with the Gumbel noise on (training mode) and with a mask that pads a whole query."""
-    monkeypatch.setattr(fusion_module, "_FEW_CANDIDATES", few_candidates)
+    monkeypatch.setattr(fusion_block, "_FEW_CANDIDATES", few_candidates)
     for mask in (None, _EQUIVALENCE_MASK):
         results = []
         for formulation in ("fusion", "reference"):
@@ -615,13 +615,13 @@ def test_listwise_slots_output_k_reads_slot_k() -> None:
         for tokens in (cand_tokens, cand_tokens[:, [1, 0, *range(2, K)]]):
             positions = fusion.position_embeddings(T)
             block = fusion.blocks[0]
-            _, _, mass, summary = block.forward_tokens(
+            out = block(
                 queries,
-                block.kv_inputs(tokens, positions),
-                None,
-                fusion.rank_embedding[:K],
+                fusion_block.TokenInputs(
+                    block.kv_inputs(tokens, positions), fusion.rank_embedding[:K]
+                ),
             )
-            inputs.append(fusion._candidate_features(queries, mass, summary, None))
+            inputs.append(fusion._candidate_features(queries, out.mass, out.summary, None))
     unchanged = (inputs[0] - inputs[1]).abs().amax(dim=(0, 2, 3))  # per slot
     assert unchanged[0] > 1e-3 and unchanged[1] > 1e-3
     assert unchanged[2:].max() < 0.5 * unchanged[:2].min()  # others move only via the softmax
