@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,88 +36,76 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tb_reranker.model import TokenBinder, load_checkpoint
-from tb_reranker.model.fusion import FocusedScores, _head_logits
+from tb_reranker.model import FocusedScores, TokenBinder, load_checkpoint
 
 log = logging.getLogger("experiments.v2t_one_to_many")
 
 
-def joint_v2t_scores(
-    model: TokenBinder,
-    frames_tokens: torch.Tensor,
-    video_cls: torch.Tensor,
-    cand_indicators: torch.Tensor,
-    cand_mask: torch.Tensor | None = None,
-    *,
-    frames_mask: torch.Tensor | None = None,
-) -> FocusedScores:
-    """``focused_scores_v2t`` with the K candidate texts competing for the video (symmetric
-    head): the same passes, plus the last block's joint mass over the K texts as head input."""
-    fusion = model.fusion
-    if fusion.head_type != "symmetric":
-        raise ValueError("the one-to-many video→text variant needs the symmetric head")
-    device = model.device
-    frames_tokens, video_cls = frames_tokens.to(device).float(), video_cls.to(device).float()
-    cand_indicators = F.normalize(cand_indicators.to(device).float(), dim=-1)
-    batch_size, num_candidates, num_indicators, width = cand_indicators.shape
-    pairs = batch_size * num_candidates
-    kv = fusion.project_candidates(frames_tokens, frames_mask)  # [B, n, 2, T', D]
-    pair_kv = (
-        kv.unsqueeze(1).expand(-1, num_candidates, *kv.shape[1:]).reshape(pairs, 1, *kv.shape[1:])
-    )
-    tokens_mask = None
-    if frames_mask is not None:
-        tokens_mask = fusion.tokens_mask(frames_mask.to(device))
-        tokens_mask = tokens_mask.unsqueeze(1).expand(-1, num_candidates, -1).reshape(pairs, 1, -1)
-    queries = model._fusion_queries(cand_indicators.reshape(pairs, num_indicators, width))
-    gumbel_scale = fusion.gumbel_scale if fusion.training else 0.0
-    for index, block in enumerate(fusion.blocks):
-        keys, values = pair_kv[:, :, index, 0], pair_kv[:, :, index, 1]  # [B*K, 1, T', D]
-        if index == fusion.num_blocks - 1:  # each text's total attention logit on the video
-            logits = _head_logits(block._head_queries(queries), keys[:, 0], False)  # [BK,H,Q,T']
-            logits = logits / math.sqrt(block.head_dim) / fusion.gumbel_tau
-            if tokens_mask is not None:
-                logits = logits.masked_fill(~tokens_mask[:, :, None, :], float("-inf"))
-            strength = torch.logsumexp(logits, dim=-1)  # [B*K, H, Q]
-        queries, _, _, summary = block(
-            queries,
-            keys,
-            values,
-            None,
-            tau=fusion.gumbel_tau,
-            gumbel_scale=gumbel_scale,
-            tokens_mask=tokens_mask,
+class JointV2TBinder(TokenBinder):
+    """A TokenBinder whose video→text focused view lets the K candidate texts compete for the
+    video (symmetric head): the same passes as ``focused_scores_v2t``, plus the last block's
+    joint mass over the K texts as the head's input. Built on the public fusion API only."""
+
+    def focused_scores_v2t(
+        self,
+        frames_tokens: torch.Tensor,
+        video_cls: torch.Tensor,
+        cand_indicators: torch.Tensor,
+        cand_mask: torch.Tensor | None = None,
+        *,
+        frames_mask: torch.Tensor | None = None,
+    ) -> FocusedScores:
+        fusion = self.fusion
+        if fusion.head_type != "symmetric":
+            raise ValueError("the one-to-many video→text variant needs the symmetric head")
+        device = self.device
+        frames_tokens, video_cls = frames_tokens.to(device).float(), video_cls.to(device).float()
+        cand_indicators = F.normalize(cand_indicators.to(device).float(), dim=-1)
+        batch_size, num_candidates, num_indicators, width = cand_indicators.shape
+        pairs = batch_size * num_candidates
+        kv = fusion.project_candidates(frames_tokens, frames_mask)  # [B, n, 2, T', D]
+        pair_kv = kv.unsqueeze(1).expand(-1, num_candidates, *kv.shape[1:])
+        pair_kv = pair_kv.reshape(pairs, 1, *kv.shape[1:])  # each (video, text) pair: K = 1
+        pair_frames_mask = None
+        if frames_mask is not None:
+            pair_frames_mask = frames_mask.to(device).unsqueeze(1).expand(-1, num_candidates, -1)
+            pair_frames_mask = pair_frames_mask.reshape(pairs, 1, -1)
+        queries = self.fusion_queries(cand_indicators.reshape(pairs, num_indicators, width))
+        fused = fusion.attend(queries, pair_kv, None, frames_mask=pair_frames_mask)
+        # each text's total attention logit on the video: [B*K, H, Q, 1, T'] -> [B, K, H, Q]
+        strength = torch.logsumexp(fused.logits, dim=-1).squeeze(-1)
+        strength = strength.view(batch_size, num_candidates, *strength.shape[1:])
+        if cand_mask is not None:
+            cand_mask = cand_mask.to(device)
+            strength = strength.masked_fill(~cand_mask[:, :, None, None], float("-inf"))
+            real = cand_mask.sum(dim=1).float().view(batch_size, 1, 1, 1)
+        else:
+            real = torch.full((batch_size, 1, 1, 1), float(num_candidates), device=device)
+        mass = torch.softmax(strength, dim=1) * real  # [B, K, H, Q]: K·share, 1 when uniform
+        mass = mass.reshape(pairs, *mass.shape[2:]).unsqueeze(-1)  # [B*K, H, Q, 1]
+        delta = fusion.delta(fused.queries, mass, fused.summary).view(batch_size, num_candidates)
+        broad = torch.einsum(
+            "bkd,bd->bk",
+            F.normalize(cand_indicators[:, :, 0], dim=-1),
+            F.normalize(video_cls, dim=-1),
         )
-    strength = strength.view(batch_size, num_candidates, *strength.shape[1:])  # [B, K, H, Q]
-    if cand_mask is not None:
-        cand_mask = cand_mask.to(device)
-        strength = strength.masked_fill(~cand_mask[:, :, None, None], float("-inf"))
-        real = cand_mask.sum(dim=1).float().view(batch_size, 1, 1, 1)
-    else:
-        real = torch.full((batch_size, 1, 1, 1), float(num_candidates), device=device)
-    mass = torch.softmax(strength, dim=1) * real  # [B, K, H, Q]: K·share, 1 when uniform
-    mass = mass.reshape(pairs, *mass.shape[2:]).unsqueeze(-1)  # [B*K, H, Q, 1]
-    delta = fusion._symmetric_delta(queries, mass, summary, None).view(batch_size, num_candidates)
-    broad = torch.einsum(
-        "bkd,bd->bk", F.normalize(cand_indicators[:, :, 0], dim=-1), F.normalize(video_cls, dim=-1)
-    )
-    if cand_mask is not None:
-        delta = delta.masked_fill(~cand_mask, 0.0)
-        broad = broad.masked_fill(~cand_mask, float("-inf"))
-    attention = torch.zeros(batch_size, num_candidates, model.num_frames, device=device)
-    return FocusedScores(broad=broad, delta=delta, final=broad + delta, frame_attention=attention)
+        if cand_mask is not None:
+            delta = delta.masked_fill(~cand_mask, 0.0)
+            broad = broad.masked_fill(~cand_mask, float("-inf"))
+        attention = torch.zeros(batch_size, num_candidates, self.num_frames, device=device)
+        return FocusedScores(
+            broad=broad, delta=delta, final=broad + delta, frame_attention=attention
+        )
 
 
-@contextmanager
-def scorer(variant: str):
-    """``TokenBinder.focused_scores_v2t`` is the ``variant``'s inside the block."""
-    original = TokenBinder.focused_scores_v2t
-    if variant == "joint":
-        TokenBinder.focused_scores_v2t = joint_v2t_scores  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        TokenBinder.focused_scores_v2t = original  # type: ignore[method-assign]
+VARIANTS: dict[str, type[TokenBinder]] = {"pointwise": TokenBinder, "joint": JointV2TBinder}
+
+
+def as_variant(model: TokenBinder, variant: str) -> TokenBinder:
+    """The same weights as ``model``, scored by ``variant``'s class."""
+    scored = VARIANTS[variant](model.config, load_pretrained=False)
+    scored.load_state_dict(model.state_dict())
+    return scored.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,15 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     for trained, given in runs:
         started = time.monotonic()
         if given is None:
-            with scorer(trained):
-                checkpoint = train(replace(base, out_dir=str(out / trained)))
+            checkpoint = train(
+                replace(base, out_dir=str(out / trained)), model_class=VARIANTS[trained]
+            )
         else:
             checkpoint = Path(given)
         seconds = round(time.monotonic() - started, 1)
         model = load_checkpoint(checkpoint)
         for scored in ("pointwise", "joint"):
-            with scorer(scored):
-                result = evaluate(model, test, cache_dir=out / "cache", progress=False)
+            result = evaluate(
+                as_variant(model, scored), test, cache_dir=out / "cache", progress=False
+            )
             rows[f"trained {trained}, scored {scored}"] = {
                 d: {v: [result[d][v]["R@1"], result[d][v]["R@5"]] for v in ("broad", "reranked")}
                 for d in ("t2v", "v2t")

@@ -339,12 +339,15 @@ def train(
     *,
     on_epoch_start: Callable[[int, Any], None] | None = None,
     on_epoch_end: Callable[[int, Path, dict[str, float]], None] | None = None,
+    model_class: type | None = None,
 ) -> Path:
     """Train a TokenBinder as ``config`` says; return the last checkpoint directory.
 
     ``on_epoch_start(epoch, optimizer)`` and ``on_epoch_end(epoch, checkpoint_dir, stats)`` are
     called around each epoch (epochs count from 1); an exception raised there stops training
-    (the checkpoints written so far stay valid for ``resume``).
+    (the checkpoints written so far stay valid for ``resume``). ``model_class``: a
+    ``TokenBinder`` subclass to train instead (a study that overrides a scoring method, e.g.
+    ``experiments/``); its checkpoints load as plain ``TokenBinder``s.
     """
     from tb_reranker.model import resolve_device, save_checkpoint
 
@@ -358,7 +361,7 @@ def train(
             f"{out_dir} already holds checkpoint {previous[1].name}; "
             "pass --resume to continue it or choose another --out"
         )
-    start = _start_model(config, out_dir, previous)
+    start = _start_model(config, out_dir, previous, model_class)
     config, model = start.config, start.model
     torch.manual_seed(config.seed)  # Gumbel noise; data order has its own seeded generator
     model.to(device)
@@ -410,11 +413,27 @@ class _Start:
     state_tensors: dict[str, torch.Tensor] | None = None
 
 
-def _start_model(config: TrainConfig, out_dir: Path, previous: tuple[int, Path] | None) -> _Start:
-    """The model to train: the latest checkpoint when resuming, else a fresh or initialised one."""
-    if config.resume and previous is not None:
-        return _resume(config, *previous)
+def _start_model(
+    config: TrainConfig,
+    out_dir: Path,
+    previous: tuple[int, Path] | None,
+    model_class: type | None = None,
+) -> _Start:
+    """The model to train: the latest checkpoint when resuming, else a fresh or initialised one,
+    as ``model_class`` (a ``TokenBinder`` subclass; None: ``TokenBinder``)."""
     from tb_reranker.model import TokenBinder, load_checkpoint
+
+    if model_class is None:
+        model_class = TokenBinder
+    elif not (isinstance(model_class, type) and issubclass(model_class, TokenBinder)):
+        raise InvalidInputError(f"model_class must be a TokenBinder subclass, got {model_class!r}")
+    if config.resume and previous is not None:
+        start = _resume(config, *previous)
+        if type(start.model) is not model_class:  # the same weights, the study's class
+            model = model_class(start.model.config, load_pretrained=False)
+            model.load_state_dict(start.model.state_dict())
+            start = replace(start, model=model.to(start.model.device))
+        return start
 
     if config.resume:
         log.info("resume: no complete checkpoint in %s, starting fresh", out_dir)
@@ -422,13 +441,13 @@ def _start_model(config: TrainConfig, out_dir: Path, previous: tuple[int, Path] 
         source = load_checkpoint(config.init_checkpoint)
         config = config.resolved(_is_tiny(source.config))
         # the weights come from the checkpoint: its `pretrained` (a tag, a file) is not read
-        model = TokenBinder(_apply_overrides(source.config, config), load_pretrained=False)
+        model = model_class(_apply_overrides(source.config, config), load_pretrained=False)
         fresh = _load_matching(model, source, tuple(config.init_fresh))
         log.info("init from %s; newly initialised: %s", config.init_checkpoint, fresh or "none")
     else:
         model_config = build_model_config(config)
         config = config.resolved(_is_tiny(model_config))
-        model = TokenBinder(_apply_overrides(model_config, config))  # + preset gumbel_scale
+        model = model_class(_apply_overrides(model_config, config))  # + preset gumbel_scale
     return _Start(config, model)
 
 
