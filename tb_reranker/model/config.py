@@ -10,7 +10,7 @@ from tb_reranker.errors import InvalidInputError
 
 __all__ = ["TokenBinderConfig", "TINY_CLIP_CFG", "VIT_B_32_TEXT_CFG"]
 
-# A small open_clip CLIP (the shape METHOD.md §7 trained end to end in minutes on 2 CPU cores).
+# A small open_clip CLIP (the shape the synthetic preset trains end to end, docs/method.md §8, in minutes on 2 CPU cores).
 # Keys follow open_clip's model-config JSON files (``open_clip/model_configs/*.json``).
 TINY_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 64,

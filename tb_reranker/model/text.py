@@ -20,7 +20,7 @@ def eot_positions(texts_tokens: torch.Tensor, pool_type: str, eos_id: int | None
 
 
 class IndicatorTextEncoder(nn.Module):
-    """CLIP text encoder that also returns m query indicators I_1..I_m (METHOD.md §1).
+    """CLIP text encoder that also returns m query indicators I_1..I_m (docs/method.md §1).
 
     The indicator embeddings are written into the input sequence at positions ``eot+1 ..
     eot+m`` with the positional embeddings of those positions, the text having been truncated to
@@ -59,7 +59,7 @@ class IndicatorTextEncoder(nn.Module):
             raise ValueError(
                 f"context length {self.context_length} leaves no room for {num_indicators} indicators"
             )
-        # Indicators start as the EOT embedding + small noise (METHOD.md §1). With the argmax pool
+        # Indicators start as the EOT embedding + small noise (docs/method.md §1). With the argmax pool
         # the EOT id is the last row of the vocabulary.
         eot_id = self.eos_id if self.pool_type == "eos" else self.token_embedding.num_embeddings - 1
         width = self.token_embedding.embedding_dim

@@ -1,4 +1,4 @@
-"""Ablation sweeps over m, K, fusion blocks and the head (METHOD.md §3, §6), on the fast path.
+"""Ablation sweeps over m, K, fusion blocks and the head (docs/method.md §3), on the fast path.
 
 One base model supplies the backbone: ``init_checkpoint``, or (when absent) a tiny model trained
 end to end first with the synthetic preset. Every variant — the base configuration included, so

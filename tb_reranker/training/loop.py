@@ -1,4 +1,4 @@
-"""``train(TrainConfig) -> Path``: the TokenBinder training loop (METHOD.md §4).
+"""``train(TrainConfig) -> Path``: the TokenBinder training loop (docs/method.md §4, §8).
 
 One epoch walks the training videos in a seeded random order, one random caption per video, in
 batches of ``batch_size`` pairs (optionally accumulated over ``grad_accum`` micro-batches).
@@ -55,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Epochs of the paper per dataset (METHOD.md §4); anything else gets 5.
+# Epochs of the paper per dataset; anything else gets 5.
 PAPER_EPOCHS: dict[str, int] = {
     "msrvtt": 5,
     "didemo": 20,
@@ -65,8 +65,8 @@ PAPER_EPOCHS: dict[str, int] = {
     "lsmdc": 10,
 }
 
-# Optimisation presets. "paper": METHOD.md §4 (fine-tuning pretrained CLIP). "synthetic": the
-# from-scratch tiny model of METHOD.md §7 (lr 2e-3 for the model collapsed there).
+# Optimisation presets. "paper": the paper's fine-tuning of pretrained CLIP. "synthetic": the
+# from-scratch tiny model of docs/method.md §8 (lr 2e-3 for the model collapsed there).
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "lr": 1e-4,
