@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh                              # venv + pip install from the index
 #   WHEELHOUSE=/path/to/wheels bash benchmarks/gpu_check.sh   # offline: wheels only, no index
-#   VENV=/work/main/.venv bash benchmarks/gpu_check.sh        # reuse an environment (dry run)
+#   VENV=.venv bash benchmarks/gpu_check.sh                   # reuse an environment (dry run)
 #
 # Variables (all optional):
 #   OUT         results folder (default ./gpu_check_out): summary.json, env.json, cuda_tests.xml,

@@ -1,6 +1,6 @@
 """Runtime settings: frozen dataclasses filled from arguments, then ``TB_*`` variables, then defaults.
 
-Defaults are the embedded set-up of ARCHITECTURE.md: Milvus Lite file + local frame-token
+Defaults are the embedded set-up (docs/architecture.md): a Milvus Lite database + local frame-token
 store under ``./tb_data`` + the in-process reranker.
 """
 

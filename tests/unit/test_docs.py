@@ -231,3 +231,20 @@ def test_architecture_names_every_module() -> None:
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_file_outside_the_repository_is_named(path: Path) -> None:
     assert outside_mentions(path, ROOT) == []
+
+
+def _code_files() -> list[Path]:
+    """Our code, scripts and build files (this test file, which spells the names, aside)."""
+    found = []
+    for folder in ("tb_reranker", "milvus_setup", "benchmarks", "experiments", "tests", "docker"):
+        found += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh", ".yml")]
+    found += [ROOT / "Makefile", ROOT / "pyproject.toml", ROOT / ".ci" / "run"]
+    here = Path(__file__).resolve()
+    return sorted(p for p in found if p.is_file() and p.resolve() != here and "_pb" not in p.parts)
+
+
+def test_no_code_names_a_file_outside_the_repository() -> None:
+    """Comments and docstrings cite docs/method.md, never the shared folder's files (issue 21)."""
+    files = _code_files()
+    assert len(files) > 100
+    assert [hit for path in files for hit in outside_mentions(path, ROOT)] == []
