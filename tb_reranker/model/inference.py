@@ -1,8 +1,9 @@
-"""A TokenBinder prepared for search and serving, and the weights' identity.
+"""A TokenBinder prepared for search and serving, and when its identity is computed.
 
-:func:`identities` hashes the config and the bytes of every state tensor: the whole-model,
-vision and query-side fingerprints. A model as built or loaded (training, plain use) computes
-them from its weights on every call and holds nothing else derived from them: whatever changes
+:func:`tb_reranker.model.identity.identities` hashes the config and the bytes of every state
+tensor: the whole-model, vision and query-side fingerprints. A model as built or loaded
+(training, plain use) computes them from its weights on every call and holds nothing else
+derived from them: whatever changes
 its weights (``p.data`` writes, ``load_state_dict``, an optimizer step,
 ``vector_to_parameters``, ``.to(dtype)``), the next call sees it.
 
@@ -35,52 +36,24 @@ they are the frozen weights of an inference model, not parameters; change them t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import operator
 import threading
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from tb_reranker.errors import CheckpointError
 from tb_reranker.model import fast_text, packed_linear
+from tb_reranker.model.identity import Identities, identities
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tb_reranker.model.tokenbinder import TokenBinder
-
-__all__ = ["prepare", "identities", "InferenceState", "VISION_PREFIX"]
+__all__ = ["prepare", "InferenceState", "WITHOUT_VISION"]
 
 log = logging.getLogger(__name__)
 
-# the state-dict prefix of the vision tower; its weights are the vision fingerprint's
-VISION_PREFIX = "clip.visual."
-
-Identities = tuple[str, str, str]  # (whole model, vision side, query side)
-
-
-def identities(model: TokenBinder) -> Identities:
-    """(whole model, vision side, query side) fingerprints of ``model``'s config and weights as
-    they are now, computed in one pass over every state tensor (name, dtype, shape, bytes)."""
-    state = model.state_dict()
-    whole, vision, query = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    config_json = model.config.to_json().encode()
-    whole.update(config_json)
-    vision.update(json.dumps(model._vision_spec(), sort_keys=True).encode())
-    query.update(b"query|" + config_json)
-    for name in sorted(state):
-        tensor = state[name].detach()
-        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
-        flat = tensor.to("cpu").contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
-        side = vision if name.startswith(VISION_PREFIX) else query
-        for digest in (whole, side):
-            digest.update(header)
-            digest.update(data)
-    return whole.hexdigest()[:32], vision.hexdigest()[:32], query.hexdigest()[:32]
+# a TokenBinder (annotated as a module: this file never imports the class that imports it)
+Model = TypeVar("Model", bound=nn.Module)
 
 
 class _Held:
@@ -107,7 +80,7 @@ class InferenceState:
     """What a prepared model holds: its identity, computed once and again only when its tensors
     are replaced or loaded (see the module docstring)."""
 
-    def __init__(self, model: TokenBinder) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.packed = packed_linear.enabled()  # decided once, at preparation
         self.vision = True  # False once drop_vision emptied the vision tower
         self._lock = threading.Lock()
@@ -128,7 +101,7 @@ class InferenceState:
         """Forget the identity (a ``load_state_dict`` post-hook of every module)."""
         self._value = None
 
-    def refresh(self, model: TokenBinder) -> Identities:
+    def refresh(self, model: nn.Module) -> Identities:
         """Convert and freeze what is not (a layer put in since), then hash the weights."""
         with self._lock:
             if not self.vision:
@@ -141,7 +114,7 @@ class InferenceState:
             self._value = value = identities(model)
         return value
 
-    def drop_vision(self, model: TokenBinder) -> None:
+    def drop_vision(self, model: nn.Module) -> None:
         """Empty every tensor of the vision tower, keeping the identity computed with it."""
         self.refresh(model)
         with self._lock:
@@ -153,7 +126,7 @@ class InferenceState:
             self._held = _Held(model)
         _give_back_freed_memory()
 
-    def identities(self, model: TokenBinder) -> Identities:
+    def identities(self, model: nn.Module) -> Identities:
         value = self._value
         held = self._held
         if value is None or held is None or not held.unchanged():
@@ -193,7 +166,7 @@ WITHOUT_VISION = (
 )
 
 
-def prepare(model: TokenBinder, *, vision: bool = True) -> TokenBinder:
+def prepare(model: Model, *, vision: bool = True) -> Model:
     """Make ``model`` an inference model, in place (see the module docstring); returns it.
     Preparing a prepared model again only drops its vision tower, when ``vision=False``."""
     if not model.prepared:

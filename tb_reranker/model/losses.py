@@ -1,4 +1,4 @@
-"""TokenBinder training losses (METHOD.md §4) and the two-learning-rate parameter groups.
+"""TokenBinder training losses (docs/method.md §4) and the two-learning-rate parameter groups.
 
 Total loss = (ℓ_t→v + ℓ_v→t)/2 + (ℓ_focus,v + ℓ_focus,t)/2 where
 
@@ -97,7 +97,7 @@ def _videos_of(
         raise InvalidInputError(f"videos must be a tensor, got {type(videos).__name__}")
     if videos.ndim == 5:
         videos_cls, frames_tokens = model.encode_frames(videos, frames_mask)
-        mask = model._check_frames_mask(frames_mask, tuple(videos.shape[:2]))
+        mask = model._checks.frames_mask(frames_mask, tuple(videos.shape[:2]))
         return videos_cls, frames_tokens, mask
     if videos.ndim == 3:
         if videos.shape[-1] != model.embed_dim:
@@ -108,7 +108,7 @@ def _videos_of(
             raise InvalidInputError("frame features contain NaN or infinite values")
         frames_tokens = F.normalize(videos.to(model.device).float(), dim=-1)
         shape = (videos.shape[0], videos.shape[1] // model.tokens_per_frame)
-        mask = model._check_frames_mask(frames_mask, shape)
+        mask = model._checks.frames_mask(frames_mask, shape)
         return model.pool_cls(frames_tokens, mask), frames_tokens, mask
     raise InvalidInputError(
         "videos must be frames [B, T, 3, H, W] or frame features [B, T, D], got "
@@ -124,7 +124,7 @@ def tokenbinder_loss(
     k: int | None = None,
     frames_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """TokenBinder loss on a batch of B matching (text, video) pairs (METHOD.md §4).
+    """TokenBinder loss on a batch of B matching (text, video) pairs (docs/method.md §4).
 
     texts: list[str], tokens [B, L'] int64, or precomputed indicators [B, m, D] float.
     videos: raw frames [B, T, 3, H, W] or precomputed frame features [B, T', D] (frozen

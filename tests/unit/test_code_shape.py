@@ -1,6 +1,6 @@
 """Shape rules of the code (issue 11), read from the source with ``ast``: no function longer
 than 80 lines in the library and the deployment tool, generated code (``tb_reranker/_pb``)
-aside; no class longer than 400 lines in ``tb_reranker/index/`` (issue 21 §2)."""
+aside; no class longer than 400 lines in either (issue 21 §2)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ MAX_FUNCTION_LINES = 80
 CHECKED = ("tb_reranker", "milvus_setup")
 GENERATED_PARTS = frozenset({"_pb"})  # protobuf stubs, written by grpcio-tools
 MAX_CLASS_LINES = 400
-CLASS_CHECKED = ("tb_reranker/index",)
+CLASS_CHECKED = CHECKED
 
 
 def long_definitions(folder: Path, limit: int, kinds: tuple[type[ast.AST], ...]) -> list[str]:
@@ -71,9 +71,10 @@ def test_the_rule_sees_a_long_class(tmp_path: Path) -> None:
     assert long_classes(tmp_path, 30) == []
 
 
-def test_no_long_classes_in_the_index() -> None:
+def test_no_long_classes() -> None:
     """``VideoIndex`` was one 900-line class (connection, errors, model identity, three search
-    strategies, paging); now a facade over one module per job."""
+    strategies, paging), ``TokenBinder`` one of 690 (the CLIP's construction, the input checks,
+    the fingerprints, video→text scoring); each is now a facade over one module per job."""
     found = [
         f"{folder}/{f}"
         for folder in CLASS_CHECKED

@@ -30,16 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tb_reranker", "milvus_setup")
 GENERATED = ("tb_reranker._pb",)  # protoc output: not ours to arrange
 
-# Known edges that break the rules. An entry must still exist (the test fails when one is
-# stale), so this list can only shrink.
-ALLOWED_EDGES: frozenset[tuple[str, str]] = frozenset(
-    {
-        # type-level only (``if TYPE_CHECKING:``, the annotations of prepare/identities): closes
-        # tokenbinder -> inference -> tokenbinder. model/ is being reworked separately (issue 21)
-        ("tb_reranker.model.inference", "tb_reranker.model.tokenbinder"),
-    }
-)
-
 # Deprecated aliases kept for old user code (issue 21 §3): module -> the names it still answers
 # for (``None``: every name). Our code, tests and benchmarks import the new places.
 DEPRECATED_IMPORTS: dict[str, frozenset[str] | None] = {
@@ -159,13 +149,6 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
     return components
 
 
-def _without_allowed(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {
-        name: {t for t in targets if (name, t) not in ALLOWED_EDGES}
-        for name, targets in graph.items()
-    }
-
-
 def _is_under(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
@@ -191,7 +174,7 @@ def test_cycle_detection_finds_loops() -> None:
 
 
 def test_no_import_cycles() -> None:
-    cycles = strongly_connected(_without_allowed(import_graph()))
+    cycles = strongly_connected(import_graph())
     assert not cycles, "import cycles among our modules:\n" + "\n".join(
         " <-> ".join(cycle) for cycle in cycles
     )
@@ -205,7 +188,6 @@ def test_only_the_server_and_the_cli_import_the_server() -> None:
         if _is_under(target, "tb_reranker.server")
         and not _is_under(name, "tb_reranker.server")
         and not _is_under(name, "tb_reranker.cli")
-        and (name, target) not in ALLOWED_EDGES
     )
     assert not offenders, f"modules outside server/ and cli/ import the server: {offenders}"
 
@@ -218,7 +200,6 @@ def test_the_library_does_not_import_the_deployment_tool() -> None:
         if _is_under(name, "tb_reranker")
         and not _is_under(name, "tb_reranker.cli")
         and _is_under(target, "milvus_setup")
-        and (name, target) not in ALLOWED_EDGES
     )
     assert not offenders, f"tb_reranker imports milvus_setup: {offenders}"
 
@@ -262,19 +243,11 @@ def test_no_code_of_ours_imports_a_deprecated_alias() -> None:
     assert not offenders, "deprecated imports:\n" + "\n".join(offenders)
 
 
-def test_allowed_edges_still_exist() -> None:
-    """An allowed edge that is gone must leave ``ALLOWED_EDGES`` too (the list only shrinks)."""
-    graph = import_graph()
-    stale = sorted(edge for edge in ALLOWED_EDGES if edge[1] not in graph.get(edge[0], set()))
-    assert not stale, f"remove these from ALLOWED_EDGES, they are fixed: {stale}"
-
-
 if __name__ == "__main__":
     graph = import_graph()
     out = ["digraph imports {", "  rankdir=LR; node [shape=box, fontsize=10];"]
     for name in sorted(graph):
         for target in sorted(graph[name]):
-            style = " [color=red, style=dashed]" if (name, target) in ALLOWED_EDGES else ""
-            out.append(f'  "{name}" -> "{target}"{style};')
+            out.append(f'  "{name}" -> "{target}";')
     out.append("}")
     sys.stdout.write("\n".join(out) + "\n")

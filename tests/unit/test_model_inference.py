@@ -24,7 +24,7 @@ from tb_reranker.model import (
     packed_linear,
     save_checkpoint,
 )
-from tb_reranker.model.inference import identities
+from tb_reranker.model.identity import identities
 from tb_reranker.model.packed_linear import PackedLinear, packed_bytes
 
 CONFIG = TokenBinderConfig.tiny(fusion_blocks=2)

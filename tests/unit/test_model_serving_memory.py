@@ -9,7 +9,7 @@ import torch
 
 from tb_reranker.errors import CheckpointError
 from tb_reranker.model import TokenBinder, TokenBinderConfig, load_checkpoint, save_checkpoint
-from tb_reranker.model.inference import VISION_PREFIX
+from tb_reranker.model.identity import VISION_PREFIX
 
 
 @pytest.fixture(scope="module")
