@@ -32,6 +32,11 @@ with ``protocol=`` of :func:`v2t_ranks`:
   ``[1, M - C_v + 1]``; not comparable with published figures on multi-caption datasets.
 
 With one caption per video both are the same.
+
+Moments (a span of a video per query): :func:`temporal_iou` of two ``[start, end]`` intervals
+and :func:`moment_recall`, the share of queries whose top-1 predicted window overlaps a
+ground-truth window with IoU >= a threshold ("R1@IoU0.5"). An interval of zero length has IoU 0
+with everything (itself included), so IoU is 1 exactly for equal intervals of positive length.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ from tb_reranker.errors import InvalidInputError
 __all__ = [
     "TIES",
     "V2T_PROTOCOLS",
+    "moment_recall",
     "ranks_from_scores",
     "retrieval_metrics",
     "rerank_topk",
+    "temporal_iou",
     "v2t_ranks",
 ]
 
@@ -267,3 +274,85 @@ def rerank_topk(broad_scores: Any, topk_indices: Any, final_scores: Any) -> np.n
     offset = rest_best - final.min(axis=1) + 1.0  # [Q]
     scores[rows, indices] = final + offset[:, None]
     return scores
+
+
+def _windows(value: Any, name: str) -> np.ndarray:
+    """One ``[start, end]`` window or a list of them as float64 ``[K, 2]`` (K >= 1), checked:
+    finite, ``start <= end``."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch
+        value = value.detach().to("cpu").double().numpy()
+    try:
+        windows = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{name} must be numeric [start, end] windows: {exc}") from exc
+    if not np.all(np.isfinite(windows)):
+        raise InvalidInputError(f"{name} contains NaN or infinite values")
+    if windows.shape == (2,):
+        windows = windows[None]
+    if windows.ndim != 2 or windows.shape[1] != 2 or len(windows) == 0:
+        raise InvalidInputError(
+            f"{name} must be a [start, end] window or a non-empty list of them, got shape "
+            f"{windows.shape}"
+        )
+    if np.any(windows[:, 0] > windows[:, 1]):
+        raise InvalidInputError(f"{name} holds a window whose start is after its end")
+    return windows
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of windows ``a`` [..., 2] and ``b`` [..., 2] (broadcast); 0 where the union has
+    zero length."""
+    inter = np.clip(np.minimum(a[..., 1], b[..., 1]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    union = (a[..., 1] - a[..., 0]) + (b[..., 1] - b[..., 0]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def temporal_iou(a: Any, b: Any) -> float:
+    """Intersection over union of two time intervals ``[start, end]`` (any unit, start <= end).
+
+    In [0, 1], symmetric; 0 for disjoint or touching intervals and for any interval of zero
+    length; 1 exactly when both are the same interval of positive length.
+    """
+    first, second = _windows(a, "a"), _windows(b, "b")
+    if len(first) != 1 or len(second) != 1:
+        raise InvalidInputError("temporal_iou takes one [start, end] interval on each side")
+    return float(_iou(first[0], second[0]))
+
+
+def moment_recall(
+    predicted: Sequence[Any], ground_truth: Sequence[Any], thresholds: Sequence[float] = (0.5, 0.7)
+) -> dict[str, float | int]:
+    """R1@IoU: the percentage of queries whose top-1 window matches a ground-truth window.
+
+    Args:
+        predicted: ``Q`` entries, each one ``[start, end]`` window or a ranked list of them
+            (the first is the top-1 prediction; the rest are ignored).
+        ground_truth: ``Q`` entries, each one ``[start, end]`` window or a list of them (the
+            one with the best IoU counts, as in QVHighlights' evaluation).
+        thresholds: IoU thresholds in (0, 1]; a query counts when IoU >= threshold.
+
+    Returns:
+        ``{"R1@IoU0.5": %, "R1@IoU0.7": %, "mIoU": %, "num_queries": Q}`` (percentages 0-100;
+        ``mIoU``: the mean best IoU of the top-1 windows).
+    """
+    if len(predicted) != len(ground_truth):
+        raise InvalidInputError(
+            f"{len(predicted)} predictions for {len(ground_truth)} ground-truth entries"
+        )
+    if len(predicted) == 0:
+        raise InvalidInputError("no queries to score")
+    for t in thresholds:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 1:
+            raise InvalidInputError(f"IoU thresholds must be numbers in (0, 1], got {t!r}")
+    best = np.array(
+        [
+            _iou(_windows(p, f"predicted[{q}]")[0], _windows(g, f"ground_truth[{q}]")).max()
+            for q, (p, g) in enumerate(zip(predicted, ground_truth, strict=True))
+        ]
+    )  # [Q]
+    metrics: dict[str, float | int] = {
+        f"R1@IoU{t:g}": float(100.0 * np.mean(best >= t)) for t in thresholds
+    }
+    metrics["mIoU"] = float(100.0 * best.mean())
+    metrics["num_queries"] = len(best)
+    return metrics

@@ -1,4 +1,6 @@
-"""``tb synth``: generate the synthetic hard-negative benchmark (real MP4s + captions.jsonl).
+"""``tb synth``: generate the synthetic hard-negative benchmark (real MP4s + captions.jsonl);
+``tb synth --long``: long videos of several events with moment annotations
+(``tb_reranker.video.synth_long``).
 
 Every flag also reads ``TB_SYNTH_<FLAG>`` (e.g. ``TB_SYNTH_SEED``) when it is not given.
 """
@@ -10,7 +12,7 @@ from typing import Any
 
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.numbers import COUNT, FRACTION, POSITIVE_INT, SEED, WORKERS
+from tb_reranker.numbers import COUNT, FRACTION, POSITIVE_INT, REAL, SECONDS, SEED, WORKERS
 
 __all__ = ["register", "run"]
 
@@ -29,6 +31,19 @@ _DEFAULTS: dict[str, tuple[type, Any]] = {
     "holdout": (float, 0.25),
     "workers": (int, 0),
 }
+# --long: its own flags, and its own defaults of the shared ones (size, families)
+_LONG_DEFAULTS: dict[str, tuple[type, Any]] = {
+    "pairs": (int, 2),
+    "events": (int, 4),
+    "event_s": (float, 6.0),
+    "duration_min": (float, 0.0),
+    "seed": (int, 0),
+    "size": (int, 64),
+    "fps": (int, 8),
+    "families": (str, "order,motion,colour"),
+    "background": (str, "plain"),
+}
+_CLIP_ONLY = ("train", "val", "test", "frames", "holdout", "jitter", "workers")
 
 
 def register(subparsers: Any) -> None:
@@ -84,17 +99,44 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--workers", type=WORKERS.parse, default=None, help="worker processes (0 = one per CPU)"
     )
+    _add_long_arguments(parser)
     parser.add_argument("--force", action="store_true", help="regenerate an existing output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(func=run)
 
 
-def _resolve(args: argparse.Namespace, name: str) -> Any:
+def _add_long_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "long videos (--long)",
+        "OUT_DIR/videos/long_<n>.mp4: events cut one after another, each video followed by "
+        "its twin holding the same events in reversed order; OUT_DIR/videos.jsonl, "
+        "OUT_DIR/moments.json (ActivityNet Captions format) and OUT_DIR/meta.json. Size "
+        "defaults to 64 and families to order,motion,colour.",
+    )
+    group.add_argument("--long", action="store_true", help="write long videos with moments")
+    group.add_argument("--pairs", type=POSITIVE_INT.parse, default=None, help="video pairs (2)")
+    group.add_argument(
+        "--events", type=POSITIVE_INT.parse, default=None, help="events per video, >= 2 (4)"
+    )
+    group.add_argument(
+        "--event-s", type=SECONDS.parse, default=None, help="mean event length in seconds (6)"
+    )
+    group.add_argument(
+        "--duration-min",
+        type=REAL.parse,
+        default=None,
+        help="make every video at least this many minutes long by adding events (0 = off)",
+    )
+
+
+def _resolve(
+    args: argparse.Namespace, name: str, defaults: dict[str, tuple[type, Any]] = _DEFAULTS
+) -> Any:
     given = getattr(args, name)
     if given is not None:
         return given
-    kind, default = _DEFAULTS[name]
+    kind, default = defaults[name]
     raw = env(f"SYNTH_{name}")
     if raw is None:
         return default
@@ -110,6 +152,13 @@ def run(args: argparse.Namespace) -> int:
     from tb_reranker.cli._common import print_json
     from tb_reranker.video.synth import generate
 
+    if args.long:
+        return _run_long(args)
+    given = [name for name in _LONG_DEFAULTS if name not in _DEFAULTS]
+    given = [name for name in given if getattr(args, name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise InvalidInputError(f"{flag} applies to long videos only: add --long")
     values = {name: _resolve(args, name) for name in _DEFAULTS}
     families = tuple(f.strip() for f in values["families"].split(",") if f.strip())
     if values["workers"] < 0:
@@ -150,5 +199,51 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"wrote {result.created} clips ({counts}) to {result.root} in "
             f"{result.elapsed_s:.1f} s ({result.created / max(result.elapsed_s, 1e-9):.0f} clips/s)"
+        )
+    return 0
+
+
+def _run_long(args: argparse.Namespace) -> int:
+    """``tb synth --long``: the long videos and their moments."""
+    from tb_reranker.cli._common import print_json
+    from tb_reranker.video.synth_long import generate_long
+
+    for name in _CLIP_ONLY:
+        if getattr(args, name) is not None:
+            raise InvalidInputError(f"--{name} does not apply to --long")
+    values = {name: _resolve(args, name, _LONG_DEFAULTS) for name in _LONG_DEFAULTS}
+    result = generate_long(
+        args.out_dir,
+        num_pairs=values["pairs"],
+        events_per_video=values["events"],
+        event_s=values["event_s"],
+        duration_min=values["duration_min"],
+        fps=values["fps"],
+        size=values["size"],
+        seed=values["seed"],
+        families=tuple(f.strip() for f in values["families"].split(",") if f.strip()),
+        background=values["background"],
+        force=args.force or (env("SYNTH_FORCE") or "").lower() in ("1", "true", "yes", "on"),
+        progress=not args.no_progress,
+    )
+    longest = max(v.duration_s for v in result.videos)
+    if args.json:
+        print_json(
+            {
+                "root": str(result.root),
+                "videos": len(result.videos),
+                "events": sum(len(v.events) for v in result.videos),
+                "longest_s": longest,
+                "created": result.created,
+                "skipped": result.skipped,
+                "elapsed_s": round(result.elapsed_s, 3),
+            }
+        )
+    elif result.skipped:
+        print(f"{result.root}: already complete ({len(result.videos)} long videos), nothing to do")
+    else:
+        print(
+            f"wrote {result.created} long videos (up to {longest:.1f} s each) and their moments "
+            f"to {result.root} in {result.elapsed_s:.1f} s"
         )
     return 0

@@ -66,7 +66,6 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from tb_reranker.errors import AlreadyExistsError, InvalidInputError, TBError
+from tb_reranker.video.mp4 import write_mp4
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -425,51 +425,6 @@ def render_clip(
     return frames
 
 
-def _rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
-    """uint8 RGB [F, H, W, 3] -> uint8 yuv420p planes [F, H * 3 // 2, W] (BT.601, limited range).
-
-    Done here, explicitly, rather than by swscale inside PyAV, so the encoder input is exactly
-    defined by the rendered pixels.
-    """
-    rgb = frames.astype(np.float32)
-    count, height, width, _ = rgb.shape
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 16.0 + 0.256788 * r + 0.504129 * g + 0.097906 * b  # [F, H, W]
-    pooled = rgb.reshape(count, height // 2, 2, width // 2, 2, 3).mean(axis=(2, 4))
-    r2, g2, b2 = pooled[..., 0], pooled[..., 1], pooled[..., 2]
-    u = 128.0 - 0.148223 * r2 - 0.290993 * g2 + 0.439216 * b2  # [F, H/2, W/2]
-    v = 128.0 + 0.439216 * r2 - 0.367788 * g2 - 0.071427 * b2
-    chroma = np.concatenate([u, v], axis=1).reshape(count, height // 2, width)
-    planes = np.concatenate([y, chroma], axis=1)  # [F, H * 3/2, W]
-    return np.clip(np.rint(planes), 0, 255).astype(np.uint8)
-
-
-def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Write uint8 [F, H, W, 3] frames as an H.264 MP4, atomically."""
-    import av
-
-    tmp = path.with_name(path.stem + ".part.mp4")
-    with av.open(str(tmp), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        stream.options = {
-            "crf": "18",
-            "preset": "veryfast",
-            "threads": "1",
-            # x264's float-driven decisions (psy-rd, adaptive quantisation, macroblock tree,
-            # scene cuts, adaptive B-frames) gave bit-different streams from one process to
-            # another (measured: 7-15 of 60 clips); without them every run is identical.
-            "x264-params": "scenecut=0:b-adapt=0:psy=0:aq-mode=0:mbtree=0",
-        }
-        stream.codec_context.thread_count = 1
-        for planes in _rgb_to_yuv420p(frames):
-            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    os.replace(tmp, path)
-
-
 def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str]) -> str:
     spec, videos_dir, seed, size, num_frames, fps, jitter, background = job
     split_code = SPLITS.index(spec.split)
@@ -505,7 +460,7 @@ def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str]) -> str:
         rng=rng,
         background=background,
     )
-    _encode(Path(videos_dir) / f"{spec.video_id}.mp4", frames, fps)
+    write_mp4(Path(videos_dir) / f"{spec.video_id}.mp4", frames, fps)
     return spec.video_id
 
 
