@@ -2,7 +2,7 @@
 
 The class owns the modules and the contract; the rest is elsewhere, one job per module: the
 open_clip model's construction (``clip.py``), the input checks (``checks.py``), the
-fingerprints (``identity.py``), video→text scoring (``v2t.py``), inference preparation
+fingerprints (``identity.py``), scoring in both directions (``scoring.py``), inference preparation
 (``inference.py``).
 """
 
@@ -35,9 +35,9 @@ from tb_reranker.model.fusion import FocusedFusion, FocusedScores
 from tb_reranker.model.identity import Identities, identities
 from tb_reranker.model.inference import WITHOUT_VISION, InferenceState, prepare
 from tb_reranker.model.precision import autocast_dtype, check_precision, resolve_device
+from tb_reranker.model.scoring import text_to_video_scores, video_to_text_scores
 from tb_reranker.model.text import IndicatorTextEncoder
 from tb_reranker.model.tokens import tokenize
-from tb_reranker.model.v2t import video_to_text_scores
 
 __all__ = ["TokenBinder"]
 
@@ -311,60 +311,7 @@ class TokenBinder(nn.Module):
         inputs = indicators, cand_cls, cand_tokens, cand_mask, cand_kv, frames_mask
         if validate:
             inputs = self._checks.focused(*inputs)
-        return self._focused_scores(*inputs)
-
-    def _focused_scores(
-        self,
-        indicators: torch.Tensor,
-        cand_cls: torch.Tensor,
-        cand_tokens: torch.Tensor | None,
-        cand_mask: torch.Tensor | None,
-        cand_kv: torch.Tensor | None,
-        frames_mask: torch.Tensor | None = None,
-    ) -> FocusedScores:
-        """``focused_scores`` on trusted inputs (checked, or ``validate=False``)."""
-        device = self.device
-        indicators = indicators.to(device)
-        cand_cls = cand_cls.to(device)
-        with self._autocast():
-            queries = self.fusion_queries(indicators)
-            if cand_kv is None:  # uncached: the K/V-free path (never projects the tokens)
-                assert cand_tokens is not None
-                delta, token_attention = self.fusion(
-                    queries,
-                    cand_mask=cand_mask,
-                    cand_tokens=cand_tokens.to(device).float(),
-                    frames_mask=frames_mask,
-                )
-            else:
-                delta, token_attention = self.fusion(
-                    queries, cand_kv.to(device), cand_mask, frames_mask=frames_mask
-                )
-        return self._assemble(
-            indicators[:, 0], cand_cls, delta.float(), token_attention.float(), cand_mask
-        )
-
-    def _assemble(
-        self,
-        queries: torch.Tensor,
-        cand_cls: torch.Tensor,
-        delta: torch.Tensor,
-        token_attention: torch.Tensor,
-        cand_mask: torch.Tensor | None,
-    ) -> FocusedScores:
-        """queries [B, D], cand_cls [B, K, D], delta [B, K], token_attention [B, K, T'] -> scores"""
-        broad = torch.bmm(
-            F.normalize(cand_cls.float(), dim=-1),  # [B, K, D]
-            F.normalize(queries.float(), dim=-1).unsqueeze(-1),  # [B, D, 1]
-        ).squeeze(-1)  # [B, K] cosine
-        batch_size, num_candidates, num_tokens = token_attention.shape
-        frame_attention = token_attention.view(
-            batch_size, num_candidates, num_tokens // self.tokens_per_frame, self.tokens_per_frame
-        ).sum(-1)
-        if cand_mask is not None:
-            broad = broad.masked_fill(~cand_mask, float("-inf"))
-        final = broad + delta
-        return FocusedScores(broad=broad, delta=delta, final=final, frame_attention=frame_attention)
+        return text_to_video_scores(self, *inputs)
 
     def focused_scores_v2t(
         self,
@@ -379,7 +326,7 @@ class TokenBinder(nn.Module):
 
         The video's tokens are projected once; each candidate text's fused indicators attend over
         them as a single candidate, and the same head scores the pair (docs/method.md §4,
-        "video→text"; ``v2t.video_to_text_scores``).
+        "video→text"; ``scoring.video_to_text_scores``).
         frames_tokens: [B, T', D]; video_cls: [B, D]; cand_indicators: [B, K, m, D];
         cand_mask: [B, K] bool or None; frames_mask: [B, T] bool (False = padded frame: no
         attention, not projected) or None. ``frame_attention`` is [B, K, T]: the video's frames

@@ -1,8 +1,10 @@
-"""Video→text scores: K candidate texts per video, through the model's own fusion and head.
+"""The focused view's scores in both directions, through the model's own fusion and head.
 
-The ℓ_focus,t direction (docs/method.md §4, "video→text"): the video's tokens are projected
-once; each candidate text's fused indicators attend over them as a single candidate, and the
-same head scores the pair. ``TokenBinder.focused_scores_v2t`` is this function.
+* text→video (``TokenBinder.focused_scores``, docs/method.md §2-3): each query's K candidate
+  videos compared jointly; ``final = cos(I_1, [CLS]) + Δ``.
+* video→text (the ℓ_focus,t direction, docs/method.md §4, "video→text"): the video's tokens are
+  projected once; each candidate text's fused indicators attend over them as a single
+  candidate, and the same head scores the pair (``TokenBinder.focused_scores_v2t``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from torch import nn
 from tb_reranker.model.checks import InputChecks
 from tb_reranker.model.fusion import FocusedScores
 
-__all__ = ["video_to_text_scores"]
+__all__ = ["text_to_video_scores", "video_to_text_scores"]
 
 
 class Scorer(Protocol):
-    """What video→text scoring uses of a model (a ``TokenBinder``)."""
+    """What scoring uses of a model (a ``TokenBinder``)."""
 
     fusion: nn.Module  # FocusedFusion
     tokens_per_frame: int
@@ -35,6 +37,57 @@ class Scorer(Protocol):
     def _autocast(self) -> contextlib.AbstractContextManager[Any]: ...
 
     def fusion_queries(self, indicators: torch.Tensor) -> torch.Tensor: ...
+
+
+def text_to_video_scores(
+    model: Scorer,
+    indicators: torch.Tensor,
+    cand_cls: torch.Tensor,
+    cand_tokens: torch.Tensor | None,
+    cand_mask: torch.Tensor | None,
+    cand_kv: torch.Tensor | None,
+    frames_mask: torch.Tensor | None = None,
+) -> FocusedScores:
+    """Text→video scores of K candidate videos per query, on trusted inputs (checked by
+    ``InputChecks.focused``, or the ``Reranker``'s own): indicators [B, m, D], cand_cls
+    [B, K, D], exactly one of cand_tokens [B, K, T', D] (the K/V-free path: the tokens are never
+    projected) and cand_kv [B, K, n_blocks, 2, T', D]; cand_mask [B, K]; frames_mask [B, K, T]."""
+    device = model.device
+    indicators = indicators.to(device)
+    cand_cls = cand_cls.to(device)
+    with model._autocast():
+        queries = model.fusion_queries(indicators)
+        if cand_kv is None:
+            assert cand_tokens is not None
+            delta, token_attention = model.fusion(
+                queries,
+                cand_mask=cand_mask,
+                cand_tokens=cand_tokens.to(device).float(),
+                frames_mask=frames_mask,
+            )
+        else:
+            delta, token_attention = model.fusion(
+                queries, cand_kv.to(device), cand_mask, frames_mask=frames_mask
+            )
+    broad = torch.bmm(
+        F.normalize(cand_cls.float(), dim=-1),  # [B, K, D]
+        F.normalize(indicators[:, 0].float(), dim=-1).unsqueeze(-1),  # [B, D, 1]
+    ).squeeze(-1)  # [B, K] cosine
+    if cand_mask is not None:
+        broad = broad.masked_fill(~cand_mask, float("-inf"))
+    delta = delta.float()
+    frame_attention = _per_frame(token_attention.float(), model.tokens_per_frame)
+    return FocusedScores(
+        broad=broad, delta=delta, final=broad + delta, frame_attention=frame_attention
+    )
+
+
+def _per_frame(token_attention: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    """token_attention [B, K, T'] -> frame_attention [B, K, T] (each frame's tokens summed)."""
+    batch_size, num_candidates, num_tokens = token_attention.shape
+    return token_attention.view(
+        batch_size, num_candidates, num_tokens // tokens_per_frame, tokens_per_frame
+    ).sum(-1)
 
 
 def video_to_text_scores(
@@ -70,10 +123,7 @@ def video_to_text_scores(
         F.normalize(broad_queries.float(), dim=-1),
         F.normalize(video_cls.to(device).float(), dim=-1),
     )
-    num_tokens = token_attention.shape[-1]
-    frame_attention = token_attention.view(
-        batch_size, num_candidates, num_tokens // model.tokens_per_frame, model.tokens_per_frame
-    ).sum(-1)
+    frame_attention = _per_frame(token_attention, model.tokens_per_frame)
     if cand_mask is not None:
         broad = broad.masked_fill(~cand_mask, float("-inf"))
     return FocusedScores(
