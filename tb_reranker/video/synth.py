@@ -1,7 +1,7 @@
 """Synthetic hard-negative text-to-video benchmark: real MP4 clips with plain-English captions.
 
 Built so that whole-video mean pooling cannot tell hard negatives apart while frame-level
-comparison can (METHOD.md §7).
+comparison can (docs/method.md §6).
 
 Families (each clip belongs to one; hard-negative twins are consecutive clips of a split)
     ``order`` (the main family): object A (one of 6 colours × 4 shapes) in the first half of the
@@ -45,7 +45,7 @@ Rendering
     and pixel noise from ``(seed, split, index)``. So the twins' mean-pooled frames differ by
     noise only, while a group in another split (or another group of the same pair) is a fresh
     render. The output does not depend on the worker count. Shapes fill their 2r box (version
-    2: a square is larger than a circle, as in the METHOD.md §7 prototype) and are supersampled
+    2: a square is larger than a circle, as in the first prototype) and are supersampled
     2× for smooth edges.
     Encoded with libx264 (yuv420p converted in numpy, CRF 18, preset veryfast, one thread,
     psy-rd / AQ / mb-tree / scene-cut / adaptive-B off: bit-identical across processes), each
@@ -279,7 +279,7 @@ def _shape_masks(
     coords = (np.arange(n, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     v = (coords[None, :, None] - ys[:, None, None].astype(np.float32)) / radius  # [K, n, 1] rows
     u = (coords[None, None, :] - xs[:, None, None].astype(np.float32)) / radius  # [K, 1, n] cols
-    # version 2 geometry (the prototype's, METHOD.md §7): every shape spans the full 2r box, so
+    # version 2 geometry (the first prototype's): every shape spans the full 2r box, so
     # a square (area 4r²) is larger than a circle (πr²); version 1 shrank the square to equal
     # areas, which the tiny 32² ViT (patch 8) told apart far worse (results_synthetic.md)
     if shape == "square":
