@@ -35,7 +35,7 @@ _DEFAULTS: dict[str, tuple[type, Any]] = {
 _LONG_DEFAULTS: dict[str, tuple[type, Any]] = {
     "pairs": (int, 2),
     "events": (int, 4),
-    "event_s": (float, 6.0),
+    "event_s": (float, 10.0),
     "duration_min": (float, 0.0),
     "seed": (int, 0),
     "size": (int, 64),
@@ -120,7 +120,10 @@ def _add_long_arguments(parser: argparse.ArgumentParser) -> None:
         "--events", type=POSITIVE_INT.parse, default=None, help="events per video, >= 2 (4)"
     )
     group.add_argument(
-        "--event-s", type=SECONDS.parse, default=None, help="mean event length in seconds (6)"
+        "--event-s",
+        type=SECONDS.parse,
+        default=None,
+        help="mean event length in seconds (10: four events make a 40 s file, past the 30 s up to which ingest keeps a file whole)",
     )
     group.add_argument(
         "--duration-min",
