@@ -51,6 +51,7 @@ __all__ = [
     "decode_many",
     "preprocess_image",
     "content_hash",
+    "check_video_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -394,6 +395,19 @@ def _open_error_reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def check_video_file(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string once it names a non-empty regular file, else VideoDecodeError."""
+    path_str = os.fspath(path)
+    file = Path(path_str)
+    if not file.exists():
+        raise VideoDecodeError(path_str, "no such file")
+    if not file.is_file():
+        raise VideoDecodeError(path_str, "not a regular file")
+    if file.stat().st_size == 0:
+        raise VideoDecodeError(path_str, "empty file (0 bytes)")
+    return path_str
+
+
 def decode_video(
     path: str | os.PathLike[str],
     num_frames: int = 12,
@@ -431,14 +445,7 @@ def decode_video(
         raise InvalidInputError(f"start_s must be a number of seconds >= 0, got {start_s!r}")
     if end_s is not None and not (math.isfinite(end_s) and end_s > (start_s or 0.0)):
         raise InvalidInputError(f"end_s must be greater than start_s, got {end_s!r}")
-    path_str = os.fspath(path)
-    file = Path(path_str)
-    if not file.exists():
-        raise VideoDecodeError(path_str, "no such file")
-    if not file.is_file():
-        raise VideoDecodeError(path_str, "not a regular file")
-    if file.stat().st_size == 0:
-        raise VideoDecodeError(path_str, "empty file (0 bytes)")
+    path_str = check_video_file(path)
     deadline = _Deadline(path_str, timeout_s)
     try:
         return _decode(

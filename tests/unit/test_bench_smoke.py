@@ -153,3 +153,17 @@ def test_roofline_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     many = result["verdicts"]["cold_rerank_ge_2500_qps"]
     assert many["batch"] == 8 and many["possible"] == (many["ceiling_queries_per_s"] >= 2500)
     assert many["ceiling_queries_per_s"] < many["ceiling_without_store_read"]
+
+
+def test_segment_cost_quick(tmp_path: Path) -> None:
+    from benchmarks import segment_cost
+
+    assert segment_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = _load(tmp_path, "segment_cost")
+    assert result["config"]["frames"] == 1500 and result["failures"] == 0
+    assert result["plain_decode_s"] > 0 and result["segment_224_s"] > 0
+    assert result["ratio_224"] == pytest.approx(
+        result["segment_224_s"] / result["plain_decode_s"], rel=0.05
+    )
+    assert result["boundaries_at_true_cut_2_frames"] == 1.0  # every boundary sits on a true cut
+    assert result["target"]["ratio_224_max"] == 1.5
