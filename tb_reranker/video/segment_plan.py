@@ -16,6 +16,10 @@ Shot rule (``shots``), times in seconds from the first frame:
     Every segment is then in ``[min_s, max_s]`` (given ``max_s >= 2 × min_s``), except the short
     video, and the segments cover ``[0, duration]`` in order without gaps.
 
+Whole files: :meth:`SegmentSpec.keeps_whole` says which videos are not cut at all (no longer
+than the longest segment the spec makes: ``max_s``, 30 s by default); ingest and the moment
+evaluation both ask it before cutting.
+
 Defaults: ``min_s = 2`` s (shorter moments carry too little for T = 12 frames and a caption to
 match; it also absorbs flashes and dissolves that the detector reports as several cuts) and
 ``max_s = 30`` s (long enough for one described action, short enough that 12 frames still sample
@@ -151,6 +155,27 @@ class SegmentSpec:
             f"segment spec must be 'shots', 'fixed:LEN[,OVERLAP]' or 'none' (seconds), "
             f"got {_shown(text)}"
         )
+
+    @property
+    def max_segment_s(self) -> float:
+        """The longest segment this spec makes: ``max_s`` (shots), the window length (fixed),
+        unbounded (``none``: the whole video)."""
+        if self.mode == "shots":
+            return self.max_s
+        return self.length_s if self.mode == "fixed" else math.inf
+
+    def keeps_whole(self, duration_s: float) -> bool:
+        """The one rule of what gets cut, shared by ingest and the moment evaluation: a video
+        no longer than :attr:`max_segment_s` (30 s for the default ``shots``) is one segment
+        ``[0, duration_s]``; a longer one is cut per the spec.
+
+        Raises:
+            InvalidInputError: a negative, NaN or infinite duration.
+        """
+        duration = _seconds(duration_s, "duration")
+        if duration < 0:
+            raise InvalidInputError(f"duration must be >= 0 s, got {duration:g}")
+        return duration <= self.max_segment_s
 
     def __str__(self) -> str:
         if self.mode == "fixed":
