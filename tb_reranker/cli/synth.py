@@ -110,7 +110,8 @@ def _add_long_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "long videos (--long)",
         "OUT_DIR/videos/long_<n>.mp4: events cut one after another, each video followed by "
-        "its twin holding the same events in reversed order; OUT_DIR/videos.jsonl, "
+        "its twin, the same video played backwards (every caption true of one video only); "
+        "OUT_DIR/videos.jsonl, "
         "OUT_DIR/moments.json (ActivityNet Captions format) and OUT_DIR/meta.json. Size "
         "defaults to 64 and families to order,motion,colour.",
     )

@@ -83,10 +83,14 @@ __all__ = [
     "BACKGROUNDS",
     "CHANGE_COLOURS",
     "Appearance",
+    "Content",
     "SynthResult",
+    "caption",
     "draw_appearance",
     "generate",
     "render_clip",
+    "time_reversed",
+    "twin_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -164,12 +168,36 @@ def _describe(obj: tuple[str, str]) -> str:
     return f"a {obj[0]} {obj[1]}"
 
 
-def _caption(family: str, objects: Sequence[tuple[str, str]], direction: str) -> str:
+Content = tuple[tuple[tuple[str, str], ...], str]  # (objects in order of appearance, direction)
+
+
+def caption(family: str, objects: Sequence[tuple[str, str]], direction: str) -> str:
+    """The benchmark's one caption of a clip: ``"a red square then a blue circle"`` (order),
+    ``"a red square moving left"`` (motion), ``"a square turning from red to blue"`` (colour)."""
     if family == "order":
         return f"{_describe(objects[0])} then {_describe(objects[1])}"
     if family == "colour":
         return f"a {objects[0][1]} turning from {objects[0][0]} to {objects[1][0]}"
     return f"{_describe(objects[0])} moving {direction}"
+
+
+def time_reversed(family: str, objects: Sequence[tuple[str, str]], direction: str) -> Content:
+    """What a clip shows when played backwards, which is what its twin shows: B then A
+    (order), the opposite direction on the same axis (motion), the colour change the other way
+    (colour). Applying it twice gives the clip back."""
+    if family == "motion":
+        axis = next(pair for pair in DIRECTIONS.values() if direction in pair)
+        return tuple(objects), axis[1] if direction == axis[0] else axis[0]
+    return tuple(objects[::-1]), ""
+
+
+def twin_groups(family: str) -> list[Content]:
+    """Every twin group of ``family``, as what its twin 0 shows (twin 1 shows
+    :func:`time_reversed` of it): the 276 unordered object pairs (order), 24 objects x 4 axes
+    (motion), 4 shapes x 28 unordered colour pairs (colour)."""
+    if family == "order":
+        return [((_OBJECTS[a], _OBJECTS[b]), "") for a, b in combinations(range(len(_OBJECTS)), 2)]
+    return [_combination_clip(family, group, 0) for group in _family_groups(family)]
 
 
 def _family_groups(family: str) -> list[tuple[Any, ...]]:
@@ -187,16 +215,15 @@ def _held_out_count(num_groups: int, holdout: float) -> int:
     return min(num_groups - 1, max(1, round(holdout * num_groups)))
 
 
-def _combination_clip(
-    family: str, group: tuple[Any, ...], twin: int
-) -> tuple[tuple[tuple[str, str], ...], str]:
+def _combination_clip(family: str, group: tuple[Any, ...], twin: int) -> Content:
     """(objects, direction) of twin 0 / 1 of a motion or colour group."""
     if family == "motion":
         obj, axis = group
-        return (_OBJECTS[obj],), DIRECTIONS[axis][twin]
-    shape, a, b = group
-    first, second = (a, b) if twin == 0 else (b, a)
-    return ((first, shape), (second, shape)), ""
+        first: Content = ((_OBJECTS[obj],), DIRECTIONS[axis][0])
+    else:
+        shape, a, b = group
+        first = (((a, shape), (b, shape)), "")
+    return first if twin == 0 else time_reversed(family, *first)
 
 
 def _plan(
@@ -262,7 +289,7 @@ def _plan(
                     family=family,
                     objects=objects,
                     direction=direction,
-                    caption=_caption(family, objects, direction),
+                    caption=caption(family, objects, direction),
                     heldout=heldout,
                 )
             )

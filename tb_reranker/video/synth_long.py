@@ -10,17 +10,21 @@ Events
     before it), tint and texture, so each cut is a visible shot change; objects keep one
     placement for the whole event (no per-frame jitter), so frames inside an event change
     little. An event lasts ``event_s`` seconds x a factor drawn in [0.75, 1.25], in whole frames
-    (at least 4). The event contents of a video are distinct (a seeded shuffle of every content
-    of the chosen families, taken in turn), so its captions are unique; they repeat across
-    videos only once the shuffle is used up (a warning says so).
+    (at least 4).
 
 Twins
-    Videos ``long_{2p:06d}`` and ``long_{2p+1:06d}`` form pair ``p``: the second holds the same
-    events (the very same frames) in reversed order. Both have the same mean-pooled frames, the
-    same captions, and no event starts at the same time in both (lengths are redrawn until it is
-    so, or, when events are too short to vary, the first one is lengthened); only time tells
-    which moment a caption names. With an odd number of events the middle
-    one sits near the same place in both twins.
+    Videos ``long_{2p:06d}`` and ``long_{2p+1:06d}`` form pair ``p``: the second is the first
+    **played backwards**, its whole frame sequence reversed. So its events come in reversed
+    order and each event is itself reversed: "a red square then a blue circle" becomes "a blue
+    circle then a red square", moving left becomes moving right, turning from red to blue
+    becomes turning from blue to red (``synth.time_reversed``, the clip benchmark's twin of a
+    content). Each twin event is captioned with the reversed caption. Both videos mean-pool
+    alike, event by event and as a whole, yet every caption is true of exactly one video: each
+    pair's events are twin groups of the clip benchmark (``synth.twin_groups``) drawn without
+    replacement across the whole set, each shown one way round (a seeded coin) in the first
+    video, so captions are unique across the set; a set needing more events than the families
+    hold groups is refused. No event starts at the same time in both twins (lengths are redrawn
+    until it is so, or, when events are too short to vary, the first one is lengthened).
 
 Length
     ``events_per_video`` events at least; with ``duration_min`` > 0 events are added until each
@@ -28,7 +32,7 @@ Length
 
 Output (``out_dir``)
     ``videos/<video_id>.mp4`` (H.264, ``mp4.py``); ``videos.jsonl``, one line per video:
-    ``video_id``, ``path``, ``twin``, ``reversed``, ``fps``, ``num_frames``, ``duration_s`` and
+    ``video_id``, ``path``, ``twin``, ``reversed`` (True for the time-reversed twin), ``fps``, ``num_frames``, ``duration_s`` and
     its ``events`` in time order (``caption``, ``family``, ``start_s``, ``end_s``,
     ``start_frame``, ``end_frame``); ``moments.json`` in the ActivityNet Captions format
     (``{video_id: {"duration": s, "timestamps": [[s, e], ...], "sentences": [...]}}``, read by
@@ -48,7 +52,6 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import permutations
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +59,15 @@ import numpy as np
 
 from tb_reranker.errors import AlreadyExistsError, InvalidInputError, TBError
 from tb_reranker.video.mp4 import Mp4Writer
-from tb_reranker.video.synth import (
+from tb_reranker.video.synth import (  # the clip benchmark's contents and wording
     BACKGROUNDS,
-    CHANGE_COLOURS,
-    COLOURS,
-    DIRECTIONS,
     FAMILIES,
-    SHAPES,
     Appearance,
-    _caption,  # the clip benchmark's wording, so a model trained there reads these
+    caption,
     draw_appearance,
     render_clip,
+    time_reversed,
+    twin_groups,
 )
 
 __all__ = [
@@ -82,7 +83,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: twins are time-reversed videos; captions unique in the set
 INDEX_FILE = "videos.jsonl"
 MOMENTS_FILE = "moments.json"
 MIN_EVENT_FRAMES = 4
@@ -102,6 +103,7 @@ class Event:
     num_frames: int  # its length in frames
     level: float  # background grey level (0-255)
     index: int  # its position in the forward video (its render RNG stream)
+    reversed: bool = False  # the twin's event: the forward event's frames, played backwards
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class LongVideo:
     video_id: str
     twin_id: str
     pair: int
-    reversed: bool  # True for the twin that holds the pair's events in reversed order
+    reversed: bool  # True for the twin: the first video's frames, played backwards
     events: tuple[Event, ...]
     fps: int
 
@@ -147,22 +149,24 @@ class LongSynthResult:
 
 
 def _catalogue(families: Sequence[str]) -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
-    """Every distinct event content ``(family, objects, direction)`` of ``families``."""
-    objects = [(c, s) for c in COLOURS for s in SHAPES]
-    found: list[tuple[str, tuple[tuple[str, str], ...], str]] = []
-    for family in families:
-        if family == "order":  # 24 x 23 ordered pairs
-            found += [("order", (a, b), "") for a, b in permutations(objects, 2)]
-        elif family == "motion":  # 24 objects x 8 directions
-            directions = [d for pair in DIRECTIONS.values() for d in pair]
-            found += [("motion", (o,), d) for o in objects for d in directions]
-        else:  # 4 shapes x 56 ordered colour pairs
-            found += [
-                ("colour", ((a, shape), (b, shape)), "")
-                for shape in SHAPES
-                for a, b in permutations(CHANGE_COLOURS, 2)
-            ]
-    return found
+    """Every twin group ``(family, objects, direction)`` of ``families``, as its twin 0 shows
+    it (the other way round is ``time_reversed`` of it): 276 order, 96 motion, 112 colour."""
+    return [(f, objects, d) for f in families for objects, d in twin_groups(f)]
+
+
+def _reversed_event(event: Event) -> Event:
+    """The event played backwards (what the twin shows), or forwards again."""
+    objects, direction = time_reversed(event.family, event.objects, event.direction)
+    return Event(
+        caption(event.family, objects, direction),
+        event.family,
+        objects,
+        direction,
+        event.num_frames,
+        event.level,
+        event.index,
+        not event.reversed,
+    )
 
 
 def _times_differ(lengths: Sequence[int]) -> bool:
@@ -173,18 +177,25 @@ def _times_differ(lengths: Sequence[int]) -> bool:
 
 
 def _lengths(
-    rng: np.random.Generator, count: int, min_frames: int, event_frames: float, limit: int
+    rng: np.random.Generator,
+    count: int,
+    min_frames: int,
+    event_frames: float,
+    groups: tuple[int, int],
 ) -> list[int]:
     """Frames of each event: ``count`` at least, more until they sum to ``min_frames``; no
-    event starts at the same frame in the video and in its reversed twin."""
+    event starts at the same frame in the video and in its reversed twin. ``groups``: (twin
+    groups used by the pairs before, twin groups the families hold)."""
+    used, total = groups
     lengths: list[int] = []
     for _ in range(_LENGTH_TRIES):
         lengths = []
         while len(lengths) < count or sum(lengths) < min_frames:
-            if len(lengths) == limit:
+            if used + len(lengths) == total:
                 raise InvalidInputError(
-                    f"more than {limit} events per video, but the chosen families hold "
-                    f"{limit} distinct events: use longer events or fewer minutes"
+                    f"the chosen families hold {total} twin groups and every event of the set "
+                    f"needs its own (captions are unique across the set): {used} events before "
+                    "this pair leave too few; use fewer pairs, fewer events or longer events"
                 )
             drawn = round(event_frames * rng.uniform(0.75, 1.25))
             lengths.append(max(MIN_EVENT_FRAMES, drawn))
@@ -230,29 +241,32 @@ def plan_long(
     videos: list[LongVideo] = []
     cursor = 0
     for pair in range(num_pairs):
-        lengths = _lengths(rng, events_per_video, min_frames, event_s * fps, len(catalogue))
+        lengths = _lengths(
+            rng, events_per_video, min_frames, event_s * fps, (cursor, len(catalogue))
+        )
         levels = _levels(rng, len(lengths))
+        flips = rng.integers(0, 2, size=len(lengths))  # which way round the first video shows
         events = []
         for k, (frames, level) in enumerate(zip(lengths, levels, strict=True)):
-            family, objects, direction = catalogue[order[(cursor + k) % len(catalogue)]]
-            caption = _caption(family, objects, direction)
-            events.append(Event(caption, family, objects, direction, frames, level, k))
+            family, objects, direction = catalogue[order[cursor + k]]
+            if flips[k]:
+                objects, direction = time_reversed(family, objects, direction)
+            shown = caption(family, objects, direction)
+            events.append(Event(shown, family, objects, direction, frames, level, k))
         cursor += len(lengths)
         first, second = f"long_{2 * pair:06d}", f"long_{2 * pair + 1:06d}"
         videos.append(LongVideo(first, second, pair, False, tuple(events), fps))
-        videos.append(LongVideo(second, first, pair, True, tuple(events[::-1]), fps))
-    if cursor > len(catalogue):
-        log.warning(
-            "%d events over %d pairs but only %d distinct events: captions repeat across pairs",
-            cursor,
-            num_pairs,
-            len(catalogue),
-        )
+        backwards = tuple(_reversed_event(e) for e in events[::-1])
+        videos.append(LongVideo(second, first, pair, True, backwards, fps))
     return videos
 
 
 def _render_event(event: Event, *, pair: int, size: int, seed: int, background: str) -> np.ndarray:
-    """uint8 RGB frames [event.num_frames, size, size, 3]; the same in both twins of a pair."""
+    """uint8 RGB frames [event.num_frames, size, size, 3]; a twin's event is the forward
+    event's frames in reversed order."""
+    if event.reversed:
+        forward = _reversed_event(event)
+        return _render_event(forward, pair=pair, size=size, seed=seed, background=background)[::-1]
     rng = np.random.default_rng([seed, 104729, pair, event.index])
     look = draw_appearance(event.family, size, rng)
     tint = rng.uniform(-6.0, 6.0, size=3)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from tb_reranker.data.moments import load_moments
 from tb_reranker.errors import AlreadyExistsError, InvalidInputError
-from tb_reranker.video.synth import _caption
+from tb_reranker.video.synth import caption, time_reversed, twin_groups
 from tb_reranker.video.synth_long import (
     INDEX_FILE,
     MIN_EVENT_FRAMES,
@@ -83,35 +83,58 @@ def test_layout_and_annotations_match_the_files(tiny: Path) -> None:
             (e["caption"], e["start_s"], e["end_s"]) for e in events
         ]
         assert all(m.duration_s == pytest.approx(stream_duration_s(path)) for m in mine)
+    # every caption is true of exactly one video of the set, and names its span there
+    captions = [m.caption for m in moments]
+    assert len(set(captions)) == len(captions)
+    owner = {(e["caption"]): (r["video_id"], e["start_s"], e["end_s"]) for r in records
+             for e in r["events"]}  # fmt: skip
+    assert {m.caption: (m.video_id, m.start_s, m.end_s) for m in moments} == owner
 
 
-def test_twins_hold_the_same_events_reversed_at_other_times(tiny: Path) -> None:
+def test_twins_are_the_videos_played_backwards(tiny: Path) -> None:
     records = index(tiny)
     for first, second in zip(records[0::2], records[1::2], strict=True):
         assert first["twin"] == second["video_id"] and second["twin"] == first["video_id"]
         assert (first["reversed"], second["reversed"]) == (False, True)
         assert first["duration_s"] == second["duration_s"]
-        a, b = first["events"], second["events"][::-1]
-        assert [e["caption"] for e in a] == [e["caption"] for e in b]
-        for x, y in zip(a, b, strict=True):
-            assert x["end_frame"] - x["start_frame"] == y["end_frame"] - y["start_frame"]
-            assert x["start_frame"] != y["start_frame"]  # the same caption at another time
         fa = raw_frames(tiny / first["path"]).astype(np.float32)
         fb = raw_frames(tiny / second["path"]).astype(np.float32)
-        pooled_a = [fa[x["start_frame"] : x["end_frame"]].mean(0) for x in a]
-        pooled_b = [fb[y["start_frame"] : y["end_frame"]].mean(0) for y in b]
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):  # the same frames, up to the codec
-            pa = fa[x["start_frame"] : x["end_frame"]]
-            pb = fb[y["start_frame"] : y["end_frame"]]
-            assert np.abs(pa - pb).mean() < 4.0
-            others = [np.abs(pooled_a[i] - p).mean() for j, p in enumerate(pooled_b) if j != i]
-            assert np.abs(pooled_a[i] - pooled_b[i]).mean() < 0.2 * min(others)
+        # the twin's frames are the video's frames in reversed order (up to the codec) ...
+        assert np.abs(fb - fa[::-1]).mean() < 4.0
+        assert np.abs(fb - fa).mean() > 5 * np.abs(fb - fa[::-1]).mean()  # ... not in order
+        # ... so its events are the video's, last first, each reversed and captioned so
+        a, b = first["events"], second["events"][::-1]
+        n = first["num_frames"]
+        for x, y in zip(a, b, strict=True):
+            assert (y["start_frame"], y["end_frame"]) == (n - x["end_frame"], n - x["start_frame"])
+            assert x["start_frame"] != y["start_frame"]  # never at the same time in both
+            assert x["family"] == y["family"] and x["caption"] != y["caption"]
         # whole-video mean pooling cannot tell the twins apart; frame by frame it can
         assert np.abs(fa.mean(0) - fb.mean(0)).mean() < 0.1 * np.abs(fa - fb).mean()
-    other = raw_frames(tiny / records[2]["path"]).astype(np.float32)
-    fa = raw_frames(tiny / records[0]["path"]).astype(np.float32)
-    fb = raw_frames(tiny / records[1]["path"]).astype(np.float32)
-    assert np.abs(fa.mean(0) - fb.mean(0)).mean() < 0.25 * np.abs(fa.mean(0) - other.mean(0)).mean()
+    planned = generate_long(tiny, **TINY).videos  # an identical rerun: the plan, nothing written
+    for forward, backward in zip(planned[0::2], planned[1::2], strict=True):
+        for x, y in zip(forward.events, backward.events[::-1], strict=True):
+            objects, direction = time_reversed(x.family, x.objects, x.direction)
+            assert (y.objects, y.direction) == (objects, direction)
+            assert y.caption == caption(y.family, objects, direction)
+
+
+def test_reversed_captions_read_as_the_events_played_backwards() -> None:
+    red_square, blue_circle = ("red", "square"), ("blue", "circle")
+    for family, objects, direction, backwards in (
+        ("order", (red_square, blue_circle), "", "a blue circle then a red square"),
+        ("motion", (red_square,), "left", "a red square moving right"),
+        ("motion", (red_square,), "up-left", "a red square moving down-right"),
+        (
+            "colour",
+            (("red", "square"), ("blue", "square")),
+            "",
+            "a square turning from blue to red",
+        ),
+    ):
+        reverse = time_reversed(family, objects, direction)
+        assert caption(family, *reverse) == backwards
+        assert time_reversed(family, *reverse) == (tuple(objects), direction)  # an involution
 
 
 def _changes(frames: np.ndarray) -> np.ndarray:
@@ -143,9 +166,21 @@ def test_captions_read_like_the_clip_benchmark(tiny: Path) -> None:
     for record in index(tiny):
         for e in record["events"]:
             assert e["family"] in ("order", "motion", "colour")
-    contents = _catalogue(("order", "motion", "colour"))
-    assert len(contents) == 24 * 23 + 24 * 8 + 4 * 8 * 7
-    assert len({_caption(*c) for c in contents}) == len(contents)  # every content its caption
+    groups = _catalogue(("order", "motion", "colour"))
+    assert len(groups) == 276 + 96 + 112
+    assert groups == [(f, *g) for f in ("order", "motion", "colour") for g in twin_groups(f)]
+    both_ways = [caption(f, o, d) for f, o, d in groups]
+    both_ways += [caption(f, *time_reversed(f, o, d)) for f, o, d in groups]
+    assert len(set(both_ways)) == len(both_ways) == 24 * 23 + 24 * 8 + 4 * 8 * 7
+
+
+def test_a_set_needing_more_twin_groups_than_the_families_hold_is_refused(tmp_path: Path) -> None:
+    videos = plan_long(24, events_per_video=4, families=("motion",), seed=5)  # all 96 groups
+    assert len({e.caption for v in videos for e in v.events}) == 2 * 96
+    with pytest.raises(InvalidInputError, match="96 twin groups"):
+        generate_long(tmp_path / "x", **{**TINY, "num_pairs": 25, "events_per_video": 4,
+                                          "families": ("motion",)})  # fmt: skip
+    assert not (tmp_path / "x").exists()
 
 
 def test_deterministic_rerun_force_and_conflict(tiny: Path, tmp_path: Path) -> None:
@@ -206,8 +241,15 @@ def test_plan_properties(
     assert plan_long(
         pairs, events_per_video=events, event_s=event_s, fps=fps, seed=seed, families=families
     ) == videos  # fmt: skip
+    captions = [e.caption for v in videos for e in v.events]
+    assert len(set(captions)) == len(captions)  # each caption true of one video only
     for forward, backward in zip(videos[0::2], videos[1::2], strict=True):
-        assert backward.events == forward.events[::-1]
+        assert not any(e.reversed for e in forward.events)
+        assert all(e.reversed for e in backward.events)
+        assert [e.index for e in backward.events] == [e.index for e in forward.events[::-1]]
+        assert [e.num_frames for e in backward.events] == [
+            e.num_frames for e in forward.events[::-1]
+        ]
         assert len(forward.events) == events
         assert len({e.caption for e in forward.events}) == events
         assert {e.family for e in forward.events} <= set(families)
@@ -217,9 +259,11 @@ def test_plan_properties(
                 assert e.num_frames <= max(MIN_EVENT_FRAMES, round(1.25 * event_s * fps) + 1)
         for a, b in zip(forward.events, forward.events[1:], strict=False):
             assert abs(a.level - b.level) >= MIN_LEVEL_STEP  # every cut changes the background
-        starts = {e.caption: w[0] for e, w in zip(forward.events, forward.windows(), strict=True)}
+        starts = {e.index: w[0] for e, w in zip(forward.events, forward.windows(), strict=True)}
+        ends = {e.index: w[1] for e, w in zip(forward.events, forward.windows(), strict=True)}
         for e, w in zip(backward.events, backward.windows(), strict=True):
-            assert starts[e.caption] != w[0]
+            assert starts[e.index] != w[0]
+            assert w[0] == pytest.approx(forward.duration_s - ends[e.index])
         assert forward.windows()[-1][1] == forward.duration_s
 
 
