@@ -47,7 +47,7 @@ from tb_reranker.index.search import (
     count_rows,
     iter_pages,
 )
-from tb_reranker.stores.record import validate_video_ids
+from tb_reranker.stores.record import validate_record_keys
 
 __all__ = ["VideoIndex", "ROW_FIELDS"]
 
@@ -353,8 +353,9 @@ class VideoIndex:
     def get(
         self, ids: Sequence[str], *, with_vectors: bool = False, consistency_level: str = "Strong"
     ) -> dict[str, dict[str, Any]]:
-        """Rows of ``ids`` that exist, by id (``cls`` included as float32 arrays on request)."""
-        wanted = validate_video_ids(ids)
+        """Rows of ``ids`` (record keys) that exist, by id (``cls`` included as float32 arrays on
+        request)."""
+        wanted = validate_record_keys(ids)
         self._ensure_ready()
         out: dict[str, dict[str, Any]] = {}
         for start in range(0, len(wanted), BATCH):
@@ -374,8 +375,9 @@ class VideoIndex:
         return out
 
     def delete(self, ids: Sequence[str]) -> int:
-        """Delete rows by id (missing ids ignored). Returns how many ids were requested."""
-        wanted = validate_video_ids(ids)
+        """Delete rows by id (record keys; missing ids ignored). Returns how many ids were
+        requested."""
+        wanted = validate_record_keys(ids)
         self._ensure_ready()
         for start in range(0, len(wanted), BATCH):
             batch = wanted[start : start + BATCH]
@@ -383,12 +385,13 @@ class VideoIndex:
         return len(wanted)
 
     def iter_rows(
-        self, fields: Sequence[str] = ("id",), *, page_size: int = 10000
+        self, fields: Sequence[str] = ("id",), *, filter: str = "", page_size: int = 10000
     ) -> Iterator[dict[str, Any]]:
-        """Every row (only ``fields``) in id order, with Strong consistency, one page per query
-        (see :func:`tb_reranker.index.search.iter_pages`)."""
+        """Every row (only ``fields`` and the segment fields) matching ``filter`` in id order,
+        with Strong consistency, one page per query (see :func:`.search.iter_pages`)."""
         self._ensure_ready()
-        for page in iter_pages(self._connection, "", ("id", *fields), "Strong", page_size):
+        fields = ("id", *fields, *milvus_schema.SEGMENT_FIELDS)  # see entities.flatten
+        for page in iter_pages(self._connection, filter, fields, "Strong", page_size):
             for row in page:
                 yield flatten(row)
 

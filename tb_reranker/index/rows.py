@@ -1,38 +1,76 @@
-"""The Milvus row of a stored video, and the user metadata it carries (shared by ingest and check)."""
+"""The Milvus row of a stored segment, and the user metadata it carries (shared by ingest and
+check)."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.index.milvus_index import ROW_FIELDS
-from tb_reranker.stores import FrameRecord
+from tb_reranker.index.milvus_index import ROW_FIELDS, VideoIndex
+from tb_reranker.stores import FrameRecord, split_key, validate_video_ids
 
-__all__ = ["READ_BATCH", "video_row", "user_fields", "same_metadata", "check_metadata"]
+__all__ = [
+    "READ_BATCH",
+    "video_row",
+    "video_rows",
+    "user_fields",
+    "same_metadata",
+    "check_metadata",
+]
 
 READ_BATCH = 512  # ids per store/index lookup
-_RESERVED = frozenset(ROW_FIELDS) | {"score"}
+IDS_PER_FILTER = 100  # video ids per `video_id in [...]` expression
+_RESERVED = frozenset(ROW_FIELDS) | {"score"}  # ROW_FIELDS holds the segment fields too
 
 
 def video_row(
-    video_id: str, record: FrameRecord, cls: np.ndarray, metadata: Mapping[str, Any] | None
+    key: str, record: FrameRecord, cls: np.ndarray, metadata: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """The Milvus row of ``record``: its [CLS] vector ``cls``, scalar fields and ``metadata``."""
+    """The Milvus row of ``record`` stored under ``key`` (``segment_key(video_id, n)``): its
+    [CLS] vector ``cls``, scalar fields, segment fields (video id and segment from the key, the
+    span from the record) and ``metadata``."""
+    video_id, segment = split_key(key)
+    if segment != record.segment:
+        raise InvalidInputError(
+            f"record {key!r} says it is segment {record.segment}, its key says {segment}"
+        )
     row: dict[str, Any] = dict(metadata or {})
     row.update(
-        id=video_id,
+        id=key,
         cls=np.asarray(cls, dtype=np.float32),
         uri=record.uri,
         duration_s=float(record.duration_s),
         num_frames=record.num_real_frames,
         content_hash=record.content_hash,
+        video_id=video_id,
+        segment=segment,
+        start_s=float(record.start_s),
+        end_s=record.end,
     )
     return row
+
+
+def video_rows(
+    index: VideoIndex, video_ids: Sequence[str], fields: Sequence[str] = ("content_hash",)
+) -> dict[str, list[dict[str, Any]]]:
+    """Every Milvus row (``fields`` and the segment fields) of each of ``video_ids`` that has
+    rows, in segment order: the rows whose ``video_id`` is one of them, and those written before
+    segments (no ``video_id``) whose id is."""
+    wanted = list(dict.fromkeys(validate_video_ids(video_ids)))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for start in range(0, len(wanted), IDS_PER_FILTER):
+        quoted = ", ".join(f'"{i}"' for i in wanted[start : start + IDS_PER_FILTER])
+        expr = f"video_id in [{quoted}] or id in [{quoted}]"  # ids hold no quote or backslash
+        for row in index.iter_rows(fields, filter=expr):
+            out.setdefault(str(row["video_id"]), []).append(row)
+    for rows in out.values():
+        rows.sort(key=lambda r: int(r["segment"]))
+    return out
 
 
 MAX_METADATA_DEPTH = 32  # lists/objects nested deeper are refused (JSON parsers recurse)

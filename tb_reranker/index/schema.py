@@ -1,18 +1,30 @@
-"""The Milvus collection that holds one row per video: schema, index and metadata, in one place.
+"""The Milvus collection that holds one row per video segment: schema, index and metadata.
 
-Fields (the primary key is the video id):
+Fields (the primary key is the segment's record key, ``tb_reranker.stores.segment_key``: the
+video id for segment 0, ``<video id>~<n>`` for segment n >= 1):
 
 ========================  ===================  ===============================================
 field                     type                 meaning
 ========================  ===================  ===============================================
-``id``                    VARCHAR(512), PK     video id (validated by ``tb_reranker.stores``)
-``cls``                   FLOAT_VECTOR(D)      L2-normalised video [CLS] = mean of frame features
+``id``                    VARCHAR(512), PK     record key (validated by ``tb_reranker.stores``)
+``cls``                   FLOAT_VECTOR(D)      L2-normalised segment [CLS] = mean of its frames
 ``uri``                   VARCHAR(4096)        where the video file lives
-``duration_s``            FLOAT                video duration in seconds
+``duration_s``            FLOAT                the whole video's duration in seconds
 ``num_frames``            INT64                real (not padded) frames the tokens were made from
 ``content_hash``          VARCHAR(128)         sha256 of the file bytes; idempotent re-ingest
+``video_id``              VARCHAR(512)         the video the segment belongs to (scalar index)
+``segment``               INT64                which segment (0-based, in time order)
+``start_s``, ``end_s``    FLOAT                the segment's span in the video, seconds
 (dynamic fields)          JSON ``$meta``       any user metadata given at ingest
 ========================  ===================  ===============================================
+
+Schema versions. ``SCHEMA_VERSION`` 2 (segments) has the four segment fields
+(:data:`SEGMENT_FIELDS`) in the schema and a scalar index on ``video_id`` (``INVERTED`` where the
+engine has it, else ``Trie``, else none: Milvus 2.3 has no INVERTED). Collections of version 1
+(one row per video, made before segments) stay supported without migration: rows written to
+them carry the four as dynamic fields, and a row written before segments (no ``video_id``)
+reads as segment 0 of the video of its id, ``[0, duration_s]``
+(:func:`tb_reranker.index.entities.flatten`).
 
 Model fingerprint. **Choice:** the *vision fingerprint* of the model whose vectors fill the
 collection (``TokenBinder.vision_fingerprint()``: vision tower, frame sampling, normalisation;
@@ -58,6 +70,8 @@ __all__ = [
     "URI_MAX_LENGTH",
     "HASH_MAX_LENGTH",
     "SCALAR_FIELDS",
+    "SEGMENT_FIELDS",
+    "SUPPORTED_SCHEMA_VERSIONS",
     "IndexConfig",
     "build_schema",
     "build_index_params",
@@ -74,7 +88,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1  # bump when fields change; check_collection reports older collections
+SCHEMA_VERSION = 2  # bump when fields change; 2 = one row per segment (the segment fields)
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # what check_collection accepts (1: segment fields dynamic)
 FINGERPRINT_PROPERTY = "tb.fingerprint"  # whole-model fingerprint (before the split); now = vision
 VISION_FINGERPRINT_PROPERTY = "tb.vision_fingerprint"  # the vision fingerprint of the vectors
 DIM_PROPERTY = "tb.dim"  # collection property holding D (also in the vector field)
@@ -86,6 +101,10 @@ VECTOR_FIELD = "cls"
 PRIMARY_FIELD = "id"
 # scalar fields returned with every hit (vector excluded: it is D floats per hit)
 SCALAR_FIELDS = ("uri", "duration_s", "num_frames", "content_hash")
+# where a row's segment lies: real fields from schema 2 on, dynamic ones in a schema-1 collection
+SEGMENT_FIELDS = ("video_id", "segment", "start_s", "end_s")
+# scalar index types tried on video_id, in order (Milvus Lite 3.x: INVERTED; 2.3 server: Trie)
+VIDEO_ID_INDEX_TYPES = ("INVERTED", "Trie")
 
 
 @dataclass(frozen=True)
@@ -115,11 +134,11 @@ def is_lite_uri(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
-def _description(dim: int, fingerprint: str) -> str:
+def _description(dim: int, fingerprint: str, version: int) -> str:
     return json.dumps(
         {
             "app": "tb_reranker",
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": version,
             "dim": dim,
             "fingerprint": fingerprint,
             "vision_fingerprint": fingerprint,
@@ -127,12 +146,18 @@ def _description(dim: int, fingerprint: str) -> str:
     )
 
 
-def build_schema(dim: int, fingerprint: str = "") -> Any:
-    """The collection schema for ``dim``-dimensional video vectors (a ``pymilvus.CollectionSchema``)."""
+def build_schema(dim: int, fingerprint: str = "", version: int = SCHEMA_VERSION) -> Any:
+    """The collection schema for ``dim``-dimensional segment vectors (a
+    ``pymilvus.CollectionSchema``); ``version`` 1 is the schema before segments (for tests of
+    collections made then)."""
     from pymilvus import DataType, MilvusClient
 
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ValueError(f"schema version {version}: this code writes {SUPPORTED_SCHEMA_VERSIONS}")
     schema = MilvusClient.create_schema(
-        auto_id=False, enable_dynamic_field=True, description=_description(dim, fingerprint)
+        auto_id=False,
+        enable_dynamic_field=True,
+        description=_description(dim, fingerprint, version),
     )
     schema.add_field(PRIMARY_FIELD, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_LENGTH)
     schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
@@ -140,10 +165,17 @@ def build_schema(dim: int, fingerprint: str = "") -> Any:
     schema.add_field("duration_s", DataType.FLOAT)
     schema.add_field("num_frames", DataType.INT64)
     schema.add_field("content_hash", DataType.VARCHAR, max_length=HASH_MAX_LENGTH)
+    if version >= 2:
+        schema.add_field("video_id", DataType.VARCHAR, max_length=ID_MAX_LENGTH)
+        schema.add_field("segment", DataType.INT64)
+        schema.add_field("start_s", DataType.FLOAT)
+        schema.add_field("end_s", DataType.FLOAT)
     return schema
 
 
-def build_index_params(client: Any, config: IndexConfig) -> Any:
+def build_index_params(client: Any, config: IndexConfig, video_id_index: str | None = None) -> Any:
+    """The vector index of ``config``, plus a ``video_id_index`` scalar index on ``video_id``
+    (None: no scalar index)."""
     params = client.prepare_index_params()
     params.add_index(
         field_name=VECTOR_FIELD,
@@ -151,15 +183,17 @@ def build_index_params(client: Any, config: IndexConfig) -> Any:
         metric_type=config.metric_type,
         params=config.index_params(),
     )
+    if video_id_index:
+        params.add_index(field_name="video_id", index_type=video_id_index)
     return params
 
 
-def _properties(dim: int, fingerprint: str) -> dict[str, str]:
+def _properties(dim: int, fingerprint: str, version: int) -> dict[str, str]:
     return {
         FINGERPRINT_PROPERTY: fingerprint,
         VISION_FINGERPRINT_PROPERTY: fingerprint,
         DIM_PROPERTY: str(dim),
-        SCHEMA_VERSION_PROPERTY: str(SCHEMA_VERSION),
+        SCHEMA_VERSION_PROPERTY: str(version),
     }
 
 
@@ -171,27 +205,40 @@ def create_collection(
     fingerprint: str = "",
     index: IndexConfig | None = None,
     timeout: float | None = None,
+    version: int = SCHEMA_VERSION,
 ) -> IndexConfig:
     """Create collection ``name`` with its index, and load it. Returns the index actually built.
 
     ``fingerprint`` is the vision fingerprint of the model that will fill it ("" = unmarked).
     ``client`` is a ``pymilvus.MilvusClient``. Raises pymilvus errors unchanged (callers map them).
-    HNSW is tried first; an engine that refuses it (Milvus Lite 2.5) gets AUTOINDEX.
+    HNSW is tried first; an engine that refuses it (Milvus Lite 2.5) gets AUTOINDEX. The scalar
+    index on ``video_id`` takes the first of :data:`VIDEO_ID_INDEX_TYPES` the engine builds, or
+    none. ``version`` 1 makes a collection as before segments (tests of old collections).
     """
     from pymilvus.exceptions import MilvusException
 
     index = index or IndexConfig()
-    schema = build_schema(dim, fingerprint)
+    schema = build_schema(dim, fingerprint, version)
+    scalar_choices: list[str | None] = [*VIDEO_ID_INDEX_TYPES, None] if version >= 2 else [None]
 
     def create(config: IndexConfig) -> None:
-        client.create_collection(
-            name,
-            schema=schema,
-            index_params=build_index_params(client, config),
-            consistency_level="Bounded",
-            properties=_properties(dim, fingerprint),
-            timeout=timeout,
-        )
+        for scalar in scalar_choices:
+            try:
+                client.create_collection(
+                    name,
+                    schema=schema,
+                    index_params=build_index_params(client, config, scalar),
+                    consistency_level="Bounded",
+                    properties=_properties(dim, fingerprint, version),
+                    timeout=timeout,
+                )
+                return
+            except MilvusException as exc:
+                if scalar is None or "index" not in str(exc).lower():
+                    raise
+                log.info("this Milvus refuses a %s index on video_id (%s)", scalar, exc)
+                if client.has_collection(name, timeout=timeout):
+                    client.drop_collection(name, timeout=timeout)
 
     try:
         create(index)
@@ -342,6 +389,8 @@ def check_collection(
         "num_frames": "INT64",
         "content_hash": "VARCHAR",
     }
+    if info["schema_version"] >= 2:  # version 1 keeps the segment fields as dynamic ones
+        expected.update(video_id="VARCHAR", segment="INT64", start_s="FLOAT", end_s="FLOAT")
     for field_name, type_name in expected.items():
         got = by_name.get(field_name)
         if got is None:
@@ -359,8 +408,11 @@ def check_collection(
         problems.append(f"no index on {VECTOR_FIELD!r}")
     elif str(vector_index.get("metric_type", "COSINE")).upper() != "COSINE":
         problems.append(f"index metric is {vector_index.get('metric_type')}, expected COSINE")
-    if info["schema_version"] != SCHEMA_VERSION:
-        problems.append(f"schema version {info['schema_version']}, expected {SCHEMA_VERSION}")
+    if info["schema_version"] not in SUPPORTED_SCHEMA_VERSIONS:
+        problems.append(
+            f"schema version {info['schema_version']}, expected one of "
+            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}"
+        )
     if info["fingerprint_kind"] == "legacy":
         problems.append(
             f"the collection records the whole-model fingerprint {info['fingerprint']!r} "

@@ -1,4 +1,5 @@
-"""Frame stores: per-video frame tokens ``[T, D]`` + timestamps, keyed by video id.
+"""Frame stores: per-segment frame tokens ``[T, D]`` + timestamps, keyed by record key
+(``segment_key(video_id, n)``: the video id for segment 0, ``<video id>~<n>`` after it).
 
 - :mod:`~tb_reranker.stores.record`: :class:`FrameRecord`, its bytes (safetensors, no pickle)
   and the video-id rule every layer shares;
@@ -16,10 +17,15 @@ from __future__ import annotations
 from tb_reranker.stores.base import FrameStore, StoreScan
 from tb_reranker.stores.lmdb_store import LmdbFrameStore
 from tb_reranker.stores.record import (
+    MAX_SEGMENTS,
     VIDEO_ID_PATTERN,
     FrameRecord,
     decode_record,
     encode_record,
+    segment_key,
+    split_key,
+    validate_record_key,
+    validate_record_keys,
     validate_video_id,
     validate_video_ids,
 )
@@ -35,6 +41,11 @@ __all__ = [
     "open_store",
     "validate_video_id",
     "validate_video_ids",
+    "validate_record_key",
+    "validate_record_keys",
+    "segment_key",
+    "split_key",
+    "MAX_SEGMENTS",
     "encode_record",
     "decode_record",
     "VIDEO_ID_PATTERN",

@@ -44,10 +44,10 @@ def _emit(obj: dict[str, Any]) -> None:
 
 def _verdict(key: bytes, value: Any) -> dict[str, Any]:
     from tb_reranker.errors import StoreError
-    from tb_reranker.stores.record import decode_record, validate_video_id
+    from tb_reranker.stores.record import decode_record, validate_record_key
 
     try:
-        video_id = validate_video_id(bytes(key).decode("utf-8"))
+        video_id = validate_record_key(bytes(key).decode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - any bad key is reported, not fatal
         return {"bad_key": bytes(key).hex(), "error": str(exc)}
     try:

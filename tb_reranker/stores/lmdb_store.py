@@ -25,8 +25,8 @@ from tb_reranker.stores.record import (
     FrameRecord,
     decode_record,
     encode_record,
-    validate_video_id,
-    validate_video_ids,
+    validate_record_key,
+    validate_record_keys,
 )
 
 __all__ = ["LmdbFrameStore"]
@@ -238,7 +238,7 @@ class LmdbFrameStore(FrameStore):
     def put_many(self, records: Mapping[str, FrameRecord]) -> None:
         items = []
         for video_id, record in records.items():
-            validate_video_id(video_id)
+            validate_record_key(video_id)
             if not isinstance(record, FrameRecord):
                 raise InvalidInputError(f"value for {video_id!r} is not a FrameRecord")
             items.append((video_id.encode(), encode_record(record, self.dtype)))
@@ -251,7 +251,7 @@ class LmdbFrameStore(FrameStore):
             self._write(write)
 
     def get_many(self, ids: Iterable[str]) -> dict[str, FrameRecord]:
-        wanted = validate_video_ids(ids)
+        wanted = validate_record_keys(ids)
         out: dict[str, FrameRecord] = {}
         try:
             with self._txn(buffers=True) as txn:
@@ -268,13 +268,13 @@ class LmdbFrameStore(FrameStore):
         return out
 
     def delete_many(self, ids: Iterable[str]) -> int:
-        keys = [i.encode() for i in validate_video_ids(ids)]
+        keys = [i.encode() for i in validate_record_keys(ids)]
         if not keys:
             return 0
         return int(self._write(lambda txn: sum(1 for k in keys if txn.delete(k))))
 
     def contains(self, video_id: str) -> bool:
-        key = validate_video_id(video_id).encode()
+        key = validate_record_key(video_id).encode()
         with self._txn(buffers=True) as txn:
             return txn.get(key) is not None
 

@@ -25,6 +25,11 @@ __all__ = [
     "FrameRecord",
     "validate_video_id",
     "validate_video_ids",
+    "validate_record_key",
+    "validate_record_keys",
+    "segment_key",
+    "split_key",
+    "MAX_SEGMENTS",
     "encode_record",
     "decode_record",
     "all_finite",
@@ -32,6 +37,9 @@ __all__ = [
 ]
 
 VIDEO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+KEY_SEPARATOR = "~"  # never in a video id: "<video id>~<n>" is segment n >= 1 of that video
+MAX_SEGMENTS = 100_000  # segments per video at most: keys "~1" .. "~99999"
+_SEGMENT_SUFFIX = re.compile(r"[1-9][0-9]{0,4}")  # 1..99999, no leading zero (one key per n)
 _HASH_KEY = "content_hash"
 _FORMAT_KEY = "tb_format"
 _FORMAT = "frame_record/1"
@@ -61,9 +69,63 @@ def validate_video_ids(ids: Iterable[str]) -> list[str]:
     return [validate_video_id(i) for i in ids]
 
 
+def segment_key(video_id: str, segment: int) -> str:
+    """The key of segment ``segment`` (0-based, in time order) of ``video_id``: the video id
+    itself for segment 0 (a one-segment video is keyed as before segments existed), else
+    ``"<video id>~<segment>"``. Raises :class:`InvalidInputError` for a bad id or number."""
+    validate_video_id(video_id)
+    if isinstance(segment, bool) or not isinstance(segment, int | np.integer):
+        raise InvalidInputError(f"segment must be an int, got {type(segment).__name__}")
+    if not 0 <= int(segment) < MAX_SEGMENTS:
+        raise InvalidInputError(f"segment must be in [0, {MAX_SEGMENTS - 1}], got {segment}")
+    return video_id if segment == 0 else f"{video_id}{KEY_SEPARATOR}{int(segment)}"
+
+
+def split_key(key: str) -> tuple[str, int]:
+    """``(video id, segment)`` of a record key (the inverse of :func:`segment_key`); a key
+    without ``~`` is segment 0 of the video of that id. Raises :class:`InvalidInputError` for
+    anything :func:`validate_record_key` refuses."""
+    validate_record_key(key)
+    video_id, separator, number = key.partition(KEY_SEPARATOR)
+    return video_id, int(number) if separator else 0
+
+
+def validate_record_key(key: Any) -> str:
+    """Return ``key`` if it names a record (a frame-store entry, a Milvus row): a video id
+    (:func:`validate_video_id`), optionally followed by ``~n`` with ``1 <= n <= 99999`` written
+    without leading zeros; else raise :class:`InvalidInputError`."""
+    if not isinstance(key, str):
+        raise InvalidInputError(f"record key must be a string, got {type(key).__name__}")
+    video_id, separator, number = key.partition(KEY_SEPARATOR)
+    if separator and not _SEGMENT_SUFFIX.fullmatch(number):
+        shown = key if len(key) <= 80 else key[:77] + "..."
+        raise InvalidInputError(
+            f"invalid record key {shown!r}: a video id, optionally followed by '~n' "
+            f"(n in 1..{MAX_SEGMENTS - 1}, no leading zero)"
+        )
+    validate_video_id(video_id)
+    return key
+
+
+def validate_record_keys(keys: Iterable[str]) -> list[str]:
+    """``keys`` as a list, each checked by :func:`validate_record_key` (a lone string is
+    refused)."""
+    if isinstance(keys, str):
+        raise InvalidInputError("pass a list of record keys, not a single string")
+    return [validate_record_key(k) for k in keys]
+
+
 @dataclass(frozen=True)
 class FrameRecord:
-    """Frame tokens of one video (plus what is needed to rebuild its Milvus row)."""
+    """Frame tokens of one segment of a video (plus what is needed to rebuild its Milvus row).
+
+    A video is cut into ``segments`` segments (1: the whole video, as before segments existed);
+    this record is segment ``segment`` (0-based), ``[start_s, end_s]`` seconds of the video
+    (``end_s`` None: up to ``duration_s``), stored under
+    ``segment_key(video_id, segment)``. ``timestamps`` are seconds in the whole file, inside the
+    segment; ``content_hash``, ``uri`` and ``duration_s`` are the file's, the same in every
+    record of the video.
+    """
 
     tokens: np.ndarray  # float16 (or float32) [T, D] per-frame features ([T·(1+P), D] with patches)
     timestamps: np.ndarray  # float32 [T] seconds of each sampled frame in the video
@@ -73,6 +135,10 @@ class FrameRecord:
     duration_s: float = 0.0  # video duration in seconds
     fingerprint: str = ""  # fingerprint of the model that made the tokens ("" = unknown)
     metadata: dict[str, Any] | None = None  # user metadata (JSON-serialisable) of the Milvus row
+    segment: int = 0  # which segment of the video (0-based, in time order)
+    start_s: float = 0.0  # where the segment starts in the video, seconds
+    end_s: float | None = None  # where it ends (None: the whole video, = duration_s)
+    segments: int = 1  # how many segments the video has (every record of it carries this)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, np.ndarray) or self.tokens.ndim != 2:
@@ -103,6 +169,33 @@ class FrameRecord:
             )
         if not isinstance(self.content_hash, str):
             raise InvalidInputError("FrameRecord.content_hash must be a string")
+        self._check_segment()
+
+    def _check_segment(self) -> None:
+        for name in ("segment", "segments"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise InvalidInputError(f"FrameRecord.{name} must be an int, got {value!r}")
+        if not 0 <= self.segment < self.segments <= MAX_SEGMENTS:
+            raise InvalidInputError(
+                f"FrameRecord: segment {self.segment} of {self.segments}: need "
+                f"0 <= segment < segments <= {MAX_SEGMENTS}"
+            )
+        start = self.start_s
+        end = self.end_s
+        if not (isinstance(start, int | float) and math.isfinite(start) and start >= 0):
+            raise InvalidInputError(f"FrameRecord.start_s must be finite and >= 0, got {start!r}")
+        if end is not None and not (
+            isinstance(end, int | float) and math.isfinite(end) and end >= start
+        ):
+            raise InvalidInputError(
+                f"FrameRecord.end_s must be None or finite and >= start_s {start!r}, got {end!r}"
+            )
+
+    @property
+    def end(self) -> float:
+        """Where the segment ends, seconds (``end_s``, or the video's duration when None)."""
+        return float(self.duration_s) if self.end_s is None else float(self.end_s)
 
     @property
     def num_frames(self) -> int:
@@ -154,6 +247,14 @@ def encode_record(record: FrameRecord, dtype: np.dtype | type = np.float16) -> b
         "duration_s": repr(float(record.duration_s)),
         "fingerprint": record.fingerprint,
     }
+    if (record.segment, record.segments, record.start_s, record.end_s) != (0, 1, 0.0, None):
+        # written only for a part of a video: a whole-video record keeps today's bytes
+        metadata.update(
+            segment=str(int(record.segment)),
+            segments=str(int(record.segments)),
+            start_s=repr(float(record.start_s)),
+            end_s=repr(float(record.end)),
+        )
     if record.metadata:
         try:
             metadata["metadata"] = json.dumps(record.metadata, sort_keys=True)
@@ -223,6 +324,11 @@ def decode_record(video_id: str, data: bytes | memoryview) -> FrameRecord:
             duration_s=float(metadata.get("duration_s", "0") or 0.0),
             fingerprint=str(metadata.get("fingerprint", "")),
             metadata=user,
+            # records written before segments: segment 0 of 1, the whole video
+            segment=int(metadata.get("segment", "0")),
+            start_s=float(metadata.get("start_s", "0")),
+            end_s=float(metadata["end_s"]) if "end_s" in metadata else None,
+            segments=int(metadata.get("segments", "1")),
         )
         if not all_finite(record.tokens):
             raise ValueError("frame tokens contain NaN/inf")

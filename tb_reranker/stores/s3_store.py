@@ -23,8 +23,8 @@ from tb_reranker.stores.record import (
     FrameRecord,
     decode_record,
     encode_record,
-    validate_video_id,
-    validate_video_ids,
+    validate_record_key,
+    validate_record_keys,
 )
 
 __all__ = ["S3FrameStore"]
@@ -93,7 +93,7 @@ class S3FrameStore(FrameStore):
         return f"S3FrameStore('s3://{self.bucket}/{self.prefix}')"
 
     def _key(self, video_id: str) -> str:
-        validate_video_id(video_id)
+        validate_record_key(video_id)
         name = f"{video_id[:2]}/{video_id}{_SUFFIX}"
         return f"{self.prefix}/{name}" if self.prefix else name
 
@@ -132,7 +132,7 @@ class S3FrameStore(FrameStore):
             raise self._error(f"get {video_id!r}", exc) from exc
 
     def get_many(self, ids: Iterable[str]) -> dict[str, FrameRecord]:
-        wanted = validate_video_ids(ids)
+        wanted = validate_record_keys(ids)
         blobs = (
             list(self._pool.map(self._get_one, wanted))
             if len(wanted) > 1
@@ -145,7 +145,7 @@ class S3FrameStore(FrameStore):
         }
 
     def delete_many(self, ids: Iterable[str]) -> int:
-        wanted = validate_video_ids(ids)
+        wanted = validate_record_keys(ids)
         existing = [
             i
             for i, present in zip(wanted, self._pool.map(self.contains, wanted), strict=True)

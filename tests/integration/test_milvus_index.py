@@ -61,7 +61,12 @@ def test_schema_create_describe_drop(milvus_uri: str, unique_collection: str) ->
         "duration_s",
         "num_frames",
         "content_hash",
+        "video_id",
+        "segment",
+        "start_s",
+        "end_s",
     }
+    assert info["schema_version"] == 2
     assert info["indexes"]["cls"]["metric_type"] == "COSINE"
     assert info["indexes"]["cls"]["index_type"] in ("HNSW", "AUTOINDEX")
     assert (
