@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tb_reranker.config import Settings
 from tb_reranker.errors import InvalidInputError, NotFoundError
-from tb_reranker.requests import Limits, SearchRequest
+from tb_reranker.requests import DEFAULT_MOMENTS_PER_VIDEO, Limits, SearchRequest
 from tb_reranker.types import Hit
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -199,11 +199,28 @@ class Client:
         limit: int = 10,
         rerank: bool = True,
         filter: str | None = None,
+        *,
+        group: str = "video",
+        moments_per_video: int = DEFAULT_MOMENTS_PER_VIDEO,
     ) -> list[Hit]:
-        """Hits for one query text, best first (see ``Hit``)."""
+        """Hits for one query text, best first (see ``Hit``).
+
+        ``group="video"``: ``limit`` counts videos; each hit is a video, ranked by its best
+        moment (segment), with that moment's span (``start_s``, ``end_s``) and its best
+        ``moments_per_video`` (1..16) scored moments. ``group="moment"``: ``limit`` counts
+        moments; each hit is one moment (``id`` its video's). ``filter`` is a Milvus expression
+        over the row fields; ``'video_id == "clip01"'`` searches inside one video.
+        """
         if not isinstance(text, str):
             raise InvalidInputError("text must be a string (use search_many for several)")
-        return self.search_many([text], limit=limit, rerank=rerank, filter=filter)[0]
+        return self.search_many(
+            [text],
+            limit=limit,
+            rerank=rerank,
+            filter=filter,
+            group=group,
+            moments_per_video=moments_per_video,
+        )[0]
 
     def search_many(
         self,
@@ -211,10 +228,21 @@ class Client:
         limit: int = 10,
         rerank: bool = True,
         filter: str | None = None,
+        *,
+        group: str = "video",
+        moments_per_video: int = DEFAULT_MOMENTS_PER_VIDEO,
     ) -> list[list[Hit]]:
-        """Batch search: one list of hits per query text, encoded and reranked together."""
+        """Batch search: one list of hits per query text, encoded and reranked together
+        (arguments as in :meth:`search`)."""
         request = SearchRequest.build(
-            texts, limit=limit, rerank=rerank, filter=filter, limits=self._limits, texts_only=True
+            texts,
+            limit=limit,
+            rerank=rerank,
+            filter=filter,
+            group=group,
+            moments_per_video=moments_per_video,
+            limits=self._limits,
+            texts_only=True,
         )
         if self.is_remote and not self._has_local_model():
             return self.remote.search_request(request)  # one hop: the sidecar does it all
@@ -320,14 +348,30 @@ class AsyncClient:
         return await self._call("ingest", paths, **options)
 
     async def search(
-        self, text: str, limit: int = 10, rerank: bool = True, filter: str | None = None
+        self,
+        text: str,
+        limit: int = 10,
+        rerank: bool = True,
+        filter: str | None = None,
+        **options: Any,
     ) -> list[Hit]:
-        return await self._call("search", text, limit=limit, rerank=rerank, filter=filter)
+        """``Client.search`` (``options``: ``group``, ``moments_per_video``)."""
+        return await self._call(
+            "search", text, limit=limit, rerank=rerank, filter=filter, **options
+        )
 
     async def search_many(
-        self, texts: Sequence[str], limit: int = 10, rerank: bool = True, filter: str | None = None
+        self,
+        texts: Sequence[str],
+        limit: int = 10,
+        rerank: bool = True,
+        filter: str | None = None,
+        **options: Any,
     ) -> list[list[Hit]]:
-        return await self._call("search_many", texts, limit=limit, rerank=rerank, filter=filter)
+        """``Client.search_many`` (``options``: ``group``, ``moments_per_video``)."""
+        return await self._call(
+            "search_many", texts, limit=limit, rerank=rerank, filter=filter, **options
+        )
 
     async def delete(self, ids: Sequence[str]) -> int:
         return await self._call("delete", ids)

@@ -253,8 +253,8 @@ def _rerank_messages(
 
 
 def _search_messages(queries: Any, options: dict[str, Any]) -> list[pb.SearchRequest]:
-    """``search``'s arguments (``options``: limit, rerank, filter, query_fingerprint) → one
-    message per query."""
+    """``search``'s arguments (``options``: limit, rerank, filter, group, moments_per_video,
+    query_fingerprint) → one message per query."""
     fingerprint = _fingerprint_option(options, queries)
     return search_request_to_proto(
         SearchRequest.build(queries, shape=None, limits=_SYNTAX, **options), fingerprint
@@ -395,7 +395,8 @@ class RemoteReranker(_RemoteBase):
     def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
         """Two-stage search run by the sidecar against *its* Milvus collection: one hit list
         per query text (or indicator set of ``[Q, m, D]``); ``limit`` (10), ``rerank`` (True),
-        ``filter`` (None) as in ``Client.search``."""
+        ``filter`` (None), ``group`` ("video"), ``moments_per_video`` (3) as in
+        ``Client.search``."""
         return self._searched(_search_messages(queries, options))
 
     def search_request(self, request: SearchRequest) -> list[list[Hit]]:

@@ -31,6 +31,9 @@ __all__ = [
     "MAX_INDICATOR_ABS",
     "MAX_BROAD_SCORE_ABS",
     "MAX_TEXTS",
+    "GROUPS",
+    "DEFAULT_MOMENTS_PER_VIDEO",
+    "MAX_MOMENTS_PER_VIDEO",
     "RerankQuery",
     "RerankRequest",
     "SearchRequest",
@@ -38,6 +41,7 @@ __all__ = [
     "check_texts",
     "check_indicators",
     "check_limit",
+    "check_moments_per_video",
     "check_top_n",
 ]
 
@@ -50,9 +54,14 @@ MAX_BROAD_SCORE_ABS = 1e12
 
 MAX_TEXTS = 256  # default limit of texts per encode call on the server
 
-# the frame store's id rule (tb_reranker.stores.record.VIDEO_ID_PATTERN), without importing the
-# store here; a refused id is re-checked there only to word the error
-_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")
+GROUPS = ("video", "moment")  # what a search hit is: a video (limit counts videos) or a moment
+DEFAULT_MOMENTS_PER_VIDEO = 3  # scored moments a video hit carries
+MAX_MOMENTS_PER_VIDEO = 16  # 16 x the largest limit (1000) fits one Milvus grouping search
+
+# the frame store's record-key rule (tb_reranker.stores.record.validate_record_key: a video id,
+# optionally "~n" for segment n >= 1), without importing the store here; a refused id is
+# re-checked there only to word the error
+_VALID_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}(~[1-9][0-9]{0,4})?$")
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,22 @@ def check_limit(limit: Any, limits: Limits = DEFAULT_LIMITS) -> int:
     return limit
 
 
+def check_moments_per_video(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"moments_per_video must be an integer, got {value!r}")
+    if not 1 <= value <= MAX_MOMENTS_PER_VIDEO:
+        raise InvalidInputError(
+            f"moments_per_video must be in 1..{MAX_MOMENTS_PER_VIDEO}, got {value}"
+        )
+    return value
+
+
+def check_group(group: Any) -> str:
+    if group not in GROUPS:
+        raise InvalidInputError(f"group must be one of {', '.join(GROUPS)}; got {group!r}")
+    return group
+
+
 def check_top_n(top_n: Any) -> int | None:
     if top_n is None:
         return None
@@ -176,9 +201,9 @@ def check_candidates(ids: Any, limits: Limits, q: int | None = None) -> list[str
         raise InvalidInputError(f"{_where(q)}candidate ids must be non-empty strings")
     bad = next((i for i in ids if not _VALID_ID.fullmatch(i) or ".." in i), None)
     if bad is not None:  # refused here, before it can fail a whole batch of other calls
-        from tb_reranker.stores import validate_video_id
+        from tb_reranker.stores.record import validate_record_key
 
-        validate_video_id(bad)  # raises with the rule spelled out
+        validate_record_key(bad)  # raises with the rule spelled out
         raise InvalidInputError(f"invalid video id {bad!r}")  # pragma: no cover - same rule
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -338,13 +363,18 @@ class RerankRequest:
 
 @dataclass(frozen=True)
 class SearchRequest:
-    """A two-stage search, validated: texts *or* indicators ``[Q, m, D]``, one hit list each."""
+    """A two-stage search, validated: texts *or* indicators ``[Q, m, D]``, one hit list each.
+
+    ``group`` "video": ``limit`` counts videos, each hit carries up to ``moments_per_video``
+    scored moments; "moment": ``limit`` counts moments, one hit each."""
 
     texts: list[str] | None
     indicators: np.ndarray | None
     limit: int = 10
     rerank: bool = True
     filter: str | None = None
+    group: str = "video"
+    moments_per_video: int = DEFAULT_MOMENTS_PER_VIDEO
 
     @property
     def num_queries(self) -> int:
@@ -358,6 +388,8 @@ class SearchRequest:
         limit: Any = 10,
         rerank: bool = True,
         filter: Any = None,  # noqa: A002 - Milvus's name
+        group: Any = "video",
+        moments_per_video: Any = DEFAULT_MOMENTS_PER_VIDEO,
         shape: tuple[int, int] | None = None,
         limits: Limits = DEFAULT_LIMITS,
         texts_only: bool = False,
@@ -367,6 +399,7 @@ class SearchRequest:
         filter = check_filter(
             filter, max_chars=limits.max_filter_chars, max_depth=limits.max_filter_depth
         )
+        grouping = (check_group(group), check_moments_per_video(moments_per_video))
         if isinstance(queries, str):
             raise InvalidInputError("queries must be a list (use Client.search for one text)")
         if queries is None or len(queries) == 0:
@@ -376,5 +409,5 @@ class SearchRequest:
             if any(not isinstance(text, str) for text in queries):
                 raise InvalidInputError("every query must be a string")
             texts = check_texts(queries, replace(limits, max_texts=None))
-            return cls(texts, None, limit, bool(rerank), filter)
-        return cls(None, check_indicators(queries, shape), limit, bool(rerank), filter)
+            return cls(texts, None, limit, bool(rerank), filter, *grouping)
+        return cls(None, check_indicators(queries, shape), limit, bool(rerank), filter, *grouping)

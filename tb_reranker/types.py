@@ -5,18 +5,29 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Hit", "RerankResult", "RerankedCandidate"]
+__all__ = ["Hit", "Moment", "RerankResult", "RerankedCandidate"]
+
+
+@dataclass(frozen=True)
+class Moment:
+    """One scored segment of a video: its span and scores (``score`` as ``Hit.score``)."""
+
+    start_s: float  # where the segment starts in the video, seconds
+    end_s: float  # where it ends
+    score: float  # broad_score + Δ where reranked, broad_score otherwise
+    broad_score: float  # cosine(I_1, segment CLS)
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result.
+    """One search result: a video (its best moment's scores and span, and its scored moments
+    best first), or with ``group="moment"`` one moment of a video.
 
     ``score`` is what the hits are sorted by: ``broad_score + delta`` for reranked hits,
     ``broad_score`` otherwise.
     """
 
-    id: str  # the video id (Milvus primary key)
+    id: str  # the video id (of a one-segment video, also its Milvus primary key)
     score: float  # final score, sort key (descending)
     broad_score: float  # cosine(I_1, video CLS) from the Milvus ANN search
     delta: float  # focused-view correction Δ (0.0 when not reranked)
@@ -25,6 +36,9 @@ class Hit:
     broad_rank: int = 0  # 1-based position in the broad (Milvus) order
     best_frame_s: float | None = None  # timestamp (s) of the frame the fusion attended most
     metadata: dict[str, Any] = field(default_factory=dict)  # uri, duration_s, user fields
+    start_s: float | None = None  # the best moment's span in the video, seconds
+    end_s: float | None = None
+    moments: list[Moment] = field(default_factory=list)  # scored moments, best first
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +46,7 @@ class Hit:
 
 @dataclass(frozen=True)
 class RerankedCandidate:
-    id: str  # video id
+    id: str  # record key (video id, or "<video id>~<n>" for segment n)
     index: int  # position of this candidate in the request's candidate list
     score: float  # final score S = S' + Δ (S' alone for candidates past K)
     broad_score: float  # S': cosine(I_1, video CLS)

@@ -291,6 +291,7 @@ class VideoIndex:
             return False
         if self.dim is None:
             raise InvalidInputError("creating a collection needs dim (the model's embed_dim)")
+        self._search.forget()
         self.index_config = self._call(
             "create_collection",
             milvus_schema.create_collection,
@@ -306,6 +307,7 @@ class VideoIndex:
     def drop(self) -> bool:
         """Drop the collection; False when it did not exist."""
         self._ready = False
+        self._search.forget()
         return bool(self._call("drop", milvus_schema.drop_collection, self.client, self.collection))
 
     # ---------------------------------------------------------------- rows
@@ -329,24 +331,41 @@ class VideoIndex:
         *,
         ef: int | None = None,
         consistency_level: str | None = None,
+        group_size: int | None = None,
+        grouping: str = "auto",
     ) -> list[list[dict[str, Any]]]:
-        """Top-``limit`` videos by cosine similarity for each query vector, in one call.
+        """Top-``limit`` rows (segments) by cosine similarity for each query vector, in one
+        call; with ``group_size``, the segments of the top-``limit`` videos instead.
 
         Args:
             vectors: ``[Q, D]`` (or ``[D]`` for one query) float array.
-            limit: hits per query (1..16384).
-            filter: a Milvus boolean expression over scalar/dynamic fields (``"duration_s > 3"``).
+            limit: hits per query (1..16384): rows, or videos when grouped.
+            filter: a Milvus boolean expression over scalar/dynamic fields (``"duration_s > 3"``;
+                ``'video_id == "clip01"'``: the segments of one video).
             ef: HNSW search list (default ``max(index.ef, limit)``).
             consistency_level: e.g. ``"Strong"`` to see writes made just before.
+            group_size: group by video: each video's best ``group_size`` segments, videos in
+                order of their best segment (see :mod:`tb_reranker.index.search`).
+            grouping: how to group: ``"auto"`` (Milvus grouping search where the engine and the
+                collection have it), ``"native"`` or ``"client"`` (forced).
         Returns:
-            per query, hits best first: ``{"id", "score" (cosine), "uri", "duration_s",
-            "num_frames", "content_hash", **metadata}``.
+            per query, rows best first (grouped: videos best first, each video's segments
+            together, best first): ``{"id" (the segment key), "score" (cosine), "uri",
+            "duration_s", "num_frames", "content_hash", "video_id", "segment", "start_s",
+            "end_s", **metadata}``.
         """
         check_limit(limit)
         self._ensure_ready()
         self.check_database()  # a stat: a Lite database removed under any reader is never read
         query = SearchRequest.of(
-            vectors, limit, filter, dim=self.dim, ef=ef, consistency_level=consistency_level
+            vectors,
+            limit,
+            filter,
+            dim=self.dim,
+            ef=ef,
+            consistency_level=consistency_level,
+            group_size=group_size,
+            grouping=grouping,
         )
         return self._search.run(query)
 

@@ -8,6 +8,14 @@
 - a wider filter: HNSW with ``ef`` raised by the selectivity, and any query that still comes back
   short scored exactly.
 
+Grouped by video (``group_size`` set: ``limit`` counts videos, each with its best ``group_size``
+segments; :mod:`tb_reranker.index.grouping`): Milvus grouping search (``group_by_field``
+``video_id``) where the engine has it (Milvus Lite, servers >= 2.4) on a collection with
+``video_id`` as a real field (schema 2), without a filter; otherwise the segments are fetched by
+the strategies above and grouped here, fetching more until ``limit`` videos are found or the
+matches run out, and a video found with fewer segments than it may have is completed by one
+filtered search on its ``video_id``. Both give the same hits.
+
 Rows are read in pages of id ranges (:func:`iter_pages`) with a ``query`` per range, not
 pymilvus's query iterator; :func:`count_rows` is one ``count(*)`` query.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,9 +35,11 @@ from tb_reranker.errors import InvalidInputError
 from tb_reranker.index import schema as milvus_schema
 from tb_reranker.index.connection import MilvusConnection, consistency
 from tb_reranker.index.entities import OUTPUT_FIELDS, flatten
+from tb_reranker.index.grouping import group_by_video, is_complete, segment_fields, video_filter
 
 __all__ = [
     "EXACT_THRESHOLD",
+    "GROUPINGS",
     "MAX_LIMIT",
     "BroadSearch",
     "SearchRequest",
@@ -43,6 +54,10 @@ MAX_LIMIT = 16384  # Milvus topk / query limit
 _MAX_EF = 16384  # HNSW search list cap (Milvus accepts up to 32768)
 _EXACT_PAGE = 4096  # rows (with vectors) per query of an exact filtered search
 EXACT_THRESHOLD = 4096  # filtered searches matching at most this many rows are scored exactly
+
+_GROWTH = 4  # a grouped search that found too few videos fetches at least 4x the segments next
+_NATIVE_MIN_VERSION = (2, 4)  # Milvus servers with grouping search
+GROUPINGS = ("auto", "native", "client")  # how a grouped search groups (auto: native if it can)
 
 Hits = list[list[dict[str, Any]]]  # per query, hits best first
 
@@ -87,6 +102,8 @@ class SearchRequest:
     filter: str  # "" = none
     ef: int | None
     consistency_level: str | None  # None = the collection's
+    group_size: int | None = None  # grouped by video: segments per video; None = rows as found
+    grouping: str = "auto"  # grouped: "native" (Milvus), "client" (here) or "auto"
 
     @classmethod
     def of(
@@ -98,8 +115,11 @@ class SearchRequest:
         dim: int | None,
         ef: int | None = None,
         consistency_level: str | None = None,
+        group_size: int | None = None,
+        grouping: str = "auto",
     ) -> SearchRequest:
-        """A request of ``[Q, dim]`` (or ``[dim]``) finite query ``vectors``."""
+        """A request of ``[Q, dim]`` (or ``[dim]``) finite query ``vectors``; ``group_size``
+        (1..``MAX_LIMIT // limit``) groups the hits by video."""
         array = np.asarray(vectors, dtype=np.float32)
         if array.ndim == 1:
             array = array[None, :]
@@ -109,7 +129,25 @@ class SearchRequest:
             )
         if not np.isfinite(array).all():
             raise InvalidInputError("query vectors contain NaN/inf")
-        return cls(array, check_limit(limit), filter or "", ef, consistency_level or None)
+        if group_size is not None and (
+            isinstance(group_size, bool)
+            or not isinstance(group_size, int)
+            or not 1 <= group_size <= MAX_LIMIT
+        ):
+            raise InvalidInputError(
+                f"group_size must be an int in 1..{MAX_LIMIT}, got {group_size!r}"
+            )
+        if grouping not in GROUPINGS:
+            raise InvalidInputError(f"grouping must be one of {GROUPINGS}, got {grouping!r}")
+        return cls(
+            array,
+            check_limit(limit),
+            filter or "",
+            ef,
+            consistency_level or None,
+            group_size,
+            grouping,
+        )
 
 
 def count_rows(
@@ -193,18 +231,35 @@ class BroadSearch:
         self._connection = connection
         self.index_config = index_config
         self.exact_threshold = exact_threshold
+        self._native: bool | None = None  # Milvus grouping search usable (None: not probed)
+
+    def forget(self) -> None:
+        """Probe the collection again before the next grouped search (it was created or
+        dropped: its schema may have changed)."""
+        self._native = None
 
     def run(self, query: SearchRequest) -> Hits:
-        """Per query vector, its top ``limit`` rows best first: ``{"id", "score", ...fields}``."""
+        """Per query vector, its top ``limit`` rows best first: ``{"id", "score", ...fields}``,
+        each with its segment fields (``video_id``, ``segment``, ``start_s``, ``end_s``); grouped
+        by video when ``query.group_size`` is set (see the module)."""
+        if query.group_size is not None:
+            return self._grouped(query)
         if not query.filter:
             return self._ann(query)
         return self._filtered(query)
 
-    def _ann(self, query: SearchRequest) -> Hits:
+    def _ann(self, query: SearchRequest, group_size: int | None = None) -> Hits:
         limit = query.limit
-        params = self.index_config.search_params(limit)
+        params = self.index_config.search_params(limit * (group_size or 1))
         if query.ef is not None and "params" in params:
             params["params"]["ef"] = min(max(int(query.ef), limit), _MAX_EF)
+        if "params" in params:
+            params["params"]["ef"] = min(params["params"]["ef"], _MAX_EF)
+        grouped = {}
+        if group_size is not None:
+            # strict_group_size left out: Milvus Lite 3.2.2 given False returns no group smaller
+            # than group_size (measured: one-segment videos gave no hits at all)
+            grouped = {"group_by_field": "video_id", "group_size": group_size}
         connection = self._connection
         results = connection.call(
             "search",
@@ -216,6 +271,7 @@ class BroadSearch:
             output_fields=list(OUTPUT_FIELDS),
             search_params=params,
             anns_field="cls",
+            **grouped,
             **consistency(query.consistency_level),
         )
         out: Hits = []
@@ -226,9 +282,93 @@ class BroadSearch:
                 row = {"id": hit.get("id", entity.get("id")), "score": float(hit["distance"])}
                 row.update(flatten(entity))
                 row["id"] = str(row["id"])
-                rows.append(row)
+                rows.append(segment_fields(row))
             out.append(rows)
         return out
+
+    # ------------------------------------------------------------------ grouped by video
+    def _grouped(self, query: SearchRequest) -> Hits:
+        """Per query the segments of the top ``limit`` videos, ``group_size`` at most each."""
+        size = query.group_size
+        assert size is not None
+        native = query.grouping == "native" or (
+            query.grouping == "auto"
+            and not query.filter
+            and query.limit * size <= MAX_LIMIT
+            and self._native_grouping()
+        )
+        if native:
+            found = self._ann(query, size)
+            return [_flat(group_by_video(rows, query.limit, size)) for rows in found]
+        return self._client_grouped(query, size)
+
+    def _native_grouping(self) -> bool:
+        """Whether Milvus can group this collection's search by ``video_id``: a real field
+        (schema 2) on Milvus Lite or a server >= 2.4 (probed once, see :meth:`forget`)."""
+        if self._native is None:
+            connection = self._connection
+            description = connection.call(
+                "describe", connection.client.describe_collection, connection.collection
+            )
+            fields = {field.get("name") for field in description.get("fields", [])}
+            self._native = "video_id" in fields and (
+                connection.is_lite or _version(connection) >= _NATIVE_MIN_VERSION
+            )
+            log.debug("%s: Milvus grouping search %s", connection.collection, self._native)
+        return self._native
+
+    def _client_grouped(self, query: SearchRequest, size: int) -> Hits:
+        """Segments fetched by the plain strategies and grouped here: the first round asks
+        for ``limit`` rows (a library of one segment per video needs no more), a query that
+        found fewer than ``limit`` videos while matches remain asks for more (at least
+        ``_GROWTH`` times, as many as its rows per video suggest; at most ``MAX_LIMIT``)."""
+        limit = query.limit
+        plain = dataclasses.replace(query, group_size=None)
+        groups: list[list[list[dict[str, Any]]]] = [[] for _ in range(query.vectors.shape[0])]
+        exhausted = [False] * len(groups)
+        todo, fetch = list(range(len(groups))), limit
+        while todo:
+            rows_of = self.run(dataclasses.replace(plain, vectors=query.vectors[todo], limit=fetch))
+            again, wanted = [], fetch * _GROWTH
+            for q, rows in zip(todo, rows_of, strict=True):
+                groups[q] = group_by_video(rows, limit, size)
+                exhausted[q] = len(rows) < fetch
+                if len(groups[q]) < limit and not exhausted[q] and fetch < MAX_LIMIT:
+                    again.append(q)
+                    per_video = len(rows) / max(len(groups[q]), 1)
+                    wanted = max(wanted, math.ceil(1.5 * per_video * limit))
+            if again:
+                log.debug("grouped search: %d queries short of %d videos", len(again), limit)
+            todo, fetch = again, min(wanted, MAX_LIMIT)
+        for q, found in enumerate(groups):
+            if not exhausted[q]:
+                self._complete(plain, q, found, size)
+        return [_flat(found) for found in groups]
+
+    def _complete(
+        self, query: SearchRequest, q: int, found: list[list[dict[str, Any]]], size: int
+    ) -> None:
+        """Fill in, in place, the videos of ``found`` that may hold more of their best
+        ``size`` segments than were fetched: one filtered search on their ``video_id``."""
+        short = [group for group in found if not is_complete(group, size)]
+        if not short:
+            return
+        expr = video_filter([group[0]["video_id"] for group in short], query.filter)
+        matches = count_rows(self._connection, expr, query.consistency_level)
+        if matches == 0:
+            return
+        request = dataclasses.replace(
+            query, vectors=query.vectors[q : q + 1], filter=expr, limit=min(matches, MAX_LIMIT)
+        )
+        rows = self._exact(request) if matches <= self.exact_threshold else self._filtered(request)
+        by_video = {group[0]["video_id"]: group for group in short}
+        for row in rows[0]:
+            group = by_video.get(row["video_id"])
+            if group is not None and all(row["id"] != seen["id"] for seen in group):
+                group.append(row)  # scores of rows already found stay Milvus's
+        for group in short:
+            group.sort(key=lambda row: -float(row["score"]))
+            del group[size:]
 
     def _filtered(self, query: SearchRequest) -> Hits:
         """A filtered search that returns every match up to ``limit``.
@@ -299,6 +439,17 @@ class BroadSearch:
             for i in order:
                 row = {"id": str(best_rows[i]["id"]), "score": float(best_scores[q, i])}
                 row.update({k: v for k, v in best_rows[i].items() if k != "id"})
-                hits.append(row)
+                hits.append(segment_fields(row))
             out.append(hits)
         return out
+
+
+def _flat(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [row for group in groups for row in group]
+
+
+def _version(connection: MilvusConnection) -> tuple[int, ...]:
+    """The server's version as numbers (``v2.3.5`` -> ``(2, 3, 5)``; unknown -> ``()``)."""
+    text = str(connection.call("version", connection.client.get_server_version))
+    numbers = re.findall(r"\d+", text.split("-")[0])
+    return tuple(int(n) for n in numbers[:3])

@@ -5,10 +5,15 @@ remote backend that reranks on a sidecar) and the sidecar's own ``SearchService`
 
 1. texts → indicators with ``backend.encode`` (or indicators given), through the LRU of encoded
    queries (``query_cache``, keyed by text and the backend's ``query_fingerprint``) when given;
-2. ANN top-``max(limit, K)`` from Milvus with I_1 (``index.search``), with the filter;
-3. ``backend.rerank`` of each query's candidates (broad scores and content hashes from Milvus);
-4. hits: the reranked order, then rows whose tokens the store lacks in broad order, cut to
-   ``limit`` (:func:`broad_hits` / :func:`reranked_hits`, the only places ``Hit``s are made).
+2. ANN from Milvus with I_1 (``index.search``), with the filter: the segments of the top
+   ``max(limit, K)`` videos grouped by video (at most ``moments_per_video`` each), or with
+   ``group="moment"`` the top ``max(limit, K)`` segments;
+3. ``backend.rerank`` of each query's ``max(limit, K)`` best segments by broad score (segment
+   keys, broad scores and content hashes from Milvus; the backend reranks the first K of them
+   that the store holds, so K counts segments and one video may hold several);
+4. hits (:mod:`tb_reranker.rerank.moments`, the only place ``Hit``s are made): videos in the
+   order of their best segment (reranked, then not reranked by broad score, then those the
+   store lacks), each with its best moment's scores and span and its moments; or moments.
 
 With ``degrade=True`` (the SDK's non-strict remote mode) a backend that cannot be reached
 (``RerankerUnavailableError``) gives the broad-only hits, marked ``reranked=False`` and logged
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tb_reranker.errors import RerankerUnavailableError
 from tb_reranker.requests import DEFAULT_LIMITS, Limits, RerankRequest, SearchRequest
+from tb_reranker.rerank.moments import moment_hits, rerank_candidates, scored_segments, video_hits
 from tb_reranker.types import Hit, RerankResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,55 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from tb_reranker.rerank.backend import RerankBackend
     from tb_reranker.rerank.query_cache import QueryCache
 
-__all__ = ["TwoStageSearch", "broad_hits", "reranked_hits"]
+__all__ = ["TwoStageSearch"]
 
 log = logging.getLogger(__name__)
 
-Row = dict[str, Any]  # one Milvus hit: id, score, content_hash and the output fields
-_RESERVED = {"id", "score", "cls"}
-
-
-def _hit(row: Row, rank: int, broad_rank: int, **scored: Any) -> Hit:
-    """``row`` as a ``Hit``; ``scored`` (score, delta, reranked, best_frame_s) if reranked."""
-    broad = float(row["score"])
-    return Hit(
-        id=str(row["id"]),
-        score=float(scored.get("score", broad)),
-        broad_score=broad,
-        delta=float(scored.get("delta", 0.0)),
-        rank=rank,
-        reranked=bool(scored.get("reranked", False)),
-        broad_rank=broad_rank,
-        best_frame_s=scored.get("best_frame_s"),
-        metadata={key: value for key, value in row.items() if key not in _RESERVED},
-    )
-
-
-def broad_hits(rows: Sequence[Row], limit: int) -> list[Hit]:
-    """Milvus's order, not reranked."""
-    return [_hit(row, r, r) for r, row in enumerate(rows[:limit], start=1)]
-
-
-def reranked_hits(rows: Sequence[Row], result: RerankResult, limit: int) -> list[Hit]:
-    """The reranked order of ``rows``, then the rows the store lacks in broad order."""
-    hits: list[Hit] = []
-    for candidate in result.candidates:
-        hits.append(
-            _hit(
-                rows[candidate.index],
-                len(hits) + 1,
-                candidate.index + 1,
-                score=candidate.score,
-                delta=candidate.delta,
-                reranked=candidate.reranked,
-                best_frame_s=candidate.best_frame_s,
-            )
-        )
-    seen = {c.index for c in result.candidates}
-    for r, row in enumerate(rows):
-        if r not in seen:  # no tokens in the store: broad order, after the others
-            hits.append(_hit(row, len(hits) + 1, r + 1))
-    return hits[:limit]
+Row = dict[str, Any]  # one Milvus hit: id, score, content_hash, segment fields, output fields
 
 
 @dataclass
@@ -107,7 +69,8 @@ class TwoStageSearch:
 
     def search(self, queries: Sequence[str] | Any, **options: Any) -> list[list[Hit]]:
         """Two-stage search for query texts or indicators ``[Q, m, D]``, validated here;
-        ``limit`` (10), ``rerank`` (True) and ``filter`` (None) as in ``Client.search``."""
+        ``limit`` (10), ``rerank`` (True), ``filter`` (None), ``group`` ("video") and
+        ``moments_per_video`` (3) as in ``Client.search``."""
         info = self.backend.info()
         return self.run(
             SearchRequest.build(queries, shape=info.shape, limits=self.limits, **options)
@@ -119,9 +82,20 @@ class TwoStageSearch:
         indicators = request.indicators if request.texts is None else self.encode(request.texts)
         t1 = time.perf_counter_ns()
         fetch = max(request.limit, self.backend.info().top_k) if request.rerank else request.limit
-        broad = self.index.search(indicators[:, 0], fetch, filter=request.filter)
+        by_video = request.group == "video"
+        broad = self.index.search(
+            indicators[:, 0],
+            fetch,
+            filter=request.filter,
+            group_size=request.moments_per_video if by_video else None,
+        )
         t2 = time.perf_counter_ns()
-        results = self._rerank(indicators, broad) if request.rerank else None
+        sent = [rerank_candidates(rows, fetch) for rows in broad]
+        results = None
+        if request.rerank:
+            results = self._rerank(
+                indicators, [[rows[r] for r in s] for rows, s in zip(broad, sent, strict=True)]
+            )
         log.debug(
             "search: %d queries, encode %.1f ms, ann %.1f ms, rerank %.1f ms",
             len(broad),
@@ -129,12 +103,14 @@ class TwoStageSearch:
             (t2 - t1) / 1e6,
             (time.perf_counter_ns() - t2) / 1e6,
         )
-        if results is None:
-            return [broad_hits(rows, request.limit) for rows in broad]
-        return [
-            reranked_hits(rows, result, request.limit)
-            for rows, result in zip(broad, results, strict=True)
-        ]
+        hits = []
+        for q, rows in enumerate(broad):
+            segments = scored_segments(rows, sent[q], None if results is None else results[q])
+            if by_video:
+                hits.append(video_hits(segments, request.limit, request.moments_per_video))
+            else:
+                hits.append(moment_hits(segments, request.limit))
+        return hits
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Validated texts → indicators ``[Q, m, D]``: cached ones from ``query_cache``, the

@@ -190,18 +190,17 @@ class ServingEngine:
         return query, result, _timings(info, started, **item.timings)
 
     async def search(
-        self, query: str | np.ndarray, *, limit: int, rerank: bool, filter: str | None
+        self, query: str | np.ndarray, **options: Any
     ) -> tuple[list[Hit], dict[str, int]]:
-        """Milvus broad search (+ rerank) for one query, on the I/O pool."""
+        """Milvus broad search (+ rerank) for one query, on the I/O pool; ``options`` as
+        ``SearchRequest.build`` takes them (limit, rerank, filter, group, moments_per_video)."""
         reranker = self.reranker
         index = self._search_index()
         request = SearchRequest.build(
             [query] if isinstance(query, str) else query,
-            limit=limit,
-            rerank=rerank,
-            filter=filter,
             shape=self._shape(),
             limits=self.limits,
+            **options,
         )
         if request.num_queries != 1:
             raise InvalidInputError("one query per Search call: indicators must be [m, D]")

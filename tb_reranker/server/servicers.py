@@ -33,6 +33,7 @@ from tb_reranker.wire.convert import (
     hit_to_proto,
     metadata_to_proto,
     rerank_result_to_proto,
+    search_options_from_proto,
     tensor_from_proto,
     tensor_to_proto,
 )
@@ -169,10 +170,7 @@ class SearchServicer(pb_grpc.SearchServiceServicer):
         query = _query_of(request)
         try:
             hits, timings = await self.engine.search(
-                query.get("text", query.get("indicators")),
-                limit=int(request.limit) or 10,
-                rerank=bool(request.rerank),
-                filter=request.filter or None,
+                query.get("text", query.get("indicators")), **search_options_from_proto(request)
             )
         except (IndexUnavailableError, SearchDisabledError):
             if self._on_milvus_status is not None:

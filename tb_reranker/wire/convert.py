@@ -15,8 +15,8 @@ import numpy as np
 
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.requests import RerankRequest, SearchRequest
-from tb_reranker.types import Hit, RerankedCandidate, RerankResult
+from tb_reranker.requests import DEFAULT_MOMENTS_PER_VIDEO, RerankRequest, SearchRequest
+from tb_reranker.types import Hit, Moment, RerankedCandidate, RerankResult
 
 __all__ = [
     "tensor_to_proto",
@@ -29,6 +29,7 @@ __all__ = [
     "rerank_result_to_proto",
     "rerank_result_from_proto",
     "search_request_to_proto",
+    "search_options_from_proto",
     "info_from_proto",
 ]
 
@@ -103,11 +104,28 @@ def _scored(kind: Any, item: Hit | RerankedCandidate, **fields: Any) -> Any:
     return message
 
 
+# SearchRequest.group on the wire (SearchGroup) and back
+GROUP_TO_PROTO = {"video": pb.SEARCH_GROUP_VIDEO, "moment": pb.SEARCH_GROUP_MOMENT}
+GROUP_FROM_PROTO = {
+    pb.SEARCH_GROUP_UNSPECIFIED: "video",  # older clients
+    **{value: name for name, value in GROUP_TO_PROTO.items()},
+}
+
+
 def hit_to_proto(hit: Hit) -> pb.SearchHit:
     metadata = json.dumps(hit.metadata, default=_json_default, allow_nan=False)
-    return _scored(
+    message = _scored(
         pb.SearchHit, hit, rank=hit.rank, broad_rank=hit.broad_rank, metadata_json=metadata
     )
+    if hit.start_s is not None:
+        message.start_s = hit.start_s
+    if hit.end_s is not None:
+        message.end_s = hit.end_s
+    message.moments.extend(
+        pb.Moment(start_s=m.start_s, end_s=m.end_s, score=m.score, broad_score=m.broad_score)
+        for m in hit.moments
+    )
+    return message
 
 
 def hit_from_proto(message: pb.SearchHit) -> Hit:
@@ -121,6 +139,12 @@ def hit_from_proto(message: pb.SearchHit) -> Hit:
         broad_rank=int(message.broad_rank),
         best_frame_s=float(message.best_frame_s) if message.HasField("best_frame_s") else None,
         metadata=json.loads(message.metadata_json) if message.metadata_json else {},
+        start_s=float(message.start_s) if message.HasField("start_s") else None,
+        end_s=float(message.end_s) if message.HasField("end_s") else None,
+        moments=[
+            Moment(float(m.start_s), float(m.end_s), float(m.score), float(m.broad_score))
+            for m in message.moments
+        ],
     )
 
 
@@ -189,7 +213,13 @@ def search_request_to_proto(
 ) -> list[pb.SearchRequest]:
     """One ``SearchRequest`` message per query of ``request`` (``query_fingerprint``: as in
     :func:`rerank_request_to_proto`, sent with indicators only)."""
-    common = {"limit": request.limit, "rerank": request.rerank, "filter": request.filter or ""}
+    common = {
+        "limit": request.limit,
+        "rerank": request.rerank,
+        "filter": request.filter or "",
+        "group": GROUP_TO_PROTO[request.group],
+        "moments_per_video": request.moments_per_video,
+    }
     if request.texts is not None:
         return [pb.SearchRequest(text=text, **common) for text in request.texts]
     assert request.indicators is not None
@@ -199,6 +229,21 @@ def search_request_to_proto(
         )
         for query in request.indicators
     ]
+
+
+def search_options_from_proto(message: pb.SearchRequest) -> dict[str, Any]:
+    """A ``SearchRequest`` message's options as ``SearchRequest.build`` takes them (0 = the
+    default: limit 10, 3 moments per video; an unknown group is ``InvalidInputError``)."""
+    group = GROUP_FROM_PROTO.get(message.group)
+    if group is None:
+        raise InvalidInputError(f"unknown search group {message.group}")
+    return {
+        "limit": int(message.limit) or 10,
+        "rerank": bool(message.rerank),
+        "filter": message.filter or None,
+        "group": group,
+        "moments_per_video": int(message.moments_per_video) or DEFAULT_MOMENTS_PER_VIDEO,
+    }
 
 
 def info_from_proto(response: pb.InfoResponse) -> dict[str, Any]:

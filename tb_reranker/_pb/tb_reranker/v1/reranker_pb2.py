@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtb_reranker/v1/reranker.proto\x12\x0etb_reranker.v1\"*\n\x0b\x46loatTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"z\n\x08Metadata\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x11\n\tencode_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x65tch_ns\x18\x03 \x01(\x03\x12\x11\n\tfusion_ns\x18\x04 \x01(\x03\x12\x10\n\x08total_ns\x18\x05 \x01(\x03\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\xa3\x01\n\x0e\x45ncodeResponse\x12/\n\nindicators\x18\x01 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensor\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12*\n\x08metadata\x18\x03 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\x12\x19\n\x11query_fingerprint\x18\x04 \x01(\t\"\xdc\x01\n\rRerankRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\nindicators\x18\x02 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensorH\x00\x12\x16\n\x0e\x63\x61ndidates_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x62road_scores\x18\x04 \x03(\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x0e\n\x06strict\x18\x06 \x01(\x08\x12\x17\n\x0f\x63ontents_hashes\x18\x07 \x03(\t\x12\x19\n\x11query_fingerprint\x18\x08 \x01(\tB\x07\n\x05query\"\x9d\x01\n\x0fRankedCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x13\n\x0b\x62road_score\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x19\n\x0c\x62\x65st_frame_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08reranked\x18\x07 \x01(\x08\x42\x0f\n\r_best_frame_s\"\\\n\x10MissingCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.tb_reranker.v1.MissingReason\"4\n\x11InvalidateRequest\x12\x12\n\nvideos_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x14\n\x12InvalidateResponse\"\x9f\x01\n\x0eRerankResponse\x12.\n\x05ranks\x18\x01 \x03(\x0b\x32\x1f.tb_reranker.v1.RankedCandidate\x12\x31\n\x07missing\x18\x02 \x03(\x0b\x32 .tb_reranker.v1.MissingCandidate\x12*\n\x08metadata\x18\x03 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\"\xa5\x01\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\nindicators\x18\x05 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensorH\x00\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06rerank\x18\x03 \x01(\x08\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x06 \x01(\tB\x07\n\x05query\"\xc1\x01\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x13\n\x0b\x62road_score\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x10\n\x08reranked\x18\x06 \x01(\x08\x12\x12\n\nbroad_rank\x18\x07 \x01(\r\x12\x19\n\x0c\x62\x65st_frame_s\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmetadata_json\x18\t \x01(\tB\x0f\n\r_best_frame_s\"e\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.tb_reranker.v1.SearchHit\x12*\n\x08metadata\x18\x02 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\"\r\n\x0bInfoRequest\"\xa7\x01\n\x06Limits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x11\n\tmax_texts\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\\\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\"\xa4\x03\n\x0cInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x15\n\rtorch_version\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\x11\n\tembed_dim\x18\x06 \x01(\r\x12\x16\n\x0enum_indicators\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x12\n\nnum_frames\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x0c \x01(\x08\x12\x16\n\x0esearch_enabled\x18\r \x01(\x08\x12&\n\x06limits\x18\x0e \x01(\x0b\x32\x16.tb_reranker.v1.Limits\x12)\n\x05\x63\x61\x63he\x18\x0f \x01(\x0b\x32\x1a.tb_reranker.v1.CacheStats\x12\x1a\n\x12vision_fingerprint\x18\x10 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x11 \x01(\t*P\n\rMissingReason\x12\x1e\n\x1aMISSING_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMISSING_REASON_NOT_IN_STORE\x10\x01\x32X\n\rEncodeService\x12G\n\x06\x45ncode\x12\x1d.tb_reranker.v1.EncodeRequest\x1a\x1e.tb_reranker.v1.EncodeResponse2\xad\x01\n\rRerankService\x12G\n\x06Rerank\x12\x1d.tb_reranker.v1.RerankRequest\x1a\x1e.tb_reranker.v1.RerankResponse\x12S\n\nInvalidate\x12!.tb_reranker.v1.InvalidateRequest\x1a\".tb_reranker.v1.InvalidateResponse2X\n\rSearchService\x12G\n\x06Search\x12\x1d.tb_reranker.v1.SearchRequest\x1a\x1e.tb_reranker.v1.SearchResponse2P\n\x0bInfoService\x12\x41\n\x04Info\x12\x1b.tb_reranker.v1.InfoRequest\x1a\x1c.tb_reranker.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dtb_reranker/v1/reranker.proto\x12\x0etb_reranker.v1\"*\n\x0b\x46loatTensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"z\n\x08Metadata\x12\x10\n\x08queue_ns\x18\x01 \x01(\x03\x12\x11\n\tencode_ns\x18\x02 \x01(\x03\x12\x10\n\x08\x66\x65tch_ns\x18\x03 \x01(\x03\x12\x11\n\tfusion_ns\x18\x04 \x01(\x03\x12\x10\n\x08total_ns\x18\x05 \x01(\x03\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x1e\n\rEncodeRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\xa3\x01\n\x0e\x45ncodeResponse\x12/\n\nindicators\x18\x01 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensor\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12*\n\x08metadata\x18\x03 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\x12\x19\n\x11query_fingerprint\x18\x04 \x01(\t\"\xdc\x01\n\rRerankRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\nindicators\x18\x02 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensorH\x00\x12\x16\n\x0e\x63\x61ndidates_ids\x18\x03 \x03(\t\x12\x14\n\x0c\x62road_scores\x18\x04 \x03(\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x0e\n\x06strict\x18\x06 \x01(\x08\x12\x17\n\x0f\x63ontents_hashes\x18\x07 \x03(\t\x12\x19\n\x11query_fingerprint\x18\x08 \x01(\tB\x07\n\x05query\"\x9d\x01\n\x0fRankedCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x13\n\x0b\x62road_score\x18\x04 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x05 \x01(\x01\x12\x19\n\x0c\x62\x65st_frame_s\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08reranked\x18\x07 \x01(\x08\x42\x0f\n\r_best_frame_s\"\\\n\x10MissingCandidate\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12-\n\x06reason\x18\x03 \x01(\x0e\x32\x1d.tb_reranker.v1.MissingReason\"4\n\x11InvalidateRequest\x12\x12\n\nvideos_ids\x18\x01 \x03(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x14\n\x12InvalidateResponse\"\x9f\x01\n\x0eRerankResponse\x12.\n\x05ranks\x18\x01 \x03(\x0b\x32\x1f.tb_reranker.v1.RankedCandidate\x12\x31\n\x07missing\x18\x02 \x03(\x0b\x32 .tb_reranker.v1.MissingCandidate\x12*\n\x08metadata\x18\x03 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\"\xec\x01\n\rSearchRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x31\n\nindicators\x18\x05 \x01(\x0b\x32\x1b.tb_reranker.v1.FloatTensorH\x00\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06rerank\x18\x03 \x01(\x08\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x06 \x01(\t\x12*\n\x05group\x18\x07 \x01(\x0e\x32\x1b.tb_reranker.v1.SearchGroup\x12\x19\n\x11moments_per_video\x18\x08 \x01(\rB\x07\n\x05query\"L\n\x06Moment\x12\x0f\n\x07start_s\x18\x01 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x02 \x01(\x01\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x13\n\x0b\x62road_score\x18\x04 \x01(\x01\"\xaa\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x13\n\x0b\x62road_score\x18\x03 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x04 \x01(\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x10\n\x08reranked\x18\x06 \x01(\x08\x12\x12\n\nbroad_rank\x18\x07 \x01(\r\x12\x19\n\x0c\x62\x65st_frame_s\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmetadata_json\x18\t \x01(\t\x12\x14\n\x07start_s\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x65nd_s\x18\x0b \x01(\x01H\x02\x88\x01\x01\x12\'\n\x07moments\x18\x0c \x03(\x0b\x32\x16.tb_reranker.v1.MomentB\x0f\n\r_best_frame_sB\n\n\x08_start_sB\x08\n\x06_end_s\"e\n\x0eSearchResponse\x12\'\n\x04hits\x18\x01 \x03(\x0b\x32\x19.tb_reranker.v1.SearchHit\x12*\n\x08metadata\x18\x02 \x01(\x0b\x32\x18.tb_reranker.v1.Metadata\"\r\n\x0bInfoRequest\"\xa7\x01\n\x06Limits\x12\x16\n\x0emax_candidates\x18\x01 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x02 \x01(\r\x12\x11\n\tmax_texts\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x05 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\"\\\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x10\n\x08hit_rate\x18\x05 \x01(\x01\"\xa4\x03\n\x0cInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x15\n\rtorch_version\x18\x03 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\x12\x11\n\tembed_dim\x18\x06 \x01(\r\x12\x16\n\x0enum_indicators\x18\x07 \x01(\r\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x12\n\nnum_frames\x18\t \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61tching\x18\x0c \x01(\x08\x12\x16\n\x0esearch_enabled\x18\r \x01(\x08\x12&\n\x06limits\x18\x0e \x01(\x0b\x32\x16.tb_reranker.v1.Limits\x12)\n\x05\x63\x61\x63he\x18\x0f \x01(\x0b\x32\x1a.tb_reranker.v1.CacheStats\x12\x1a\n\x12vision_fingerprint\x18\x10 \x01(\t\x12\x19\n\x11query_fingerprint\x18\x11 \x01(\t*P\n\rMissingReason\x12\x1e\n\x1aMISSING_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMISSING_REASON_NOT_IN_STORE\x10\x01*\\\n\x0bSearchGroup\x12\x1c\n\x18SEARCH_GROUP_UNSPECIFIED\x10\x00\x12\x16\n\x12SEARCH_GROUP_VIDEO\x10\x01\x12\x17\n\x13SEARCH_GROUP_MOMENT\x10\x02\x32X\n\rEncodeService\x12G\n\x06\x45ncode\x12\x1d.tb_reranker.v1.EncodeRequest\x1a\x1e.tb_reranker.v1.EncodeResponse2\xad\x01\n\rRerankService\x12G\n\x06Rerank\x12\x1d.tb_reranker.v1.RerankRequest\x1a\x1e.tb_reranker.v1.RerankResponse\x12S\n\nInvalidate\x12!.tb_reranker.v1.InvalidateRequest\x1a\".tb_reranker.v1.InvalidateResponse2X\n\rSearchService\x12G\n\x06Search\x12\x1d.tb_reranker.v1.SearchRequest\x1a\x1e.tb_reranker.v1.SearchResponse2P\n\x0bInfoService\x12\x41\n\x04Info\x12\x1b.tb_reranker.v1.InfoRequest\x1a\x1c.tb_reranker.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tb_reranker.v1.reranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MISSINGREASON']._serialized_start=2299
-  _globals['_MISSINGREASON']._serialized_end=2379
+  _globals['_MISSINGREASON']._serialized_start=2553
+  _globals['_MISSINGREASON']._serialized_end=2633
+  _globals['_SEARCHGROUP']._serialized_start=2635
+  _globals['_SEARCHGROUP']._serialized_end=2727
   _globals['_FLOATTENSOR']._serialized_start=49
   _globals['_FLOATTENSOR']._serialized_end=91
   _globals['_METADATA']._serialized_start=93
@@ -54,25 +56,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RERANKRESPONSE']._serialized_start=969
   _globals['_RERANKRESPONSE']._serialized_end=1128
   _globals['_SEARCHREQUEST']._serialized_start=1131
-  _globals['_SEARCHREQUEST']._serialized_end=1296
-  _globals['_SEARCHHIT']._serialized_start=1299
-  _globals['_SEARCHHIT']._serialized_end=1492
-  _globals['_SEARCHRESPONSE']._serialized_start=1494
-  _globals['_SEARCHRESPONSE']._serialized_end=1595
-  _globals['_INFOREQUEST']._serialized_start=1597
-  _globals['_INFOREQUEST']._serialized_end=1610
-  _globals['_LIMITS']._serialized_start=1613
-  _globals['_LIMITS']._serialized_end=1780
-  _globals['_CACHESTATS']._serialized_start=1782
-  _globals['_CACHESTATS']._serialized_end=1874
-  _globals['_INFORESPONSE']._serialized_start=1877
-  _globals['_INFORESPONSE']._serialized_end=2297
-  _globals['_ENCODESERVICE']._serialized_start=2381
-  _globals['_ENCODESERVICE']._serialized_end=2469
-  _globals['_RERANKSERVICE']._serialized_start=2472
-  _globals['_RERANKSERVICE']._serialized_end=2645
-  _globals['_SEARCHSERVICE']._serialized_start=2647
-  _globals['_SEARCHSERVICE']._serialized_end=2735
-  _globals['_INFOSERVICE']._serialized_start=2737
-  _globals['_INFOSERVICE']._serialized_end=2817
+  _globals['_SEARCHREQUEST']._serialized_end=1367
+  _globals['_MOMENT']._serialized_start=1369
+  _globals['_MOMENT']._serialized_end=1445
+  _globals['_SEARCHHIT']._serialized_start=1448
+  _globals['_SEARCHHIT']._serialized_end=1746
+  _globals['_SEARCHRESPONSE']._serialized_start=1748
+  _globals['_SEARCHRESPONSE']._serialized_end=1849
+  _globals['_INFOREQUEST']._serialized_start=1851
+  _globals['_INFOREQUEST']._serialized_end=1864
+  _globals['_LIMITS']._serialized_start=1867
+  _globals['_LIMITS']._serialized_end=2034
+  _globals['_CACHESTATS']._serialized_start=2036
+  _globals['_CACHESTATS']._serialized_end=2128
+  _globals['_INFORESPONSE']._serialized_start=2131
+  _globals['_INFORESPONSE']._serialized_end=2551
+  _globals['_ENCODESERVICE']._serialized_start=2729
+  _globals['_ENCODESERVICE']._serialized_end=2817
+  _globals['_RERANKSERVICE']._serialized_start=2820
+  _globals['_RERANKSERVICE']._serialized_end=2993
+  _globals['_SEARCHSERVICE']._serialized_start=2995
+  _globals['_SEARCHSERVICE']._serialized_end=3083
+  _globals['_INFOSERVICE']._serialized_start=3085
+  _globals['_INFOSERVICE']._serialized_end=3165
 # @@protoc_insertion_point(module_scope)

@@ -11,8 +11,17 @@ class MissingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MISSING_REASON_UNSPECIFIED: _ClassVar[MissingReason]
     MISSING_REASON_NOT_IN_STORE: _ClassVar[MissingReason]
+
+class SearchGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_GROUP_UNSPECIFIED: _ClassVar[SearchGroup]
+    SEARCH_GROUP_VIDEO: _ClassVar[SearchGroup]
+    SEARCH_GROUP_MOMENT: _ClassVar[SearchGroup]
 MISSING_REASON_UNSPECIFIED: MissingReason
 MISSING_REASON_NOT_IN_STORE: MissingReason
+SEARCH_GROUP_UNSPECIFIED: SearchGroup
+SEARCH_GROUP_VIDEO: SearchGroup
+SEARCH_GROUP_MOMENT: SearchGroup
 
 class FloatTensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -127,23 +136,39 @@ class RerankResponse(_message.Message):
     def __init__(self, ranks: _Optional[_Iterable[_Union[RankedCandidate, _Mapping]]] = ..., missing: _Optional[_Iterable[_Union[MissingCandidate, _Mapping]]] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("text", "indicators", "limit", "rerank", "filter", "query_fingerprint")
+    __slots__ = ("text", "indicators", "limit", "rerank", "filter", "query_fingerprint", "group", "moments_per_video")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDICATORS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_PER_VIDEO_FIELD_NUMBER: _ClassVar[int]
     text: str
     indicators: FloatTensor
     limit: int
     rerank: bool
     filter: str
     query_fingerprint: str
-    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., limit: _Optional[int] = ..., rerank: _Optional[bool] = ..., filter: _Optional[str] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
+    group: SearchGroup
+    moments_per_video: int
+    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., limit: _Optional[int] = ..., rerank: _Optional[bool] = ..., filter: _Optional[str] = ..., query_fingerprint: _Optional[str] = ..., group: _Optional[_Union[SearchGroup, str]] = ..., moments_per_video: _Optional[int] = ...) -> None: ...
+
+class Moment(_message.Message):
+    __slots__ = ("start_s", "end_s", "score", "broad_score")
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BROAD_SCORE_FIELD_NUMBER: _ClassVar[int]
+    start_s: float
+    end_s: float
+    score: float
+    broad_score: float
+    def __init__(self, start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., score: _Optional[float] = ..., broad_score: _Optional[float] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "broad_score", "delta", "rank", "reranked", "broad_rank", "best_frame_s", "metadata_json")
+    __slots__ = ("id", "score", "broad_score", "delta", "rank", "reranked", "broad_rank", "best_frame_s", "metadata_json", "start_s", "end_s", "moments")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     BROAD_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +178,9 @@ class SearchHit(_message.Message):
     BROAD_RANK_FIELD_NUMBER: _ClassVar[int]
     BEST_FRAME_S_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    MOMENTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     broad_score: float
@@ -162,7 +190,10 @@ class SearchHit(_message.Message):
     broad_rank: int
     best_frame_s: float
     metadata_json: str
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., broad_score: _Optional[float] = ..., delta: _Optional[float] = ..., rank: _Optional[int] = ..., reranked: _Optional[bool] = ..., broad_rank: _Optional[int] = ..., best_frame_s: _Optional[float] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    start_s: float
+    end_s: float
+    moments: _containers.RepeatedCompositeFieldContainer[Moment]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., broad_score: _Optional[float] = ..., delta: _Optional[float] = ..., rank: _Optional[int] = ..., reranked: _Optional[bool] = ..., broad_rank: _Optional[int] = ..., best_frame_s: _Optional[float] = ..., metadata_json: _Optional[str] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., moments: _Optional[_Iterable[_Union[Moment, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "metadata")
