@@ -1,18 +1,27 @@
-"""Ingestion: video files → (decode, encode) → frame-token store + Milvus row.
+"""Ingestion: video files → (cut, decode, encode) → frame-token store + Milvus, one record and
+one row per segment of each video.
+
+Segments (``IngestOptions.segment``, ``tb ingest --segment``): ``shots`` (default: shot cuts,
+segments of 2-30 s), ``fixed:LEN[,OVERLAP]`` or ``none``. A video no longer than the spec's
+longest segment (30 s for ``shots``) is one segment, keyed by its video id, decoded as before
+segments; a longer one gets ``segment_key(video_id, n)`` for its n-th segment (see
+:mod:`tb_reranker.index.segmenting`). A corrupt stretch loses only its segments; the report names
+its time range.
 
 Pipeline (:class:`Ingestion`): **plan** (hash each file, compare with what Milvus and the store
-hold) → **update metadata** of unchanged files whose metadata changed → **re-index** entries
-whose tokens are stored but whose row is missing → **decode + encode** the rest (``decode_many``
-decodes in worker threads ahead of the main thread, which encodes batches with the model under
-``torch.inference_mode``) and write each batch: **store first, then Milvus** (upsert by primary
-key). A process killed anywhere leaves at worst store entries without a Milvus row (or with an
-older row); re-running ``ingest`` re-indexes them from the stored tokens when the file is
-unchanged, or re-encodes it otherwise; ``check(repair=True)`` fixes the rest. Nothing is ever
-duplicated: the video id is the primary key in both places.
+hold for every segment of the video) → **update metadata** of unchanged files whose metadata
+changed → **re-index** videos whose records are stored but whose rows are missing or stale →
+**cut + decode + encode** the rest, and write each video whole: **its records to the store, then
+the keys it no longer has (a changed file with fewer segments: store, then Milvus), then all its
+rows in one upsert**. A process killed anywhere leaves at worst records without rows, or rows of
+the old file (never rows of two versions of one file); re-running ``ingest`` re-indexes from the
+stored tokens when the file is unchanged (deleting leftover keys), or re-encodes it otherwise;
+``check(repair=True)`` fixes the rest. Nothing is ever duplicated: the keys are primary keys in
+both places.
 
-Idempotency. The sha256 of each file is compared with the ``content_hash`` stored in Milvus: equal
-(and the store holds the entry) → ``unchanged``, nothing is done; different → the entry is
-replaced.
+Idempotency. The sha256 of each file is compared with the ``content_hash`` stored in Milvus and
+the store: equal for every segment → ``unchanged``, nothing is done; different → the video's
+segments are replaced.
 """
 
 from __future__ import annotations
@@ -25,8 +34,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tb_reranker.errors import InvalidInputError, VideoDecodeError, printable
 from tb_reranker.index.inputs import assign_ids, expand_paths
 from tb_reranker.index.milvus_index import VideoIndex
@@ -36,12 +43,16 @@ from tb_reranker.index.rows import (
     same_metadata,
     user_fields,
     video_row,
+    video_rows,
 )
-from tb_reranker.stores import FrameRecord, FrameStore
+from tb_reranker.stores import FrameRecord, FrameStore, segment_key
+from tb_reranker.video.segment_plan import SegmentSpec
 
 __all__ = ["IngestOptions", "IngestReport", "ingest"]
 
 log = logging.getLogger(__name__)
+
+UPSERT_ROWS = 1000  # rows per upsert call, whole videos (a longer video is one call of its own)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,8 @@ class IngestOptions:
             (and in the frame record).
         ids: video id per path (mapping or function); default the file stem.
         progress: show progress (videos/s): a bar on a terminal, log lines elsewhere.
+        segment: how videos are cut: ``"shots"`` (default), ``"fixed:LEN[,OVERLAP]"``, ``"none"``
+            or a :class:`SegmentSpec`; videos up to the longest segment stay whole.
     """
 
     batch_size: int = 8
@@ -62,6 +75,7 @@ class IngestOptions:
     metadata: Mapping[str, Mapping[str, Any]] | None = None
     ids: Mapping[str, str] | Callable[[str], str] | None = None
     progress: bool = True
+    segment: str | SegmentSpec = "shots"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers"):
@@ -73,6 +87,17 @@ class IngestOptions:
                 f"batch_size and workers must be >= 1, got {self.batch_size}, {self.workers}"
             )
         check_metadata(self.metadata)
+        if not isinstance(self.segment, SegmentSpec):
+            SegmentSpec.parse(self.segment)  # InvalidInputError in one line
+
+    @property
+    def spec(self) -> SegmentSpec:
+        """:attr:`segment` as a :class:`SegmentSpec`."""
+        return (
+            self.segment
+            if isinstance(self.segment, SegmentSpec)
+            else SegmentSpec.parse(self.segment)
+        )
 
     def metadata_for(self, video_id: str, path: str) -> dict[str, Any]:
         """The user metadata given for ``video_id`` (or, failing that, for ``path``)."""
@@ -85,6 +110,7 @@ class IngestReport:
     """What one ``ingest`` call did."""
 
     ingested: int = 0  # videos encoded (or re-indexed from the store) and written
+    segments: int = 0  # of those videos, the segments (records and rows) written
     unchanged: int = 0  # videos skipped: same content hash already indexed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) per failure
     seconds: float = 0.0  # wall time of the call
@@ -96,6 +122,7 @@ class IngestReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ingested": self.ingested,
+            "segments": self.segments,
             "metadata_updated": self.metadata_updated,
             "unchanged": self.unchanged,
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
@@ -107,7 +134,9 @@ class IngestReport:
 
     def summary(self) -> str:
         return (
-            f"ingested {self.ingested} (re-indexed {self.reindexed}), unchanged {self.unchanged}"
+            f"ingested {self.ingested} (re-indexed {self.reindexed})"
+            + (f" as {self.segments} segments" if self.segments > self.ingested else "")
+            + f", unchanged {self.unchanged}"
             + (f" (metadata updated {self.metadata_updated})" if self.metadata_updated else "")
             + ", "
             f"failed {len(self.failed)} in {self.seconds:.1f} s ({self.videos_per_s:.2f} videos/s)"
@@ -119,8 +148,10 @@ class IngestPlan:
     """What each input needs, decided by comparing its content hash with Milvus and the store."""
 
     encode: list[tuple[str, str]] = field(default_factory=list)  # (id, path): decode + encode
-    reindex: list[tuple[str, str, FrameRecord]] = field(default_factory=list)  # tokens stored
-    update: list[tuple[str, FrameRecord, dict[str, Any]]] = field(default_factory=list)  # metadata
+    held: dict[str, set[str]] = field(default_factory=dict)  # keys they hold now (id -> keys)
+    # (id, path, records in segment order, keys to delete): tokens stored, rows missing/stale
+    reindex: list[tuple[str, str, list[FrameRecord], list[str]]] = field(default_factory=list)
+    update: list[tuple[str, list[FrameRecord], dict[str, Any]]] = field(default_factory=list)
     unchanged: int = 0  # same file, same metadata: nothing to do
 
 
@@ -187,7 +218,12 @@ def _options(options: IngestOptions | None, settings: dict[str, Any]) -> IngestO
 
 class Ingestion:
     """One ingest run over ``(video id, path)`` pairs: :meth:`run` = bind the index to the
-    model → :meth:`plan` → :meth:`update_metadata` → :meth:`reindex` → :meth:`encode`."""
+    model → :meth:`plan` → :meth:`update_metadata` → :meth:`reindex` → :meth:`encode`.
+
+    Every step writes a video whole (all its segments), in one order: the store's new records,
+    then the keys the video no longer has (store, then Milvus), then its Milvus rows in one
+    upsert. A crash anywhere leaves each video's rows all of one version (old or new) and the
+    next run converges (see the module docstring)."""
 
     def __init__(
         self, *, model: Any, index: VideoIndex, store: FrameStore, options: IngestOptions
@@ -221,7 +257,7 @@ class Ingestion:
             self._bar = progress(total=total, unit="video", desc="ingest")
         try:
             self.reindex(plan.reindex)
-            self.encode(plan.encode)
+            self.encode(plan.encode, plan.held)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -253,133 +289,219 @@ class Ingestion:
 
     def _classify(self, chunk: list[tuple[str, str]], plan: IngestPlan) -> None:
         chunk_ids = [i for i, _ in chunk]
-        indexed = self.index.get(chunk_ids)
-        stored, errors = self.store.get_readable(chunk_ids)
-        for exc in errors.values():  # one corrupt entry must not hide the others
-            log.warning("%s; it will be re-encoded", exc)
+        rows = video_rows(self.index, chunk_ids)
+        stored = self._stored_records(chunk_ids)
+        firsts = self.index.get(chunk_ids) if self.options.metadata else {}
         for video_id, path in chunk:
-            record = stored.get(video_id)
-            if record is None or not self._current(video_id, record):
+            records = stored.get(video_id)
+            held = {str(r["id"]) for r in rows.get(video_id, [])}
+            if records is None:  # not stored whole by this model from this file
                 plan.encode.append((video_id, path))
+                plan.held[video_id] = held | self._stored_keys.get(video_id, set())
                 continue
-            row = indexed.get(video_id)
-            if row is None or row.get("content_hash") != self.hashes[video_id]:
-                plan.reindex.append((video_id, path, record))  # killed between store and Milvus
+            keys = [segment_key(video_id, n) for n in range(len(records))]
+            current = {str(r["id"]) for r in rows.get(video_id, []) if self._row_current(r)}
+            if not set(keys) <= current or held - set(keys):
+                stale = sorted(held - set(keys))
+                plan.reindex.append((video_id, path, records, stale))  # crash between the writes
                 continue
             wanted = self.options.metadata_for(video_id, path)
+            row = firsts.get(video_id, {})
             if wanted and not same_metadata(user_fields(row), wanted):
-                plan.update.append((video_id, record, wanted))  # same file, new metadata
+                plan.update.append((video_id, records, wanted))  # same file, new metadata
             else:
                 plan.unchanged += 1
 
-    def _current(self, video_id: str, record: FrameRecord) -> bool:
-        """Whether ``record`` was made from this file by this vision model (or an unknown one)."""
-        return record.content_hash == self.hashes[video_id] and (
-            record.fingerprint in ("", self.fingerprint, self.model_fingerprint)
+    def _row_current(self, row: Mapping[str, Any]) -> bool:
+        return row.get("content_hash") == self.hashes[str(row["video_id"])]
+
+    def _stored_records(self, video_ids: list[str]) -> dict[str, list[FrameRecord]]:
+        """Per video, its records in segment order when the store holds all of them, made from
+        this file by this vision model (or an unknown one); ``_stored_keys`` the keys held."""
+        self._stored_keys: dict[str, set[str]] = {}
+        firsts, errors = self.store.get_readable(video_ids)
+        for exc in errors.values():  # one corrupt entry must not hide the others
+            log.warning("%s; it will be re-encoded", exc)
+        more = [segment_key(v, n) for v, r in firsts.items() for n in range(1, max(1, r.segments))]
+        rest: dict[str, FrameRecord] = {}
+        for start in range(0, len(more), READ_BATCH):
+            found, errors = self.store.get_readable(more[start : start + READ_BATCH])
+            rest.update(found)
+            for exc in errors.values():
+                log.warning("%s; it will be re-encoded", exc)
+        out: dict[str, list[FrameRecord]] = {}
+        for video_id, first in firsts.items():
+            keys = [segment_key(video_id, n) for n in range(1, first.segments)]
+            self._stored_keys[video_id] = {video_id, *(k for k in keys if k in rest)}
+            records = [first, *(rest[k] for k in keys if k in rest)]
+            if len(records) == first.segments and all(
+                self._current(video_id, r, n, first.segments) for n, r in enumerate(records)
+            ):
+                out[video_id] = records
+        return out
+
+    def _current(self, video_id: str, record: FrameRecord, n: int, segments: int) -> bool:
+        """Whether ``record`` is segment ``n`` of ``segments`` made from this file by this vision
+        model (or an unknown one)."""
+        return (
+            record.content_hash == self.hashes[video_id]
+            and record.fingerprint in ("", self.fingerprint, self.model_fingerprint)
+            and (record.segment, record.segments) == (n, segments)
         )
 
     # ---------------------------------------------------------------- 2. metadata, re-index
-    def update_metadata(self, updates: list[tuple[str, FrameRecord, dict[str, Any]]]) -> None:
-        """Unchanged files whose metadata changed: rewrite the row (same vector) and the
-        record's copy of the metadata; no decoding or encoding."""
-        for start in range(0, len(updates), READ_BATCH):
-            chunk = updates[start : start + READ_BATCH]
-            vectors = self.index.get([i for i, _, _ in chunk], with_vectors=True)
-            records = {i: replace(record, metadata=meta) for i, record, meta in chunk}
-            rows = [
-                video_row(i, records[i], vectors[i]["cls"], meta)
-                for i, _, meta in chunk
-                if i in vectors
-            ]
-            self._write(records, rows)
+    def update_metadata(self, updates: list[tuple[str, list[FrameRecord], dict[str, Any]]]) -> None:
+        """Unchanged files whose metadata changed: rewrite the rows (same vectors) and the
+        records' copy of the metadata; no decoding or encoding."""
+        for start in range(0, len(updates), self.options.batch_size):
+            chunk = updates[start : start + self.options.batch_size]
+            keys = [segment_key(v, n) for v, records, _ in chunk for n in range(len(records))]
+            vectors = self.index.get(keys, with_vectors=True)
+            group: list[VideoWrite] = []
+            for video_id, records, meta in chunk:
+                write = VideoWrite(video_id)
+                for n, record in enumerate(records):
+                    key = segment_key(video_id, n)
+                    record = replace(record, metadata=meta)
+                    cls = vectors[key]["cls"] if key in vectors else record.video_cls()
+                    write.add(key, record, video_row(key, record, cls, meta))
+                group.append(write)
+            self._write(group)
             self.report.metadata_updated += len(chunk)
-            self.report.ids.extend(i for i, _, _ in chunk)
+            self.report.ids.extend(v for v, _, _ in chunk)
 
-    def reindex(self, entries: list[tuple[str, str, FrameRecord]]) -> None:
-        """Rows rebuilt from stored tokens (no decode/encode)."""
+    def reindex(self, entries: list[tuple[str, str, list[FrameRecord], list[str]]]) -> None:
+        """Rows rebuilt from stored tokens (no decode/encode); keys the video no longer has
+        deleted first."""
         for start in range(0, len(entries), self.options.batch_size):
-            rows = []
-            for video_id, path, record in entries[start : start + self.options.batch_size]:
-                user = self.options.metadata_for(video_id, path) or dict(record.metadata or {})
-                if not record.uri:
-                    record = replace(record, uri=str(Path(path).resolve()))
-                rows.append(video_row(video_id, record, record.video_cls(), user))
-            self.index.upsert(rows)
-            self.report.ingested += len(rows)
-            self.report.reindexed += len(rows)
-            self.report.ids.extend(r["id"] for r in rows)
-            self._advance(len(rows))
+            group: list[VideoWrite] = []
+            for video_id, path, records, stale in entries[start : start + self.options.batch_size]:
+                user = self.options.metadata_for(video_id, path) or dict(records[0].metadata or {})
+                write = VideoWrite(video_id, stale=stale)
+                for n, record in enumerate(records):
+                    if not record.uri:
+                        record = replace(record, uri=str(Path(path).resolve()))
+                    key = segment_key(video_id, n)
+                    write.add(key, None, video_row(key, record, record.video_cls(), user))
+                group.append(write)
+            self._write(group)
+            self.report.ingested += len(group)
+            self.report.reindexed += len(group)
+            self.report.segments += sum(len(w.rows) for w in group)
+            self.report.ids.extend(w.video_id for w in group)
+            self._advance(len(group))
 
     # ---------------------------------------------------------------- 3. decode, encode, write
-    def encode(self, entries: list[tuple[str, str]]) -> None:
-        """Decode (worker threads, ahead) → encode (this thread, batched) → store → Milvus."""
+    def encode(self, entries: list[tuple[str, str]], held: Mapping[str, set[str]]) -> None:
+        """Cut and decode (worker threads, ahead) → encode (this thread, batched) → write each
+        video whole: store → stale keys → Milvus."""
         if not entries:
             return
-        from tb_reranker.video import decode_many
+        from tb_reranker.index.segmenting import SegmentEncoder, segment_stream
 
-        path_to_id = {path: video_id for video_id, path in entries}
-        stream = decode_many(
+        ids_of: dict[str, list[str]] = {}
+        for video_id, path in entries:
+            ids_of.setdefault(path, []).append(video_id)
+        stream = segment_stream(
             [path for _, path in entries],
+            spec=self.options.spec,
             num_frames=int(self.model.num_frames),
             image_size=int(self.model.image_size),
             mean=tuple(self.model.image_mean),
             std=tuple(self.model.image_std),
             workers=self.options.workers,
         )
-        pending: list[tuple[str, Any]] = []
-        for path, outcome in stream:
-            if isinstance(outcome, VideoDecodeError):
-                log.warning("%s", outcome)
-                self.report.failed.append((path, outcome.reason))
-                self._advance(1)
-                continue
-            pending.append((path_to_id[path], outcome))
-            if len(pending) >= self.options.batch_size:
-                self._write_encoded(pending)
-                pending = []
-        if pending:
-            self._write_encoded(pending)
+        encoder = SegmentEncoder(self.model, self.options.batch_size)
+        ready: list[VideoWrite] = []
+        for path, item in stream:
+            for video in encoder.add(path, item):
+                ready.extend(self._finished(ids_of[video.path].pop(0), video, held))
+            if len(ready) >= self.options.batch_size:
+                self._write_encoded(ready)
+                ready = []
+        for video in encoder.finish():
+            ready.extend(self._finished(ids_of[video.path].pop(0), video, held))
+        if ready:
+            self._write_encoded(ready)
 
-    def _write_encoded(self, clips: list[tuple[str, Any]]) -> None:
-        records, rows = self._encode_batch(clips)
-        self._write(records, rows)
-        self.report.ingested += len(rows)
-        self.report.ids.extend(records)
-
-    def _encode_batch(
-        self, clips: list[tuple[str, Any]]
-    ) -> tuple[dict[str, FrameRecord], list[dict[str, Any]]]:
-        """Frame records and Milvus rows of decoded ``(video id, clip)`` pairs, in one forward."""
-        import torch
-
-        frames = torch.from_numpy(np.stack([clip.frames for _, clip in clips]))  # [B, T, 3, H, W]
-        masks = torch.from_numpy(np.stack([clip.mask for _, clip in clips]))  # [B, T]
-        with torch.inference_mode():
-            videos_cls, frames_tokens = self.model.encode_frames(
-                frames, masks
-            )  # [B, D], [B, T', D]
-        videos_cls = videos_cls.float().cpu().numpy()
-        frames_tokens = frames_tokens.float().cpu().numpy()
-        records: dict[str, FrameRecord] = {}
-        rows = []
-        for b, (video_id, clip) in enumerate(clips):
+    def _finished(
+        self, video_id: str, video: Any, held: Mapping[str, set[str]]
+    ) -> list[VideoWrite]:
+        """The write of one encoded video ([] when nothing of it could be decoded)."""
+        for failure in video.failures:
+            reason = f"{failure.start_s:.1f}-{failure.end_s:.1f} s: {failure.reason}"
+            log.warning("%s: %s", printable(video.path), reason)
+            self.report.failed.append((video.path, reason))
+        if video.error is not None or not video.segments:
+            error = video.error or VideoDecodeError(video.path, "no segment could be decoded")
+            log.warning("%s", error)
+            if video.error is not None or not video.failures:
+                self.report.failed.append((video.path, error.reason))
+            self._advance(1)
+            return []
+        count = len(video.segments)
+        user = self.options.metadata_for(video_id, video.path) or None
+        keys = [segment_key(video_id, n) for n in range(count)]
+        write = VideoWrite(video_id, stale=sorted(set(held.get(video_id, ())) - set(keys)))
+        for n, (key, segment) in enumerate(zip(keys, video.segments, strict=True)):
+            whole = count == 1 and segment.start_s == 0 and segment.end_s >= video.duration_s
             record = FrameRecord(
-                tokens=frames_tokens[b].astype(np.float16),
-                timestamps=np.asarray(clip.timestamps, dtype=np.float32),
+                tokens=segment.tokens,
+                timestamps=segment.timestamps,
                 content_hash=self.hashes[video_id],
-                mask=np.asarray(clip.mask, dtype=bool),
-                uri=str(Path(clip.path).resolve()),
-                duration_s=float(clip.duration_s),
+                mask=segment.mask,
+                uri=str(Path(video.path).resolve()),
+                duration_s=float(video.duration_s),
                 fingerprint=self.fingerprint,
-                metadata=self.options.metadata_for(video_id, clip.path) or None,
+                metadata=user,
+                segment=n,
+                start_s=float(segment.start_s),
+                end_s=None if whole else float(segment.end_s),
+                segments=count,
             )
-            records[video_id] = record
-            rows.append(video_row(video_id, record, videos_cls[b], record.metadata))
-        return records, rows
+            write.add(key, record, video_row(key, record, segment.cls, user))
+        return [write]
 
-    def _write(self, records: Mapping[str, FrameRecord], rows: list[dict[str, Any]]) -> None:
-        """Store first, then Milvus: a crash in between leaves tokens without a row (re-indexed
-        by the next run), never a row without tokens."""
-        self.store.put_many(records)
-        self.index.upsert(rows)
-        self._advance(len(rows))
+    def _write_encoded(self, group: list[VideoWrite]) -> None:
+        self._write(group)
+        self.report.ingested += len(group)
+        self.report.segments += sum(len(w.rows) for w in group)
+        self.report.ids.extend(w.video_id for w in group)
+
+    def _write(self, group: list[VideoWrite]) -> None:
+        """Store first (new records), then the keys the videos no longer have (store, then
+        Milvus), then the rows, each video's in one upsert: a crash leaves tokens without a
+        row (re-indexed by the next run) or rows without tokens (deleted by it), never a row
+        without tokens that stays, nor a video whose rows mix two versions of its file."""
+        records = {k: r for w in group for k, r in w.records.items()}
+        stale = [k for w in group for k in w.stale]
+        if records:
+            self.store.put_many(records)
+        if stale:
+            self.store.delete_many(stale)
+            self.index.delete(stale)
+        rows: list[dict[str, Any]] = []
+        for write in group:
+            if rows and len(rows) + len(write.rows) > UPSERT_ROWS:
+                self.index.upsert(rows)
+                rows = []
+            rows.extend(write.rows)
+        if rows:
+            self.index.upsert(rows)
+        self._advance(sum(1 for w in group if w.records))
+
+
+@dataclass
+class VideoWrite:
+    """What one video's write holds: its new records (None: unchanged in the store), its rows
+    and the keys it no longer has."""
+
+    video_id: str
+    records: dict[str, FrameRecord] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+    def add(self, key: str, record: FrameRecord | None, row: dict[str, Any]) -> None:
+        if record is not None:
+            self.records[key] = record
+        self.rows.append(row)

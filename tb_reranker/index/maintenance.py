@@ -16,8 +16,8 @@ from typing import Any
 
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
 from tb_reranker.index.milvus_index import VideoIndex
-from tb_reranker.index.rows import READ_BATCH, video_row
-from tb_reranker.stores import FrameRecord, FrameStore, validate_video_ids
+from tb_reranker.index.rows import READ_BATCH, video_row, video_rows
+from tb_reranker.stores import FrameRecord, FrameStore, segment_key, validate_video_ids
 
 __all__ = ["CheckReport", "DeleteReport", "MigrateReport", "check", "delete", "migrate"]
 
@@ -77,12 +77,15 @@ class CheckReport:
 
 
 def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> DeleteReport:
-    """Delete videos from the store first, then from Milvus.
+    """Delete videos, every segment of each, from the store first, then from Milvus.
 
     The order is what makes a deletion stick: a crash in between leaves Milvus rows without
     tokens (searches rank them last, unreranked), and ``check(repair=True)`` deletes such rows;
     the opposite order would leave tokens without a row, which repair re-indexes (it cannot tell
     them from an interrupted ingest), bringing the deleted videos back.
+
+    A video's keys are its Milvus rows (by ``video_id``, and its plain id for rows written
+    before segments) and the store keys its first record names (``segments``).
 
     Returns which ids were deleted (found in the index or the store) and which were found in
     neither (nothing to delete; reported, not an error here).
@@ -91,16 +94,32 @@ def delete(ids: Sequence[str], *, index: VideoIndex, store: FrameStore) -> Delet
     report = DeleteReport()
     if not wanted:
         return report
-    present = set(index.get(wanted))
+    keys: dict[str, set[str]] = {}
     for start in range(0, len(wanted), READ_BATCH):
-        chunk = [i for i in wanted[start : start + READ_BATCH] if i not in present]
-        present.update(i for i in chunk if store.contains(i))
-    report.deleted = [i for i in wanted if i in present]
-    report.not_found = [i for i in wanted if i not in present]
-    if report.deleted:
-        store.delete_many(report.deleted)
-        index.delete(report.deleted)
-    log.info("deleted %d videos (%d not found)", len(report.deleted), len(report.not_found))
+        chunk = wanted[start : start + READ_BATCH]
+        for video_id, rows in video_rows(index, chunk, ()).items():
+            keys.setdefault(video_id, set()).update(str(r["id"]) for r in rows)
+        firsts, _ = store.get_readable(chunk)  # an unreadable first record: its key alone
+        for video_id in chunk:
+            first = firsts.get(video_id)
+            if first is not None:
+                named = (segment_key(video_id, n) for n in range(first.segments))
+                keys.setdefault(video_id, set()).update(named)
+            elif store.contains(video_id):
+                keys.setdefault(video_id, set()).add(video_id)
+    report.deleted = [i for i in wanted if keys.get(i)]
+    report.not_found = [i for i in wanted if not keys.get(i)]
+    doomed = sorted(k for i in report.deleted for k in keys[i])
+    for start in range(0, len(doomed), READ_BATCH):
+        store.delete_many(doomed[start : start + READ_BATCH])
+    if doomed:
+        index.delete(doomed)
+    log.info(
+        "deleted %d videos (%d records and rows), %d not found",
+        len(report.deleted),
+        len(doomed),
+        len(report.not_found),
+    )
     return report
 
 

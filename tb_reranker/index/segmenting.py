@@ -1,0 +1,240 @@
+"""Ingest's decode and encode of segments: videos cut and sampled in worker threads, segments
+encoded in batches across videos, each video handed over whole once its last segment is encoded.
+
+:func:`segment_stream` runs :func:`tb_reranker.video.segment.iter_segments` for up to
+``workers`` videos at a time, each into a bounded queue, and yields their items in input order:
+memory holds a few segments' frames per worker, never a whole long file. A video no longer than
+the spec's longest segment (``SegmentSpec.keeps_whole`` of the duration its container states: 30 s
+for ``shots``) is one segment decoded by ``decode_video``, exactly as before segments.
+
+:class:`SegmentEncoder` takes those items, encodes ``batch_size`` segments per ``encode_frames``
+call (segments of several short videos share a batch, as whole videos did), and returns the
+videos all of whose segments are encoded (:class:`EncodedVideo`): the ingest writes a video
+only whole, so a crash never leaves part of its new segments visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tb_reranker.errors import VideoDecodeError
+from tb_reranker.video.segment import Segment, SegmentFailure, iter_segments
+from tb_reranker.video.segment_plan import SegmentSpec
+
+__all__ = ["END", "EncodedSegment", "EncodedVideo", "SegmentEncoder", "segment_stream"]
+
+log = logging.getLogger(__name__)
+
+END = None  # the item after a video's last one
+QUEUE_SEGMENTS = 4  # decoded segments a worker may hold ahead of the encoder
+_POLL_S = 0.2  # how often a blocked worker checks whether the stream was abandoned
+
+Item = Segment | SegmentFailure | VideoDecodeError | None
+
+
+WHOLE_TIMEOUT_S = 60.0  # decode_video's limit for a file kept whole (decode_many's)
+
+
+def stated_duration(path: str) -> float | None:
+    """The duration the container states for its first video stream, in seconds (None when it
+    states none or cannot be opened: then the decode pass measures it)."""
+    import av
+
+    try:
+        with av.open(path, mode="r") as container:
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return float(container.duration) / av.time_base
+    except Exception:  # noqa: BLE001 - the decode that follows reports what is wrong
+        return None
+    return None
+
+
+def _items(path: str, kwargs: dict[str, Any]) -> Iterator[Item]:
+    """A file the spec keeps whole (by its stated duration) is decoded by ``decode_video``
+    itself, as before segments; the rest go through the one-pass cutter."""
+    from tb_reranker.video import decode_video
+
+    spec: SegmentSpec = kwargs["spec"]
+    duration = stated_duration(path)
+    if duration is not None and spec.keeps_whole(duration):
+        args = {k: v for k, v in kwargs.items() if k != "spec"}
+        clip = decode_video(path, timeout_s=WHOLE_TIMEOUT_S, **args)
+        yield Segment(0.0, float(clip.duration_s), clip)
+        return
+    yield from iter_segments(path, **kwargs)
+
+
+def _produce(path: str, kwargs: dict[str, Any], out: queue.Queue, stop: threading.Event) -> None:
+    """One video's items into ``out`` (then END); gives up when ``stop`` is set."""
+
+    def put(item: Item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    segments = _items(path, kwargs)
+    try:
+        for item in segments:
+            if not put(item):
+                return
+    except VideoDecodeError as exc:
+        put(exc)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+        put(VideoDecodeError(path, f"{type(exc).__name__}: {exc}"))
+    finally:
+        segments.close()
+    put(END)
+
+
+def segment_stream(
+    paths: Iterable[str],
+    *,
+    spec: SegmentSpec,
+    num_frames: int,
+    image_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    workers: int = 2,
+) -> Iterator[tuple[str, Item]]:
+    """``(path, item)`` for every segment, failed stretch or file error of each video, in input
+    order, each video's items ending with ``(path, END)``; ``workers`` videos decode at once."""
+    kwargs: dict[str, Any] = {
+        "spec": spec,
+        "num_frames": num_frames,
+        "image_size": image_size,
+        "mean": mean,
+        "std": std,
+        "threads": 1 if workers > 1 else 0,
+    }
+    stop = threading.Event()
+    pending: list[tuple[str, queue.Queue]] = []
+    todo = iter(paths)
+    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tb-segment")
+
+    def submit() -> None:
+        path = next(todo, None)
+        if path is not None:
+            items: queue.Queue = queue.Queue(maxsize=QUEUE_SEGMENTS)
+            executor.submit(_produce, path, kwargs, items, stop)
+            pending.append((path, items))
+
+    try:
+        for _ in range(workers):
+            submit()
+        while pending:
+            path, items = pending.pop(0)
+            while True:
+                item = items.get()
+                yield path, item
+                if item is END:
+                    break
+            submit()
+    finally:
+        stop.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class EncodedSegment:
+    """One segment's tokens and [CLS] and where it lies in its video."""
+
+    start_s: float
+    end_s: float
+    tokens: np.ndarray  # float16 [T', D]
+    cls: np.ndarray  # float32 [D]
+    timestamps: np.ndarray  # float32 [T], seconds in the file
+    mask: np.ndarray  # bool [T]
+
+
+@dataclass
+class EncodedVideo:
+    """A video all of whose segments are encoded: the segments in time order (failed stretches
+    left out), the failures, and the file's duration."""
+
+    path: str
+    duration_s: float = 0.0
+    segments: list[EncodedSegment] = field(default_factory=list)
+    failures: list[SegmentFailure] = field(default_factory=list)
+    error: VideoDecodeError | None = None  # the whole file failed
+    ended: bool = False
+    waiting: int = 0  # segments handed to the encoder, not encoded yet
+
+
+class SegmentEncoder:
+    """Encodes segments ``batch_size`` at a time with ``model.encode_frames``; :meth:`add` takes
+    the items of :func:`segment_stream` and returns the videos that became complete."""
+
+    def __init__(self, model: Any, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.videos: list[EncodedVideo] = []  # in input order, not handed over yet
+        self.batch: list[tuple[EncodedVideo, int, Segment]] = []
+
+    def add(self, path: str, item: Item) -> list[EncodedVideo]:
+        if not self.videos or self.videos[-1].ended or self.videos[-1].path != path:
+            self.videos.append(EncodedVideo(path))
+        video = self.videos[-1]
+        if item is END:
+            video.ended = True
+        elif isinstance(item, VideoDecodeError):
+            video.error = item
+        elif isinstance(item, SegmentFailure):
+            video.failures.append(item)
+        else:
+            video.duration_s = float(item.clip.duration_s)
+            video.segments.append(None)  # type: ignore[arg-type] - filled by _encode
+            video.waiting += 1
+            self.batch.append((video, len(video.segments) - 1, item))
+            if len(self.batch) >= self.batch_size:
+                self._encode()
+        return self._complete()
+
+    def finish(self) -> list[EncodedVideo]:
+        """Encode what is left; every video is complete then."""
+        if self.batch:
+            self._encode()
+        return self._complete()
+
+    def _complete(self) -> list[EncodedVideo]:
+        done = 0
+        while done < len(self.videos) and self.videos[done].ended and not self.videos[done].waiting:
+            done += 1
+        complete, self.videos = self.videos[:done], self.videos[done:]
+        return complete
+
+    def _encode(self) -> None:
+        import torch
+
+        batch, self.batch = self.batch, []
+        frames = torch.from_numpy(np.stack([s.clip.frames for _, _, s in batch]))  # [B,T,3,H,W]
+        masks = torch.from_numpy(np.stack([s.clip.mask for _, _, s in batch]))  # [B, T]
+        with torch.inference_mode():
+            cls, tokens = self.model.encode_frames(frames, masks)  # [B, D], [B, T', D]
+        cls = cls.float().cpu().numpy()
+        tokens = tokens.float().cpu().numpy()
+        for b, (video, position, segment) in enumerate(batch):
+            mask = np.asarray(segment.clip.mask, dtype=bool)
+            video.segments[position] = EncodedSegment(
+                start_s=float(segment.start_s),
+                end_s=float(segment.end_s),
+                tokens=tokens[b].astype(np.float16),
+                cls=cls[b],
+                timestamps=np.asarray(segment.clip.timestamps, dtype=np.float32),
+                mask=mask,
+            )
+            video.waiting -= 1
