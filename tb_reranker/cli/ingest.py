@@ -1,4 +1,5 @@
-"""``tb ingest PATH...``: decode, encode and index videos (files, directories, globs, @lists)."""
+"""``tb ingest PATH...``: decode, encode and index videos (files, directories, globs, @lists), long
+ones as one row per segment (``--segment``)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help='JSON file {"<path>": "<video id>", ...} (default id: the file name without extension)',
     )
+    parser.add_argument(
+        "--segment",
+        default="shots",
+        metavar="SPEC",
+        help="how long videos are cut into moments, one Milvus row each: 'shots' (default: shot "
+        "cuts, segments of 2-30 s), 'fixed:LEN[,OVERLAP]' (windows, seconds) or 'none' (whole "
+        "files); videos no longer than the longest segment stay whole",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_client_args(parser)
@@ -58,7 +67,10 @@ def _read_json_object(path: str, what: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tb_reranker.video.segment_plan import SegmentSpec
+
     options: dict[str, Any] = {
+        "segment": SegmentSpec.parse(args.segment),  # a bad spec: one line, exit 2
         "batch_size": args.batch_size,
         "workers": args.workers,
         "progress": not args.no_progress,  # a bar on a terminal, log lines elsewhere

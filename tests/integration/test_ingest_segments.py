@@ -280,3 +280,54 @@ def test_schema_one_collection_still_ingests_and_reads(
     assert delete(["newer"], index=index, store=store).deleted == ["newer"]
     assert sorted(index.list_ids()) == ["old", "older"]
     store.close()
+
+
+def test_cli_segments_on_a_fresh_data_dir(tmp_path: Path) -> None:
+    """`tb ingest --segment fixed:10,2` and the default, `tb check`, `tb delete`, as a user runs
+    them: subprocesses on a fresh --data-dir with the embedded defaults."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from tb_reranker.model import TokenBinder, TokenBinderConfig, save_checkpoint
+
+    data = tmp_path / "tb_data"
+    torch.manual_seed(0)
+    save_checkpoint(TokenBinder(TokenBinderConfig.tiny()), data / "checkpoint")
+    write_shots(tmp_path / "fixed" / "lecture.mp4", [20, 20])  # 40 s: 5 windows of 10 s
+    write_shots(tmp_path / "fixed" / "teaser.mp4", [2, 2])  # 4 s: whole
+    write_shots(tmp_path / "shots" / "match.mp4", [10, 10, 10, 10])  # 4 shots
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
+
+    def tb(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "tb_reranker", *args, "--data-dir", str(data)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    done = tb(
+        "ingest", str(tmp_path / "fixed"), "--segment", "fixed:10,2", "--json", "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["ingested"], report["segments"]) == (2, 6)
+    done = tb("ingest", str(tmp_path / "shots"), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "ingested 1 (re-indexed 0) as 4 segments" in done.stdout
+    done = tb("check", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["ok"] is True, done.stdout
+    done = tb("delete", "lecture", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["ids"] == ["lecture"], done.stderr
+    done = tb("check", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["ok"] is True, done.stdout
+    for bad in ("fixed:10,10", "scenes"):
+        done = tb("ingest", str(tmp_path / "fixed"), "--segment", bad)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+    from tb_reranker.client import Client
+
+    with Client(data_dir=str(data)) as client:
+        assert client.index.list_ids() == ["match", "match~1", "match~2", "match~3", "teaser"]
+        assert sorted(client.store.list_ids()) == client.index.list_ids()
