@@ -163,7 +163,7 @@ def run_check(args: argparse.Namespace) -> int:
         print_json(report.to_dict())
     else:
         print(f"fingerprint ok: {report.fingerprint_ok}")
-        for name in ("only_in_store", "only_in_index", "hash_mismatch", "corrupt"):
+        for name in ("only_in_store", "only_in_index", "hash_mismatch", "corrupt", "orphans"):
             ids = getattr(report, name)
             shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
             print(f"{name}: {len(ids)}" + (f" ({shown})" if ids else ""))

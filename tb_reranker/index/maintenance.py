@@ -17,7 +17,13 @@ from typing import Any
 from tb_reranker.errors import InvalidInputError, ModelMismatchError, NotFoundError
 from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.index.rows import READ_BATCH, video_row, video_rows
-from tb_reranker.stores import FrameRecord, FrameStore, segment_key, validate_video_ids
+from tb_reranker.stores import (
+    FrameRecord,
+    FrameStore,
+    segment_key,
+    split_key,
+    validate_video_ids,
+)
 
 __all__ = ["CheckReport", "DeleteReport", "MigrateReport", "check", "delete", "migrate"]
 
@@ -44,6 +50,9 @@ class CheckReport:
     fingerprint_ok: bool = True  # collection fingerprint equals the model's (or unknown)
     hash_mismatch: list[str] = field(default_factory=list)  # both present, content hashes differ
     corrupt: list[str] = field(default_factory=list)  # store entries that cannot be read
+    # segment records no current video has (left by a crash: the video's first record names
+    # fewer segments, another file, or is gone): repair deletes them, never re-indexes them
+    orphans: list[str] = field(default_factory=list)
     repaired: bool = False  # whether repair ran
     actions: list[str] = field(default_factory=list)  # what repair did, one line each
     damage: list[str] = field(default_factory=list)  # store-level damage (broken pages)
@@ -58,6 +67,7 @@ class CheckReport:
             or self.hash_mismatch
             or self.corrupt
             or self.damage
+            or self.orphans
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +78,7 @@ class CheckReport:
             "only_in_index": list(self.only_in_index),
             "hash_mismatch": list(self.hash_mismatch),
             "corrupt": list(self.corrupt),
+            "orphans": list(self.orphans),
             "repaired": self.repaired,
             "actions": list(self.actions),
             "damage": list(self.damage),
@@ -202,7 +213,9 @@ class _Comparison:
         candidates = sorted(self.readable - set(index_hashes))
         self._read(both + candidates)
         report.corrupt.sort()
-        report.only_in_store = [i for i in candidates if i in self.records]
+        stored_only = [i for i in candidates if i in self.records]
+        report.orphans = [i for i in stored_only if self._orphan(i)]
+        report.only_in_store = [i for i in stored_only if i not in set(report.orphans)]
         report.hash_mismatch = [
             i for i in both if i in self.records and self.records[i].content_hash != index_hashes[i]
         ]
@@ -210,6 +223,21 @@ class _Comparison:
             log.warning("check: %s", report.reasons.get(video_id, f"{video_id}: unreadable"))
         for line in report.damage:
             log.warning("check: frame-token store damage: %s", line)
+
+    def _orphan(self, key: str) -> bool:
+        """Whether the stored record ``key`` (segment n >= 1) belongs to no current video: the
+        video's first record is unreadable, names fewer segments or was made from another file."""
+        video_id, n = split_key(key)
+        if n == 0:
+            return False
+        if video_id not in self.records and video_id in self.readable:
+            self._read([video_id])
+        first = self.records.get(video_id)
+        return (
+            first is None
+            or n >= first.segments
+            or (first.content_hash != self.records[key].content_hash)
+        )
 
     def _read(self, ids: list[str]) -> None:
         for start in range(0, len(ids), READ_BATCH):
@@ -230,6 +258,11 @@ class _Comparison:
         if report.damage:
             self._salvage()
         self._drop_unusable()
+        if report.orphans:
+            self.store.delete_many(report.orphans)
+            report.actions.append(
+                f"deleted {len(report.orphans)} segment records of no current video"
+            )
         stale = report.only_in_store + report.hash_mismatch
         if stale and store_only == "delete":
             self.index.delete(report.hash_mismatch)

@@ -331,3 +331,21 @@ def test_cli_segments_on_a_fresh_data_dir(tmp_path: Path) -> None:
     with Client(data_dir=str(data)) as client:
         assert client.index.list_ids() == ["match", "match~1", "match~2", "match~3", "teaser"]
         assert sorted(client.store.list_ids()) == client.index.list_ids()
+
+
+def test_repair_deletes_orphan_segment_records(setup, model, tmp_path: Path) -> None:
+    """A segment record that no current video has (a crash left it: the video's first record
+    names fewer segments) is deleted by repair, never re-indexed into a visible row."""
+    from dataclasses import replace
+
+    index, store = setup
+    path = write_shots(tmp_path / "v" / "reel.mp4", [10, 10, 10, 10])
+    ingest([path], model=model, index=index, store=store, progress=False, segment="fixed:10")
+    last = store.get_many(["reel~3"])["reel~3"]
+    store.put_many({"reel~6": replace(last, segment=6, segments=7)})  # an older, longer cut
+    found = check(index, store)
+    assert found.orphans == ["reel~6"] and found.only_in_store == [] and not found.ok
+    repaired = check(index, store, repair=True, model=model)
+    assert repaired.repaired and "reel~6" not in store.list_ids()
+    assert keys(index, store) == (["reel", "reel~1", "reel~2", "reel~3"],) * 2
+    assert check(index, store).ok
