@@ -42,7 +42,7 @@ def _recall(ranks: np.ndarray) -> dict[str, float]:
 @torch.no_grad()
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tb_reranker.model import load_checkpoint
-    from tb_reranker.training.evaluate import _encode_texts, _ranks, score_matrices
+    from tb_reranker.training.evaluate import _ranks, encode_texts, score_matrices
     from tb_reranker.training.features import (
         load_features,
         load_model_frames,
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     videos = frame_set.videos
     features = load_features(model, frame_set, cache_dir=args.cache_dir, progress=False)
     texts = [c for caps in videos.captions for c in caps]
-    indicators = _encode_texts(model, texts, 64, False)
+    indicators = encode_texts(model, texts, 64, False)
     k = args.k or model.top_k
     mats = score_matrices(model, indicators, features.cls, features.frames_tokens, k=k)
     ranks = _ranks(mats, videos.captions)

@@ -1,4 +1,6 @@
-"""``tb eval`` (retrieval metrics, broad vs reranked) and ``tb ablate`` (m / K / blocks / head).
+"""``tb eval`` (retrieval metrics, broad vs reranked; on long videos with moment annotations:
+video R@k and moment R1@IoU, ``training.evaluate_moments``) and ``tb ablate`` (m / K / blocks /
+head).
 
 Every flag also reads ``TB_<FLAG>``.
 """
@@ -8,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from tb_reranker.cli.train import EnvOption, add_options, parse_bool, resolve_env
-from tb_reranker.errors import NotFoundError
+from tb_reranker.errors import InvalidInputError, NotFoundError
 from tb_reranker.numbers import POSITIVE_INT, SEED, THREADS
 
 __all__ = ["register", "run_eval", "run_ablate", "EVAL_OPTIONS", "ABLATE_OPTIONS"]
@@ -48,7 +51,21 @@ EVAL_OPTIONS: tuple[EnvOption, ...] = (
         choices=("pessimistic", "optimistic", "mean"),
         fallback="pessimistic",
     ),
-    EnvOption("--plot", "plot", str, "write recall@k curves to this PNG"),
+    EnvOption(
+        "--moments",
+        "moments",
+        str,
+        "moment annotations (ActivityNet Captions, Charades-STA, QVHighlights) of the long videos "
+        "under --data: evaluate moments (video R@k and R1@IoU, broad vs reranked); automatic "
+        "when --data holds moments.json and no captions.jsonl (a `tb synth --long` folder)",
+    ),
+    EnvOption(
+        "--segments",
+        "segments",
+        str,
+        "moments only: how long videos are cut, shots | fixed:LEN[,OVERLAP] | none (shots)",
+    ),
+    EnvOption("--plot", "plot", str, "write recall@k curves (moments: metric bars) to this PNG"),
     EnvOption("--json", "json", parse_bool, "print JSON", switch=True),
     EnvOption("--no-progress", "no_progress", parse_bool, "no progress bars", switch=True),
 )
@@ -108,13 +125,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from tb_reranker.model import load_checkpoint
     from tb_reranker.training.evaluate import evaluate, format_table, plot_recall_curves
     from tb_reranker.training.features import load_video_captions
+    from tb_reranker.video.segment_plan import SegmentSpec
 
     resolve_env(args, EVAL_OPTIONS, required=("checkpoint", "data"))
     if not Path(args.checkpoint).is_dir():
         raise NotFoundError(f"checkpoint directory {args.checkpoint} does not exist")
+    moments = args.moments or _moments_file(Path(args.data))
+    if moments is None and args.segments is not None:
+        raise InvalidInputError("--segments applies to moment evaluation only (--moments)")
+    spec = SegmentSpec.parse(args.segments or "shots")  # a bad spec fails before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint, device=args.device)
+    if moments is not None:
+        return _run_moments(args, model, moments, spec)
     dataset = load_video_captions(args.dataset, args.data, args.split)
     result = evaluate(
         model,
@@ -136,6 +160,47 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{result['num_texts']} texts, {result['num_videos']} videos, K = {result['k']}")
         print(format_table(result))
+    return 0
+
+
+def _moments_file(data: Path) -> Path | None:
+    """``data/moments.json`` when ``data`` is a long-video folder (no captions.jsonl)."""
+    found = data / "moments.json"
+    return found if found.is_file() and not (data / "captions.jsonl").exists() else None
+
+
+def _run_moments(args: argparse.Namespace, model: Any, moments: str | Path, spec: Any) -> int:
+    """``tb eval`` on long videos: segments, moments, broad vs reranked."""
+    from tb_reranker.training.evaluate_moments import (
+        evaluate_moments,
+        format_moment_table,
+        plot_moment_metrics,
+    )
+
+    result = evaluate_moments(
+        model,
+        args.data,
+        moments,
+        spec=spec,
+        k=args.eval_k,
+        batch_size=args.eval_batch_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+        ties=args.ties,
+    )
+    result["checkpoint"] = str(args.checkpoint)
+    result["moments_file"] = str(moments)
+    result["fingerprint"] = model.fingerprint()
+    if args.plot:
+        plot_moment_metrics(result, args.plot, title=f"{Path(args.checkpoint).name}: moments")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['num_queries']} captions, {result['num_videos']} videos, "
+            f"K = {result['k']} segments"
+        )
+        print(format_moment_table(result))
     return 0
 
 

@@ -40,13 +40,21 @@ from tb_reranker.training.features import (
     load_model_frames,
 )
 
-__all__ = ["evaluate", "score_matrices", "recall_curve", "plot_recall_curves", "format_table"]
+__all__ = [
+    "evaluate",
+    "encode_texts",
+    "score_matrices",
+    "text_to_video_topk",
+    "recall_curve",
+    "plot_recall_curves",
+    "format_table",
+]
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def _encode_texts(
+def encode_texts(
     model: torch.nn.Module, texts: list[str], batch_size: int, progress: bool
 ) -> torch.Tensor:
     """texts [M] → indicators [M, m, D] float32 on the CPU."""
@@ -79,6 +87,55 @@ def score_matrices(
     [N, K''] (each video's top-K'' texts, K'' = min(k, M)) with ``final_v`` [N, K''].
     """
     num_texts, num_videos = indicators.shape[0], videos_cls.shape[0]
+    broad, candidates, final = text_to_video_topk(
+        model,
+        indicators,
+        videos_cls,
+        frames_tokens,
+        k=k,
+        batch_size=batch_size,
+        frames_mask=frames_mask,
+    )
+    was_training = model.training
+    model.eval()
+    # video -> text: each video's top-K texts, scored by the model's video→text focused view
+    k_v = min(k, num_texts)
+    candidates_v = broad.t().topk(k_v, dim=1).indices  # [N, K'']
+    finals_v = []
+    for start in range(0, num_videos, batch_size):
+        chunk = candidates_v[start : start + batch_size]  # [b, K'']
+        scores = model.focused_scores_v2t(
+            frames_tokens[start : start + batch_size],  # [b, T, D]
+            videos_cls[start : start + batch_size],  # [b, D]
+            indicators[chunk],  # [b, K'', m, D]
+            frames_mask=None if frames_mask is None else frames_mask[start : start + batch_size],
+        )
+        finals_v.append(scores.final.float().cpu())
+    model.train(was_training)
+    return {
+        "broad": broad,
+        "candidates": candidates,
+        "final": final,
+        "candidates_v": candidates_v,
+        "final_v": torch.cat(finals_v),
+    }
+
+
+@torch.no_grad()
+def text_to_video_topk(
+    model: torch.nn.Module,
+    indicators: torch.Tensor,
+    videos_cls: torch.Tensor,
+    frames_tokens: torch.Tensor,
+    *,
+    k: int,
+    batch_size: int = 64,
+    frames_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text→video half of :func:`score_matrices`: ``broad`` [M, N], each text's top-K'
+    ``candidates`` [M, K'] (K' = min(k, N)) and their ``final`` scores S' + Δ [M, K'], the K'
+    candidates compared jointly by ``model.focused_scores``."""
+    num_texts, num_videos = indicators.shape[0], videos_cls.shape[0]
     k_eff = min(k, num_videos)
     model_k = int(model.top_k)
     if k > model_k and getattr(model.config, "head", "") in ("listwise", "listwise_slots"):
@@ -103,27 +160,8 @@ def score_matrices(
             frames_mask=None if frames_mask is None else frames_mask[chunk],  # [b, K, T]
         )
         finals.append(scores.final[:, :k_eff].float().cpu())
-    # video -> text: each video's top-K texts, scored by the model's video→text focused view
-    k_v = min(k, num_texts)
-    candidates_v = broad.t().topk(k_v, dim=1).indices  # [N, K'']
-    finals_v = []
-    for start in range(0, num_videos, batch_size):
-        chunk = candidates_v[start : start + batch_size]  # [b, K'']
-        scores = model.focused_scores_v2t(
-            frames_tokens[start : start + batch_size],  # [b, T, D]
-            videos_cls[start : start + batch_size],  # [b, D]
-            indicators[chunk],  # [b, K'', m, D]
-            frames_mask=None if frames_mask is None else frames_mask[start : start + batch_size],
-        )
-        finals_v.append(scores.final.float().cpu())
     model.train(was_training)
-    return {
-        "broad": broad,
-        "candidates": candidates,
-        "final": torch.cat(finals),
-        "candidates_v": candidates_v,
-        "final_v": torch.cat(finals_v),
-    }
+    return broad, candidates, torch.cat(finals)
 
 
 def recall_curve(ranks: np.ndarray, max_k: int) -> list[float]:
@@ -172,7 +210,7 @@ def evaluate(
         progress=progress,
     )
     texts = [caption for captions in videos.captions for caption in captions]
-    indicators = _encode_texts(model, texts, batch_size, progress)  # [M, m, D]
+    indicators = encode_texts(model, texts, batch_size, progress)  # [M, m, D]
     mats = score_matrices(
         model,
         indicators,
