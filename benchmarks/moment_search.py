@@ -1,0 +1,175 @@
+"""Search over segments vs one row per video: what grouping by video costs (issue 22 §3).
+
+    python -m benchmarks.moment_search [--quick] [--videos N] [--segments S] [--dim D]
+                                       [--queries Q] [--threads 2]
+
+Two Milvus Lite collections (schema 2, HNSW, flushed) hold the same N videos: ``segmented`` as S
+segment rows each (random unit vectors), ``whole`` as one row each. Per query (limit 10 videos,
+3 moments each, what ``Client.search`` asks the index for), timed alternately in one process:
+
+* ``whole``: the grouped search over the one-row library (what a library of short clips costs);
+* ``segmented``: the grouped search over the S-segment library (Milvus grouping search: ``auto``);
+* ``segmented_client``: the same with the grouping done in the client (what a 2.3 server or a
+  schema-1 collection gets), for reference.
+
+The rerank is not included: it reads the top-K segments' tokens, K records either way, so it costs
+the same over both libraries. Prints JSON with the median and p90 milliseconds per search and the
+ratio ``segmented / whole`` (issue 22's target: <= 1.3), and writes ``--out/moment_search.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import add_common_arguments, configure_threads, emit, environment
+
+__all__ = ["build_index", "settle", "time_searches", "run", "main"]
+
+log = logging.getLogger("benchmarks.moment_search")
+
+LIMIT = 10  # videos per search
+MOMENTS = 3  # moments per video
+
+
+def _unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    vectors = rng.normal(size=(rows, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def build_index(uri: str, name: str, videos: int, segments: int, dim: int, seed: int) -> Any:
+    """A flushed collection of ``videos`` videos of ``segments`` rows each."""
+    from tb_reranker.index import VideoIndex
+
+    index = VideoIndex(uri, collection=name, dim=dim)
+    index.create()
+    vectors = _unit(np.random.default_rng(seed), videos * segments, dim)
+    rows = []
+    for v in range(videos):
+        for s in range(segments):
+            rows.append(
+                {
+                    "id": f"v{v}" if s == 0 else f"v{v}~{s}",
+                    "cls": vectors[v * segments + s],
+                    "duration_s": 10.0 * segments,
+                    "video_id": f"v{v}",
+                    "segment": s,
+                    "start_s": 10.0 * s,
+                    "end_s": 10.0 * (s + 1),
+                }
+            )
+    index.upsert(rows)
+    index.flush()
+    return index
+
+
+def settle(cases: dict[str, tuple[Any, str]], queries: np.ndarray, budget_s: float = 180) -> None:
+    """Search until the timings settle: Milvus Lite builds the sealed segments' HNSW indexes in
+    the background after ``flush`` (it reports them built at once), and searches before that
+    are brute force. Settled: two passes over 20 queries within 10 % of each other."""
+    deadline = time.monotonic() + budget_s
+    last = None
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        for query in queries[:20]:
+            for index, grouping in cases.values():
+                index.search(query, LIMIT, group_size=MOMENTS, grouping=grouping)
+        took = time.perf_counter() - started
+        if last is not None and abs(took - last) <= 0.1 * last:
+            return
+        last = took
+    log.warning("timings did not settle in %.0f s", budget_s)
+
+
+def time_searches(
+    cases: dict[str, tuple[Any, str]], queries: np.ndarray, rounds: int
+) -> dict[str, list[float]]:
+    """Milliseconds of each grouped search, the cases interleaved query by query."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    settle(cases, queries)
+    for _ in range(rounds):
+        for query in queries:
+            for name, (index, grouping) in cases.items():
+                started = time.perf_counter()
+                hits = index.search(query, LIMIT, group_size=MOMENTS, grouping=grouping)[0]
+                times[name].append((time.perf_counter() - started) * 1e3)
+                assert len({row["video_id"] for row in hits}) == LIMIT
+    return times
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median_ms": round(statistics.median(ordered), 3),
+        "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 3),
+        "n": len(ordered),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    videos = 300 if args.quick else args.videos
+    segments = args.segments
+    with tempfile.TemporaryDirectory(prefix="tb_moment_bench_") as folder:
+        uri = str(Path(folder) / "milvus.db")
+        started = time.perf_counter()
+        segmented = build_index(uri, "segmented", videos, segments, args.dim, args.seed)
+        whole = build_index(uri, "whole", videos, 1, args.dim, args.seed + 1)
+        log.info("built both collections in %.1f s", time.perf_counter() - started)
+        queries = _unit(np.random.default_rng(args.seed + 2), args.queries, args.dim)
+        cases = {
+            "whole": (whole, "auto"),
+            "segmented": (segmented, "auto"),
+            "segmented_client": (segmented, "client"),
+        }
+        times = time_searches(cases, queries, 1 if args.quick else 3)
+        native = segmented._search._native_grouping()
+        segmented.close()
+        whole.close()
+    result = {name: _summary(values) for name, values in times.items()}
+    ratio = result["segmented"]["median_ms"] / result["whole"]["median_ms"]
+    return {
+        "benchmark": "moment_search",
+        "videos": videos,
+        "segments_per_video": segments,
+        "dim": args.dim,
+        "limit_videos": LIMIT,
+        "moments_per_video": MOMENTS,
+        "engine": "Milvus Lite, HNSW (M 16, efConstruction 200, ef 64)",
+        "milvus_grouping_search": native,
+        "threads": args.threads,
+        "results": result,
+        "ratio_segmented_to_whole": round(ratio, 3),
+        "ratio_client_grouping_to_whole": round(
+            result["segmented_client"]["median_ms"] / result["whole"]["median_ms"], 3
+        ),
+        "target_ratio": 1.3,
+        "environment": environment(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--videos", type=int, default=5000, help="videos in each library")
+    parser.add_argument("--segments", type=int, default=5, help="segments per video")
+    parser.add_argument("--dim", type=int, default=512, help="vector dimension (ViT-B's 512)")
+    parser.add_argument("--queries", type=int, default=100, help="query vectors per round")
+    parser.set_defaults(threads=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    configure_threads(args.threads)
+    emit("moment_search", run(args), None if args.quick else args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
