@@ -158,7 +158,8 @@ def preprocess_image(
     from PIL import Image
 
     mean_arr, std_arr = _check_args(1, image_size, mean, std)
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # (an RGB image's convert is a copy: skipped)
     width, height = image.size
     new_w, new_h = _resized_size(width, height, image_size)
     if (new_w, new_h) != (width, height):
@@ -167,9 +168,22 @@ def preprocess_image(
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
     image = image.crop((left, top, left + image_size, top + image_size))
-    pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
-    pixels = (pixels - mean_arr) / std_arr
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))  # [3, H, W]
+    return _normalise(np.asarray(image), mean_arr, std_arr)
+
+
+def _normalise(rgb: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W] ``(rgb / 255 - mean) / std``.
+
+    Through a 256-entry table per channel built with exactly those float32 operations, so every
+    value is bitwise what the per-pixel arithmetic gives (tested), in one gather per channel
+    instead of five passes over [H, W, 3] with a 3-wide broadcast (~1 ms at 224 px)."""
+    levels = np.arange(256, dtype=np.float32) / 255.0
+    table = (levels[None, :] - mean[:, None]) / std[:, None]  # float32 [3, 256]
+    planes = rgb.transpose(2, 0, 1)  # [3, H, W] view
+    out = np.empty(planes.shape, dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], planes[channel], out=out[channel])
+    return out
 
 
 def _stream_rotation(stream: Any) -> int:
@@ -218,8 +232,11 @@ class _Deadline:
 
 
 def _time_of(frame: Any, time_base: Fraction | None) -> float | None:
-    if frame.pts is not None and time_base is not None:
-        return float(frame.pts * time_base)
+    pts = frame.pts
+    if pts is not None and time_base is not None:
+        # float(pts * time_base) without building a Fraction per frame: an int / int true
+        # division is correctly rounded, so the value is the same float
+        return pts * time_base.numerator / time_base.denominator
     return frame.time
 
 
@@ -293,6 +310,31 @@ class _Reduced:
 
     def to_image(self) -> Any:
         return self.image
+
+
+def _rgb_image(frame: Any, reformatter: Any) -> Any:
+    """A decoded frame (or a :class:`_Reduced` one) as an RGB PIL image: ``frame.to_image()``'s
+    pixels (tested on real files, sizes and pixel formats) through ``reformatter``, one reused
+    single-threaded ``VideoReformatter``. ``to_image`` sets up a threaded swscale context per
+    call: ~4 ms even for a 96x96 frame, against ~0.1 ms."""
+    from PIL import Image
+
+    if isinstance(frame, _Reduced):
+        return frame.image
+    return Image.fromarray(reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray())
+
+
+def _preprocess_frame(
+    frame: Any,
+    reformatter: Any,
+    stream_rotation: int,
+    image_size: int,
+    mean: np.ndarray,
+    std: np.ndarray,
+) -> np.ndarray:
+    """One decoded frame -> float32 [3, S, S]: RGB, display rotation, :func:`preprocess_image`."""
+    image = _rotate(_rgb_image(frame, reformatter), _frame_rotation(frame, stream_rotation))
+    return preprocess_image(image, image_size, mean, std)
 
 
 class _Picker:
@@ -477,6 +519,7 @@ def _decode(
     threads: int,
 ) -> VideoClip:
     import av
+    from av.video.reformatter import VideoReformatter
 
     try:
         container = av.open(path, mode="r")
@@ -511,6 +554,7 @@ def _decode(
         if not picker.complete:
             raise VideoDecodeError(path, "no decodable video frames")
         stream_rotation = _stream_rotation(stream)
+        reformatter = VideoReformatter()
 
         frames = np.empty((num_frames, 3, image_size, image_size), dtype=np.float32)
         mask = np.zeros(num_frames, dtype=bool)
@@ -521,8 +565,9 @@ def _decode(
                 frames[i] = frames[first]
                 continue
             deadline.check()
-            image = _rotate(frame.to_image(), _frame_rotation(frame, stream_rotation))
-            frames[i] = preprocess_image(image, image_size, mean, std)
+            frames[i] = _preprocess_frame(
+                frame, reformatter, stream_rotation, image_size, mean, std
+            )
             mask[i] = True
             done[id(frame)] = i
     timestamps = np.maximum(picker.best_times - t0, 0.0)

@@ -6,11 +6,13 @@ Shot detection
     PySceneDetect's ``ContentDetector`` (HSV content change, threshold 27) is driven frame by
     frame through its public ``process_frame`` on small BGR copies (``DETECT_WIDTH`` pixels wide,
     converted by one reused swscale context) of the frames we decode anyway, at up to
-    ``DETECT_RATE_HZ`` frames a second (PySceneDetect's ``--frame-skip`` idea: the detector
-    costs about as much as decoding a small frame). When it reports a cut, the skipped frames
-    since the previous probe are run through a fresh detector to put the cut on the right frame.
-    The cuts feed :class:`~tb_reranker.video.segment_plan.ShotPlanner`, which closes segments
-    as the pass goes (``fixed`` windows close at their known ends).
+    ``DETECT_RATE_HZ`` frames a second (PySceneDetect's ``--frame-skip`` idea: a probe costs
+    more than decoding a 360p frame). When a probe differs from the previous one, the frames
+    between them are rerun consecutively through a fresh detector: the first one it fires on is
+    the cut, and if none fires the change built up across the gap (motion, a fade) and is no cut,
+    as ContentDetector fed every frame would say. The cuts feed
+    :class:`~tb_reranker.video.segment_plan.ShotPlanner`, which closes segments as the pass goes
+    (``fixed`` windows close at their known ends).
 
 Frame sampling
     Candidate frames are kept on a grid: at most ``4 × num_frames`` since the open segment's
@@ -55,15 +57,13 @@ from tb_reranker.video.decode import (
     _check_args,
     _check_frame_size,
     _Deadline,
-    _frame_rotation,
     _open_error_reason,
-    _rotate,
+    _preprocess_frame,
     _stream_rotation,
     _stream_span,
     _time_of,
     check_video_file,
     decode_video,
-    preprocess_image,
 )
 from tb_reranker.video.segment_plan import SegmentSpec, ShotPlanner, Span, fixed_windows
 
@@ -72,8 +72,9 @@ __all__ = ["Segment", "SegmentFailure", "SegmentedVideo", "iter_segments", "segm
 log = logging.getLogger(__name__)
 
 DETECT_WIDTH = 64  # detector input width in pixels (height keeps the aspect ratio)
-DETECT_RATE_HZ = 10.0  # detector probes per second of video at most
+DETECT_RATE_HZ = 5.0  # detector probes per second of video at most
 DETECT_THRESHOLD = 27.0  # ContentDetector's default threshold (mean HSV change, 0-255)
+DETECT_INTERPOLATION = "AREA"  # swscale filter of the detector's copies
 CANDIDATES_PER_FRAME = 4  # candidate capacity per open segment = this × num_frames
 LAZY_MAX_PIXELS = 640 * 480  # frames up to this size wait undecoded-to-RGB until picked
 TAIL_GAP_S = 1.0  # frames ending this long before the stated duration: a truncated file
@@ -140,7 +141,12 @@ class _CutDetector:
     def _small(self, frame: Any) -> np.ndarray:
         width, height = self.size
         small = self.reformatter.reformat(
-            frame, width=width, height=height, format="bgr24", interpolation="AREA", threads=1
+            frame,
+            width=width,
+            height=height,
+            format="bgr24",
+            interpolation=DETECT_INTERPOLATION,
+            threads=1,
         )
         return small.to_ndarray()  # uint8 [h, w, 3]
 
@@ -155,23 +161,26 @@ class _CutDetector:
             self.skipped.append((t, frame))
             return None
         image = self._small(frame)
-        cut = t if self._probe(self.detector, t, image) else None
-        if cut is not None and self.skipped and self.previous is not None:
-            cut = self._locate(t, image)
+        cut = None
+        if self._probe(self.detector, t, image):
+            cut = t if self.previous is None else self._locate(t, image)
         self.previous = (t, image)
         self.skipped = []
         self.next_t = t + 1.0 / DETECT_RATE_HZ - 1e-6
         return cut
 
-    def _locate(self, t: float, image: np.ndarray) -> float:
-        """The cut lies between the previous probe and ``t``: find its frame among the skipped."""
+    def _locate(self, t: float, image: np.ndarray) -> float | None:
+        """The probe at ``t`` differs from the previous one: rerun the frames between them,
+        consecutively, through a fresh detector. The first frame it fires on is the cut; none
+        (the change built up across the gap: motion, a fade) is no cut, as ContentDetector
+        fed every frame would say."""
         assert self.previous is not None
         probe = self._new_detector()
         self._probe(probe, *self.previous)
         for skipped_t, frame in self.skipped:
             if self._probe(probe, skipped_t, self._small(frame)):
                 return skipped_t
-        return t
+        return t if self._probe(probe, t, image) else None
 
 
 class _Candidates:
@@ -238,19 +247,15 @@ class _Settings:
     reformatter: Any = None  # one swscale context for every picked frame
 
     def preprocess(self, frame: Any) -> np.ndarray:
-        """A decoded frame -> float32 [3, S, S], exactly as ``decode_video`` does.
-
-        The RGB conversion is ``frame.to_image()``'s (same pixels) through one reused
-        single-threaded reformatter: ``to_image`` sets up a threaded swscale context per call,
-        about 4 ms on a 96x96 frame against 0.06 ms."""
+        """A decoded frame -> float32 [3, S, S], through ``decode_video``'s own code (one
+        reused single-threaded RGB converter)."""
         from av.video.reformatter import VideoReformatter
-        from PIL import Image
 
         if self.reformatter is None:
             self.reformatter = VideoReformatter()
-        rgb = self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
-        image = _rotate(Image.fromarray(rgb), _frame_rotation(frame, self.stream_rotation))
-        return preprocess_image(image, self.image_size, self.mean, self.std)
+        return _preprocess_frame(
+            frame, self.reformatter, self.stream_rotation, self.image_size, self.mean, self.std
+        )
 
 
 def _frames(container: Any, stream: Any, settings: _Settings) -> Iterator[tuple[Any, float]]:

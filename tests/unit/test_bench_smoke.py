@@ -158,12 +158,19 @@ def test_roofline_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_segment_cost_quick(tmp_path: Path) -> None:
     from benchmarks import segment_cost
 
-    assert segment_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert segment_cost.main(["--quick", "--size", "128x72", "--out", str(tmp_path)]) == 0
     result = _load(tmp_path, "segment_cost")
-    assert result["config"]["frames"] == 1500 and result["failures"] == 0
-    assert result["plain_decode_s"] > 0 and result["segment_224_s"] > 0
-    assert result["ratio_224"] == pytest.approx(
-        result["segment_224_s"] / result["plain_decode_s"], rel=0.05
-    )
-    assert result["boundaries_at_true_cut_2_frames"] == 1.0  # every boundary sits on a true cut
-    assert result["target"]["ratio_224_max"] == 1.5
+    assert [row["size"] for row in result["rows"]] == ["128x72", "96x96"]  # --size, then tiny
+    for row in result["rows"]:
+        assert row["frames"] == 1500 and row["failures"] == 0
+        assert row["plain_decode_s"] > 0 and row["segment_224_s"] > 0
+        assert row["ratio_224"] == pytest.approx(
+            row["segment_224_s"] / row["plain_decode_s"], rel=0.05
+        )
+        assert row["cpu_ratio_224"] == pytest.approx(
+            row["cpu_s"]["segment_224"] / row["cpu_s"]["plain"], rel=0.05
+        )
+        assert set(row["stages_224"]) == {"detect_s", "preprocess_s", "decode_and_rest_s"}
+        assert row["boundaries_at_true_cut_2_frames"] == 1.0  # every boundary on a true cut
+    assert result["target"] == {"ratio_224_max": 1.5, "size": "128x72"}
+    assert result["notes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -277,3 +278,129 @@ def test_truncated_faststart_mp4_decodes_what_is_there(tmp_path: Path) -> None:
     clip = decode_video(cut, num_frames=8, image_size=16)
     assert clip.mask.any()
     assert clip.timestamps.max() < 3.5  # frames past the cut are not invented
+
+
+def _reference_preprocess(image: Any, size: int, mean: Any, std: Any) -> np.ndarray:
+    """preprocess_image as first written: convert, resize, crop, per-pixel float arithmetic."""
+    from PIL import Image
+
+    from tb_reranker.video.decode import _resized_size
+
+    mean_arr, std_arr = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    image = image.convert("RGB")
+    new_w, new_h = _resized_size(*image.size, size)
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32) / 255.0
+    return np.ascontiguousarray(((pixels - mean_arr) / std_arr).transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_fast_normalisation_is_bitwise_the_per_pixel_arithmetic(mode: str) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    stats = [
+        (CLIP_MEAN, CLIP_STD),
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ((0.1, 0.9, 0.3), (0.7, 0.01, 2.0)),
+    ]
+    for mean, std in stats:
+        for height, width in [(1, 1), (5, 300), (37, 53), (224, 224), (360, 640)]:
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            image = Image.fromarray(pixels).convert(mode)
+            for size in (1, 16, 224):
+                ours = preprocess_image(image, size, mean, std)
+                reference = _reference_preprocess(image, size, mean, std)
+                assert ours.dtype == np.float32 and ours.flags.c_contiguous
+                assert ours.tobytes() == reference.tobytes(), (mode, height, width, size)
+
+
+def _write_format(
+    path: Path, width: int, height: int, pix_fmt: str, rotation: float | None
+) -> Path:
+    """A few noisy frames (every pixel differs) in ``pix_fmt``, optionally display-rotated."""
+    rng = np.random.default_rng(width + height)
+    codec = "libx264rgb" if pix_fmt == "rgb24" else "libx264"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i in range(3):
+            image = frame_pattern(i, width, height)
+            image = np.clip(image + rng.integers(-30, 30, image.shape), 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            container.mux(stream.encode(frame.reformat(format=pix_fmt)))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "pix_fmt", "rotation"),
+    [
+        (64, 48, "yuv420p", None),
+        (96, 96, "yuv420p", 90),
+        (176, 144, "yuvj420p", 180),
+        (640, 360, "yuv420p", -90),
+        (98, 54, "yuv444p", None),
+        (320, 240, "yuv422p", 270),
+        (48, 64, "rgb24", None),
+    ],
+)
+def test_reused_converter_gives_to_image_pixels(
+    tmp_path: Path, width: int, height: int, pix_fmt: str, rotation: float | None
+) -> None:
+    """decode_video converts frames through one reused single-threaded reformatter, not
+    ``frame.to_image()`` (~4 ms each): the same RGB pixels and preprocessed frames."""
+    from av.video.reformatter import VideoReformatter
+
+    from tb_reranker.video.decode import (
+        _frame_rotation,
+        _preprocess_frame,
+        _rgb_image,
+        _rotate,
+        _stream_rotation,
+    )
+
+    path = _write_format(tmp_path / f"{pix_fmt}.mp4", width, height, pix_fmt, rotation)
+    reformatter = VideoReformatter()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.pix_fmt == {"rgb24": "gbrp"}.get(pix_fmt, pix_fmt)
+        turn = _stream_rotation(stream)
+        decoded = 0
+        for frame in container.decode(stream):
+            expected = frame.to_image()
+            assert np.array_equal(np.asarray(_rgb_image(frame, reformatter)), np.asarray(expected))
+            for size in (16, 224):
+                reference = preprocess_image(_rotate(expected, _frame_rotation(frame, turn)), size)
+                ours = _preprocess_frame(
+                    frame, reformatter, turn, size, *map(np.asarray, (CLIP_MEAN, CLIP_STD))
+                )
+                assert ours.tobytes() == reference.tobytes()
+            decoded += 1
+    assert decoded == 3
+    if rotation is not None:  # the rotation really is applied: a landscape file stands up
+        clip = decode_video(path, num_frames=1, image_size=16)
+        assert clip.frames.shape == (1, 3, 16, 16)
+
+
+def test_frame_times_equal_the_fraction_arithmetic() -> None:
+    """_time_of divides ints (correctly rounded) instead of building a Fraction per frame."""
+    from types import SimpleNamespace
+
+    from tb_reranker.video.decode import _time_of
+
+    rng = np.random.default_rng(3)
+    bases = [Fraction(1, 90000), Fraction(1, 25), Fraction(1001, 30000), Fraction(1, 1000)]
+    bases += [Fraction(int(n), int(d)) for n, d in rng.integers(1, 10**6, (50, 2))]
+    stamps = [0, 1, -1, 2**33, -(2**40), 10**15] + [
+        int(v) for v in rng.integers(-(10**12), 10**12, 200)
+    ]
+    for base in bases:
+        for pts in stamps:
+            frame = SimpleNamespace(pts=pts, time=None)
+            assert _time_of(frame, base) == float(pts * base)

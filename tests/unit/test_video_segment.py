@@ -154,6 +154,26 @@ def test_static_and_black_videos_are_one_segment(tmp_path: Path) -> None:
         assert segment.clip.mask.all()
 
 
+def test_change_that_builds_up_between_probes_is_no_cut(tmp_path: Path) -> None:
+    """Grey frames whose brightness steps by 60 a frame (up and down): ContentDetector scores
+    ~20 between consecutive frames (under its threshold 27) but 40 or more between frames two
+    or four apart, so the probes see changes; rerun frame by frame, none is a cut."""
+    levels = [30, 90, 150, 210, 150, 90]
+    path = tmp_path / "ramp.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "12", "preset": "veryfast", "g": str(FPS)}
+        for i in range(8 * FPS):
+            image = np.full((48, 64, 3), levels[i % len(levels)], dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode(None))
+    result = segment_video(path, "shots", num_frames=4, image_size=16)
+    assert result.cuts == ()
+    (segment,) = result.segments
+    assert segment.end_s == pytest.approx(8.0)
+
+
 def test_one_frame_video_pads_like_decode_video(tmp_path: Path) -> None:
     path = write_shots(tmp_path / "one.mp4", [1 / FPS])
     (segment,) = segment_video(path, "shots", num_frames=4, image_size=16).segments
