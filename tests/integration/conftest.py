@@ -19,6 +19,10 @@
 ``mp4_writer``
     ``mp4_writer(path, colour, frames=10, size=32, fps=10) -> Path`` writes a tiny real MP4
     (PyAV, mpeg4: a coloured square moving over grey); ``mp4_writer.colours`` lists 6 colours.
+``tiny_served``
+    ``(root, ids)``: a tiny model's checkpoint (``root/checkpoint``) and a frame store of 8 videos
+    (``root/frames``, ids ``vid-000..``) on disk, built once per session, for tests whose
+    ``tb serve`` only reads them (``tb serve --checkpoint ... --store ...``).
 ``tiny_clip``
     ``tiny_clip.build(seed)`` is a tiny open_clip CLIP (``TINY_CLIP_CFG``, seeded random
     weights); ``tiny_clip.save(path, seed=3)`` writes its weights to a local ``.safetensors``
@@ -112,6 +116,18 @@ def unique_collection(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tb_session")
+
+
+@pytest.fixture(scope="session")
+def tiny_served(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    from tb_reranker.model import save_checkpoint
+    from tb_reranker.server.testing import build_tiny_components
+
+    root = tmp_path_factory.mktemp("tiny_served")
+    components, ids = build_tiny_components(root, num_videos=8)
+    save_checkpoint(components.reranker.model, root / "checkpoint")
+    components.reranker.store.close()
+    return root, ids
 
 
 class Mp4Writer:

@@ -46,13 +46,41 @@ def _client(uri, collection, tmp_path, model):
     )
 
 
+def _ingest(client, videos) -> None:
+    report = client.ingest(videos, progress=False)
+    assert report.ingested == len(videos) and not report.failed
+    client.index.flush()
+    client.index.wait_until_indexed()
+
+
 @pytest.fixture
-def client(milvus_uri, unique_collection, tmp_path, model, videos):
+def fresh_client(milvus_uri, unique_collection, tmp_path, model, videos):
+    """A Client on a collection and store of its own, just ingested: for a test that writes."""
     with _client(milvus_uri, unique_collection, tmp_path, model) as client:
-        report = client.ingest(videos, progress=False)
-        assert report.ingested == len(videos) and not report.failed
-        client.index.flush()
-        client.index.wait_until_indexed()
+        _ingest(client, videos)
+        yield client
+
+
+@pytest.fixture(scope="module", params=["lite", pytest.param("server", marks=pytest.mark.server)])
+def ingested(request, tmp_path_factory, model, videos):
+    """The videos ingested once per backend and module: (uri, collection, data dir), shared by
+    the tests that only read (ingesting per test cost ~7 s each on the server)."""
+    uri = str(request.getfixturevalue(f"milvus_{request.param}_uri"))
+    root = tmp_path_factory.mktemp(f"client_{request.param}")
+    collection = f"t_client_reads_{request.param}"
+    with _client(uri, collection, root, model) as client:
+        _ingest(client, videos)
+    yield uri, collection, root
+    with _client(uri, collection, root, model) as client:
+        client.index.drop()
+
+
+@pytest.fixture
+def client(ingested, model):
+    """A Client of its own (its own query cache) on the module's ingested collection and store:
+    for a test that only reads."""
+    uri, collection, root = ingested
+    with _client(uri, collection, root, model) as client:
         yield client
 
 
@@ -100,7 +128,8 @@ def test_filter_passes_through(client):
     assert hits and all(h.id.startswith("clip1") for h in hits)
 
 
-def test_delete_removes_from_results(client):
+def test_delete_removes_from_results(fresh_client):
+    client = fresh_client
     victim = client.search(QUERIES[2], limit=1)[0].id
     assert client.delete([victim]) == 1
     # searches read at Bounded consistency: the delete shows within the staleness bound

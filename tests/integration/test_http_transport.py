@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
-from tb_reranker.model import save_checkpoint
 from tb_reranker.remote import RemoteReranker
 from tb_reranker.server.config import ServerConfig
 from tb_reranker.server.testing import ServerThread, build_tiny_components
@@ -42,14 +41,10 @@ STALLED_HEAD = (
 
 
 # ---------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+@pytest.fixture
+def saved(tiny_served):
     """A checkpoint and a frame store on disk; returns (root, stored ids)."""
-    root = tmp_path_factory.mktemp("http_transport")
-    components, ids = build_tiny_components(root, num_videos=8)
-    save_checkpoint(components.reranker.model, root / "checkpoint")
-    components.reranker.store.close()
-    return root, ids
+    return tiny_served
 
 
 class Serve:

@@ -16,9 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2 as pb
 from tb_reranker._pb.tb_reranker.v1 import reranker_pb2_grpc as pb_grpc
-from tb_reranker.model import save_checkpoint
 from tb_reranker.remote import RemoteReranker
-from tb_reranker.server.testing import build_tiny_components
 
 
 def _wait_for(process: subprocess.Popen, pattern: str, lines: list[str], timeout: float = 120):
@@ -36,15 +34,13 @@ def _wait_for(process: subprocess.Popen, pattern: str, lines: list[str], timeout
     raise AssertionError(f"{pattern!r} not seen; stderr:\n{''.join(lines)}")
 
 
-def test_tb_serve_process(tmp_path):
-    components, ids = build_tiny_components(tmp_path, num_videos=8)
-    save_checkpoint(components.reranker.model, tmp_path / "checkpoint")
-    components.reranker.store.close()
+def test_tb_serve_process(tiny_served):
+    root, ids = tiny_served
     env = dict(os.environ)
     env.update(
         {
-            "TB_CHECKPOINT": str(tmp_path / "checkpoint"),
-            "TB_STORE": str(tmp_path / "frames"),
+            "TB_CHECKPOINT": str(root / "checkpoint"),
+            "TB_STORE": str(root / "frames"),
             "TB_SERVE_TOKEN": "cli-token",
             "TB_SERVE_GRACE_S": "3",
         }
@@ -104,13 +100,10 @@ def test_tb_serve_without_checkpoint_exits_2(tmp_path):
 # ---------------------------------------------------------------------- hostile configuration
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+@pytest.fixture
+def saved(tiny_served):
     """A checkpoint and a frame store on disk, and an environment that points ``tb`` at them."""
-    root = tmp_path_factory.mktemp("serve_cli")
-    components, ids = build_tiny_components(root, num_videos=4)
-    save_checkpoint(components.reranker.model, root / "checkpoint")
-    components.reranker.store.close()
+    root, _ = tiny_served
     env = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
     env.update(
         {
