@@ -18,15 +18,6 @@ from tb_reranker.model import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: far faster for tiny tensors on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def trained() -> TokenBinder:
     """A tiny model after two optimisation steps (so the Δ head is non-zero)."""

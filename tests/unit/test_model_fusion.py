@@ -37,15 +37,6 @@ def _randomise_head(model: TokenBinder, seed: int = 1) -> None:
         last.bias.copy_(torch.randn(last.bias.shape, generator=generator))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: far faster for tiny tensors on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def symmetric() -> TokenBinder:
     return TokenBinder(TokenBinderConfig.tiny()).eval()

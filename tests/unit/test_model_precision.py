@@ -25,14 +25,6 @@ from tb_reranker.model.precision import (
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class _Dtypes:
     """Records the dtype of the first linear layer's output in the fusion's FFN and in the text
     tower's first block (the input of their activation modules): the matmuls autocast decides

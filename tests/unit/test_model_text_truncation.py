@@ -16,14 +16,6 @@ MEDIUM = "a red cube then a blue ball rolls over the green table"
 LONG_WORDS = " ".join(f"word{i}" for i in range(200))  # fills (and overflows) any context
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> TokenBinder:
     model = TokenBinder(TokenBinderConfig.tiny()).eval()
