@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -20,6 +21,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers():
+    """Puts the root logger's own handlers back after each test. ``tb``'s ``main`` run in-process
+    replaces them with one on the ``sys.stderr`` of that moment: under ``capsys`` a stream closed
+    after the test, so a later test's log record (a server or Milvus Lite thread's) printed a
+    ``--- Logging error ---`` traceback, on whichever test ran next (the order differs under
+    pytest-xdist). pytest's own capture handlers of the running phase stay as they are."""
+    from _pytest.logging import LogCaptureHandler
+
+    root = logging.getLogger()
+    before = [h for h in root.handlers if not isinstance(h, LogCaptureHandler)]
+    yield
+    capturing = [h for h in root.handlers if isinstance(h, LogCaptureHandler)]
+    root.handlers[:] = before + capturing
 
 
 @pytest.fixture

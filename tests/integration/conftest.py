@@ -6,7 +6,8 @@
     collection names (``unique_collection``) to keep tests apart.
 ``milvus_server_uri``
     ``http://127.0.0.1:<free port>`` of a real local Milvus 2.3.5 standalone server, started once
-    per test session by :class:`milvus_setup.launcher.LocalMilvus` and stopped at the end
+    per test session (under pytest-xdist: once per worker that runs a server test, each on its own
+    free ports) by :class:`milvus_setup.launcher.LocalMilvus` and stopped at the end
     (start ≈ 5-10 s; skipped with the reason when the server cannot start, e.g. set
     ``TB_SKIP_MILVUS_SERVER=1``). No token (authorisation off).
 ``milvus_server``
