@@ -8,8 +8,11 @@ Events
     circle", "a green cross moving up-left", "a circle turning from cyan to red"). Every event
     has its own background level (at least ``MIN_LEVEL_STEP`` grey levels away from the event
     before it), tint and texture, so each cut is a visible shot change; objects keep one
-    placement for the whole event (no per-frame jitter), so frames inside an event change
-    little. An event lasts ``event_s`` seconds x a factor drawn in [0.75, 1.25], in whole frames
+    placement for the whole event (no per-frame jitter), and each event is one continuous shot:
+    every frame is the mean of the ``SHOT_SMOOTH_FRAMES`` (7) frames around it inside the event,
+    so an order event's swap of A for B is a 7-frame dissolve and the per-frame noise changes 7x
+    less from frame to frame (a shot detector then cuts at the events' bounds and nowhere else;
+    without it PySceneDetect cut most order events at the swap). An event lasts ``event_s`` seconds x a factor drawn in [0.75, 1.25], in whole frames
     (at least 4).
 
 Twins
@@ -83,11 +86,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"  # 2: twins are time-reversed videos; captions unique in the set
+GENERATOR_VERSION = "3"  # 3: events are continuous shots (order swaps dissolve); 2: reversed twins
 INDEX_FILE = "videos.jsonl"
 MOMENTS_FILE = "moments.json"
 MIN_EVENT_FRAMES = 4
 MIN_LEVEL_STEP = 30.0  # grey levels between the backgrounds of consecutive events
+SHOT_SMOOTH_FRAMES = 7  # inside an event, each frame averages this many (see _continuous)
 _LENGTH_TRIES = 20  # draws of the event lengths before lengthening the first event
 _VIDEO_ID = re.compile(r"^long_\d{6}(\.part)?\.mp4$")
 
@@ -272,7 +276,7 @@ def _render_event(event: Event, *, pair: int, size: int, seed: int, background: 
     tint = rng.uniform(-6.0, 6.0, size=3)
     texture = rng.normal(0.0, 6.0, size=(size, size, 1))
     scene = Appearance((event.level + tint + texture).astype(np.float32), look.objects)
-    return render_clip(
+    frames = render_clip(
         event.family,
         event.objects,
         event.direction,
@@ -281,6 +285,22 @@ def _render_event(event: Event, *, pair: int, size: int, seed: int, background: 
         rng=rng,
         background=background,
     )
+    return _continuous(frames)
+
+
+def _continuous(frames: np.ndarray, width: int = SHOT_SMOOTH_FRAMES) -> np.ndarray:
+    """One shot's frames made continuous: each frame the mean of the frames within
+    ``width // 2`` of it **inside the event** (fewer at its ends, so the cuts between events
+    stay one-frame changes). The order family's swap of A for B becomes a ``width``-frame
+    dissolve, and the per-frame noise (and the hue jitter it gives dark, grey backgrounds)
+    changes ``width`` times less from one frame to the next; motion and colour changes were
+    gradual already and stay so. uint8 [F, S, S, 3] in and out."""
+    half = width // 2
+    out = np.empty_like(frames)
+    for t in range(len(frames)):
+        window = frames[max(0, t - half) : t + half + 1].astype(np.float32)
+        out[t] = np.clip(np.rint(window.mean(axis=0)), 0, 255).astype(np.uint8)
+    return out
 
 
 def _write_video(

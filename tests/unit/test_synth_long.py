@@ -23,6 +23,8 @@ from tb_reranker.video.synth_long import (
     MIN_EVENT_FRAMES,
     MIN_LEVEL_STEP,
     MOMENTS_FILE,
+    SHOT_SMOOTH_FRAMES,
+    _continuous,
     generate_long,
     plan_long,
 )
@@ -158,6 +160,46 @@ def test_cuts_are_visible_shot_changes(tiny: Path, tmp_path: Path) -> None:
             inside = np.delete(change, cuts)
             assert change[cuts].min() >= 15.0, (record["video_id"], change[cuts])
             assert inside.max() <= 6.0, (record["video_id"], inside.max())
+
+
+def test_an_event_is_one_continuous_shot() -> None:
+    """Inside an event each frame is the mean of its neighbours (``SHOT_SMOOTH_FRAMES``): an
+    order event's swap of A for B becomes a linear dissolve, the ends keep their own frames'
+    content (cuts stay one-frame changes), and playing it backwards commutes with it (twins)."""
+    width = SHOT_SMOOTH_FRAMES
+    assert width % 2 == 1 and width >= 3
+    step = np.zeros((20, 2, 2, 3), dtype=np.uint8)
+    step[10:] = 210  # object A until frame 10, then B
+    out = _continuous(step)
+    ramp = out[:, 0, 0, 0].astype(float)
+    half = width // 2
+    assert (ramp[: 10 - half] == 0).all() and (ramp[10 + half :] == 210).all()
+    assert np.allclose(np.diff(ramp[10 - half - 1 : 10 + half + 1]), 210 / width, atol=1)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(9, 4, 4, 3), dtype=np.uint8)
+    assert np.array_equal(_continuous(frames[::-1]), _continuous(frames)[::-1])
+    noise = rng.normal(100, 4, size=(50, 8, 8, 3)).clip(0, 255).astype(np.uint8)
+    change = np.abs(np.diff(_continuous(noise).astype(float), axis=0)).mean()
+    assert change < 2.0 * np.abs(np.diff(noise.astype(float), axis=0)).mean() / width
+
+
+def test_shot_detection_finds_exactly_the_events(tmp_path: Path) -> None:
+    """The product's ``shots`` segmentation cuts a long video at its event bounds and nowhere
+    else, order events (A swapped for B) included: one segment per event."""
+    from tb_reranker.video.segment import segment_video
+
+    root = tmp_path / "shots"
+    generate_long(root, num_pairs=2, events_per_video=5, event_s=3.0, fps=8, size=64, seed=7,
+                  progress=False)  # fmt: skip
+    records = index(root)
+    assert sum(e["family"] == "order" for r in records for e in r["events"]) >= 2
+    for record in records:
+        cut = segment_video(root / record["path"], "shots", num_frames=2, image_size=16)
+        starts = [e["start_s"] for e in record["events"][1:]]
+        assert list(cut.cuts) == pytest.approx(starts, abs=1e-6), record["video_id"]
+        spans = [t for s in cut.segments for t in (s.start_s, s.end_s)]
+        windows = [t for e in record["events"] for t in (e["start_s"], e["end_s"])]
+        assert spans == pytest.approx(windows, abs=1e-6), record["video_id"]
 
 
 def test_captions_read_like_the_clip_benchmark(tiny: Path) -> None:
