@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "END_TOLERANCE_S",
+    "first_read",
     "group_by_video",
     "is_complete",
     "segment_fields",
@@ -26,6 +27,7 @@ __all__ = [
 
 Row = dict[str, Any]
 END_TOLERANCE_S = 1e-3  # a segment ending this close to the video's end is its last
+FIRST_READ = (4, 256)  # segment numbers a fill-in by key asks for first, at least and at most
 
 
 def segment_fields(row: Mapping[str, Any]) -> Row:
@@ -75,6 +77,19 @@ def is_complete(group: Sequence[Mapping[str, Any]], per_video: int) -> bool:
     last = max(group, key=lambda row: int(row["segment"]))
     duration = float(last.get("duration_s") or 0.0)
     return math.isfinite(duration) and float(last["end_s"]) >= duration - END_TOLERANCE_S
+
+
+def first_read(group: Sequence[Mapping[str, Any]]) -> int:
+    """How many segment numbers (``0..n-1``) a fill-in by key first asks for of the video of
+    ``group``: its duration over its shortest segment found, one more for a shorter last one,
+    past the highest number found (within :data:`FIRST_READ`)."""
+    duration = float(group[0].get("duration_s") or 0.0)
+    spans = [float(row["end_s"]) - float(row["start_s"]) for row in group]
+    shortest = min((span for span in spans if span > 0), default=0.0)
+    guess = math.ceil(duration / shortest) + 1 if shortest > 0 and math.isfinite(duration) else 0
+    highest = max(int(row["segment"]) for row in group) + 2
+    low, high = FIRST_READ
+    return min(max(guess, highest, low), high)
 
 
 def video_filter(video_ids: Sequence[str], base: str = "") -> str:

@@ -13,8 +13,11 @@ segments; :mod:`tb_reranker.index.grouping`): Milvus grouping search (``group_by
 ``video_id``) where the engine has it (Milvus Lite, servers >= 2.4) on a collection with
 ``video_id`` as a real field (schema 2), without a filter; otherwise the segments are fetched by
 the strategies above and grouped here, fetching more until ``limit`` videos are found or the
-matches run out, and a video found with fewer segments than it may have is completed by one
-filtered search on its ``video_id``. Both give the same hits.
+matches run out. Either way a video found with fewer segments than it may have is completed:
+its rows read by key (``v``, ``v~1``, ...; no filter) or, where that cannot settle it (a filter,
+a number missing), by one filtered search on its ``video_id``. Both give the same hits. Milvus
+Lite's grouping search groups only its top ``max(3·size, 10)·limit`` segments, so on Lite
+``auto`` groups here (measured cheaper: benchmarks/moment_search.py).
 
 Rows are read in pages of id ranges (:func:`iter_pages`) with a ``query`` per range, not
 pymilvus's query iterator; :func:`count_rows` is one ``count(*)`` query.
@@ -34,8 +37,15 @@ import numpy as np
 from tb_reranker.errors import InvalidInputError
 from tb_reranker.index import schema as milvus_schema
 from tb_reranker.index.connection import MilvusConnection, consistency
-from tb_reranker.index.entities import OUTPUT_FIELDS, flatten
-from tb_reranker.index.grouping import group_by_video, is_complete, segment_fields, video_filter
+from tb_reranker.index.entities import BATCH, OUTPUT_FIELDS, flatten
+from tb_reranker.index.grouping import (
+    first_read,
+    group_by_video,
+    is_complete,
+    segment_fields,
+    video_filter,
+)
+from tb_reranker.stores.record import MAX_SEGMENTS, segment_key
 
 __all__ = [
     "EXACT_THRESHOLD",
@@ -293,13 +303,19 @@ class BroadSearch:
         assert size is not None
         native = query.grouping == "native" or (
             query.grouping == "auto"
+            and not self._connection.is_lite  # Lite: client grouping measured cheaper (module)
             and not query.filter
             and query.limit * size <= MAX_LIMIT
             and self._native_grouping()
         )
         if native:
-            found = self._ann(query, size)
-            return [_flat(group_by_video(rows, query.limit, size)) for rows in found]
+            plain = dataclasses.replace(query, group_size=None)
+            groups = [group_by_video(rows, query.limit, size) for rows in self._ann(query, size)]
+            for q, found in enumerate(groups):
+                self._complete(
+                    plain, q, found, size
+                )  # Lite groups only its top max(3·size, 10)·limit
+            return [_flat(found) for found in groups]
         return self._client_grouped(query, size)
 
     def _native_grouping(self) -> bool:
@@ -351,6 +367,8 @@ class BroadSearch:
         """Fill in, in place, the videos of ``found`` that may hold more of their best
         ``size`` segments than were fetched: one filtered search on their ``video_id``."""
         short = [group for group in found if not is_complete(group, size)]
+        if short and not query.filter:
+            short = self._fill_by_keys(query, q, short, size)
         if not short:
             return
         expr = video_filter([group[0]["video_id"] for group in short], query.filter)
@@ -369,6 +387,67 @@ class BroadSearch:
         for group in short:
             group.sort(key=lambda row: -float(row["score"]))
             del group[size:]
+
+    def _fill_by_keys(
+        self, query: SearchRequest, q: int, short: list[list[dict[str, Any]]], size: int
+    ) -> list[list[dict[str, Any]]]:
+        """Fill in, in place, the videos of ``short`` by reading their rows by key (segment
+        ``n`` of video ``v`` is row ``v~n``; point reads, no scan of the collection): rounds
+        asking the numbers ``0..n-1`` (:func:`first_read`), then twice as many, until a video
+        is all there (:func:`is_complete`: every number up to one ending at its end). The
+        rows read are scored here as :meth:`_exact` scores them. Returns the videos this does
+        not settle (a number missing before the video's end), for a filtered fill-in."""
+        by_video = {group[0]["video_id"]: group for group in short}
+        rows_of = {
+            video: {int(r["segment"]): r for r in group} for video, group in by_video.items()
+        }
+        spans = {video: (0, first_read(group)) for video, group in by_video.items()}
+        read: list[dict[str, Any]] = []
+        left: list[str] = []
+        while spans:
+            keys = _segment_keys(spans, rows_of)
+            for row in self._read_keys(keys, query.consistency_level):
+                have = rows_of.get(row["video_id"]) if row["video_id"] in spans else None
+                if have is not None and row["segment"] not in have:
+                    have[row["segment"]] = row
+                    read.append(row)
+            ahead = {}
+            for video, (_, high) in spans.items():
+                if is_complete(list(rows_of[video].values()), MAX_SEGMENTS):
+                    continue
+                if high < MAX_SEGMENTS and all(n in rows_of[video] for n in range(high)):
+                    ahead[video] = (high, min(2 * high, MAX_SEGMENTS))
+                else:
+                    left.append(video)
+            spans = ahead
+        if read:
+            vectors = _unit_rows(np.asarray([row.pop("cls") for row in read], dtype=np.float32))
+            scores = _unit_rows(query.vectors[q : q + 1]) @ vectors.T
+            for row, score in zip(read, scores[0].tolist(), strict=True):
+                row["score"] = float(score)
+        for video, group in by_video.items():
+            if video not in left:
+                group[:] = sorted(rows_of[video].values(), key=lambda row: -float(row["score"]))
+                del group[size:]
+        return [by_video[video] for video in left]
+
+    def _read_keys(self, keys: list[str], consistency_level: str | None) -> list[dict[str, Any]]:
+        """The rows of ``keys`` that exist (``cls`` included), with their segment fields."""
+        connection, out = self._connection, []
+        for start in range(0, len(keys), BATCH):
+            rows = connection.call(
+                "get",
+                connection.client.get,
+                connection.collection,
+                ids=keys[start : start + BATCH],
+                output_fields=["cls", *OUTPUT_FIELDS],
+                **consistency(consistency_level),
+            )
+            for row in rows:
+                flat = flatten(row, drop_vector=False)
+                flat["id"] = str(flat["id"])
+                out.append(segment_fields(flat))
+        return out
 
     def _filtered(self, query: SearchRequest) -> Hits:
         """A filtered search that returns every match up to ``limit``.
@@ -442,6 +521,16 @@ class BroadSearch:
                 hits.append(segment_fields(row))
             out.append(hits)
         return out
+
+
+def _segment_keys(
+    spans: dict[str, tuple[int, int]], rows_of: dict[str, dict[int, Any]]
+) -> list[str]:
+    """The keys of segments ``low..high-1`` of each video of ``spans`` not in ``rows_of``."""
+    keys = []
+    for video, (low, high) in spans.items():
+        keys += [segment_key(video, n) for n in range(low, high) if n not in rows_of[video]]
+    return keys
 
 
 def _flat(groups: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

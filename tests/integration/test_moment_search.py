@@ -130,6 +130,36 @@ def test_native_and_client_grouping_agree_on_lite(milvus_lite_uri, unique_collec
                 assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
 
 
+def test_grouped_search_is_exact_beyond_what_lite_groups(milvus_lite_uri, unique_collection):
+    """200 videos of 6 segments: Lite's grouping search groups only its top 100 segments (a
+    video found there by one segment comes back with one); the fill-in by key completes it, the
+    same as the client grouping and the brute force; a video missing a middle segment is
+    completed by the filtered fill-in."""
+    rng = np.random.default_rng(7)
+    rows = []
+    for v in range(200):
+        for s in range(6):
+            vector = rng.normal(size=DIM).astype(np.float32)
+            key = f"v{v}" if s == 0 else f"v{v}~{s}"
+            span = {"start_s": 2.0 * s, "end_s": 2.0 * (s + 1), "duration_s": 12.0}
+            span.update(video_id=f"v{v}", segment=s)
+            rows.append({"id": key, "cls": vector / np.linalg.norm(vector), **span})
+    with _index(milvus_lite_uri, unique_collection, 2) as index:
+        index.upsert(rows)
+        index.flush()
+        gapped = {f"v{v}~2" for v in range(0, 200, 3)}
+        index.delete(sorted(gapped))
+        kept = [row for row in rows if row["id"] not in gapped]
+        queries = rng.normal(size=(5, DIM)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        for grouping in ("native", "client"):
+            found = index.search(
+                queries, 8, group_size=4, grouping=grouping, consistency_level="Strong"
+            )
+            for q, hits in enumerate(found):
+                assert _grouped(hits) == _expected(kept, queries[q], 8, 4)
+
+
 def test_legacy_rows_are_their_own_videos(milvus_uri, unique_collection):
     """A schema-1 collection holding rows written before segments (no segment fields) and new
     segmented ones: an old row reads as segment 0 of its own video, [0, duration]."""
