@@ -243,7 +243,7 @@ def _fingerprint_option(options: dict[str, Any], indicators: Any = None) -> str:
 def _rerank_messages(
     indicators: Any, candidates_ids: Any, broad_scores: Any, options: dict[str, Any]
 ) -> list[pb.RerankRequest]:
-    """``rerank``'s arguments (``options``: top_n, strict, contents_hashes,
+    """``rerank``'s arguments (``options``: top_n, strict, contents_hashes, candidates_are,
     query_fingerprint) → one message per query, checked for types and shapes first."""
     fingerprint = _fingerprint_option(options, indicators)
     request = RerankRequest.build(
@@ -374,8 +374,9 @@ class RemoteReranker(_RemoteBase):
     def rerank(
         self, indicators: Any, candidates_ids: Any, broad_scores: Any = None, **options: Any
     ) -> list[RerankResult]:
-        """Same contract as ``Reranker.rerank`` (``top_n``, ``strict``, ``contents_hashes``),
-        plus ``query_fingerprint``: the ``query_fingerprint()`` of the model that encoded
+        """Same contract as ``Reranker.rerank`` (``top_n``, ``strict``, ``contents_hashes``,
+        ``candidates_are``: "video" by default, "segment" for record keys), plus
+        ``query_fingerprint``: the ``query_fingerprint()`` of the model that encoded
         ``indicators`` (the sidecar refuses another query side with ``ModelMismatchError``;
         None: not checked). One RPC per query, sent concurrently."""
         return self._reranked(_rerank_messages(indicators, candidates_ids, broad_scores, options))

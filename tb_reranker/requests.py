@@ -32,6 +32,7 @@ __all__ = [
     "MAX_BROAD_SCORE_ABS",
     "MAX_TEXTS",
     "GROUPS",
+    "CANDIDATE_KINDS",
     "DEFAULT_MOMENTS_PER_VIDEO",
     "MAX_MOMENTS_PER_VIDEO",
     "RerankQuery",
@@ -41,6 +42,7 @@ __all__ = [
     "check_texts",
     "check_indicators",
     "check_limit",
+    "check_candidates_are",
     "check_moments_per_video",
     "check_top_n",
 ]
@@ -55,6 +57,9 @@ MAX_BROAD_SCORE_ABS = 1e12
 MAX_TEXTS = 256  # default limit of texts per encode call on the server
 
 GROUPS = ("video", "moment")  # what a search hit is: a video (limit counts videos) or a moment
+# what a rerank candidate id names: a video (every stored segment of it, answered with its best
+# one; what an external caller means) or one segment (a record key: the search pipeline's)
+CANDIDATE_KINDS = ("video", "segment")
 DEFAULT_MOMENTS_PER_VIDEO = 3  # scored moments a video hit carries
 MAX_MOMENTS_PER_VIDEO = 16  # 16 x the largest limit (1000) fits one Milvus grouping search
 
@@ -170,6 +175,14 @@ def check_group(group: Any) -> str:
     return group
 
 
+def check_candidates_are(value: Any) -> str:
+    if value not in CANDIDATE_KINDS:
+        raise InvalidInputError(
+            f"candidates_are must be one of {', '.join(CANDIDATE_KINDS)}; got {value!r}"
+        )
+    return value
+
+
 def check_top_n(top_n: Any) -> int | None:
     if top_n is None:
         return None
@@ -183,8 +196,12 @@ def _where(q: int | None) -> str:
     return "" if q is None else f"query {q}: "
 
 
-def check_candidates(ids: Any, limits: Limits, q: int | None = None) -> list[str]:
-    """Distinct, well-formed video ids, at most ``max_candidates``."""
+def check_candidates(
+    ids: Any, limits: Limits, q: int | None = None, candidates_are: str = "segment"
+) -> list[str]:
+    """Distinct, well-formed record keys, at most ``max_candidates``; with ``candidates_are``
+    "video" video ids (a segment key ``<video id>~<n>`` is refused: by video each id stands for
+    all of its segments)."""
     if isinstance(ids, str):
         raise InvalidInputError("each query's candidates must be a list of ids, not one string")
     try:
@@ -205,6 +222,14 @@ def check_candidates(ids: Any, limits: Limits, q: int | None = None) -> list[str
 
         validate_record_key(bad)  # raises with the rule spelled out
         raise InvalidInputError(f"invalid video id {bad!r}")  # pragma: no cover - same rule
+    if candidates_are == "video":
+        key = next((i for i in ids if "~" in i), None)
+        if key is not None:
+            raise InvalidInputError(
+                f"{_where(q)}candidate {key!r} is a segment key, but the candidates are video "
+                "ids (each stands for every stored segment of its video): pass the video id, "
+                "or candidates_are='segment' to rerank segments by their keys"
+            )
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dupes = sorted({i for i in ids if i in seen or seen.add(i)})
@@ -267,6 +292,7 @@ class RerankQuery:
     contents_hashes: list[str | None] | None = None  # [K'] hashes that validate cached K/V
     top_n: int | None = None  # keep the best top_n
     strict: bool = False  # ids missing from the store -> NotFoundError
+    candidates_are: str = "video"  # CANDIDATE_KINDS: video ids, or segment keys
 
     @classmethod
     def build(
@@ -279,6 +305,7 @@ class RerankQuery:
         contents_hashes: Any = None,
         top_n: Any = None,
         strict: bool = False,
+        candidates_are: Any = "video",
         shape: tuple[int, int] | None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> RerankQuery:
@@ -292,7 +319,8 @@ class RerankQuery:
                     f"one query per call: indicators must be [m, D], got {list(array.shape)}"
                 )
             row = array[0]
-        ids = check_candidates(candidates_ids, limits)
+        kind = check_candidates_are(candidates_are)
+        ids = check_candidates(candidates_ids, limits, candidates_are=kind)
         return cls(
             candidates_ids=ids,
             text=None if text is None else check_text(text, limits),
@@ -301,6 +329,7 @@ class RerankQuery:
             contents_hashes=check_hashes(contents_hashes, len(ids)),
             top_n=check_top_n(top_n),
             strict=bool(strict),
+            candidates_are=kind,
         )
 
 
@@ -309,7 +338,10 @@ class RerankRequest:
     """Q queries given as indicators, validated: what a ``RerankBackend`` reranks.
 
     Per query the broad scores and the content hashes are optional (``None``: computed from the
-    stored tokens / no cache validation).
+    stored tokens / no cache validation). ``candidates_are`` "video" (the default): each id is a
+    video, reranked as its stored segments and answered with its best one (its broad score, if
+    given, is its best segment's: ``rerank.videos``); "segment": each id is a record key, scored
+    as it is (what the search pipeline sends). For a one-segment video both are the same.
     """
 
     indicators: np.ndarray  # [Q, m, D] float32
@@ -318,6 +350,7 @@ class RerankRequest:
     contents_hashes: list[list[str | None] | None]
     top_n: int | None = None
     strict: bool = False
+    candidates_are: str = "video"  # CANDIDATE_KINDS
 
     @classmethod
     def build(
@@ -329,6 +362,7 @@ class RerankRequest:
         top_n: Any = None,
         strict: bool = False,
         contents_hashes: Any = None,
+        candidates_are: Any = "video",
         shape: tuple[int, int] | None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> RerankRequest:
@@ -338,7 +372,8 @@ class RerankRequest:
         scores = _per_query(broad_scores, num_queries, "score lists")
         hashes = _per_query(contents_hashes, num_queries, "hash lists")
         top_n = check_top_n(top_n)
-        ids = [check_candidates(lists[q], limits, q) for q in range(num_queries)]
+        kind = check_candidates_are(candidates_are)
+        ids = [check_candidates(lists[q], limits, q, kind) for q in range(num_queries)]
         return cls(
             indicators=queries,
             candidates_ids=ids,
@@ -348,16 +383,22 @@ class RerankRequest:
             contents_hashes=[check_hashes(hashes[q], len(ids[q]), q) for q in range(num_queries)],
             top_n=top_n,
             strict=bool(strict),
+            candidates_are=kind,
         )
 
     @classmethod
     def of_queries(cls, queries: Sequence[RerankQuery], indicators: np.ndarray) -> RerankRequest:
-        """Validated single queries (their indicators stacked in ``indicators``) as one batch."""
+        """Validated single queries of one ``candidates_are`` (their indicators stacked in
+        ``indicators``) as one batch."""
+        kinds = {query.candidates_are for query in queries}
+        if len(kinds) != 1:
+            raise ValueError(f"one batch holds queries of one candidates_are, got {sorted(kinds)}")
         return cls(
             indicators=indicators,
             candidates_ids=[query.candidates_ids for query in queries],
             broad_scores=[query.broad_scores for query in queries],
             contents_hashes=[query.contents_hashes for query in queries],
+            candidates_are=kinds.pop(),
         )
 
 

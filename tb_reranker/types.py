@@ -46,13 +46,18 @@ class Hit:
 
 @dataclass(frozen=True)
 class RerankedCandidate:
-    id: str  # record key (video id, or "<video id>~<n>" for segment n)
+    """One candidate of a rerank: a video (reranked as its segments, scored as its best one,
+    whose span ``start_s``/``end_s`` it carries) or, by segment, one record key."""
+
+    id: str  # as asked: a video id, or by segment a record key ("<video id>~<n>" for n >= 1)
     index: int  # position of this candidate in the request's candidate list
     score: float  # final score S = S' + Δ (S' alone for candidates past K)
-    broad_score: float  # S': cosine(I_1, video CLS)
+    broad_score: float  # S': cosine(I_1, segment CLS)
     delta: float  # Δ from the focused view (0.0 past K)
     best_frame_s: float | None  # timestamp of the frame the indicators attended most
     reranked: bool = True  # False for candidates past K (kept in broad order)
+    start_s: float | None = None  # by video: the best segment's span in the video, seconds
+    end_s: float | None = None  # (None by segment: the caller has the spans of its keys)
 
 
 @dataclass

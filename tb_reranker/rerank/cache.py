@@ -46,6 +46,7 @@ class Rows:
     cls: torch.Tensor  # [N, D] L2-normalised pooled frame tokens
     timestamps: np.ndarray  # [N, T] seconds
     masks: np.ndarray  # [N, T] bool, False = a padded (repeated) frame: no attention
+    spans: np.ndarray  # [N, 3] float64: the record's start_s, end_s, its video's segment count
 
     @property
     def kv_free(self) -> bool:
@@ -55,7 +56,7 @@ class Rows:
     @classmethod
     def empty(cls) -> Rows:
         none = np.zeros((0, 0), dtype=np.float32)
-        return cls({}, torch.empty(0), torch.empty(0), none, none.astype(bool))
+        return cls({}, torch.empty(0), torch.empty(0), none, none.astype(bool), np.zeros((0, 3)))
 
     def then(self, other: Rows) -> Rows:
         """These rows followed by ``other``'s (``other`` may be empty)."""
@@ -68,6 +69,7 @@ class Rows:
             torch.cat([self.cls, other.cls]),
             np.concatenate([self.timestamps, other.timestamps]),
             np.concatenate([self.masks, other.masks]),
+            np.concatenate([self.spans, other.spans]),
         )
 
 
@@ -101,7 +103,7 @@ class KVCache:
     """A thread-safe LRU of per-video projections in one preallocated slab, with counters.
 
     Entries live in ``kv [n_blocks, 2, slots, T', D]`` / ``cls [slots, D]`` /
-    ``timestamps [slots, T]`` / ``masks [slots, T]``; ``_slots`` maps id -> (slot, content hash, stamp) in LRU order.
+    ``timestamps [slots, T]`` / ``masks [slots, T]`` / ``spans [slots, 3]``; ``_slots`` maps id -> (slot, content hash, stamp) in LRU order.
     The slab grows by doubling up to ``capacity`` (nothing is allocated before the first put).
     """
 
@@ -114,6 +116,7 @@ class KVCache:
         self.cls: torch.Tensor | None = None
         self.timestamps: np.ndarray | None = None
         self.masks: np.ndarray | None = None
+        self.spans: np.ndarray | None = None
         self.lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -149,12 +152,12 @@ class KVCache:
 
     def _view(self, found: dict[str, int]) -> Rows:
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
-        assert self.masks is not None
-        return Rows(found, self.kv, self.cls, self.timestamps, self.masks)
+        assert self.masks is not None and self.spans is not None
+        return Rows(found, self.kv, self.cls, self.timestamps, self.masks, self.spans)
 
     def _copy(self, found: dict[str, int]) -> Rows:
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
-        assert self.masks is not None
+        assert self.masks is not None and self.spans is not None
         slots = list(found.values())
         where = torch.tensor(slots, dtype=torch.long, device=self.kv.device)
         return Rows(
@@ -163,6 +166,7 @@ class KVCache:
             self.cls.index_select(0, where),
             self.timestamps[slots],
             self.masks[slots],
+            self.spans[slots],
         )
 
     # ------------------------------------------------------------------ entries
@@ -203,14 +207,17 @@ class KVCache:
         )
         timestamps = np.zeros((new_size, like.timestamps.shape[1]), dtype=np.float32)
         masks = np.ones((new_size, like.masks.shape[1]), dtype=bool)
+        spans = np.zeros((new_size, 3))
         if self.kv is not None:
             assert self.cls is not None and self.timestamps is not None
-            assert self.masks is not None
+            assert self.masks is not None and self.spans is not None
             kv[:, :, :size] = self.kv
             cls[:size] = self.cls
             timestamps[:size] = self.timestamps
             masks[:size] = self.masks
+            spans[:size] = self.spans
         self.kv, self.cls, self.timestamps, self.masks = kv, cls, timestamps, masks
+        self.spans = spans
         self._free.extend(range(new_size - 1, size - 1, -1))
 
     def _slot_for(self, video_id: str) -> int:
@@ -235,7 +242,7 @@ class KVCache:
         items = list(rows.index.items())[-self.capacity :]
         self._grow(min(self.capacity, len(self._slots) + len(items)), rows)
         assert self.kv is not None and self.cls is not None and self.timestamps is not None
-        assert self.masks is not None
+        assert self.masks is not None and self.spans is not None
         now = time.monotonic()
         targets, sources = [], []
         for video_id, row in items:
@@ -249,23 +256,30 @@ class KVCache:
         self.cls.index_copy_(0, target, rows.cls.index_select(0, source))
         self.timestamps[targets] = rows.timestamps[sources]
         self.masks[targets] = rows.masks[sources]
+        self.spans[targets] = rows.spans[sources]
 
     def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
+        """Drop these entries (all with ``None``); a video id (no ``~``) drops the entries of
+        every segment of its video too (``<id>~<n>``)."""
         with self.lock:
             if videos_ids is None:
                 self.clear()
-            else:
-                for video_id in videos_ids:
-                    item = self._slots.pop(video_id, None)
-                    if item is not None:
-                        self._free.append(item[0])
+                return
+            dropped = set(videos_ids)
+            videos = {f"{i}~" for i in dropped if "~" not in i}
+            if videos:
+                dropped.update(k for k in self._slots if k[: k.find("~") + 1] in videos)
+            for key in dropped:
+                item = self._slots.pop(key, None)
+                if item is not None:
+                    self._free.append(item[0])
 
     def clear(self) -> None:
         """Drop every entry and the slab (call with ``lock`` held)."""
         self._slots.clear()
         self._free.clear()
         self.kv = self.cls = None
-        self.timestamps = self.masks = None
+        self.timestamps = self.masks = self.spans = None
 
     def __len__(self) -> int:
         return len(self._slots)

@@ -39,6 +39,7 @@ from tb_reranker.rerank.batch import (
 )
 from tb_reranker.rerank.cache import KVCache, Rows
 from tb_reranker.rerank.model_info import ModelInfo, encode_texts
+from tb_reranker.rerank.videos import Expansion, collapse, combine, expand, segment_counts, spans_of
 from tb_reranker.types import RerankResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,21 +124,28 @@ class Reranker:
         top_n: int | None = None,
         strict: bool = False,
         contents_hashes: Sequence[Sequence[str | None]] | None = None,
+        candidates_are: str = "video",
     ) -> list[RerankResult]:
         """Rerank each query's candidates jointly (the one-to-many focused view).
 
         Args:
             indicators: ``[Q, m, D]`` (or ``[m, D]`` for one query).
-            candidates_ids: Q lists of video ids (no duplicates within a list).
+            candidates_ids: Q lists of video ids (no duplicates within a list); with
+                ``candidates_are="segment"`` record keys (``<video id>~<n>``: segment n).
             broad_scores: Q lists of S' aligned with the ids; ``None`` → computed from the
-                stored tokens (cosine of I_1 with the normalised mean frame token).
+                stored tokens (cosine of I_1 with the normalised mean frame token). By video,
+                a given score is the video's best segment's (``rerank.videos``).
             top_n: return only the best ``top_n`` per query.
             strict: raise ``NotFoundError`` for ids the store lacks instead of reporting them.
             contents_hashes: optional Q lists of content hashes (validates cached K/V).
+            candidates_are: "video": each id stands for every stored segment of its video, and
+                is answered with its best segment's scores and span (``start_s``/``end_s``);
+                "segment": each id is scored as the record it names.
 
         Returns:
-            Q ``RerankResult``; the first ``min(K, found)`` candidates by broad score are
-            reranked, the rest follow in broad order, ids missing from the store come last.
+            Q ``RerankResult``; the first ``min(K, found)`` candidates (segments, by video) by
+            broad score are reranked, the rest follow in broad order, ids missing from the
+            store come last.
         """
         request = RerankRequest.build(
             indicators,
@@ -146,6 +154,7 @@ class Reranker:
             top_n=top_n,
             strict=strict,
             contents_hashes=contents_hashes,
+            candidates_are=candidates_are,
             shape=(self.num_indicators, self.embed_dim),
             limits=self.limits,
         )
@@ -156,14 +165,22 @@ class Reranker:
         t_start = time.perf_counter_ns()
         queries = torch.from_numpy(request.indicators).to(self.device)  # [Q, m, D]
         t_fetch = time.perf_counter_ns()
+        if request.candidates_are == "segment":
 
-        def plan(rows: Rows) -> tuple[list[Plan], FusionBatch | None]:
-            plans = plan_queries(queries, request, rows)
-            return plans, gather_batch(plans, rows, self.top_k)
+            def plan(rows: Rows) -> tuple[list[Plan], FusionBatch | None]:
+                plans = plan_queries(queries, request, rows)
+                return plans, gather_batch(plans, rows, self.top_k)
 
-        rows, (plans, batch) = self.cache.collect(unique_ids(request), self._fetch, plan)
+            rows, (plans, batch) = self.cache.collect(unique_ids(request), self._fetch, plan)
+            missing = missing_ids(request, rows.index)
+            expansion, spans = None, {}
+        else:
+            expansion, plans, batch, spans = self._plan_videos(queries, request)
+            missing = [  # segments of stored videos that the store lacks (collapse says so)
+                [key for key in keys if key not in spans]
+                for keys in expansion.request.candidates_ids
+            ]
         t_fused = time.perf_counter_ns()
-        missing = missing_ids(request, rows.index)
         focused = fuse(self.model, queries, batch, len(plans))
         t_done = time.perf_counter_ns()
         timings = {
@@ -172,7 +189,36 @@ class Reranker:
             "total_ns": t_done - t_start,
             "batch_size": len(plans),
         }
-        return assemble(plans, focused, missing, request.top_n, timings)
+        if expansion is None:
+            return assemble(plans, focused, missing, request.top_n, timings)
+        results = assemble(plans, focused, missing, None, timings)
+        return collapse(results, expansion, request, spans)
+
+    def _plan_videos(
+        self, queries: torch.Tensor, request: RerankRequest
+    ) -> tuple[Expansion, list[Plan], FusionBatch | None, dict[str, tuple[float, float]]]:
+        """By video (``rerank.videos``): the segment-0 records give the segment counts; when
+        every segment is among them (one-segment videos) the plans are made from those rows,
+        else from a second read of all the segments (the segment-0 ones cached by the first)."""
+
+        def plan(
+            expansion: Expansion, rows: Rows
+        ) -> tuple[list[Plan], FusionBatch | None, dict[str, tuple[float, float]]]:
+            plans = combine(plan_queries(queries, expansion.request, rows), expansion)
+            return plans, gather_batch(plans, rows, self.top_k), spans_of(rows, expansion.keys)
+
+        def first(rows: Rows) -> tuple[Expansion, Any]:
+            expansion = expand(request, segment_counts(rows, list(wanted)))
+            if expansion.keys <= rows.index.keys():
+                return expansion, plan(expansion, rows)
+            return expansion, None
+
+        wanted = unique_ids(request)  # video ids = their segment-0 keys
+        _, (expansion, planned) = self.cache.collect(wanted, self._fetch, first)
+        if planned is None:
+            segments = unique_ids(expansion.request)
+            _, planned = self.cache.collect(segments, self._fetch, lambda r: plan(expansion, r))
+        return (expansion, *planned)
 
     def invalidate(self, videos_ids: Sequence[str] | None = None) -> None:
         """Forget cached projections of these videos (all when ``None``)."""
@@ -217,6 +263,10 @@ class Reranker:
             cls=cls,
             timestamps=_stack(records, fetched, "timestamps", np.float32),  # [N, T]
             masks=masks,  # [N, T]
+            spans=np.array(
+                [(r.start_s, r.end, r.segments) for r in (records[i] for i in fetched)],
+                dtype=np.float64,
+            ).reshape(-1, 3),  # [N, 3]
         )
         return rows, {video_id: records[video_id].content_hash for video_id in fetched}
 

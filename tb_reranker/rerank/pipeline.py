@@ -136,6 +136,7 @@ class TwoStageSearch:
             contents_hashes=[
                 [row.get("content_hash") or None for row in broad[q]] for q in nonempty
             ],
+            candidates_are="segment",  # Milvus rows are segments: scored each by its own key
         )
         try:
             reranked = self.backend.rerank(request)

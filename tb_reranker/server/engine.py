@@ -181,7 +181,7 @@ class ServingEngine:
 
     async def rerank(self, **fields: Any) -> tuple[RerankQuery, RerankResult, dict[str, int]]:
         """One query (``RerankQuery.build``'s fields: candidates_ids, text | indicators,
-        broad_scores, contents_hashes, top_n, strict) → the validated query, its
+        broad_scores, contents_hashes, top_n, strict, candidates_are) → the validated query, its
         ``RerankResult`` and timings."""
         query = RerankQuery.build(shape=self._shape(), limits=self.limits, **fields)
         item = RerankItem(query, {})
@@ -250,12 +250,18 @@ class ServingEngine:
         return out
 
     def _run_rerank(self, items: Sequence[RerankItem]) -> list[Any]:
-        """Device thread: encode the text queries at once, then one fusion for the batch."""
+        """Device thread: encode the text queries at once, then one fusion for the batch (one
+        per ``candidates_are`` present: by video and by segment do not share a request)."""
         backend = InProcessBackend(self.reranker)
         indicators = self._indicators(backend, items)
-        request = RerankRequest.of_queries([item.query for item in items], indicators)
-        results = backend.rerank(request)
-        return [_finish(item, result) for item, result in zip(items, results, strict=True)]
+        results: list[Any] = [None] * len(items)
+        for kind in sorted({item.query.candidates_are for item in items}):
+            picked = [n for n, item in enumerate(items) if item.query.candidates_are == kind]
+            stacked = indicators if len(picked) == len(items) else indicators[picked]
+            request = RerankRequest.of_queries([items[n].query for n in picked], stacked)
+            for n, result in zip(picked, backend.rerank(request), strict=True):
+                results[n] = _finish(items[n], result)
+        return results
 
     @staticmethod
     def _indicators(backend: InProcessBackend, items: Sequence[RerankItem]) -> np.ndarray:

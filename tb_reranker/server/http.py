@@ -3,8 +3,10 @@
 Documents are **video ids** (for Milvus: a VARCHAR field holding them, not the primary key; see
 docs/providers.md); the query is the search text. Scores are TokenBinder's final scores S = S' + Δ with S' computed from the stored
 frame tokens, made non-increasing along TokenBinder's order (candidates past K keep their broad
-order below the reranked ones). Ids absent from the frame store come last with score
-``MISSING_SCORE``.
+order below the reranked ones). A video cut into segments at ingest is reranked as all of its
+segments and scores as its best one (the Rerank RPC's rerank by video, ``rerank.videos``); a
+segment key (``<video id>~<n>``) as a document is a 400. Ids absent from the frame store come
+last with score ``MISSING_SCORE``.
 
 Routes (``tb serve --http-port``):
 
@@ -71,7 +73,8 @@ ENGINE_KEY = web.AppKey("engine", ServingEngine)
 async def scored_documents(
     engine: ServingEngine, query: Any, documents: list[str], top_n: int | None = None
 ) -> list[tuple[int, float]]:
-    """(index into ``documents``, score) in TokenBinder order, missing ids last."""
+    """(index into ``documents``, score) in TokenBinder order, missing ids last; a document is
+    a video id, scored as its best segment (the engine's rerank by video)."""
     if not isinstance(query, str):
         raise InvalidInputError("'query' must be a string")
     _, result, _ = await engine.rerank(candidates_ids=documents, text=query)

@@ -30,6 +30,7 @@ from tb_reranker.server.engine import SearchDisabledError, ServingEngine
 from tb_reranker.server.scrub import public_message
 from tb_reranker.wire import pb, pb_grpc
 from tb_reranker.wire.convert import (
+    candidates_are_from_proto,
     hit_to_proto,
     metadata_to_proto,
     rerank_result_to_proto,
@@ -145,6 +146,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
             contents_hashes=list(request.contents_hashes) if len(request.contents_hashes) else None,
             top_n=int(request.top_n) or None,
             strict=bool(request.strict),
+            candidates_are=candidates_are_from_proto(request),
         )
         return rerank_result_to_proto(result, query.candidates_ids, timings)
 

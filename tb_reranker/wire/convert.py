@@ -26,6 +26,7 @@ __all__ = [
     "hit_to_proto",
     "hit_from_proto",
     "rerank_request_to_proto",
+    "candidates_are_from_proto",
     "rerank_result_to_proto",
     "rerank_result_from_proto",
     "search_request_to_proto",
@@ -148,6 +149,23 @@ def hit_from_proto(message: pb.SearchHit) -> Hit:
     )
 
 
+# RerankRequest.candidates_are on the wire (CandidatesAre) and back
+CANDIDATES_TO_PROTO = {"video": pb.CANDIDATES_ARE_VIDEO, "segment": pb.CANDIDATES_ARE_SEGMENT}
+CANDIDATES_FROM_PROTO = {
+    pb.CANDIDATES_ARE_UNSPECIFIED: "video",  # older clients: video ids
+    **{value: name for name, value in CANDIDATES_TO_PROTO.items()},
+}
+
+
+def candidates_are_from_proto(message: pb.RerankRequest) -> str:
+    """What a ``RerankRequest`` message's ids name ("video" unless set; an unknown value is
+    ``InvalidInputError``)."""
+    kind = CANDIDATES_FROM_PROTO.get(message.candidates_are)
+    if kind is None:
+        raise InvalidInputError(f"unknown candidates_are {message.candidates_are}")
+    return kind
+
+
 def rerank_request_to_proto(
     request: RerankRequest, query_fingerprint: str = ""
 ) -> list[pb.RerankRequest]:
@@ -161,6 +179,7 @@ def rerank_request_to_proto(
             top_n=request.top_n or 0,
             strict=request.strict,
             query_fingerprint=query_fingerprint,
+            candidates_are=CANDIDATES_TO_PROTO[request.candidates_are],
         )
         if request.broad_scores[q] is not None:
             message.broad_scores.extend(request.broad_scores[q])
@@ -175,10 +194,7 @@ def rerank_result_to_proto(
 ) -> pb.RerankResponse:
     """``RerankResult`` → ``RerankResponse`` (missing ids keep their request index)."""
     positions = {video_id: n for n, video_id in enumerate(candidates_ids)}
-    ranks = [
-        _scored(pb.RankedCandidate, candidate, index=candidate.index)
-        for candidate in result.candidates
-    ]
+    ranks = [_ranked(candidate) for candidate in result.candidates]
     missing = [
         pb.MissingCandidate(
             id=video_id, index=positions[video_id], reason=pb.MISSING_REASON_NOT_IN_STORE
@@ -186,6 +202,15 @@ def rerank_result_to_proto(
         for video_id in result.missing_ids
     ]
     return pb.RerankResponse(ranks=ranks, missing=missing, metadata=metadata_to_proto(timings))
+
+
+def _ranked(candidate: RerankedCandidate) -> pb.RankedCandidate:
+    message = _scored(pb.RankedCandidate, candidate, index=candidate.index)
+    if candidate.start_s is not None:
+        message.start_s = candidate.start_s
+    if candidate.end_s is not None:
+        message.end_s = candidate.end_s
+    return message
 
 
 def rerank_result_from_proto(response: pb.RerankResponse) -> RerankResult:
@@ -198,6 +223,8 @@ def rerank_result_from_proto(response: pb.RerankResponse) -> RerankResult:
             delta=float(rank.delta),
             best_frame_s=float(rank.best_frame_s) if rank.HasField("best_frame_s") else None,
             reranked=bool(rank.reranked),
+            start_s=float(rank.start_s) if rank.HasField("start_s") else None,
+            end_s=float(rank.end_s) if rank.HasField("end_s") else None,
         )
         for rank in response.ranks
     ]

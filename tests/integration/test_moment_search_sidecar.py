@@ -114,10 +114,11 @@ def test_sidecar_search_returns_the_in_process_moments(setup):
         assert len({h.id for h in videos}) == 10  # limit counts videos: all ten
         assert {len(h.moments) for h in videos} >= {1, 3}  # capped at 3, fewer where fewer
         assert any(h.reranked for h in videos)
-        # the sidecar's Rerank takes segment keys as candidates
+        # the sidecar's Rerank takes segment keys as candidates (by segment; by video, the
+        # default, a segment key is refused: tests/integration/test_rerank_by_video.py)
         indicators = remote.encode(TEXTS[:1])
-        remote_result = remote.rerank(indicators, [keys[:8]])
-        local_result = components.reranker.rerank(indicators, [keys[:8]])
+        remote_result = remote.rerank(indicators, [keys[:8]], candidates_are="segment")
+        local_result = components.reranker.rerank(indicators, [keys[:8]], candidates_are="segment")
         assert [c.id for c in remote_result[0].candidates] == [
             c.id for c in local_result[0].candidates
         ]

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CandidatesAre(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CANDIDATES_ARE_UNSPECIFIED: _ClassVar[CandidatesAre]
+    CANDIDATES_ARE_VIDEO: _ClassVar[CandidatesAre]
+    CANDIDATES_ARE_SEGMENT: _ClassVar[CandidatesAre]
+
 class MissingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MISSING_REASON_UNSPECIFIED: _ClassVar[MissingReason]
@@ -17,6 +23,9 @@ class SearchGroup(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEARCH_GROUP_UNSPECIFIED: _ClassVar[SearchGroup]
     SEARCH_GROUP_VIDEO: _ClassVar[SearchGroup]
     SEARCH_GROUP_MOMENT: _ClassVar[SearchGroup]
+CANDIDATES_ARE_UNSPECIFIED: CandidatesAre
+CANDIDATES_ARE_VIDEO: CandidatesAre
+CANDIDATES_ARE_SEGMENT: CandidatesAre
 MISSING_REASON_UNSPECIFIED: MissingReason
 MISSING_REASON_NOT_IN_STORE: MissingReason
 SEARCH_GROUP_UNSPECIFIED: SearchGroup
@@ -66,7 +75,7 @@ class EncodeResponse(_message.Message):
     def __init__(self, indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., metadata: _Optional[_Union[Metadata, _Mapping]] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("text", "indicators", "candidates_ids", "broad_scores", "top_n", "strict", "contents_hashes", "query_fingerprint")
+    __slots__ = ("text", "indicators", "candidates_ids", "broad_scores", "top_n", "strict", "contents_hashes", "query_fingerprint", "candidates_are")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     INDICATORS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +84,7 @@ class RerankRequest(_message.Message):
     STRICT_FIELD_NUMBER: _ClassVar[int]
     CONTENTS_HASHES_FIELD_NUMBER: _ClassVar[int]
     QUERY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_ARE_FIELD_NUMBER: _ClassVar[int]
     text: str
     indicators: FloatTensor
     candidates_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -83,10 +93,11 @@ class RerankRequest(_message.Message):
     strict: bool
     contents_hashes: _containers.RepeatedScalarFieldContainer[str]
     query_fingerprint: str
-    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., candidates_ids: _Optional[_Iterable[str]] = ..., broad_scores: _Optional[_Iterable[float]] = ..., top_n: _Optional[int] = ..., strict: _Optional[bool] = ..., contents_hashes: _Optional[_Iterable[str]] = ..., query_fingerprint: _Optional[str] = ...) -> None: ...
+    candidates_are: CandidatesAre
+    def __init__(self, text: _Optional[str] = ..., indicators: _Optional[_Union[FloatTensor, _Mapping]] = ..., candidates_ids: _Optional[_Iterable[str]] = ..., broad_scores: _Optional[_Iterable[float]] = ..., top_n: _Optional[int] = ..., strict: _Optional[bool] = ..., contents_hashes: _Optional[_Iterable[str]] = ..., query_fingerprint: _Optional[str] = ..., candidates_are: _Optional[_Union[CandidatesAre, str]] = ...) -> None: ...
 
 class RankedCandidate(_message.Message):
-    __slots__ = ("id", "index", "score", "broad_score", "delta", "best_frame_s", "reranked")
+    __slots__ = ("id", "index", "score", "broad_score", "delta", "best_frame_s", "reranked", "start_s", "end_s")
     ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +105,8 @@ class RankedCandidate(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     BEST_FRAME_S_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
     id: str
     index: int
     score: float
@@ -101,7 +114,9 @@ class RankedCandidate(_message.Message):
     delta: float
     best_frame_s: float
     reranked: bool
-    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., broad_score: _Optional[float] = ..., delta: _Optional[float] = ..., best_frame_s: _Optional[float] = ..., reranked: _Optional[bool] = ...) -> None: ...
+    start_s: float
+    end_s: float
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., score: _Optional[float] = ..., broad_score: _Optional[float] = ..., delta: _Optional[float] = ..., best_frame_s: _Optional[float] = ..., reranked: _Optional[bool] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ...) -> None: ...
 
 class MissingCandidate(_message.Message):
     __slots__ = ("id", "index", "reason")

@@ -124,6 +124,9 @@ class RerankServiceServicer:
 
     def Rerank(self, request, context):
         """One query, its candidate video ids (e.g. Milvus top-K) -> the ids reordered by S' + Δ.
+        A video id stands for every stored segment of its video (a long video is cut at ingest):
+        the top K segments of all candidates are reranked jointly and a video is answered with
+        its best segment's scores and span (candidates_are = CANDIDATES_ARE_SEGMENT: segment keys).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
