@@ -9,7 +9,12 @@
 3. per test seed (never used for anything else), a ``tb synth --long`` set of ``--pairs`` pairs
    (its defaults: 4 events of 10 s x [0.75, 1.25], 64 px, 8 fps, the same families);
 4. ``evaluate_moments`` (segments ``shots``, K = the model's top_k): video R@k and moment
-   R1@IoU, broad vs reranked, per seed, their mean, and per family (pooled over the seeds).
+   R1@IoU, broad vs reranked, per seed, their mean, and per family (pooled over the seeds);
+5. the short-clip reference of the same checkpoint: t2v R@k, broad vs reranked, on a ``tb
+   synth`` test split of ``--short-test`` clips of the same families, seed ``--short-seed``
+   (0 clips: skipped).
+
+A long set left in ``--work`` by other arguments or another generator version is regenerated.
 
 Targets: reranked video R@1 >= broad + 15 points; moment IoU >= 0.5 in >= 80 % of the queries
 whose top video is right. Prints the JSON and writes it with a bar plot under
@@ -67,6 +72,42 @@ def _checkpoint(args: argparse.Namespace, families: tuple[str, ...]) -> tuple[Pa
     return checkpoint, seconds
 
 
+def _long_set(root: Path, args: argparse.Namespace, seed: int, families: tuple[str, ...]) -> None:
+    """The long test set of ``seed`` in ``root``, regenerated when it was made otherwise."""
+    from tb_reranker.errors import AlreadyExistsError
+    from tb_reranker.video.synth_long import generate_long
+
+    kwargs = {"num_pairs": args.pairs, "seed": seed, "families": families, "progress": False}
+    try:
+        generate_long(root, **kwargs)
+    except AlreadyExistsError:
+        log.info("%s holds a long set made otherwise (an older generator): regenerating", root)
+        generate_long(root, force=True, **kwargs)
+
+
+def _short_reference(model: Any, args: argparse.Namespace, families: tuple[str, ...]) -> Any:
+    """t2v R@1/5/10, broad vs reranked, of ``model`` on short test clips (None: skipped)."""
+    from tb_reranker.training.evaluate import evaluate
+    from tb_reranker.training.features import load_video_captions
+    from tb_reranker.video.synth import generate
+
+    if not args.short_test:
+        return None
+    root = Path(args.work) / f"short_test_{args.short_seed}"
+    generate(root, num_train=0, num_val=0, num_test=args.short_test, seed=args.short_seed,
+             families=families, progress=False)  # fmt: skip
+    data = load_video_captions("generic", str(root), "test")
+    result = evaluate(model, data, cache_dir=Path(args.work) / "cache", workers=args.threads)
+    return {
+        "what": f"t2v on a tb synth test split of {args.short_test} short clips of "
+        f"{','.join(families)}, seed {args.short_seed} (training.evaluate, pessimistic ties)",
+        "t2v": {
+            view: {k: round(result["t2v"][view][k], 1) for k in ("R@1", "R@5", "R@10")}
+            for view in ("broad", "reranked")
+        },
+    }
+
+
 def _families_of(root: Path) -> dict[tuple[str, str], str]:
     """(video_id, caption) -> family, from videos.jsonl."""
     out = {}
@@ -112,7 +153,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from tb_reranker.model import load_checkpoint
     from tb_reranker.training.evaluate_moments import evaluate_moments
-    from tb_reranker.video.synth_long import generate_long
 
     torch.set_num_threads(args.threads)
     families = tuple(f for f in args.families.split(",") if f)
@@ -121,7 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_seed, pooled = {}, []
     for seed in args.test_seeds:
         root = Path(args.work) / f"long_{seed}"
-        generate_long(root, num_pairs=args.pairs, seed=seed, families=families, progress=False)
+        _long_set(root, args, seed, families)
         started = time.perf_counter()
         result = evaluate_moments(model, root, workers=args.threads, details=True)
         result["eval_s"] = round(time.perf_counter() - started, 1)
@@ -142,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "per_seed": per_seed,
         "mean_over_seeds": mean,
         "per_family": {f: _summary([q for q in pooled if q["family"] == f]) for f in families},
+        "short_clip_reference": _short_reference(model, args, families),
         "targets": {
             "video_R@1_gain": {"measured": round(gain, 2), "target": 15.0, "met": gain >= 15.0},
             "moment_IoU0.5_of_top_video_right": {
@@ -180,6 +221,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="(the synthetic preset's: 30)")
     parser.add_argument("--families", default="order,motion,colour")
     parser.add_argument("--pairs", type=int, default=30, help="long video pairs per test seed")
+    parser.add_argument("--short-seed", type=int, default=303, help="short-clip reference")
+    parser.add_argument("--short-test", type=int, default=480, help="its clips (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="tb_data/moment_eval")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT / "moment_eval")
