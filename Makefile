@@ -32,9 +32,10 @@ lock: | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/tb demo
 
-# The suite on two worker processes (pytest-xdist; a whole file per worker, so module fixtures are
-# built once): about half the wall time on a 2-core machine. PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 2
+# The suite on three worker processes (pytest-xdist; a whole file per worker, so module fixtures
+# are built once). Three, not two, on a 2-core machine: much of a test is waiting (servers, child
+# processes, timeouts); 6:45 vs 9:29 for -n 2. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test: $(STAMP)
