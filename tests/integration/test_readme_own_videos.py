@@ -97,5 +97,6 @@ def test_every_readme_command_runs(
     assert trained.query_fingerprint() != zero_shot.query_fingerprint()
     for output in (outputs[2], outputs[4]):
         assert output.count("clip") == 4  # every video found, by both checkpoints
-    zero_shot_deltas = re.findall(r"([+-]\d\.\d{4})  clip", outputs[2])
+    # the table row: ... delta, the moment (start-end s), the id
+    zero_shot_deltas = re.findall(r"([+-]\d\.\d{4})\s+[\d.]+-[\d.]+s\s+clip", outputs[2])
     assert zero_shot_deltas and {float(d) for d in zero_shot_deltas} == {0.0}

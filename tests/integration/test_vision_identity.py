@@ -127,15 +127,15 @@ def _legacy_library(setup: dict, data_dir: Path, monkeypatch: pytest.MonkeyPatch
     model = load_checkpoint(setup["a"])
     whole = model.fingerprint()
 
-    def old_properties(dim: int, fingerprint: str) -> dict[str, str]:
+    def old_properties(dim: int, fingerprint: str, version: int) -> dict[str, str]:
         return {
             schema.FINGERPRINT_PROPERTY: whole,
             schema.DIM_PROPERTY: str(dim),
-            schema.SCHEMA_VERSION_PROPERTY: str(schema.SCHEMA_VERSION),
+            schema.SCHEMA_VERSION_PROPERTY: str(version),
         }
 
-    def old_description(dim: int, fingerprint: str) -> str:
-        meta = {"app": "tb_reranker", "schema_version": 1, "dim": dim, "fingerprint": whole}
+    def old_description(dim: int, fingerprint: str, version: int) -> str:
+        meta = {"app": "tb_reranker", "schema_version": version, "dim": dim, "fingerprint": whole}
         return json.dumps(meta)
 
     monkeypatch.setattr(schema, "_properties", old_properties)
