@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig
-from tb_reranker.model import fusion_block
+from tb_reranker.model import FocusedScores, TokenBinder, TokenBinderConfig, fusion_block
 from tb_reranker.model.fusion import CrossAttentionBlock, FocusedFusion, gumbel_like
 
 B, K, T, D = 2, 6, 8, 64
