@@ -26,6 +26,7 @@ Decoding strategy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -52,6 +53,7 @@ __all__ = [
     "preprocess_image",
     "content_hash",
     "check_video_file",
+    "open_video",
 ]
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,29 @@ def _check_frame_size(path: str, width: int, height: int) -> None:
         )
 
 
+@contextlib.contextmanager
+def open_video(path: str) -> Iterator[tuple[Any, Any]]:
+    """``path`` opened for decoding: its container and first video stream, checked before a
+    single frame is decoded (a readable media file, a video stream, frames of at most
+    ``MAX_FRAME_PIXELS``), the container closed on exit; ``VideoDecodeError`` otherwise.
+    The one opening of ``decode_video`` and of the segmenting pass (``video.segment``)."""
+    import av
+
+    try:
+        container = av.open(path, mode="r")
+    except av.error.FFmpegError as exc:
+        raise VideoDecodeError(
+            path, f"not a readable media file ({_open_error_reason(exc)})"
+        ) from None
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        _check_frame_size(path, int(stream.codec_context.width), int(stream.codec_context.height))
+        yield container, stream
+
+
 class _Reduced:
     """A picked frame kept as a small RGB image (for frames above REDUCE_ABOVE_PIXELS): what
     the preprocessing reads of a frame (``to_image``, ``rotation``), at a fraction of the size."""
@@ -518,22 +543,10 @@ def _decode(
     seek_threshold_s: float,
     threads: int,
 ) -> VideoClip:
-    import av
     from av.video.reformatter import VideoReformatter
 
-    try:
-        container = av.open(path, mode="r")
-    except av.error.FFmpegError as exc:
-        raise VideoDecodeError(
-            path, f"not a readable media file ({_open_error_reason(exc)})"
-        ) from None
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+    with open_video(path) as (container, stream):
         width, height = int(stream.codec_context.width), int(stream.codec_context.height)
-        _check_frame_size(path, width, height)  # before a single frame is decoded
         if width * height > REDUCE_ABOVE_PIXELS:
             threads = 1  # every decoding thread holds a full-size frame of its own
         if threads:

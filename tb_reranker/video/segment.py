@@ -64,6 +64,7 @@ from tb_reranker.video.decode import (
     _time_of,
     check_video_file,
     decode_video,
+    open_video,
 )
 from tb_reranker.video.segment_plan import SegmentSpec, ShotPlanner, Span, fixed_windows
 
@@ -433,20 +434,8 @@ def _pass(
 ) -> Iterator[Outcome | SegmentedVideo]:
     """Open, probe the span, then either hand the file to ``decode_video`` (one segment) or run
     the pass; yields outcomes as they become final, then the summary ``SegmentedVideo``."""
-    import av
-
-    try:
-        container = av.open(path, mode="r")
-    except av.error.FFmpegError as exc:
-        reason = f"not a readable media file ({_open_error_reason(exc)})"
-        raise VideoDecodeError(path, reason) from None
-    with container:
-        if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
-            raise VideoDecodeError(path, f"no video stream (streams: {', '.join(kinds)})")
-        stream = container.streams.video[0]
+    with open_video(path) as (container, stream):
         width, height = int(stream.codec_context.width), int(stream.codec_context.height)
-        _check_frame_size(path, width, height)
         assert settings.deadline is not None
         settings.t0, settings.duration = _stream_span(
             container, stream, settings.deadline, DEFAULT_SEEK_THRESHOLD_S
