@@ -187,7 +187,11 @@ def read_text(path: Path) -> str:
 
 def read_json(path: Path) -> Any:
     """The parsed JSON document of ``path``."""
-    text = read_text(path)
+    return parse_json(path, read_text(path))
+
+
+def parse_json(path: Path, text: str) -> Any:
+    """``text`` (read from ``path``) parsed as one JSON document; ``malformed`` names the line."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

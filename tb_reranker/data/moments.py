@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tb_reranker.data.base import clean_caption, malformed, read_text
+from tb_reranker.data.base import clean_caption, malformed, parse_json, read_text
 from tb_reranker.errors import InvalidInputError
 
 __all__ = ["MOMENT_FORMATS", "Moment", "load_moments"]
@@ -108,7 +108,7 @@ class _Reader:
 
 
 def _activitynet(reader: _Reader, text: str) -> list[Moment]:
-    data = _json(reader.path, text)
+    data = parse_json(reader.path, text)
     if not isinstance(data, dict):
         raise malformed(reader.path, "expected a JSON object {video_id: {...}}")
     moments: list[Moment] = []
@@ -179,15 +179,6 @@ _READERS: dict[str, Callable[[_Reader, str], list[Moment]]] = {
     "charades": _charades,
     "qvhighlights": _qvhighlights,
 }
-
-
-def _json(path: Path, text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise malformed(
-            path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from exc
 
 
 def _guess(path: Path, text: str) -> str:
