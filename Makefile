@@ -17,7 +17,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP) pip
-	$(PIP) --build-constraint $(LOCK) -e '.[dev]'
+	$(PIP) --build-constraint $(LOCK) -e '.[dev,ray]'
 	$(BIN)/pip check
 	touch $(STAMP)
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 LOCK_UPGRADE ?= --upgrade
 lock: | $(BIN)/python
 	$(PIP) uv
-	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra dev --universal \
+	$(BIN)/uv pip compile pyproject.toml requirements/lock.in --extra dev --extra ray --universal \
 		--python-version 3.11 $(LOCK_UPGRADE) --custom-compile-command "make lock" -o $(LOCK)
 
 demo: $(STAMP)
