@@ -18,6 +18,7 @@ __all__ = [
     "StoreError",
     "IndexUnavailableError",
     "IndexBackendError",
+    "BulkImportError",
     "RerankerUnavailableError",
     "ResourceExhaustedError",
     "DeadlineExceededError",
@@ -92,6 +93,14 @@ class IndexUnavailableError(TBError):
 # Deprecated name of IndexUnavailableError (the same class: ``except IndexBackendError`` and
 # a sidecar that names it in its error trailer keep working)
 IndexBackendError = IndexUnavailableError
+
+
+class BulkImportError(IndexUnavailableError):
+    """Milvus rejected a bulk import (a job failed: a file of the wrong dimension, unreadable or
+    missing) or its rows did not show up; the collection was left as it was. Not retriable:
+    the same files fail again (a timeout says ``retriable=True``)."""
+
+    retriable = False
 
 
 class RerankerUnavailableError(TBError):
