@@ -180,12 +180,20 @@ class Client:
     def ingest(self, paths: str | Path | Iterable[str | Path], **options: Any) -> Any:
         """Decode, encode and store videos (files, directories, globs or ``@list.txt``).
 
+        ``engine="ray"`` (``ray_address=...``, ``encode_actors=...``: see ``IngestOptions``)
+        decodes and encodes on Ray, each encode actor loading this client's checkpoint.
         Returns the ``IngestReport`` (ingested, unchanged, failed with reasons, videos/s).
         """
         from tb_reranker.index import ingest
 
         if isinstance(paths, (str, Path)):
             paths = [paths]
+        if options.get("engine") == "ray":  # the actors load the model from its directory
+            from tb_reranker.index.ray_ingest import check_ray
+
+            check_ray(options.get("ray_address"))  # the extra and the address, before the model
+            options.setdefault("checkpoint", str(Path(self.settings.checkpoint).resolve()))
+            options.setdefault("device", self.settings.device or "auto")
         report = ingest(  # checks the options, then creates the collection if needed
             [str(p) for p in paths], model=self.model, index=self.index, store=self.store, **options
         )

@@ -28,6 +28,7 @@ __all__ = [
     "COUNT",
     "SECONDS",
     "THREADS",
+    "CPUS",
     "WORKERS",
     "SEED",
     "REAL",
@@ -102,6 +103,7 @@ POSITIVE_INT = Bound(1, MAX_INT32)
 COUNT = Bound(0, MAX_INT32)  # a size that may be 0 (off, none)
 SECONDS = Bound(0, 7 * 24 * 3600, integer=False, low_open=True)  # a timeout: > 0, at most a week
 THREADS = Bound(1, 1024)
+CPUS = Bound(0, 1024, integer=False, low_open=True)  # CPUs a task reserves (a fraction: shares one)
 WORKERS = Bound(0, 1024)  # 0: the command's own meaning (in process, one per CPU)
 SEED = Bound(0, 2**32 - 1)  # numpy's seed range
 REAL = Bound(0, 1e9, integer=False)  # a non-negative setting (weight decay, clip, scale)

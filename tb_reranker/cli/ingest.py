@@ -10,7 +10,7 @@ from typing import Any
 
 from tb_reranker.cli._common import add_client_args, client_from_args, print_json
 from tb_reranker.errors import InvalidInputError, NotFoundError, printable
-from tb_reranker.numbers import POSITIVE_INT, THREADS
+from tb_reranker.numbers import CPUS, POSITIVE_INT, THREADS
 
 __all__ = ["register", "run"]
 
@@ -47,6 +47,38 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cuts, segments of 2-30 s), 'fixed:LEN[,OVERLAP]' (windows, seconds) or 'none' (whole "
         "files); videos no longer than the longest segment stay whole",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where decode and encode run: 'local' (default: this process) or 'ray' (decode "
+        "tasks and encode actors on Ray Data; needs the ray extra); writes are this process's",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="--engine ray: the cluster to join ('auto', HOST:PORT or ray://HOST:10001); "
+        "default: a private local Ray runtime for this run",
+    )
+    parser.add_argument(
+        "--encode-actors",
+        type=POSITIVE_INT.parse,
+        default=1,
+        help="--engine ray: encoder actors, one model each (one GPU each when there are GPUs) (1)",
+    )
+    parser.add_argument(
+        "--decode-tasks",
+        type=POSITIVE_INT.parse,
+        default=None,
+        help="--engine ray: decode tasks at once (default: as many as the CPUs allow)",
+    )
+    parser.add_argument(
+        "--decode-cpus",
+        type=CPUS.parse,
+        default=1.0,
+        help="--engine ray: CPUs each decode task reserves; 0.5 packs two per core (1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_client_args(parser)
@@ -75,6 +107,16 @@ def run(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "progress": not args.no_progress,  # a bar on a terminal, log lines elsewhere
     }
+    if args.engine == "ray":
+        options.update(
+            engine="ray",
+            ray_address=args.ray_address,
+            encode_actors=args.encode_actors,
+            decode_tasks=args.decode_tasks,
+            decode_cpus=args.decode_cpus,
+        )
+    elif args.ray_address is not None:
+        raise InvalidInputError("--ray-address needs --engine ray")
     if args.metadata:
         options["metadata"] = _read_json_object(args.metadata, "metadata")
     if args.ids:

@@ -45,6 +45,7 @@ from tb_reranker.index.rows import (
     video_row,
     video_rows,
 )
+from tb_reranker.numbers import CPUS, POSITIVE_INT
 from tb_reranker.stores import FrameRecord, FrameStore, segment_key
 from tb_reranker.video.segment_plan import SegmentSpec
 
@@ -53,6 +54,7 @@ __all__ = ["IngestOptions", "IngestReport", "ingest"]
 log = logging.getLogger(__name__)
 
 UPSERT_ROWS = 1000  # rows per upsert call, whole videos (a longer video is one call of its own)
+ENGINES = ("local", "ray")  # IngestOptions.engine
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,19 @@ class IngestOptions:
         progress: show progress (videos/s): a bar on a terminal, log lines elsewhere.
         segment: how videos are cut: ``"shots"`` (default), ``"fixed:LEN[,OVERLAP]"``, ``"none"``
             or a :class:`SegmentSpec`; videos up to the longest segment stay whole.
+        engine: ``"local"`` (default: this process, decoding threads) or ``"ray"`` (decode tasks
+            and encode actors on Ray Data, :mod:`tb_reranker.index.ray_ingest`; the ``ray``
+            extra). The plan and every write are this process's either way.
+        ray_address: ``engine="ray"``: the cluster to join (``"auto"``, ``"host:6379"``,
+            ``"ray://host:10001"``); None starts a private local Ray runtime for the run.
+        encode_actors: ``engine="ray"``: encoder actors, each loading the model once (one GPU
+            each when the cluster has GPUs).
+        decode_tasks: ``engine="ray"``: decode tasks at once (None: as many as the CPUs allow).
+        decode_cpus: ``engine="ray"``: CPUs each decode task reserves (a fraction packs more
+            tasks onto a core).
+        checkpoint: ``engine="ray"``: the checkpoint directory ``model`` was loaded from; each
+            encode actor loads it (``Client.ingest`` passes its own).
+        device: ``engine="ray"``: the encode actors' device (``"auto"``: a GPU when they have one).
     """
 
     batch_size: int = 8
@@ -76,15 +91,22 @@ class IngestOptions:
     ids: Mapping[str, str] | Callable[[str], str] | None = None
     progress: bool = True
     segment: str | SegmentSpec = "shots"
+    engine: str = "local"
+    ray_address: str | None = None
+    encode_actors: int = 1
+    decode_tasks: int | None = None
+    decode_cpus: float = 1.0
+    checkpoint: str | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidInputError(f"{name} must be an int, got {value!r}")
-        if self.batch_size < 1 or self.workers < 1:
+        for name in ("batch_size", "workers", "encode_actors", "decode_tasks"):
+            if getattr(self, name) is not None or name != "decode_tasks":
+                POSITIVE_INT.check(getattr(self, name), name)
+        CPUS.check(self.decode_cpus, "decode_cpus")
+        if self.engine not in ENGINES:
             raise InvalidInputError(
-                f"batch_size and workers must be >= 1, got {self.batch_size}, {self.workers}"
+                f"engine must be one of {', '.join(ENGINES)}, got {printable(self.engine)}"
             )
         check_metadata(self.metadata)
         if not isinstance(self.segment, SegmentSpec):
@@ -118,9 +140,11 @@ class IngestReport:
     reindexed: int = 0  # of `ingested`: rows rebuilt from stored tokens without decoding
     ids: list[str] = field(default_factory=list)  # ids written, in input order
     metadata_updated: int = 0  # unchanged files whose new metadata was written (not re-encoded)
+    engine: str = "local"  # IngestOptions.engine: where decode and encode ran
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "engine": self.engine,
             "ingested": self.ingested,
             "segments": self.segments,
             "metadata_updated": self.metadata_updated,
@@ -178,7 +202,8 @@ def ingest(
     Returns:
         An :class:`IngestReport`; undecodable files are listed in ``failed``, the rest go on.
     Raises:
-        InvalidInputError: invalid/duplicate ids, bad metadata, ``batch_size``/``workers`` < 1.
+        InvalidInputError: invalid/duplicate ids, bad metadata, ``batch_size``/``workers`` < 1;
+            ``engine="ray"`` without the ``ray`` extra, or a Ray address that does not answer.
         ModelMismatchError: the collection was filled by another model.
         StoreError, IndexBackendError: a backend failed (re-running resumes safely).
     """
@@ -191,6 +216,10 @@ def ingest(
         shown = "; ".join(f"{printable(item)}: {why}" for item, why in problems[:5])
         raise InvalidInputError(f"nothing to ingest: {shown or 'no input given'}")
     run = Ingestion(model=model, index=index, store=store, options=options)
+    if options.engine == "ray":
+        from tb_reranker.index.ray_ingest import RayEncoder
+
+        run.encoder = RayEncoder(options, fingerprint=run.fingerprint)  # the extra, the address
     run.report.failed.extend(problems)
     report = run.run(videos)
     report.seconds = time.perf_counter() - started
@@ -236,9 +265,11 @@ class Ingestion:
         # legacy collections) carrying this very model's whole-model fingerprint are current too
         self.fingerprint = str(model.vision_fingerprint())
         self.model_fingerprint = str(model.fingerprint())
-        self.report = IngestReport()
+        self.report = IngestReport(engine=options.engine)
         self.hashes: dict[str, str] = {}  # video id -> sha256 of its file
+        self.encoder: Any = None  # another engine's decode + encode (RayEncoder); None: local
         self._bar: Any = None
+        self._ready: list[VideoWrite] = []  # encoded videos waiting for the next write
 
     def run(self, videos: list[tuple[str, str]]) -> IngestReport:
         # same dim and fingerprint as the model; the collection created, or checked and loaded
@@ -394,33 +425,42 @@ class Ingestion:
     # ---------------------------------------------------------------- 3. decode, encode, write
     def encode(self, entries: list[tuple[str, str]], held: Mapping[str, set[str]]) -> None:
         """Cut and decode (worker threads, ahead) → encode (this thread, batched) → write each
-        video whole: store → stale keys → Milvus."""
+        video whole: store → stale keys → Milvus. With another engine (:attr:`encoder`) it
+        decodes and encodes, and hands each video to :meth:`take` here."""
         if not entries:
             return
-        from tb_reranker.index.segmenting import SegmentEncoder, segment_stream
+        if self.encoder is not None:
+            self.encoder.encode(self, entries, held)
+            self.flush()
+            return
+        from tb_reranker.index.segmenting import DecodeSettings, SegmentEncoder, segment_stream
 
         ids_of: dict[str, list[str]] = {}
         for video_id, path in entries:
             ids_of.setdefault(path, []).append(video_id)
-        stream = segment_stream(
-            [path for _, path in entries],
-            spec=self.options.spec,
-            num_frames=int(self.model.num_frames),
-            image_size=int(self.model.image_size),
-            mean=tuple(self.model.image_mean),
-            std=tuple(self.model.image_std),
-            workers=self.options.workers,
+        workers = self.options.workers
+        settings = DecodeSettings.for_model(
+            self.model, self.options.spec, threads=1 if workers > 1 else 0
         )
+        stream = segment_stream([path for _, path in entries], settings, workers=workers)
         encoder = SegmentEncoder(self.model, self.options.batch_size)
-        ready: list[VideoWrite] = []
         for path, item in stream:
             for video in encoder.add(path, item):
-                ready.extend(self._finished(ids_of[video.path].pop(0), video, held))
-            if len(ready) >= self.options.batch_size:
-                self._write_encoded(ready)
-                ready = []
+                self.take(ids_of[video.path].pop(0), video, held)
         for video in encoder.finish():
-            ready.extend(self._finished(ids_of[video.path].pop(0), video, held))
+            self.take(ids_of[video.path].pop(0), video, held)
+        self.flush()
+
+    def take(self, video_id: str, video: Any, held: Mapping[str, set[str]]) -> None:
+        """One encoded video (an ``EncodedVideo``, all its segments) in; written whole with the
+        next ``batch_size`` of them (:meth:`_write`), a failed one reported."""
+        self._ready.extend(self._finished(video_id, video, held))
+        if len(self._ready) >= self.options.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the videos :meth:`take` holds."""
+        ready, self._ready = self._ready, []
         if ready:
             self._write_encoded(ready)
 

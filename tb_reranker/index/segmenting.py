@@ -11,6 +11,10 @@ for ``shots``) is one segment decoded by ``decode_video``, exactly as before seg
 call (segments of several short videos share a batch, as whole videos did), and returns the
 videos all of whose segments are encoded (:class:`EncodedVideo`): the ingest writes a video
 only whole, so a crash never leaves part of its new segments visible.
+
+:func:`decode_file` (one file's items) and :func:`encode_segments` (one batch through the model)
+are the two steps themselves: this module's thread pipeline and the Ray engine's tasks and actors
+(:mod:`tb_reranker.index.ray_ingest`) both run them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from tb_reranker.errors import VideoDecodeError
 from tb_reranker.video.segment import Segment, SegmentFailure, iter_segments
 from tb_reranker.video.segment_plan import SegmentSpec
 
-__all__ = ["END", "EncodedSegment", "EncodedVideo", "SegmentEncoder", "segment_stream"]
+__all__ = [
+    "END",
+    "DecodeSettings",
+    "EncodedSegment",
+    "EncodedVideo",
+    "SegmentEncoder",
+    "decode_file",
+    "encode_segments",
+    "segment_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +73,72 @@ def stated_duration(path: str) -> float | None:
     return None
 
 
-def _items(path: str, kwargs: dict[str, Any]) -> Iterator[Item]:
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How every file of an ingest is cut and sampled: the segment spec and the model's input
+    geometry (``num_frames`` frames of ``image_size`` pixels normalised by ``mean``/``std``);
+    ``threads`` FFmpeg decoder threads per file (0: FFmpeg's choice). Plain values: it travels
+    to Ray decode tasks as it is."""
+
+    spec: SegmentSpec
+    num_frames: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    threads: int = 0
+
+    @classmethod
+    def for_model(cls, model: Any, spec: SegmentSpec, threads: int = 0) -> DecodeSettings:
+        """The settings that feed ``model`` (a ``TokenBinder``)."""
+        return cls(
+            spec=spec,
+            num_frames=int(model.num_frames),
+            image_size=int(model.image_size),
+            mean=tuple(float(v) for v in model.image_mean),
+            std=tuple(float(v) for v in model.image_std),
+            threads=threads,
+        )
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_frames": self.num_frames,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "threads": self.threads,
+        }
+
+
+def _items(path: str, settings: DecodeSettings) -> Iterator[Item]:
     """A file the spec keeps whole (by its stated duration) is decoded by ``decode_video``
     itself, as before segments; the rest go through the one-pass cutter."""
     from tb_reranker.video import decode_video
 
-    spec: SegmentSpec = kwargs["spec"]
     duration = stated_duration(path)
-    if duration is not None and spec.keeps_whole(duration):
-        args = {k: v for k, v in kwargs.items() if k != "spec"}
-        clip = decode_video(path, timeout_s=WHOLE_TIMEOUT_S, **args)
+    if duration is not None and settings.spec.keeps_whole(duration):
+        clip = decode_video(path, timeout_s=WHOLE_TIMEOUT_S, **settings.decode_kwargs())
         yield Segment(0.0, float(clip.duration_s), clip)
         return
-    yield from iter_segments(path, **kwargs)
+    yield from iter_segments(path, spec=settings.spec, **settings.decode_kwargs())
 
 
-def _produce(path: str, kwargs: dict[str, Any], out: queue.Queue, stop: threading.Event) -> None:
+def decode_file(path: str, settings: DecodeSettings) -> Iterator[Item]:
+    """The decode of one file, the one both ingest engines run: its segments and failed
+    stretches (:class:`Segment`, :class:`SegmentFailure`) in time order, then, when the file (or
+    what is left of it) cannot be decoded, one :class:`VideoDecodeError`. Never raises for a bad
+    file: one bad file must not stop the others."""
+    segments = _items(path, settings)
+    try:
+        yield from segments
+    except VideoDecodeError as exc:
+        yield exc
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+        yield VideoDecodeError(path, f"{type(exc).__name__}: {exc}")
+    finally:
+        segments.close()
+
+
+def _produce(path: str, settings: DecodeSettings, out: queue.Queue, stop: threading.Event) -> None:
     """One video's items into ``out`` (then END); gives up when ``stop`` is set."""
 
     def put(item: Item) -> bool:
@@ -87,40 +150,22 @@ def _produce(path: str, kwargs: dict[str, Any], out: queue.Queue, stop: threadin
                 continue
         return False
 
-    segments = _items(path, kwargs)
+    items = decode_file(path, settings)
     try:
-        for item in segments:
+        for item in items:
             if not put(item):
                 return
-    except VideoDecodeError as exc:
-        put(exc)
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-        put(VideoDecodeError(path, f"{type(exc).__name__}: {exc}"))
     finally:
-        segments.close()
+        items.close()
     put(END)
 
 
 def segment_stream(
-    paths: Iterable[str],
-    *,
-    spec: SegmentSpec,
-    num_frames: int,
-    image_size: int,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    workers: int = 2,
+    paths: Iterable[str], settings: DecodeSettings, *, workers: int = 2
 ) -> Iterator[tuple[str, Item]]:
-    """``(path, item)`` for every segment, failed stretch or file error of each video, in input
-    order, each video's items ending with ``(path, END)``; ``workers`` videos decode at once."""
-    kwargs: dict[str, Any] = {
-        "spec": spec,
-        "num_frames": num_frames,
-        "image_size": image_size,
-        "mean": mean,
-        "std": std,
-        "threads": 1 if workers > 1 else 0,
-    }
+    """``(path, item)`` for every segment, failed stretch or file error of each video
+    (:func:`decode_file`), in input order, each video's items ending with ``(path, END)``;
+    ``workers`` videos decode at once."""
     stop = threading.Event()
     pending: list[tuple[str, queue.Queue]] = []
     todo = iter(paths)
@@ -130,7 +175,7 @@ def segment_stream(
         path = next(todo, None)
         if path is not None:
             items: queue.Queue = queue.Queue(maxsize=QUEUE_SEGMENTS)
-            executor.submit(_produce, path, kwargs, items, stop)
+            executor.submit(_produce, path, settings, items, stop)
             pending.append((path, items))
 
     try:
@@ -149,6 +194,17 @@ def segment_stream(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
+def encode_segments(model: Any, frames: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The encode of a batch of segments, the one both ingest engines run: ``frames`` float32
+    [B, T, 3, H, W] and ``masks`` bool [B, T] through ``model.encode_frames`` →
+    ``(cls float32 [B, D], tokens float16 [B, T', D])``."""
+    import torch
+
+    with torch.inference_mode():
+        cls, tokens = model.encode_frames(torch.from_numpy(frames), torch.from_numpy(masks))
+    return cls.float().cpu().numpy(), tokens.float().cpu().numpy().astype(np.float16)
+
+
 @dataclass
 class EncodedSegment:
     """One segment's tokens and [CLS] and where it lies in its video."""
@@ -159,6 +215,27 @@ class EncodedSegment:
     cls: np.ndarray  # float32 [D]
     timestamps: np.ndarray  # float32 [T], seconds in the file
     mask: np.ndarray  # bool [T]
+
+    @classmethod
+    def of(
+        cls,
+        start_s: float,
+        end_s: float,
+        tokens: np.ndarray,
+        cls_vector: np.ndarray,
+        timestamps: np.ndarray,
+        mask: np.ndarray,
+    ) -> EncodedSegment:
+        """One row of :func:`encode_segments`' output with its segment's span and frames'
+        times and mask, each its own copy in the stored types."""
+        return cls(
+            start_s=float(start_s),
+            end_s=float(end_s),
+            tokens=np.array(tokens, dtype=np.float16),
+            cls=np.array(cls_vector, dtype=np.float32),
+            timestamps=np.asarray(timestamps, dtype=np.float32),
+            mask=np.asarray(mask, dtype=bool),
+        )
 
 
 @dataclass
@@ -218,23 +295,17 @@ class SegmentEncoder:
         return complete
 
     def _encode(self) -> None:
-        import torch
-
         batch, self.batch = self.batch, []
-        frames = torch.from_numpy(np.stack([s.clip.frames for _, _, s in batch]))  # [B,T,3,H,W]
-        masks = torch.from_numpy(np.stack([s.clip.mask for _, _, s in batch]))  # [B, T]
-        with torch.inference_mode():
-            cls, tokens = self.model.encode_frames(frames, masks)  # [B, D], [B, T', D]
-        cls = cls.float().cpu().numpy()
-        tokens = tokens.float().cpu().numpy()
+        frames = np.stack([s.clip.frames for _, _, s in batch])  # [B, T, 3, H, W]
+        masks = np.stack([s.clip.mask for _, _, s in batch])  # [B, T]
+        cls, tokens = encode_segments(self.model, frames, masks)
         for b, (video, position, segment) in enumerate(batch):
-            mask = np.asarray(segment.clip.mask, dtype=bool)
-            video.segments[position] = EncodedSegment(
-                start_s=float(segment.start_s),
-                end_s=float(segment.end_s),
-                tokens=tokens[b].astype(np.float16),
-                cls=cls[b],
-                timestamps=np.asarray(segment.clip.timestamps, dtype=np.float32),
-                mask=mask,
+            video.segments[position] = EncodedSegment.of(
+                segment.start_s,
+                segment.end_s,
+                tokens[b],
+                cls[b],
+                segment.clip.timestamps,
+                segment.clip.mask,
             )
             video.waiting -= 1
