@@ -79,6 +79,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1.0,
         help="--engine ray: CPUs each decode task reserves; 0.5 packs two per core (1)",
     )
+    parser.add_argument(
+        "--bulk",
+        action="store_true",
+        help="write the Milvus rows by Milvus's bulk import at the end of the run instead of "
+        "upserts (backfills into a Milvus server; not Milvus Lite)",
+    )
+    parser.add_argument(
+        "--bulk-staging",
+        default=None,
+        metavar="LOCATION",
+        help="--bulk: where the import files go: a directory the Milvus server reads (local "
+        "storage) or s3://<Milvus's own bucket>/<prefix> [TB_BULK_STAGING]",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_client_args(parser)
@@ -117,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.ray_address is not None:
         raise InvalidInputError("--ray-address needs --engine ray")
+    if args.bulk:
+        options.update(bulk=True, bulk_staging=args.bulk_staging)
+    elif args.bulk_staging is not None:
+        raise InvalidInputError("--bulk-staging needs --bulk")
     if args.metadata:
         options["metadata"] = _read_json_object(args.metadata, "metadata")
     if args.ids:

@@ -83,6 +83,12 @@ class IngestOptions:
         checkpoint: ``engine="ray"``: the checkpoint directory ``model`` was loaded from; each
             encode actor loads it (``Client.ingest`` passes its own).
         device: ``engine="ray"``: the encode actors' device (``"auto"``: a GPU when they have one).
+        bulk: write the Milvus rows by Milvus's bulk import (:class:`~tb_reranker.index.bulk.
+            BulkImport`: files staged at ``bulk_staging``, imported once at the end of the run)
+            instead of upserts; a Milvus server only (Milvus Lite has no import).
+        bulk_staging: ``bulk``: where the import files go, a directory the server reads (a
+            local-storage server) or ``s3://<Milvus's own bucket>/<prefix>``; default
+            ``TB_BULK_STAGING``.
     """
 
     batch_size: int = 8
@@ -98,6 +104,8 @@ class IngestOptions:
     decode_cpus: float = 1.0
     checkpoint: str | None = None
     device: str = "auto"
+    bulk: bool = False
+    bulk_staging: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "workers", "encode_actors", "decode_tasks"):
@@ -109,8 +117,18 @@ class IngestOptions:
                 f"engine must be one of {', '.join(ENGINES)}, got {printable(self.engine)}"
             )
         check_metadata(self.metadata)
+        if self.bulk and not self.staging:
+            raise InvalidInputError(
+                "bulk import needs a staging location the Milvus server reads: --bulk-staging "
+                "DIR (a local-storage server) or s3://<Milvus's bucket>/<prefix> (or TB_BULK_STAGING)"
+            )
         if not isinstance(self.segment, SegmentSpec):
             SegmentSpec.parse(self.segment)  # InvalidInputError in one line
+
+    @property
+    def staging(self) -> str:
+        """:attr:`bulk_staging`, else ``TB_BULK_STAGING`` ("" when neither is set)."""
+        return self.bulk_staging or os.environ.get("TB_BULK_STAGING", "")
 
     @property
     def spec(self) -> SegmentSpec:
@@ -141,6 +159,7 @@ class IngestReport:
     ids: list[str] = field(default_factory=list)  # ids written, in input order
     metadata_updated: int = 0  # unchanged files whose new metadata was written (not re-encoded)
     engine: str = "local"  # IngestOptions.engine: where decode and encode ran
+    bulk_rows: int | None = None  # IngestOptions.bulk: rows written by the import (+ upserts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -154,6 +173,7 @@ class IngestReport:
             "videos_per_s": round(self.videos_per_s, 3),
             "reindexed": self.reindexed,
             "ids": list(self.ids),
+            **({} if self.bulk_rows is None else {"bulk_rows": self.bulk_rows}),
         }
 
     def summary(self) -> str:
@@ -215,6 +235,10 @@ def ingest(
     if not videos:
         shown = "; ".join(f"{printable(item)}: {why}" for item, why in problems[:5])
         raise InvalidInputError(f"nothing to ingest: {shown or 'no input given'}")
+    if options.bulk and index.is_lite:  # before any collection, record or decode
+        from tb_reranker.index.bulk import LITE_MESSAGE
+
+        raise InvalidInputError(f"{LITE_MESSAGE} ({index.where})")
     run = Ingestion(model=model, index=index, store=store, options=options)
     if options.engine == "ray":
         from tb_reranker.index.ray_ingest import RayEncoder
@@ -269,6 +293,7 @@ class Ingestion:
         self.hashes: dict[str, str] = {}  # video id -> sha256 of its file
         self.encoder: Any = None  # another engine's decode + encode (RayEncoder); None: local
         self._bar: Any = None
+        self._bulk: Any = None  # a BulkImport when options.bulk
         self._ready: list[VideoWrite] = []  # encoded videos waiting for the next write
 
     def run(self, videos: list[tuple[str, str]]) -> IngestReport:
@@ -279,6 +304,22 @@ class Ingestion:
             model_fingerprint=self.model_fingerprint,
         )
         self.index.create(exist_ok=True)
+        if self.options.bulk:  # Lite, a bad staging: refused before any decoding
+            from tb_reranker.index.bulk import BulkImport
+
+            self._bulk = BulkImport(self.index, staging=self.options.staging)
+        try:
+            self._steps(videos)
+            if self._bulk is not None:
+                self.report.bulk_rows = self._bulk.commit(progress=self._bulk_progress)
+        finally:
+            if self._bulk is not None and self.report.bulk_rows is None:
+                self._bulk.abort()  # nothing imported: the staged files go, the store stays
+        if self.report.ingested or self.report.metadata_updated:
+            self.index.flush()  # seal the new rows: indexed search instead of brute force
+        return self.report
+
+    def _steps(self, videos: list[tuple[str, str]]) -> None:
         plan = self.plan(videos)
         self.update_metadata(plan.update)
         total = len(plan.encode) + len(plan.reindex)
@@ -292,9 +333,17 @@ class Ingestion:
         finally:
             if self._bar is not None:
                 self._bar.close()
-        if self.report.ingested or self.report.metadata_updated:
-            self.index.flush()  # seal the new rows: indexed search instead of brute force
-        return self.report
+
+    @staticmethod
+    def _bulk_progress(done: int, total: int) -> None:
+        log.info("bulk import: %d of %d rows", done, total)
+
+    def _upsert(self, rows: list[dict[str, Any]]) -> None:
+        """Rows into Milvus: an upsert, or added to the bulk import (``bulk``)."""
+        if self._bulk is not None:
+            self._bulk.add(rows)
+        else:
+            self.index.upsert(rows)
 
     def _advance(self, count: int) -> None:
         if self._bar is not None:
@@ -523,11 +572,11 @@ class Ingestion:
         rows: list[dict[str, Any]] = []
         for write in group:
             if rows and len(rows) + len(write.rows) > UPSERT_ROWS:
-                self.index.upsert(rows)
+                self._upsert(rows)
                 rows = []
             rows.extend(write.rows)
         if rows:
-            self.index.upsert(rows)
+            self._upsert(rows)
         self._advance(sum(1 for w in group if w.records))
 
 
