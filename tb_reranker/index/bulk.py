@@ -1,9 +1,9 @@
 """Bulk import: backfill a Milvus server from files instead of millions of upserts (issue 23).
 
 :class:`BulkImport` is a row sink with the interface of ``VideoIndex.upsert`` split in two: rows
-are *added* (checked, then written into Parquet files where the server can read them) and the
-whole lot is *committed* at the end (one Milvus import job per file, polled to completion, the
-row count verified)::
+are *added* (checked, then written into NumPy files where the server can read them) and the
+whole lot is *committed* at the end (one Milvus import job per ``rows_per_file`` rows, polled to
+completion, the row count verified)::
 
     from tb_reranker.index.bulk import BulkImport
 
@@ -31,7 +31,12 @@ row count verified)::
       key. Files are uploaded with boto3 (endpoint ``s3_endpoint`` or ``TB_S3_ENDPOINT``,
       credentials from the usual ``AWS_*`` variables). pymilvus's ``RemoteBulkWriter`` is not
       used: it needs the ``minio``/``azure``/``ml_dtypes`` packages (``pymilvus[bulk_writer]``),
-      which this project does not install; the Parquet files are written with pyarrow instead.
+      which this project does not install; the files are written with numpy/pyarrow instead.
+
+    ``file_format``: ``"numpy"`` (default: a folder per job, one ``<field>.npy`` per field) or
+    ``"parquet"`` (one file per job). A NumPy job whose string columns would take more than
+    ``NUMPY_TEXT`` (256 MiB) as fixed-width UTF-32 (one long ``$meta`` widens every row) is
+    written as Parquet instead. ``rows_per_file``: rows per import job (default 100,000).
 
     Raises ``InvalidInputError`` at construction for a Milvus Lite URI (Lite has no import:
     drop ``--bulk``), a bad ``staging`` or a collection that does not exist (``NotFoundError``).
@@ -41,15 +46,18 @@ row count verified)::
     finiteness, scalar types, segment fields), refuses an id added before (``InvalidInputError``),
     and buffers them. Every ``lookup_rows`` rows (5,000) their ids are looked up in the
     collection: rows whose id is there are kept aside for an upsert at commit (see
-    *idempotency*), the others are written, ``rows_per_file`` rows to a Parquet file (for S3:
-    then uploaded). Returns the number of rows added. Nothing in the collection changes.
+    *idempotency*), the others are written, ``rows_per_file`` rows to a job's files (for S3:
+    then uploaded). A collection that is empty at the first lookup (one ``count(*)``: a backfill
+    into a fresh collection) is not looked up again. Returns the number of rows added. Nothing
+    in the collection changes.
 
 ``commit(progress=None) -> int``
-    Writes the last file, starts one import job per file, polls them (``progress(done_rows,
-    total_rows)`` and a log line every ``log_every`` seconds), waits until the collection's row
-    count has grown by the number of rows imported (an import job is "Completed" before its
-    segments are searchable: seconds on 2.3.5), then upserts the rows kept aside and removes the
-    staged files. Returns the rows written (imported + upserted). A job that fails (the server
+    Writes the last files, starts the import jobs, polls them (``progress(done_rows,
+    total_rows)`` and a log line every ``log_every`` seconds), asks the server to load the new
+    segments (``load_collection(refresh=True)``) and waits until the collection's row count has
+    grown by the number of rows imported (an import job is "Completed" before its segments are
+    searchable), then upserts the rows kept aside and removes the staged files. ``timings``
+    holds the seconds of each phase (``lookup_s``, ``write_s``, ``jobs_s``, ``visible_s``). Returns the rows written (imported + upserted). A job that fails (the server
     rejects a file: wrong dimension, unreadable file, missing field), or rows that do not show up
     within ``visible_timeout``, raise :class:`~tb_reranker.errors.BulkImportError` naming each
     file's reason, after the rows of every job of this commit were deleted again: the collection
@@ -64,7 +72,7 @@ Idempotency. Milvus's import *inserts*: importing an id that is already in the c
 a second row with that primary key (``count(*)`` counts both; measured on 2.3.5). **Choice:**
 only ids not yet in the collection are imported; :meth:`BulkImport.add` looks the ids up (one
 Strong ``id in [...]`` query per ``lookup_rows`` rows: each costs ~0.2 s on 2.3.5 whatever its
-size) and keeps the rows of ids that exist for an upsert after the import succeeded. A re-run of a backfill thus updates what it finds and imports the rest, and a
+size; skipped when the collection was empty at the first lookup) and keeps the rows of ids that exist for an upsert after the import succeeded. A re-run of a backfill thus updates what it finds and imports the rest, and a
 rejected import changes nothing (the upserts run only after the import was verified). The rows
 kept aside stay in memory until the commit: a re-ingest that changes most of a large collection
 is better done with upserts. Deleting the existing ids before importing was rejected: a
@@ -84,12 +92,36 @@ What the Milvus 2.3.5 test server accepts (measured with ``LocalMilvus``, pymilv
 * file types: row-based JSON (``{"rows": [...]}``, dynamic fields as extra keys), NumPy (one
   ``<field>.npy`` per field, ``$meta.npy`` for dynamic fields) and Parquet (one column per
   field, ``cls`` as ``list<float32>``, ``$meta`` a JSON string column, optional) all import.
-  JSON and Parquet take **one file per job** ("each task only accepts one file"); Parquet is
-  used here (compact, columnar, written from numpy without Python floats).
+  JSON and Parquet take **one file per job** ("each task only accepts one file"); a NumPy job
+  takes the list of its ``.npy`` files. Jobs of one collection run **one at a time** (the
+  second stays Pending until the first is Completed), so more, smaller jobs buy nothing: one
+  100,000-row job was not slower than two of 50,000, four of 25,000 were slower; one job also
+  makes one segment (in the first benchmark, two imported 50,000-row segments took ~3x longer
+  to index than the same rows upserted).
 * a rejected file fails its job and leaves no rows: a vector of the wrong dimension ("float
   vector is irregular", or for JSON "array size 7 doesn't equal to vector dimension 8"), a
-  missing file ("failed to get file size"). Rows of a completed job become visible to
-  ``count(*)`` with Strong consistency a few seconds after the job says "Completed".
+  missing file ("failed to get file size"), a damaged ``.npy``. Rows of a completed job become
+  visible to ``count(*)`` with Strong consistency only once the query coordinator's target
+  holds its segments: its next-target update (every 10 s) and then the segments' load and the
+  current-target update (the next 10 s tick): 10-18 s measured after "Completed" at 100,000
+  rows. ``load_collection(refresh=True)`` (what the gRPC ``LoadCollection.refresh`` is for)
+  pulls the next target at once and returns once the segments are loaded and current: 6.5-12.6 s
+  at 100,000 rows (~1 s until the load starts, 3.5-7 s loading, the rest the tick).
+
+Measured at 100,000 rows of dim 512 (local 2.3.5 server, a 2-core machine shared with other
+jobs, so every figure varies by ~2x between runs; pairs were run back to back on one server):
+
+* file format: writing NumPy files takes 0.4-0.8 s, Parquet 2.2-2.3 s (pyarrow, list<float32>);
+  the server's import (Started -> Persisted) took 7.5 and 9.3 s for NumPy, 6.1 and 8.9 s for
+  Parquet: no measurable difference on the server, so NumPy (cheaper to write) is the default.
+  Row JSON was not measured at this size (every float as text, for the server to parse).
+* ``add``: ``prepare_rows`` (the same checks as an upsert) is most of it, ~4 s; the id lookups
+  added ~4 s (20 queries) before they were skipped for an empty collection.
+* ``commit``: the job(s) 7-10 s, then visibility 6.5-12.6 s with the refresh load (10-18 s
+  polling ``count(*)`` alone). ``get_bulk_insert_state`` has ``row_count`` and ``infos``
+  (``persist_cost``, ``progress_percent``) but no sign that the segments are loaded.
+
+See ``benchmarks/results/bulk_import.json`` for the comparison with batched upserts.
 """
 
 from __future__ import annotations
@@ -119,7 +151,9 @@ __all__ = ["BulkImport", "ROWS_PER_FILE", "LITE_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_FILE = 50_000  # rows per Parquet file = per import job (~100 MB at dim 512)
+ROWS_PER_FILE = 100_000  # rows per import job (~200 MB of vectors at dim 512)
+FILE_FORMATS = ("numpy", "parquet")
+NUMPY_TEXT = 256 << 20  # string columns of a job above this (fixed-width UTF-32): Parquet
 DYNAMIC_FIELD = "$meta"
 LITE_MESSAGE = (
     "Milvus Lite has no bulk import (no import jobs, no object storage): drop --bulk to write "
@@ -135,9 +169,10 @@ LOOKUP_ROWS = 5000  # rows added before their ids are looked up (ids per `id in 
 class _Job:
     """One staged file and, once started, its import job."""
 
-    path: str  # what the server reads: an absolute file path or an object key in its bucket
+    path: str  # the job's file (Parquet) or folder (NumPy): a local path or an object key
     rows: int
-    local: Path | None = None  # the file on this machine (None once uploaded and removed)
+    files: list[str]  # what the server reads: absolute file paths or object keys in its bucket
+    local: Path | None = None  # the file/folder on this machine (None once uploaded and removed)
     task: int | None = None
     state: str = "Staged"
     done_rows: int = 0
@@ -167,7 +202,7 @@ class BulkImport:
             the server's own bucket (MinIO/S3 storage).
         s3_endpoint: S3 endpoint for ``s3://`` staging (default ``TB_S3_ENDPOINT``; None: AWS).
         s3_client: a ready ``boto3`` S3 client (overrides ``s3_endpoint``).
-        rows_per_file: rows per Parquet file, i.e. per import job.
+        rows_per_file: rows per import job (its files: NumPy or Parquet).
         lookup_rows: rows added before their ids are looked up in the collection.
         job_timeout: seconds the import jobs may take together.
         visible_timeout: seconds to wait for imported rows to show in the row count.
@@ -188,15 +223,21 @@ class BulkImport:
         visible_timeout: float = 300.0,
         poll_interval: float = 0.5,
         log_every: float = 10.0,
+        file_format: str = "numpy",
     ) -> None:
         if is_lite_uri(index.uri):
             raise InvalidInputError(f"{LITE_MESSAGE} ({index.where})")
+        if file_format not in FILE_FORMATS:
+            raise InvalidInputError(
+                f"file_format must be one of {FILE_FORMATS}, got {file_format!r}"
+            )
         if rows_per_file < 1 or lookup_rows < 1:
             raise InvalidInputError(
                 f"rows_per_file and lookup_rows must be at least 1, got {rows_per_file}, "
                 f"{lookup_rows}"
             )
         self.index = index
+        self.file_format = file_format
         self.rows_per_file = int(rows_per_file)
         self.lookup_rows = int(lookup_rows)
         self.job_timeout = float(job_timeout)
@@ -246,6 +287,9 @@ class BulkImport:
         self._updates: list[dict[str, Any]] = []
         self._unsorted: list[tuple[dict[str, Any], np.ndarray]] = []  # not looked up yet
         self._jobs: list[_Job] = []
+        self._empty: bool | None = None  # the collection held no row at the first lookup
+        #: seconds per phase: id lookups, file writing, jobs until Completed, until counted
+        self.timings = {"lookup_s": 0.0, "write_s": 0.0, "jobs_s": 0.0, "visible_s": 0.0}
         self._closed = False
         log.info("bulk import into %s staged at %s", index.collection, self.staging)
 
@@ -277,7 +321,8 @@ class BulkImport:
 
     @property
     def staged_files(self) -> list[str]:
-        """What the server will read: absolute file paths or object keys, one per job."""
+        """One entry per import job: its Parquet file or its folder of ``.npy`` files (a local
+        path, or an object key / key prefix for S3 staging)."""
         return [job.path for job in self._jobs]
 
     @property
@@ -331,7 +376,11 @@ class BulkImport:
         """Look the ids of the rows added since the last lookup up in the collection: rows of
         ids it holds are kept for the upsert, the others go into the import files."""
         unsorted, self._unsorted = self._unsorted, []
-        existing = self._existing([str(row["id"]) for row, _ in unsorted])
+        started = time.monotonic()
+        if self._empty is None and unsorted:
+            self._empty = self.index.count() == 0
+        existing = set() if self._empty else self._existing([str(row["id"]) for row, _ in unsorted])
+        self.timings["lookup_s"] += time.monotonic() - started
         for row, vector in unsorted:
             if row["id"] in existing:
                 row["cls"] = vector.tolist()
@@ -375,41 +424,80 @@ class BulkImport:
         buffer.meta.append(json.dumps(meta, ensure_ascii=False))
 
     def _write_file(self) -> None:
-        """Write the buffered rows as one Parquet file (uploaded for S3 staging)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        """Write the buffered rows as one job's files (uploaded for S3 staging)."""
         buffer, self._buffer = self._buffer, _Columns()
         if not buffer:
             return
+        started = time.monotonic()
         n = len(buffer)
-        flat = np.concatenate(buffer.vectors) if buffer.vectors else np.zeros(0, np.float32)
-        columns: dict[str, Any] = {}
-        for name, kind in self._fields.items():
+        columns: dict[str, list[Any]] = {}
+        for name in self._fields:
             values = buffer.scalars.get(name, [])
             if len(values) != n:
                 raise InvalidInputError(f"field {name!r} is missing from some rows")
-            columns[name] = pa.array(values, type=_ARROW[kind]())
-        columns["cls"] = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * self._dim, self._dim, dtype=np.int32)),
-            pa.array(flat, type=pa.float32()),
-        )
-        columns[DYNAMIC_FIELD] = pa.array(buffer.meta, type=pa.string())
-        local = self._dir / f"{len(self._jobs) + 1}.parquet"
-        pq.write_table(pa.table(columns), local)
-        job = _Job(path=str(local), rows=n, local=local)
+            columns[name] = values
+        columns[DYNAMIC_FIELD] = buffer.meta
+        vectors = np.stack(buffer.vectors)
+        name = f"{len(self._jobs) + 1}"
+        if self.file_format == "numpy" and _fixed_width_bytes(columns, self._fields) <= NUMPY_TEXT:
+            local = self._dir / name
+            local.mkdir()
+            files = self._write_numpy(local, columns, vectors)
+        else:
+            local = self._dir / f"{name}.parquet"
+            self._write_parquet(local, columns, vectors)
+            files = [local]
+        job = _Job(path=str(local), rows=n, files=[str(f) for f in files], local=local)
         if self._s3 is not None:
-            key = f"{self._prefix}/{local.name}"
-            try:
-                self._s3.upload_file(str(local), self._bucket, key)
-            except Exception as exc:  # noqa: BLE001 - botocore/boto3 raise many types
-                raise BulkImportError(
-                    f"cannot upload bulk file to s3://{self._bucket}/{key}: {exc}", retriable=True
-                ) from exc
-            local.unlink()
-            job = _Job(path=key, rows=n)
+            keys = [f"{self._prefix}/{f.relative_to(self._dir).as_posix()}" for f in files]
+            for file, key in zip(files, keys, strict=True):
+                try:
+                    self._s3.upload_file(str(file), self._bucket, key)
+                except Exception as exc:  # noqa: BLE001 - botocore/boto3 raise many types
+                    raise BulkImportError(
+                        f"cannot upload bulk file to s3://{self._bucket}/{key}: {exc}",
+                        retriable=True,
+                    ) from exc
+            if local.is_dir():
+                shutil.rmtree(local)
+            else:
+                local.unlink()
+            job = _Job(path=f"{self._prefix}/{name}", rows=n, files=keys)
         self._jobs.append(job)
+        self.timings["write_s"] += time.monotonic() - started
         log.info("bulk import: staged %s (%d rows)", job.path, n)
+
+    def _write_numpy(
+        self, folder: Path, columns: dict[str, list[Any]], vectors: np.ndarray
+    ) -> list[Path]:
+        """One ``<field>.npy`` per field (strings as fixed-width unicode), vectors ``(n, dim)``
+        float32, the dynamic fields as JSON strings in ``$meta.npy``."""
+        files = []
+        for name, values in columns.items():
+            kind = self._fields.get(name, "VARCHAR")  # $meta: JSON strings
+            files.append(folder / f"{name}.npy")
+            np.save(files[-1], np.array(values, dtype=_NUMPY[kind]))
+        files.append(folder / "cls.npy")
+        np.save(files[-1], vectors)
+        return files
+
+    def _write_parquet(
+        self, local: Path, columns: dict[str, list[Any]], vectors: np.ndarray
+    ) -> None:
+        """One Parquet file: a column per field, ``cls`` as ``list<float32>``."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        n = len(vectors)
+        arrays = {
+            name: pa.array(values, type=_ARROW[self._fields.get(name, "VARCHAR")]())
+            for name, values in columns.items()
+        }
+        arrays["cls"] = pa.ListArray.from_arrays(
+            pa.array(np.arange(0, (n + 1) * self._dim, self._dim, dtype=np.int32)),
+            pa.array(vectors.reshape(-1), type=pa.float32()),
+        )
+        pq.write_table(pa.table(arrays), local)
 
     # ---------------------------------------------------------------- commit
     def commit(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -438,20 +526,20 @@ class BulkImport:
         try:
             for job in self._jobs:
                 job.task = int(
-                    index._call(
-                        "import", handler.do_bulk_insert, index.collection, None, [job.path]
-                    )
+                    index._call("import", handler.do_bulk_insert, index.collection, None, job.files)
                 )
                 job.state = "Pending"
             self._poll(handler, total, progress, started)
+            self.timings["jobs_s"] = time.monotonic() - started
             failed = [job for job in self._jobs if job.state in _FAILED]
             if failed:
                 reasons = "; ".join(f"{Path(j.path).name}: {j.reason}" for j in failed[:5])
                 raise BulkImportError(
                     f"Milvus rejected the bulk import into {index.collection!r} ({len(failed)} "
-                    f"of {len(self._jobs)} files): {reasons}"
+                    f"of {len(self._jobs)} jobs): {reasons}"
                 )
             self._wait_visible(before, total)
+            self.timings["visible_s"] = time.monotonic() - started - self.timings["jobs_s"]
         except BaseException:
             self._roll_back(before)
             raise
@@ -509,9 +597,21 @@ class BulkImport:
             time.sleep(self.poll_interval)
 
     def _wait_visible(self, before: int, total: int) -> None:
-        """Wait until the row count grew by ``total`` (a Completed job's segments are loaded a
-        few seconds later)."""
+        """Wait until the row count grew by ``total``. A Completed job's segments are loaded by
+        the query coordinator's next target update (10-18 s later on 2.3.5, polled); a load with
+        ``refresh`` asks for that update now and returns once the new segments are loaded."""
         deadline = time.monotonic() + self.visible_timeout
+        index = self.index
+        try:
+            index._call(
+                "refresh load",
+                index.client.load_collection,
+                index.collection,
+                refresh=True,
+                timeout=self.visible_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - a server without refresh: poll the count
+            log.info("bulk import: refresh load of %s failed (%s), polling", index.collection, exc)
         while True:
             count = self.index.count()
             grown = count - before
@@ -595,6 +695,15 @@ def _arrow(name: str) -> Callable[[], Any]:
     return make
 
 
+_NUMPY: dict[str, Any] = {
+    "VARCHAR": np.str_,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "FLOAT": np.float32,
+    "DOUBLE": np.float64,
+    "BOOL": np.bool_,
+}
+
 _ARROW: dict[str, Callable[[], Any]] = {
     "VARCHAR": _arrow("string"),
     "INT64": _arrow("int64"),
@@ -603,6 +712,16 @@ _ARROW: dict[str, Callable[[], Any]] = {
     "DOUBLE": _arrow("float64"),
     "BOOL": _arrow("bool_"),
 }
+
+
+def _fixed_width_bytes(columns: dict[str, list[Any]], fields: dict[str, str]) -> int:
+    """Bytes of the string columns as NumPy writes them: fixed-width UTF-32, the longest string
+    of a column sets its width (one long ``$meta`` would blow every row up)."""
+    total = 0
+    for name, values in columns.items():
+        if fields.get(name, "VARCHAR") == "VARCHAR" and values:
+            total += 4 * len(values) * max(len(v) for v in values)
+    return total
 
 
 def _collection_fields(index: VideoIndex) -> dict[str, Any]:
