@@ -160,6 +160,7 @@ class IngestReport:
     metadata_updated: int = 0  # unchanged files whose new metadata was written (not re-encoded)
     engine: str = "local"  # IngestOptions.engine: where decode and encode ran
     bulk_rows: int | None = None  # IngestOptions.bulk: rows written by the import (+ upserts)
+    startup_s: float = 0.0  # engine="ray": seconds until the first encoded videos came back
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +175,7 @@ class IngestReport:
             "reindexed": self.reindexed,
             "ids": list(self.ids),
             **({} if self.bulk_rows is None else {"bulk_rows": self.bulk_rows}),
+            **({"startup_s": round(self.startup_s, 3)} if self.engine == "ray" else {}),
         }
 
     def summary(self) -> str:

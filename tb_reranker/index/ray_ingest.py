@@ -4,16 +4,24 @@ Only the decode and the encode move. This process (the driver) expands the input
 exactly as the local engine (:class:`~tb_reranker.index.ingest.Ingestion`: content hash, then
 encode / re-index / metadata update / unchanged); the videos to encode go through Ray Data::
 
-    from_items([{video_id, path}])                  one block per video (up to MAX_BLOCKS)
-    → flat_map(decode_rows)      CPU tasks          decode_file(): one row per segment (frames
-                                                    as numpy arrays), then one end row per video
-                                                    (segment count, failed stretches, error)
+    from_items([{video_id, path}])                  a few videos per block (VIDEOS_PER_TASK)
+    → map_batches(decode_batch)  CPU tasks          decode_file(): one row per segment, frames
+                                                    a fixed-shape [T, 3, H, W] tensor column;
+                                                    a video's last row also carries its segment
+                                                    count, failed stretches and error (a video
+                                                    with no segment: one row, n = -1)
     → map_batches(EncodeActor)   actor pool         encode_segments(), batch_size segments per
                                                     call; the model loaded once per actor from
                                                     the checkpoint directory (a GPU each when
-                                                    the cluster has GPUs)
-    → iter_rows() here           VideoAssembly      each video whole once its end row and all
+                                                    the cluster has GPUs; else the CPUs the
+                                                    decode tasks leave, torch threads to match)
+    → iter_batches() here        VideoAssembly      each video whole once its last row and all
                                                     its segments are in → Ingestion.take
+
+Every column is a plain numpy array of one shape per row (no Python objects pickled per row);
+Ray sets ``OMP_NUM_THREADS`` to 1 in its workers, so the actor sets torch's thread count to the
+CPUs it reserves (:func:`encode_cpus`). Decode tasks take several videos each (a task costs
+tens of milliseconds to schedule, a small clip less than that to decode).
 
 The decode of a file and the encode of a batch are the very functions the local engine runs
 (:func:`~tb_reranker.index.segmenting.decode_file`,
@@ -37,7 +45,9 @@ else's cluster; all CPUs; its own temporary directory, removed afterwards) start
 there is something to encode; ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:10001"`` join a
 running cluster (checked before planning: an address where nothing answers is one line,
 :class:`InvalidInputError`). A process that already called ``ray.init`` is used as it is.
-Progress: Ray Data's bars on a terminal, the ingest's own log lines elsewhere.
+Progress: Ray Data's bars on a terminal, the ingest's own log lines elsewhere. Timing: the
+seconds from the engine's start to the first encoded videos back here (runtime start, actor
+start and model load, the first batch through the pipeline) are ``IngestReport.startup_s``.
 """
 
 from __future__ import annotations
@@ -45,11 +55,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -67,7 +79,16 @@ from tb_reranker.index.segmenting import (
 )
 from tb_reranker.video.segment import SegmentFailure
 
-__all__ = ["RayEncoder", "VideoAssembly", "EncodeActor", "check_ray", "decode_rows", "require_ray"]
+__all__ = [
+    "RayEncoder",
+    "VideoAssembly",
+    "EncodeActor",
+    "check_ray",
+    "decode_batch",
+    "decode_rows",
+    "encode_cpus",
+    "require_ray",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +96,9 @@ RAY_EXTRA = "pip install 'tb_reranker[ray]'"
 DECODE_RETRIES = 3  # a decode task whose worker died runs again (its rows may arrive twice)
 ACTOR_RESTARTS = 3  # an encode actor whose process died is restarted ...
 ACTOR_TASK_RETRIES = 3  # ... and the batch it held is encoded again
-MAX_BLOCKS = 4096  # input blocks: one video each up to this many, then several per block
+MAX_BLOCKS = 4096  # input blocks (decode tasks) at most
+VIDEOS_PER_TASK = 8  # videos per decode task at most (fewer when there are few videos)
 PROBE_TIMEOUT_S = 5.0  # a cluster address must accept a TCP connection within this
-SEGMENT, END = "segment", "end"  # the row kinds of the decode stage
 
 
 def require_ray() -> Any:
@@ -184,64 +205,91 @@ def _init(ray: Any, address: str | None, quiet: bool) -> str | None:
 
 
 def decode_rows(row: Mapping[str, Any], settings: DecodeSettings) -> Iterator[dict[str, Any]]:
-    """The decode stage (a Ray task per input row ``{video_id, path, file}``; ``file``, the
-    absolute path, is what it reads): one row per segment, then the video's end row (``n`` =
-    its segment count; ``info`` its failed stretches, error and duration, as JSON), all with
-    the same columns."""
+    """One video's rows (``row``: ``{video_id, path, file}``; ``file``, the absolute path, is
+    what it reads): one per segment (``n`` its index; frames [T, 3, H, W] float32, mask,
+    timestamps), the last one also carrying ``count`` (the video's segments; -1 on the others)
+    and ``info`` (its failed stretches, error and duration, as JSON). A video with no segment
+    is one row with ``n = -1`` and zero frames. One segment is held back to know which is last."""
     video_id, path = str(row["video_id"]), str(row["path"])
-    size = settings.image_size
     count, duration, failures, error = 0, 0.0, [], None
+    held: dict[str, Any] | None = None
     for item in decode_file(str(row["file"]), settings):
         if isinstance(item, VideoDecodeError):
             error = item.reason
         elif isinstance(item, SegmentFailure):
             failures.append([item.start_s, item.end_s, item.reason])
         else:
+            if held is not None:
+                yield held
             duration = float(item.clip.duration_s)
-            yield _row(video_id, path, SEGMENT, count, item.start_s, item.end_s, "", item.clip)
+            held = _row(video_id, path, count, item.start_s, item.end_s, item.clip, settings)
             count += 1
     info = json.dumps({"duration_s": duration, "failures": failures, "error": error})
-    empty = _Frames(
-        np.zeros((0, 3, size, size), np.float32), np.zeros(0, bool), np.zeros(0, np.float64)
-    )
-    yield _row(video_id, path, END, count, 0.0, duration, info, empty)
+    if held is None:
+        held = _row(video_id, path, -1, 0.0, duration, None, settings)
+    held.update(count=count, info=info)
+    yield held
 
 
-@dataclass
-class _Frames:
-    frames: np.ndarray
-    mask: np.ndarray
-    timestamps: np.ndarray
+def decode_batch(batch: Mapping[str, Any], settings: DecodeSettings) -> Iterator[dict[str, Any]]:
+    """The decode stage (a Ray task per block of input rows ``{video_id, path, file}``): each
+    video's rows (:func:`decode_rows`) as a numpy batch, one video at a time."""
+    for video_id, path, file in zip(batch["video_id"], batch["path"], batch["file"], strict=True):
+        rows = list(decode_rows({"video_id": video_id, "path": path, "file": file}, settings))
+        yield {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
 
 def _row(
-    video_id: str, path: str, kind: str, n: int, start: float, end: float, info: str, clip: Any
+    video_id: str,
+    path: str,
+    n: int,
+    start: float,
+    end: float,
+    clip: Any,
+    settings: DecodeSettings,
 ) -> dict[str, Any]:
+    t, size = settings.num_frames, settings.image_size
+    if clip is None:  # no segment: zero frames of the same shape (one schema for every row)
+        frames = np.zeros((t, 3, size, size), np.float32)
+        mask, stamps = np.zeros(t, bool), np.zeros(t, np.float64)
+    else:
+        frames, mask, stamps = clip.frames, clip.mask, clip.timestamps
     return {
         "video_id": video_id,
         "path": path,
-        "kind": kind,
-        "n": int(n),
-        "start_s": float(start),
-        "end_s": float(end),
-        "info": info,
-        "frames": np.asarray(clip.frames, dtype=np.float32),
-        "mask": np.asarray(clip.mask, dtype=bool),
-        "timestamps": np.asarray(clip.timestamps, dtype=np.float64),
+        "n": np.int64(n),
+        "count": np.int64(-1),
+        "start_s": np.float64(start),
+        "end_s": np.float64(end),
+        "info": "",
+        "frames": np.asarray(frames, dtype=np.float32),
+        "mask": np.asarray(mask, dtype=bool),
+        "timestamps": np.asarray(stamps, dtype=np.float64),
     }
+
+
+def encode_cpus(node_cpus: float, decode_reserved: float, actors: int) -> float:
+    """The CPUs each of ``actors`` CPU encode actors reserves on a ``node_cpus`` node where the
+    decode tasks reserve ``decode_reserved``: what they leave, shared (at least a quarter CPU;
+    a whole one where the rest is a fraction above 1, Ray's rule for fractions)."""
+    share = max(0.25, (float(node_cpus) - float(decode_reserved)) / max(1, actors))
+    return share if share < 1 else max(1.0, round(share * 4) / 4)
 
 
 class EncodeActor:
     """The encode stage (a Ray Data actor): loads the TokenBinder from ``checkpoint`` once
-    (never a pickled model) and encodes the segment rows of each batch; end rows pass through
-    with empty ``cls``/``tokens``. The ``frames`` column stays behind."""
+    (never a pickled model), runs torch on ``threads`` threads (Ray's workers start with
+    ``OMP_NUM_THREADS=1``), and encodes the segment rows (``n >= 0``) of each batch into ``cls``
+    [B, D] float32 and ``tokens`` [B, T', D] float16 (zeros on a row without a segment). The
+    ``frames`` column stays behind."""
 
     def __init__(self, checkpoint: str, device: str, fingerprint: str, threads: int = 1) -> None:
         import torch
 
         from tb_reranker.model import load_checkpoint, resolve_device
 
-        torch.set_num_threads(max(1, threads))
+        started = time.perf_counter()
+        torch.set_num_threads(max(1, int(threads)))
         self.model = load_checkpoint(checkpoint, device=resolve_device(device), inference=True)
         found = str(self.model.vision_fingerprint())
         if found != fingerprint:
@@ -249,22 +297,33 @@ class EncodeActor:
                 f"checkpoint {checkpoint} on this Ray worker has vision fingerprint {found}, "
                 f"the driver's model {fingerprint}: not the same model"
             )
+        self.shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        log.debug("encode actor: model loaded in %.2f s", time.perf_counter() - started)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        kinds = [str(k) for k in batch["kind"]]
-        rows = [i for i, kind in enumerate(kinds) if kind == SEGMENT]
-        cls_column = np.empty(len(kinds), dtype=object)
-        tokens_column = np.empty(len(kinds), dtype=object)
-        cls_column[:] = [np.zeros(0, np.float32)] * len(kinds)
-        tokens_column[:] = [np.zeros((0, 0), np.float16)] * len(kinds)
-        if rows:
-            frames = np.stack([np.asarray(batch["frames"][i], dtype=np.float32) for i in rows])
-            masks = np.stack([np.asarray(batch["mask"][i], dtype=bool) for i in rows])
-            cls, tokens = encode_segments(self.model, frames, masks)
-            for b, i in enumerate(rows):
-                cls_column[i], tokens_column[i] = cls[b], tokens[b]
+        segments = np.asarray(batch["n"]) >= 0
+        frames = np.asarray(batch["frames"], dtype=np.float32)
+        if segments.any():
+            cls, tokens = encode_segments(
+                self.model,
+                np.ascontiguousarray(frames[segments]),
+                np.ascontiguousarray(np.asarray(batch["mask"], dtype=bool)[segments]),
+            )
+            self.shapes = (cls.shape[1:], tokens.shape[1:])
+        elif self.shapes is None:  # no segment yet: the shapes of one (an all-zero clip)
+            cls, tokens = encode_segments(
+                self.model, np.zeros_like(frames[:1]), np.ones(frames[:1].shape[:2], bool)
+            )
+            self.shapes = (cls.shape[1:], tokens.shape[1:])
+        cls_shape, tokens_shape = self.shapes
         out: dict[str, Any] = {k: v for k, v in batch.items() if k != "frames"}
-        out["cls"], out["tokens"] = cls_column, tokens_column
+        if segments.all():
+            out["cls"], out["tokens"] = cls, tokens
+            return out
+        out["cls"] = np.zeros((len(segments), *cls_shape), np.float32)
+        out["tokens"] = np.zeros((len(segments), *tokens_shape), np.float16)
+        if segments.any():
+            out["cls"][segments], out["tokens"][segments] = cls, tokens
         return out
 
 
@@ -290,10 +349,10 @@ class VideoAssembly:
         if video_id in self.done:
             return None
         parts = self.open.setdefault(video_id, _Parts(str(row["path"])))
-        n = int(row["n"])
-        if row["kind"] == END:
-            parts.end = {"count": n, **json.loads(str(row["info"]))}
-        else:
+        n, count = int(row["n"]), int(row["count"])
+        if count >= 0:
+            parts.end = {"count": count, **json.loads(str(row["info"]))}
+        if n >= 0:
             parts.segments[n] = EncodedSegment.of(
                 row["start_s"],
                 row["end_s"],
@@ -328,7 +387,7 @@ class VideoAssembly:
             if video_id in self.done:
                 continue
             parts = self.open.pop(video_id, None)
-            have = "no end row"
+            have = "no last row"
             if parts is not None and parts.end is not None:
                 have = f"{len(parts.segments)} of {parts.end['count']} segments"
             reason = f"the Ray pipeline lost part of it ({have})"
@@ -353,31 +412,62 @@ class RayEncoder:
         self.fingerprint = fingerprint
 
     def encode(self, run: Any, entries: list[tuple[str, str]], held: Any) -> None:
-        """Decode + encode ``entries`` (``(video id, path)``) on Ray; ``run.take`` each video."""
+        """Decode + encode ``entries`` (``(video id, path)``) on Ray; ``run.take`` each video.
+        ``run.report.startup_s``: the seconds until the first encoded rows are back here."""
+        started = time.perf_counter()
         with ray_runtime(self.address, progress=self.options.progress) as ray:
+            up = time.perf_counter()
             assembly = VideoAssembly()
-            for row in self._dataset(ray, run, entries).iter_rows():
-                done = assembly.add(row)
-                if done is not None:
-                    run.take(done[0], done[1], held)
+            first = None
+            for batch in self._dataset(ray, run, entries).iter_batches(
+                batch_size=None, batch_format="numpy"
+            ):
+                if first is None:
+                    first = time.perf_counter()
+                    run.report.startup_s = first - started
+                    log.info(
+                        "ray: runtime up in %.1f s, first encoded rows after %.1f s",
+                        up - started,
+                        first - started,
+                    )
+                columns = list(batch)
+                for i in range(len(batch["n"])):
+                    done = assembly.add({key: batch[key][i] for key in columns})
+                    if done is not None:
+                        run.take(done[0], done[1], held)
             for video_id, video in assembly.missing(entries):
                 run.take(video_id, video, held)
+            log.info("ray: pipeline done %.1f s after the start", time.perf_counter() - started)
 
     def _dataset(self, ray: Any, run: Any, entries: list[tuple[str, str]]) -> Any:
         options = self.options
         threads = max(1, int(options.decode_cpus))
         settings = DecodeSettings.for_model(run.model, options.spec, threads=threads)
         gpus = 1 if options.device != "cpu" and ray.cluster_resources().get("GPU", 0) else 0
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        node_cpus = max((float(r.get("CPU", 0)) for r in nodes), default=1.0) or 1.0
+        decode_slots = options.decode_tasks or max(1, int(node_cpus // options.decode_cpus))
+        if gpus:
+            actor_cpus, actor_threads = 1.0, 1
+        else:  # what the decode tasks (one, when not given) leave on a node; threads to match
+            reserved = min(node_cpus, options.decode_cpus * (options.decode_tasks or 1))
+            actor_cpus = encode_cpus(node_cpus, reserved, options.encode_actors)
+            actor_threads = max(1, math.ceil(actor_cpus))
+        log.debug("ray: encode actors reserve %s CPUs, %d threads", actor_cpus, actor_threads)
         items = [{"video_id": v, "path": p, "file": os.path.abspath(p)} for v, p in entries]
-        data = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
+        per_task = max(1, min(VIDEOS_PER_TASK, len(items) // (4 * decode_slots)))
+        blocks = min(MAX_BLOCKS, math.ceil(len(items) / per_task))
+        data = ray.data.from_items(items, override_num_blocks=blocks)
         decode_compute = (
             ray.data.TaskPoolStrategy(size=options.decode_tasks) if options.decode_tasks else None
         )
         with warnings.catch_warnings():  # retries are still "ray_remote_args" in Ray 2.60
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-            decoded = data.flat_map(
-                decode_rows,
+            decoded = data.map_batches(
+                decode_batch,
                 fn_kwargs={"settings": settings},
+                batch_size=None,
+                batch_format="numpy",
                 compute=decode_compute,
                 num_cpus=options.decode_cpus,
                 max_retries=DECODE_RETRIES,
@@ -388,11 +478,12 @@ class RayEncoder:
                     "checkpoint": str(options.checkpoint),
                     "device": options.device if gpus or options.device != "auto" else "cpu",
                     "fingerprint": self.fingerprint,
+                    "threads": actor_threads,
                 },
                 batch_size=options.batch_size,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=options.encode_actors),
-                num_cpus=1,
+                num_cpus=actor_cpus,
                 num_gpus=gpus,
                 max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,
