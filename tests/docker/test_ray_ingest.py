@@ -186,19 +186,26 @@ def _alive_nodes(stack: RayStack) -> int:
 
 
 def _work_by_job(stack: RayStack, service: str) -> dict[str, set[str]]:
-    """What SERVICE's node ran, by Ray job id: the ``:task_name:`` / ``:actor_name:`` lines
-    Ray's worker processes (one job each) write to their ``worker-<id>-<job>-<pid>.out`` log."""
+    """What SERVICE's node ran, by Ray job id: the ``:job_id:``, ``:task_name:`` and
+    ``:actor_name:`` lines Ray's worker processes write to their ``worker-*.out`` logs, in order
+    (a worker started before any job, ``...-ffffffff-...``, names its job once it gets one)."""
     listing = stack.exec(
         service,
         "sh",
         "-c",
-        "cd /tmp/ray/session_latest/logs && grep -H -E '^:(task|actor)_name:' worker-*.out || true",
+        "cd /tmp/ray/session_latest/logs && "
+        "grep -H -E '^:(job_id|task_name|actor_name):' worker-*.out || true",
     )
     work: dict[str, set[str]] = {}
+    job_of: dict[str, str] = {}  # log file -> the job its worker runs now
     for line in listing.splitlines():
-        file, _, name = line.partition(":")
-        job = file.removesuffix(".out").split("-")[2]
-        work.setdefault(job, set()).add(name.split(":", 2)[2])
+        file, _, marker = line.partition(":")
+        _, kind, value = marker.split(":", 2)
+        if kind == "job_id":
+            job_of[file] = value
+            work.setdefault(value, set())
+        elif file in job_of:
+            work[job_of[file]].add(value)
     return work
 
 
@@ -376,15 +383,28 @@ def ingested_both_ways(ray_stack: RayStack, ray_videos) -> dict[str, str]:
     assert _alive_nodes(ray_stack) == 2
     worker_started = ray_stack.containers()["ray-worker"].attrs["State"]["StartedAt"]
     jobs_before = {job for node in RAY_SERVICES for job in _work_by_job(ray_stack, node)}
-    ray_report = _ingest(ray_stack, "--engine", "ray", "--ray-address", "auto", "--no-progress")
+    # one encode actor and whole-CPU decode tasks (the defaults, stated): on nodes of one CPU the
+    # actor's share and a decode task never fit on one node together, so both nodes must work
+    ray_report = _ingest(
+        ray_stack,
+        "--engine",
+        "ray",
+        "--ray-address",
+        "auto",
+        "--encode-actors",
+        "1",
+        "--decode-cpus",
+        "1",
+        "--no-progress",
+    )
     assert ray_report.get("engine") == "ray", ray_report
     assert not ray_report["failed"] and ray_report["ingested"] == len(captions), ray_report
     # the cluster stayed whole through the ingest: both nodes alive, the worker never restarted
     assert _alive_nodes(ray_stack) == 2
     assert ray_stack.containers()["ray-worker"].attrs["State"]["StartedAt"] == worker_started
-    # and both nodes did the ingest's work: one CPU each, so the encode actor holds one node and
-    # the decode tasks run on the other (which one is Ray's choice)
-    stages = {"decode": "decode_rows", "encode": "EncodeActor"}
+    # and both nodes did the ingest's work (which stage where is Ray's choice); the markers are
+    # the pipeline's function and class names in Ray's task and actor names
+    stages = {"decode": "decode", "encode": "EncodeActor"}
     ran: dict[str, set[str]] = {}
     for node in RAY_SERVICES:
         names = set().union(
@@ -413,6 +433,7 @@ def ingested_both_ways(ray_stack: RayStack, ray_videos) -> dict[str, str]:
     }
     ray_stack.measurements["ingest_report_s"] = {
         "ray_two_nodes": ray_report.get("seconds"),
+        "ray_startup": ray_report.get("startup_s"),
         "local_in_process": local_report.get("seconds"),
     }
     # the collections read with Bounded consistency: wait until a search sees every row
