@@ -47,6 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cuts, segments of 2-30 s), 'fixed:LEN[,OVERLAP]' (windows, seconds) or 'none' (whole "
         "files); videos no longer than the longest segment stay whole",
     )
+    _add_scale_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_client_args(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ingest beyond one process: ``--engine ray`` and ``--bulk``."""
     parser.add_argument(
         "--engine",
         choices=("local", "ray"),
@@ -92,10 +101,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--bulk: where the import files go: a directory the Milvus server reads (local "
         "storage) or s3://<Milvus's own bucket>/<prefix> [TB_BULK_STAGING]",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_client_args(parser)
-    parser.set_defaults(func=run)
 
 
 def _read_json_object(path: str, what: str) -> dict[str, Any]:

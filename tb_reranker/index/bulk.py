@@ -131,23 +131,19 @@ Until indexed, bulk won both runs (1.46x, 1.47x).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from tb_reranker.errors import BulkImportError, InvalidInputError, NotFoundError
+from tb_reranker.index.bulk_files import Columns, StagedJob, Staging, milvus_types
 from tb_reranker.index.entities import BATCH, prepare_rows
 from tb_reranker.index.milvus_index import VideoIndex
 from tb_reranker.index.schema import is_lite_uri
@@ -157,44 +153,14 @@ __all__ = ["BulkImport", "ROWS_PER_FILE", "LITE_MESSAGE"]
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 100_000  # rows per import job (~200 MB of vectors at dim 512)
-FILE_FORMATS = ("numpy", "parquet")
-NUMPY_TEXT = 256 << 20  # string columns of a job above this (fixed-width UTF-32): Parquet
-DYNAMIC_FIELD = "$meta"
 LITE_MESSAGE = (
     "Milvus Lite has no bulk import (no import jobs, no object storage): drop --bulk to write "
-    "with upserts, or point --milvus-uri at a Milvus server"
+    "with upserts, or point --uri at a Milvus server"
 )
 # pymilvus BulkInsertState names of the job states that end a job
 _DONE = "Completed"
 _FAILED = ("Failed", "Failed and cleaned")
 LOOKUP_ROWS = 5000  # rows added before their ids are looked up (ids per `id in [...]` query)
-
-
-@dataclass
-class _Job:
-    """One staged file and, once started, its import job."""
-
-    path: str  # the job's file (Parquet) or folder (NumPy): a local path or an object key
-    rows: int
-    files: list[str]  # what the server reads: absolute file paths or object keys in its bucket
-    local: Path | None = None  # the file/folder on this machine (None once uploaded and removed)
-    task: int | None = None
-    state: str = "Staged"
-    done_rows: int = 0
-    reason: str = ""
-
-
-@dataclass
-class _Columns:
-    """Rows buffered column by column until a file is written."""
-
-    vectors: list[np.ndarray] = field(default_factory=list)
-    scalars: dict[str, list[Any]] = field(default_factory=dict)
-    meta: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
 
 class BulkImport:
@@ -232,17 +198,12 @@ class BulkImport:
     ) -> None:
         if is_lite_uri(index.uri):
             raise InvalidInputError(f"{LITE_MESSAGE} ({index.where})")
-        if file_format not in FILE_FORMATS:
-            raise InvalidInputError(
-                f"file_format must be one of {FILE_FORMATS}, got {file_format!r}"
-            )
         if rows_per_file < 1 or lookup_rows < 1:
             raise InvalidInputError(
                 f"rows_per_file and lookup_rows must be at least 1, got {rows_per_file}, "
                 f"{lookup_rows}"
             )
         self.index = index
-        self.file_format = file_format
         self.rows_per_file = int(rows_per_file)
         self.lookup_rows = int(lookup_rows)
         self.job_timeout = float(job_timeout)
@@ -261,37 +222,21 @@ class BulkImport:
                 f"collection {index.collection!r} holds {self._dim}-d vectors, the index is "
                 f"bound to dim {index.dim}"
             )
-        self._batch = f"tb_bulk_{index.collection}_{uuid.uuid4().hex[:12]}"
-        self._s3: Any = None
-        text = os.fspath(staging)
-        if text.startswith("s3://"):
-            parsed = urlparse(text)
-            if not parsed.netloc:
-                raise InvalidInputError(f"not an s3://bucket/prefix url: {text!r}")
-            self._bucket = parsed.netloc
-            prefix = parsed.path.strip("/")
-            self._prefix = f"{prefix}/{self._batch}" if prefix else self._batch
-            self._s3 = s3_client or _s3_client(s3_endpoint)
-            self._dir = Path(tempfile.mkdtemp(prefix="tb_bulk_"))
-            self.staging = f"s3://{self._bucket}/{self._prefix}"
-        elif "://" in text:
-            raise InvalidInputError(f"bulk staging must be a directory or s3://, got {text!r}")
-        else:
-            self._bucket = ""
-            self._prefix = ""
-            self._dir = Path(text).expanduser().resolve() / self._batch
-            try:
-                self._dir.mkdir(parents=True)
-            except OSError as exc:
-                raise InvalidInputError(
-                    f"cannot create bulk staging dir {self._dir}: {exc}"
-                ) from exc
-            self.staging = str(self._dir)
-        self._buffer = _Columns()
+        self._staging = Staging(
+            staging,
+            batch=f"tb_bulk_{index.collection}_{uuid.uuid4().hex[:12]}",
+            fields=self._fields,
+            dim=self._dim,
+            file_format=file_format,
+            s3_endpoint=s3_endpoint,
+            s3_client=s3_client,
+        )
+        self.staging = self._staging.where
+        self._buffer = Columns()
         self._keys: set[str] = set()
         self._updates: list[dict[str, Any]] = []
         self._unsorted: list[tuple[dict[str, Any], np.ndarray]] = []  # not looked up yet
-        self._jobs: list[_Job] = []
+        self._jobs: list[StagedJob] = []
         self._empty: bool | None = None  # the collection held no row at the first lookup
         #: seconds per phase: id lookups, file writing, jobs until Completed, until counted
         self.timings = {"lookup_s": 0.0, "write_s": 0.0, "jobs_s": 0.0, "visible_s": 0.0}
@@ -430,79 +375,14 @@ class BulkImport:
 
     def _write_file(self) -> None:
         """Write the buffered rows as one job's files (uploaded for S3 staging)."""
-        buffer, self._buffer = self._buffer, _Columns()
+        buffer, self._buffer = self._buffer, Columns()
         if not buffer:
             return
         started = time.monotonic()
-        n = len(buffer)
-        columns: dict[str, list[Any]] = {}
-        for name in self._fields:
-            values = buffer.scalars.get(name, [])
-            if len(values) != n:
-                raise InvalidInputError(f"field {name!r} is missing from some rows")
-            columns[name] = values
-        columns[DYNAMIC_FIELD] = buffer.meta
-        vectors = np.stack(buffer.vectors)
-        name = f"{len(self._jobs) + 1}"
-        if self.file_format == "numpy" and _fixed_width_bytes(columns, self._fields) <= NUMPY_TEXT:
-            local = self._dir / name
-            local.mkdir()
-            files = self._write_numpy(local, columns, vectors)
-        else:
-            local = self._dir / f"{name}.parquet"
-            self._write_parquet(local, columns, vectors)
-            files = [local]
-        job = _Job(path=str(local), rows=n, files=[str(f) for f in files], local=local)
-        if self._s3 is not None:
-            keys = [f"{self._prefix}/{f.relative_to(self._dir).as_posix()}" for f in files]
-            for file, key in zip(files, keys, strict=True):
-                try:
-                    self._s3.upload_file(str(file), self._bucket, key)
-                except Exception as exc:  # noqa: BLE001 - botocore/boto3 raise many types
-                    raise BulkImportError(
-                        f"cannot upload bulk file to s3://{self._bucket}/{key}: {exc}",
-                        retriable=True,
-                    ) from exc
-            if local.is_dir():
-                shutil.rmtree(local)
-            else:
-                local.unlink()
-            job = _Job(path=f"{self._prefix}/{name}", rows=n, files=keys)
+        job = self._staging.write(buffer, f"{len(self._jobs) + 1}")
         self._jobs.append(job)
         self.timings["write_s"] += time.monotonic() - started
-        log.info("bulk import: staged %s (%d rows)", job.path, n)
-
-    def _write_numpy(
-        self, folder: Path, columns: dict[str, list[Any]], vectors: np.ndarray
-    ) -> list[Path]:
-        """One ``<field>.npy`` per field (strings as fixed-width unicode), vectors ``(n, dim)``
-        float32, the dynamic fields as JSON strings in ``$meta.npy``."""
-        files = []
-        for name, values in columns.items():
-            kind = self._fields.get(name, "VARCHAR")  # $meta: JSON strings
-            files.append(folder / f"{name}.npy")
-            np.save(files[-1], np.array(values, dtype=_NUMPY[kind]))
-        files.append(folder / "cls.npy")
-        np.save(files[-1], vectors)
-        return files
-
-    def _write_parquet(
-        self, local: Path, columns: dict[str, list[Any]], vectors: np.ndarray
-    ) -> None:
-        """One Parquet file: a column per field, ``cls`` as ``list<float32>``."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        n = len(vectors)
-        arrays = {
-            name: pa.array(values, type=_ARROW[self._fields.get(name, "VARCHAR")]())
-            for name, values in columns.items()
-        }
-        arrays["cls"] = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (n + 1) * self._dim, self._dim, dtype=np.int32)),
-            pa.array(vectors.reshape(-1), type=pa.float32()),
-        )
-        pq.write_table(pa.table(arrays), local)
+        log.info("bulk import: staged %s (%d rows)", job.path, job.rows)
 
     # ---------------------------------------------------------------- commit
     def commit(self, progress: Callable[[int, int], None] | None = None) -> int:
@@ -661,22 +541,14 @@ class BulkImport:
     def abort(self) -> None:
         """Remove the staged files without importing; the sink is closed."""
         self._closed = True
-        self._buffer = _Columns()
+        self._buffer = Columns()
         self._updates = []
         self._unsorted = []
         self._remove_files()
         log.info("bulk import into %s aborted", self.index.collection)
 
     def _remove_files(self) -> None:
-        if self._s3 is not None:
-            keys = [job.path for job in self._jobs if job.local is None]
-            for start in range(0, len(keys), 1000):
-                with contextlib.suppress(Exception):
-                    self._s3.delete_objects(
-                        Bucket=self._bucket,
-                        Delete={"Objects": [{"Key": k} for k in keys[start : start + 1000]]},
-                    )
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._staging.remove()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -690,45 +562,6 @@ class BulkImport:
             self.abort()
 
 
-# Milvus scalar types of our schema -> pyarrow types of their Parquet column
-def _arrow(name: str) -> Callable[[], Any]:
-    def make() -> Any:
-        import pyarrow as pa
-
-        return getattr(pa, name)()
-
-    return make
-
-
-_NUMPY: dict[str, Any] = {
-    "VARCHAR": np.str_,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "FLOAT": np.float32,
-    "DOUBLE": np.float64,
-    "BOOL": np.bool_,
-}
-
-_ARROW: dict[str, Callable[[], Any]] = {
-    "VARCHAR": _arrow("string"),
-    "INT64": _arrow("int64"),
-    "INT32": _arrow("int32"),
-    "FLOAT": _arrow("float32"),
-    "DOUBLE": _arrow("float64"),
-    "BOOL": _arrow("bool_"),
-}
-
-
-def _fixed_width_bytes(columns: dict[str, list[Any]], fields: dict[str, str]) -> int:
-    """Bytes of the string columns as NumPy writes them: fixed-width UTF-32, the longest string
-    of a column sets its width (one long ``$meta`` would blow every row up)."""
-    total = 0
-    for name, values in columns.items():
-        if fields.get(name, "VARCHAR") == "VARCHAR" and values:
-            total += 4 * len(values) * max(len(v) for v in values)
-    return total
-
-
 def _collection_fields(index: VideoIndex) -> dict[str, Any]:
     """The collection's own fields from its description: ``{name: type name}`` for the scalar
     fields (the segment fields only where the schema has them: a schema-1 collection gets them
@@ -740,7 +573,7 @@ def _collection_fields(index: VideoIndex) -> dict[str, Any]:
         kind = getattr(item["type"], "name", str(item["type"]))
         if name == "cls":
             fields["cls"] = int(item.get("params", {}).get("dim"))
-        elif kind in _ARROW:
+        elif kind in milvus_types():
             fields[name] = kind
         else:
             raise InvalidInputError(
@@ -750,13 +583,3 @@ def _collection_fields(index: VideoIndex) -> dict[str, Any]:
     if "cls" not in fields:
         raise InvalidInputError(f"collection {index.collection!r} has no 'cls' vector field")
     return fields
-
-
-def _s3_client(endpoint: str | None) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint or os.environ.get("TB_S3_ENDPOINT") or None,
-        region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )
