@@ -9,7 +9,9 @@ one cluster of two nodes, the ray image at the lock's versions and the sidecar i
 a Ray client from this machine joins through the published client port; then
 ``tb ingest /videos --engine ray --ray-address auto`` inside the head node, the same files
 ingested in-process (``--engine local``) into a second collection and store prefix, and the same
-``tb search`` queries (broad and reranked) answer the same ids and scores from both.
+``tb search`` queries (broad and reranked) answer the same ids and scores from both; and the
+same files once more through Milvus's bulk import (``--bulk --bulk-staging s3://a-bucket/...``,
+the import files in Milvus's own bucket on the stack's S3) answer the same as well.
 ``down --volumes`` at the end, even on failure. Figures (start-up, both ingests) are written to
 build/docker/ray-measurements.json; nothing here asserts a speed.
 """
@@ -42,6 +44,8 @@ PLAIN_SERVICES = {"etcd", "minio", "milvus-standalone", "createbuckets", "tb-rer
 # the ray nodes' defaults (TB_COLLECTION, TB_STORE) and the in-process comparison's own
 RAY_COLLECTION, RAY_STORE = "tb_videos", f"s3://{BUCKET}/frames"
 LOCAL_COLLECTION, LOCAL_STORE = "tb_local", f"s3://{BUCKET}/local"
+BULK_COLLECTION, BULK_STORE = "tb_bulk", f"s3://{BUCKET}/bulk"
+MILVUS_BUCKET = "a-bucket"  # Milvus's own bucket (minio.bucketName's default): imports read it
 SCORE_TOLERANCE = 1e-4
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
@@ -473,3 +477,40 @@ def test_cluster_ingest_searches_like_an_in_process_ingest(
             (h["start_s"], h["end_s"]) for h in want
         ]
         assert [h["metadata"] for h in hits] == [h["metadata"] for h in want]
+
+
+def test_bulk_ingest_into_the_stack_searches_like_upserts(
+    ray_stack: RayStack, ingested_both_ways: dict[str, str]
+):
+    """``tb ingest --bulk`` into the stack's Milvus: the import files staged in Milvus's bucket
+    on the stack's S3, imported, then removed; the collection answers like the upserted one."""
+    report = _ingest(
+        ray_stack,
+        "--no-progress",
+        "--collection",
+        BULK_COLLECTION,
+        "--store",
+        BULK_STORE,
+        "--bulk",
+        "--bulk-staging",
+        f"s3://{MILVUS_BUCKET}/tb_bulk",
+    )
+    assert not report["failed"] and report["ingested"] == len(ingested_both_ways), report
+    assert report["bulk_rows"] == report["segments"], report
+    ray_stack.measurements["bulk_ingest_wall_s"] = report["_wall_s"]
+    left = ray_stack.exec(
+        "ray-head",
+        "python",
+        "-c",
+        "import boto3, os; s3 = boto3.client('s3', endpoint_url=os.environ['TB_S3_ENDPOINT']); "
+        f"print(s3.list_objects_v2(Bucket='{MILVUS_BUCKET}', Prefix='tb_bulk/')['KeyCount'])",
+    )
+    assert left.strip().splitlines()[-1] == "0", "staged import files left behind"
+    queries = list(ingested_both_ways.values())[:3]
+    by_bulk = _search(ray_stack, queries, BULK_COLLECTION, BULK_STORE)
+    by_local = _search(ray_stack, queries, LOCAL_COLLECTION, LOCAL_STORE)
+    for got, expected in zip(by_bulk, by_local, strict=True):
+        assert [h["id"] for h in got["hits"]] == [h["id"] for h in expected["hits"]]
+        assert [h["score"] for h in got["hits"]] == pytest.approx(
+            [h["score"] for h in expected["hits"]], abs=SCORE_TOLERANCE
+        )
