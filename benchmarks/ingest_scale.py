@@ -15,7 +15,9 @@ on 320 px clips of 24 frames; nothing is downloaded).
 Each Ray run starts its own private local runtime; its end-to-end seconds include that start,
 and ``startup_s`` (``IngestReport.startup_s``: runtime start, actor start + model load, the
 first batch through) is reported beside it; ``steady_videos_per_s`` = (videos - the first
-batch) / (seconds - startup_s) (local: its end-to-end rate, planning included). Ratios ray/local and local/ray, end to end (the target, >= 0.8) and steady.
+batch) / (seconds - startup_s) (local: its end-to-end rate, planning included). The actor may
+encode more than the first batch before those rows reach the driver, so the steady rate is an
+upper bound; the end-to-end rate is the measure. Ratios ray/local and local/ray, end to end (the target, >= 0.8) and steady.
 
 Per-stage rates of the same clips in this process: decode (``decode_file`` on one thread) in
 videos/s per core, encode (``encode_segments`` in batches of ``--batch-size``, this process's
