@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,17 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 IMAGES_ENV = ROOT / "build" / "docker" / "images.env"  # written by docker/offline/build-images.sh
+COMPOSE_FILE = ROOT / "docker" / "docker-compose.yml"
+# the host ports the compose file publishes (each a variable): a test stack gets free ones
+STACK_PORTS = (
+    "MILVUS_PORT",
+    "MILVUS_HTTP_PORT",
+    "MINIO_PORT",
+    "MINIO_CONSOLE_PORT",
+    "TB_GRPC_PORT",
+    "TB_HTTP_PORT",
+    "TB_METRICS_PORT",
+)
 
 
 def docker_required() -> bool:
@@ -58,3 +72,35 @@ def missing_images(images: list[str]) -> list[str]:
         return missing
     finally:
         client.close()
+
+
+def compose_variables() -> set[str]:
+    """The variables the compose file reads (``${NAME...}``)."""
+    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_ports(names: Iterable[str]) -> dict[str, int]:
+    return {name: free_port() for name in names}
+
+
+def private_stack_env(
+    mp: pytest.MonkeyPatch, project: str, checkpoint: Path, ports: dict[str, int]
+) -> None:
+    """Patch this process's environment for a private compose project: its name (``down
+    --volumes`` must never touch a user's own tb-reranker stack), the compose file's own defaults
+    (no variable the file reads is inherited from this shell: TB_COLLECTION, MINIO_*, ...), the
+    images ``make images`` built, the checkpoint and free host ports."""
+    mp.setenv("COMPOSE_PROJECT_NAME", project)
+    for name in compose_variables():
+        mp.delenv(name, raising=False)
+    for name, value in image_overrides().items():
+        mp.setenv(name, value)
+    mp.setenv("TB_CHECKPOINT_DIR", str(checkpoint))
+    for name, port in ports.items():
+        mp.setenv(name, str(port))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from docker_support import ROOT, image_overrides, missing_images, skip_or_fail
+from docker_support import (
+    ROOT,
+    STACK_PORTS,
+    free_ports,
+    missing_images,
+    private_stack_env,
+    skip_or_fail,
+)
 
 DOCKER_DIR = ROOT / "docker"
 MEASUREMENTS = ROOT / "build" / "docker" / "stack-measurements.json"
@@ -41,12 +47,6 @@ COLLECTION = "tb_videos"  # the sidecar's TB_COLLECTION default: its Search RPC 
 HEALTHCHECKED = ("etcd", "minio", "milvus-standalone", "tb-reranker")
 
 pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -101,31 +101,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(compose_cli: list[str], tiny_checkpoint: Path) -> Iterator[Stack]:
-    ports = {
-        name: _free_port()
-        for name in (
-            "MILVUS_PORT",
-            "MILVUS_HTTP_PORT",
-            "MINIO_PORT",
-            "MINIO_CONSOLE_PORT",
-            "TB_GRPC_PORT",
-            "TB_HTTP_PORT",
-            "TB_METRICS_PORT",
-        )
-    }
+    ports = free_ports(STACK_PORTS)
     project = f"tb-test-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
-        # a private project: `down --volumes` must never touch a user's own tb-reranker stack
-        mp.setenv("COMPOSE_PROJECT_NAME", project)
-        # the file's own defaults, not whatever this shell exports (TB_COLLECTION, MINIO_*, ...)
-        compose_text = (DOCKER_DIR / "docker-compose.yml").read_text()
-        for name in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", compose_text)):
-            mp.delenv(name, raising=False)
-        for name, value in image_overrides().items():
-            mp.setenv(name, value)
-        mp.setenv("TB_CHECKPOINT_DIR", str(tiny_checkpoint))
-        for name, port in ports.items():
-            mp.setenv(name, str(port))
+        private_stack_env(mp, project, tiny_checkpoint, ports)
         # later fixtures change this process's environment (s3_env drops TB_*): compose must
         # keep seeing the stack's own variables, or `up` would reconcile towards another config
         stack = Stack(project, compose_cli, ports, startup_s=0.0, env=dict(os.environ))

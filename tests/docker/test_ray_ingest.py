@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from docker_support import ROOT, image_overrides, missing_images, skip_or_fail
+from docker_support import (
+    ROOT,
+    STACK_PORTS,
+    compose_variables,
+    free_ports,
+    missing_images,
+    private_stack_env,
+    skip_or_fail,
+)
 
 DOCKER_DIR = ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
@@ -49,12 +56,6 @@ MILVUS_BUCKET = "a-bucket"  # Milvus's own bucket (minio.bucketName's default): 
 SCORE_TOLERANCE = 1e-4
 
 pytestmark = [pytest.mark.timeout(1500), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -106,10 +107,6 @@ class RayStack:
         return {c.labels["com.docker.compose.service"]: c for c in found}
 
 
-def _compose_variables() -> set[str]:
-    return set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
-
-
 @pytest.fixture(scope="module")
 def ray_videos(synth_videos) -> Iterator[tuple[Path, dict[str, str]]]:
     """The session's generated MP4s, copied where the nodes' user (uid 10001) can read them."""
@@ -127,32 +124,11 @@ def ray_videos(synth_videos) -> Iterator[tuple[Path, dict[str, str]]]:
 
 @pytest.fixture(scope="module")
 def ray_stack(compose_cli: list[str], tiny_checkpoint: Path, ray_videos) -> Iterator[RayStack]:
-    ports = {
-        name: _free_port()
-        for name in (
-            "MILVUS_PORT",
-            "MILVUS_HTTP_PORT",
-            "MINIO_PORT",
-            "MINIO_CONSOLE_PORT",
-            "TB_GRPC_PORT",
-            "TB_HTTP_PORT",
-            "TB_METRICS_PORT",
-            "TB_RAY_CLIENT_PORT",
-        )
-    }
+    ports = free_ports((*STACK_PORTS, "TB_RAY_CLIENT_PORT"))
     project = f"tb-test-ray-{uuid.uuid4().hex[:8]}"
     with pytest.MonkeyPatch.context() as mp:
-        # a private project: `down --volumes` must never touch a user's own tb-reranker stack
-        mp.setenv("COMPOSE_PROJECT_NAME", project)
-        # the file's own defaults, not whatever this shell exports (TB_COLLECTION, MINIO_*, ...)
-        for name in _compose_variables():
-            mp.delenv(name, raising=False)
-        for name, value in image_overrides().items():
-            mp.setenv(name, value)
-        mp.setenv("TB_CHECKPOINT_DIR", str(tiny_checkpoint))
+        private_stack_env(mp, project, tiny_checkpoint, ports)
         mp.setenv("TB_VIDEOS_DIR", str(ray_videos[0]))
-        for name, port in ports.items():
-            mp.setenv(name, str(port))
         env = dict(os.environ)
     stack = RayStack(project, compose_cli, ports["TB_RAY_CLIENT_PORT"], env)
     images = stack.compose("config", "--images", *RAY_SERVICES).stdout.split()
@@ -230,7 +206,7 @@ def _wait_until(predicate, timeout_s: float, what: str) -> None:
 # ------------------------------------------------------------------------------ the profile
 def test_plain_up_is_unchanged_and_the_profile_adds_two_ray_nodes(compose_cli: list[str]):
     """Without ``--profile ray`` the stack's services are the same five; with it, two more."""
-    env = {k: v for k, v in os.environ.items() if k not in _compose_variables()}
+    env = {k: v for k, v in os.environ.items() if k not in compose_variables()}
     env.pop("COMPOSE_PROFILES", None)
 
     def services(*profile: str) -> set[str]:
