@@ -104,3 +104,14 @@ def private_stack_env(
     mp.setenv("TB_CHECKPOINT_DIR", str(checkpoint))
     for name, port in ports.items():
         mp.setenv(name, str(port))
+
+
+def project_containers(project: str) -> dict[str, object]:
+    """A compose project's containers (all, running or not) by service name (docker SDK)."""
+    import docker
+
+    client = docker.from_env(timeout=60)
+    found = client.containers.list(
+        all=True, filters={"label": f"com.docker.compose.project={project}"}
+    )
+    return {c.labels["com.docker.compose.service"]: c for c in found}

@@ -39,6 +39,7 @@ from docker_support import (
     free_ports,
     missing_images,
     private_stack_env,
+    project_containers,
     skip_or_fail,
 )
 
@@ -98,13 +99,7 @@ class RayStack:
 
     def containers(self) -> dict[str, object]:
         """service name -> docker SDK container (all, running or not)."""
-        import docker
-
-        client = docker.from_env(timeout=60)
-        found = client.containers.list(
-            all=True, filters={"label": f"com.docker.compose.project={self.project}"}
-        )
-        return {c.labels["com.docker.compose.service"]: c for c in found}
+        return project_containers(self.project)
 
 
 @pytest.fixture(scope="module")
