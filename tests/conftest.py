@@ -53,3 +53,31 @@ def tb_exit_code():
             return exc.code
 
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real local S3 endpoint for the session: moto's threaded server on a loopback port
+    (skipped where ``moto[server]`` is not installed)."""
+    import socket
+
+    server_module = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
+    """``s3_endpoint`` as ``TB_S3_ENDPOINT``, with throwaway AWS credentials, for this test."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("TB_S3_ENDPOINT", s3_endpoint)
+    return s3_endpoint

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from tb_reranker.errors import BulkImportError, InvalidInputError
+from tb_reranker.s3 import make_client
 
 __all__ = ["DYNAMIC_FIELD", "FILE_FORMATS", "Columns", "StagedJob", "Staging", "milvus_types"]
 
@@ -101,7 +102,7 @@ class Staging:
             self._bucket = parsed.netloc
             prefix = parsed.path.strip("/")
             self._prefix = f"{prefix}/{batch}" if prefix else batch
-            self._s3 = s3_client or _s3_client(s3_endpoint)
+            self._s3 = s3_client or make_client(s3_endpoint)
             self._dir = Path(tempfile.mkdtemp(prefix="tb_bulk_"))
             self.where = f"s3://{self._bucket}/{self._prefix}"
         elif "://" in text:
@@ -243,13 +244,3 @@ def _fixed_width_bytes(columns: dict[str, list[Any]], fields: dict[str, str]) ->
         if fields.get(name, "VARCHAR") == "VARCHAR" and values:
             total += 4 * len(values) * max(len(v) for v in values)
     return total
-
-
-def _s3_client(endpoint: str | None) -> Any:
-    import boto3
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint or os.environ.get("TB_S3_ENDPOINT") or None,
-        region_name=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    )

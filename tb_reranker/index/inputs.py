@@ -11,26 +11,10 @@ from typing import Any
 
 from tb_reranker.errors import InvalidInputError, printable
 from tb_reranker.stores import validate_video_id
+from tb_reranker.video.sources import VIDEO_EXTENSIONS, ListingError, list_videos
 
 __all__ = ["VIDEO_EXTENSIONS", "assign_ids", "expand_paths", "video_ids_for"]
 
-VIDEO_EXTENSIONS = frozenset(
-    {
-        ".mp4",
-        ".m4v",
-        ".mov",
-        ".mkv",
-        ".webm",
-        ".avi",
-        ".mpg",
-        ".mpeg",
-        ".ts",
-        ".flv",
-        ".wmv",
-        ".3gp",
-        ".gif",
-    }
-)
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -134,8 +118,8 @@ class _Expansion:
         self._seen: set[str] = set()
         self._lists_seen: set[str] = set()
 
-    def _add(self, path: Path) -> None:
-        key = str(path.resolve())
+    def _add(self, path: Path | str) -> None:
+        key = path if isinstance(path, str) else str(path.resolve())  # an s3:// url is its key
         if key not in self._seen:
             self._seen.add(key)
             self.paths.append(str(path))
@@ -143,6 +127,9 @@ class _Expansion:
     def expand(self, item: str, base: Path | None) -> None:
         if item.startswith("@"):
             self._list_file(item, base)
+            return
+        if item.startswith("s3://"):
+            self._s3(item)
             return
         path = Path(item).expanduser()
         if base is not None and not path.is_absolute():
@@ -159,6 +146,17 @@ class _Expansion:
             self._add(path)
         else:
             self.problems.append((str(path), "no such file"))
+
+    def _s3(self, item: str) -> None:
+        try:
+            urls = list_videos(item)
+        except ListingError as exc:
+            self.problems.append((item, str(exc)))
+            return
+        if not urls:
+            self.problems.append((item, "no video object at or under this S3 prefix"))
+        for url in urls:
+            self._add(url)
 
     def _pattern(self, item: str, path: Path) -> None:
         matches = _glob(str(path))
@@ -200,7 +198,8 @@ class _Expansion:
 def expand_paths(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand files, directories (recursive, video extensions), globs and ``@list.txt`` files.
+    """Expand files, directories (recursive, video extensions), globs, ``s3://bucket/prefix``
+    urls (the video objects under the prefix, or the one object named) and ``@list.txt`` files.
 
     A list file holds one input per line (blank lines and ``#`` comments skipped); relative
     entries are relative to the list file's directory. Returns ``(paths, problems)`` where

@@ -69,7 +69,13 @@ from typing import Any
 
 import numpy as np
 
-from tb_reranker.errors import CheckpointError, InvalidInputError, VideoDecodeError, printable
+from tb_reranker.errors import (
+    CheckpointError,
+    InvalidInputError,
+    TBError,
+    VideoDecodeError,
+    printable,
+)
 from tb_reranker.index.segmenting import (
     DecodeSettings,
     EncodedSegment,
@@ -177,36 +183,58 @@ def ray_runtime(address: str | None, *, progress: bool) -> Iterator[Any]:
 
 
 def _init(ray: Any, address: str | None, quiet: bool) -> str | None:
-    """``ray.init`` for the run; the temporary directory of a private runtime (None: joined)."""
+    """``ray.init`` for the run; the temporary directory of a private runtime (None: joined).
+    A private runtime that does not come up (Ray gives its raylet 30 s to register, which a
+    loaded machine can miss) is started once more before the run gives up."""
     settings: dict[str, Any] = {
         "logging_level": logging.ERROR if quiet else logging.INFO,
         "log_to_driver": not quiet,
     }
-    temp = None
     if address is None:  # never someone else's cluster, never their /tmp/ray
-        temp = tempfile.mkdtemp(prefix="tb-ray-")
-        settings.update(
-            address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, _temp_dir=temp
-        )
-    elif address.startswith("ray://"):
+        return _init_local(ray, settings)
+    if address.startswith("ray://"):
         settings = {"address": address}  # Ray Client: the server's own settings
     else:
         settings["address"] = address
     try:
         ray.init(**settings)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        where = f"at {printable(address)}" if address else "locally"
-        raise InvalidInputError(f"cannot start Ray {where}: {first}") from None
+        raise InvalidInputError(
+            f"cannot start Ray at {printable(address)}: {_first_line(exc)}"
+        ) from None
     log.debug("ray: %s", ray.cluster_resources())
-    return temp
+    return None
+
+
+_LOCAL_STARTS = 2
+
+
+def _init_local(ray: Any, settings: dict[str, Any]) -> str:
+    """A private runtime with this machine's cores in its own temporary directory (returned)."""
+    settings = {**settings, "address": "local", "num_cpus": os.cpu_count() or 1}
+    for attempt in range(1, _LOCAL_STARTS + 1):
+        temp = tempfile.mkdtemp(prefix="tb-ray-")
+        try:
+            ray.init(**settings, include_dashboard=False, _temp_dir=temp)
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception on a timeout
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+            if attempt == _LOCAL_STARTS:
+                raise TBError(f"cannot start Ray locally: {_first_line(exc)}") from None
+            log.warning("ray: the local runtime did not start (%s); starting it once more", exc)
+            continue
+        log.debug("ray: %s", ray.cluster_resources())
+        return temp
+    raise AssertionError("unreachable")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def decode_rows(row: Mapping[str, Any], settings: DecodeSettings) -> Iterator[dict[str, Any]]:
-    """One video's rows (``row``: ``{video_id, path, file}``; ``file``, the absolute path, is
-    what it reads): one per segment (``n`` its index; frames [T, 3, H, W] float32, mask,
+    """One video's rows (``row``: ``{video_id, path, file}``; ``file``, an absolute path or an
+    ``s3://`` url, is what it reads): one per segment (``n`` its index; frames [T, 3, H, W] float32, mask,
     timestamps), the last one also carrying ``count`` (the video's segments; -1 on the others)
     and ``info`` (its failed stretches, error and duration, as JSON). A video with no segment
     is one row with ``n = -1`` and zero frames. One segment is held back to know which is last."""
@@ -454,7 +482,7 @@ class RayEncoder:
             actor_cpus = encode_cpus(node_cpus, reserved, options.encode_actors)
             actor_threads = max(1, math.ceil(actor_cpus))
         log.debug("ray: encode actors reserve %s CPUs, %d threads", actor_cpus, actor_threads)
-        items = [{"video_id": v, "path": p, "file": os.path.abspath(p)} for v, p in entries]
+        items = [{"video_id": v, "path": p, "file": _where(p)} for v, p in entries]
         per_task = max(1, min(VIDEOS_PER_TASK, len(items) // (4 * decode_slots)))
         blocks = min(MAX_BLOCKS, math.ceil(len(items) / per_task))
         data = ray.data.from_items(items, override_num_blocks=blocks)
@@ -488,3 +516,9 @@ class RayEncoder:
                 max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,
             )
+
+
+def _where(path: str) -> str:
+    """What a worker opens for ``path``: an ``s3://`` url as it is (the worker downloads it),
+    a local path made absolute (a worker's working directory is not the driver's)."""
+    return path if path.startswith("s3://") else os.path.abspath(path)

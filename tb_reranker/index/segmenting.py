@@ -19,7 +19,9 @@ are the two steps themselves: this module's thread pipeline and the Ray engine's
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -77,8 +79,9 @@ def stated_duration(path: str) -> float | None:
 class DecodeSettings:
     """How every file of an ingest is cut and sampled: the segment spec and the model's input
     geometry (``num_frames`` frames of ``image_size`` pixels normalised by ``mean``/``std``);
-    ``threads`` FFmpeg decoder threads per file (0: FFmpeg's choice). Plain values: it travels
-    to Ray decode tasks as it is."""
+    ``threads`` FFmpeg decoder threads per file (0: FFmpeg's choice); ``s3_endpoint`` where
+    ``s3://`` inputs are read (the driver's ``TB_S3_ENDPOINT``: a Ray worker need not have it set;
+    credentials stay the worker's own). Plain values: it travels to Ray decode tasks as it is."""
 
     spec: SegmentSpec
     num_frames: int
@@ -86,6 +89,7 @@ class DecodeSettings:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     threads: int = 0
+    s3_endpoint: str | None = None
 
     @classmethod
     def for_model(cls, model: Any, spec: SegmentSpec, threads: int = 0) -> DecodeSettings:
@@ -97,6 +101,7 @@ class DecodeSettings:
             mean=tuple(float(v) for v in model.image_mean),
             std=tuple(float(v) for v in model.image_std),
             threads=threads,
+            s3_endpoint=os.environ.get("TB_S3_ENDPOINT") or None,
         )
 
     def decode_kwargs(self) -> dict[str, Any]:
@@ -126,16 +131,25 @@ def decode_file(path: str, settings: DecodeSettings) -> Iterator[Item]:
     """The decode of one file, the one both ingest engines run: its segments and failed
     stretches (:class:`Segment`, :class:`SegmentFailure`) in time order, then, when the file (or
     what is left of it) cannot be decoded, one :class:`VideoDecodeError`. Never raises for a bad
-    file: one bad file must not stop the others."""
-    segments = _items(path, settings)
-    try:
-        yield from segments
-    except VideoDecodeError as exc:
-        yield exc
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-        yield VideoDecodeError(path, f"{type(exc).__name__}: {exc}")
-    finally:
-        segments.close()
+    file: one bad file must not stop the others. An ``s3://`` object is decoded from a local
+    copy held for the length of the decode (:func:`tb_reranker.video.sources.local_copy`)."""
+    from tb_reranker.video.sources import local_copy
+
+    with contextlib.ExitStack() as held:
+        try:
+            local = held.enter_context(local_copy(path, endpoint=settings.s3_endpoint))
+        except VideoDecodeError as exc:
+            yield exc
+            return
+        segments = _items(local, settings)
+        try:
+            yield from segments
+        except VideoDecodeError as exc:
+            yield exc if local == path else VideoDecodeError(path, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+            yield VideoDecodeError(path, f"{type(exc).__name__}: {exc}")
+        finally:
+            segments.close()
 
 
 def _produce(path: str, settings: DecodeSettings, out: queue.Queue, stop: threading.Event) -> None:

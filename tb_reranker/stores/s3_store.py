@@ -13,11 +13,11 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 
 from tb_reranker.errors import InvalidInputError, StoreError
+from tb_reranker.s3 import make_client, split_url
 from tb_reranker.stores.base import FrameStore
 from tb_reranker.stores.record import (
     FrameRecord,
@@ -66,28 +66,17 @@ class S3FrameStore(FrameStore):
         self.dtype = np.dtype(dtype)
         self.endpoint_url = endpoint_url
         if client is None:
-            import boto3
-            from botocore.config import Config
-
-            client = boto3.client(
-                "s3",
-                endpoint_url=endpoint_url,
-                region_name=region_name or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-                config=Config(
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    max_pool_connections=max(10, max_workers * 2),
-                ),
+            client = make_client(
+                endpoint_url, region_name=region_name, pool=max(10, max_workers * 2)
             )
         self._client = client
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tb-s3")
 
     @classmethod
     def from_url(cls, url: str, *, endpoint_url: str | None = None, **options: Any) -> S3FrameStore:
-        parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise InvalidInputError(f"not an s3://bucket/prefix url: {url!r}")
+        bucket, prefix = split_url(url)
         endpoint = endpoint_url or os.environ.get("TB_S3_ENDPOINT") or None
-        return cls(parsed.netloc, parsed.path, endpoint_url=endpoint, **options)
+        return cls(bucket, prefix, endpoint_url=endpoint, **options)
 
     def __repr__(self) -> str:
         return f"S3FrameStore('s3://{self.bucket}/{self.prefix}')"

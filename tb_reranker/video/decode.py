@@ -101,9 +101,15 @@ def content_hash(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str
     """Hex sha256 of the file's bytes, read in chunks (for idempotent ingestion).
 
     Only regular files: a FIFO, a device (``/dev/zero``) or a socket named ``.mp4`` would block
-    or never end, so it is opened non-blocking and refused after ``fstat``.
+    or never end, so it is opened non-blocking and refused after ``fstat``. An ``s3://`` url is
+    hashed by streaming the object (:func:`tb_reranker.video.sources.s3_content_hash`).
     """
     import stat
+
+    if isinstance(path, str) and path.startswith("s3://"):
+        from tb_reranker.video.sources import s3_content_hash
+
+        return s3_content_hash(path)
 
     digest = hashlib.sha256()
     try:

@@ -7,8 +7,9 @@ host ports, with a tiny checkpoint and a folder of generated MP4s bind-mounted r
 same paths on both nodes. Checks: a plain ``up`` is unchanged by the profile; both nodes healthy,
 one cluster of two nodes, the ray image at the lock's versions and the sidecar image free of Ray;
 a Ray client from this machine joins through the published client port; then
-``tb ingest /videos --engine ray --ray-address auto`` inside the head node, the same files
-ingested in-process (``--engine local``) into a second collection and store prefix, and the same
+``tb ingest s3://tb-frames/inputs/ --engine ray --ray-address auto`` inside the head node (the
+videos uploaded to the stack's S3 first: each worker downloads what it decodes), the same files
+ingested in-process from the mount (``--engine local``) into a second collection and store prefix, and the same
 ``tb search`` queries (broad and reranked) answer the same ids and scores from both; and the
 same files once more through Milvus's bulk import (``--bulk --bulk-staging s3://a-bucket/...``,
 the import files in Milvus's own bucket on the stack's S3) answer the same as well.
@@ -47,6 +48,7 @@ DOCKER_DIR = ROOT / "docker"
 COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
 MEASUREMENTS = ROOT / "build" / "docker" / "ray-measurements.json"
 BUCKET = "tb-frames"  # created by the stack's createbuckets job
+INPUTS_PREFIX = "inputs"  # the videos, uploaded for the cluster's ingest from s3://
 RAY_SERVICES = ("ray-head", "ray-worker")
 PLAIN_SERVICES = {"etcd", "minio", "milvus-standalone", "createbuckets", "tb-reranker"}
 # the ray nodes' defaults (TB_COLLECTION, TB_STORE) and the in-process comparison's own
@@ -323,9 +325,9 @@ def test_a_ray_client_here_joins_through_the_published_port(ray_stack: RayStack,
 
 
 # ------------------------------------------------------------------------------ ingest and search
-def _ingest(stack: RayStack, *args: str) -> dict:
+def _ingest(stack: RayStack, *args: str, source: str = "/videos") -> dict:
     started = time.monotonic()
-    report = json.loads(stack.exec("ray-head", "tb", "ingest", "/videos", "--json", *args))
+    report = json.loads(stack.exec("ray-head", "tb", "ingest", source, "--json", *args))
     report["_wall_s"] = round(time.monotonic() - started, 1)
     return report
 
@@ -352,9 +354,18 @@ def _search(stack: RayStack, queries: list[str], collection: str, store: str, *a
 
 @pytest.fixture(scope="module")
 def ingested_both_ways(ray_stack: RayStack, ray_videos) -> dict[str, str]:
-    """The videos through the cluster (default collection and store), then in-process into a
-    second collection and store prefix; both searchable in full before the comparison."""
+    """The videos through the cluster (default collection and store) from a copy under an
+    ``s3://`` prefix of the stack's S3 (each worker downloads what it decodes), then in-process
+    from the mounted files into a second collection and store prefix; both searchable in full
+    before the comparison."""
     _, captions = ray_videos
+    upload = (
+        "import os, boto3\n"
+        "s3 = boto3.client('s3', endpoint_url=os.environ['TB_S3_ENDPOINT'])\n"
+        "for name in sorted(os.listdir('/videos')):\n"
+        f"    s3.upload_file('/videos/' + name, '{BUCKET}', '{INPUTS_PREFIX}/' + name)\n"
+    )
+    ray_stack.exec("ray-head", "python", "-c", upload, timeout=300)
     assert _alive_nodes(ray_stack) == 2
     worker_started = ray_stack.containers()["ray-worker"].attrs["State"]["StartedAt"]
     jobs_before = {job for node in RAY_SERVICES for job in _work_by_job(ray_stack, node)}
@@ -371,6 +382,7 @@ def ingested_both_ways(ray_stack: RayStack, ray_videos) -> dict[str, str]:
         "--decode-cpus",
         "1",
         "--no-progress",
+        source=f"s3://{BUCKET}/{INPUTS_PREFIX}/",
     )
     assert ray_report.get("engine") == "ray", ray_report
     assert not ray_report["failed"] and ray_report["ingested"] == len(captions), ray_report

@@ -163,6 +163,30 @@ def test_ray_matches_local(library: Path, ray_address: str, tmp_path: Path) -> N
         np.testing.assert_allclose([s for _, s in ours], [s for _, s in theirs], atol=TOLERANCE)
 
 
+def test_ray_reads_an_s3_prefix_like_the_files_on_disk(
+    library: Path, s3_env: str, tmp_path: Path
+) -> None:
+    """``tb ingest s3://bucket/prefix --engine ray`` (its own local runtime, whose workers
+    download the objects they decode): the same failures, ids, vectors and tokens as the local
+    engine over the same files on disk."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    s3.create_bucket(Bucket="tb-ray-inputs")
+    for path in sorted((library / "videos").iterdir()):
+        s3.upload_file(str(path), "tb-ray-inputs", f"lib/{path.name}")
+    code, local, err = ingest(library, "videos", tmp_path / "local")
+    assert code == 1 and local["ingested"] == 7, err
+    args = ["ingest", "s3://tb-ray-inputs/lib/", "--data-dir", str(tmp_path / "ray")]
+    args += ["--checkpoint", str(library / "checkpoint"), "--json", "--no-progress"]
+    code, out, err = tb(*args, "--engine", "ray", "--decode-cpus", "0.5")
+    assert code == 1 and "Traceback" not in err, err
+    report = json.loads(out)
+    assert report["engine"] == "ray" and report["ingested"] == 7
+    assert report["failed"] == [{**local["failed"][0], "path": "s3://tb-ray-inputs/lib/broken.mp4"}]
+    assert_same(contents(tmp_path / "local"), contents(tmp_path / "ray"))
+
+
 def test_missing_extra_and_dead_address(library: Path, tmp_path: Path) -> None:
     hide = tmp_path / "hide_ray"
     hide.mkdir()

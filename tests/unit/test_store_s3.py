@@ -1,9 +1,7 @@
-"""S3 frame-token store against a real local S3 endpoint (moto's threaded server on loopback)."""
+"""S3 frame-token store against a real local S3 endpoint (moto's threaded server on loopback:
+the ``s3_endpoint`` / ``s3_env`` fixtures of ``tests/conftest.py``)."""
 
 from __future__ import annotations
-
-import socket
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -12,34 +10,6 @@ from tb_reranker.errors import InvalidInputError, StoreError
 from tb_reranker.stores import FrameRecord, open_store
 
 pytest.importorskip("moto.server", reason="moto[server] is not installed")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def s3_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("TB_S3_ENDPOINT", s3_endpoint)
-    return s3_endpoint
 
 
 @pytest.fixture
