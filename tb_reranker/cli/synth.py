@@ -29,6 +29,7 @@ _DEFAULTS: dict[str, tuple[type, Any]] = {
     "jitter": (str, "frame"),
     "background": (str, "plain"),
     "holdout": (float, 0.25),
+    "renderer": (str, "shapes"),
     "workers": (int, 0),
 }
 # --long: its own flags, and its own defaults of the shared ones (size, families)
@@ -43,7 +44,7 @@ _LONG_DEFAULTS: dict[str, tuple[type, Any]] = {
     "families": (str, "order,motion,colour"),
     "background": (str, "plain"),
 }
-_CLIP_ONLY = ("train", "val", "test", "frames", "holdout", "jitter", "workers")
+_CLIP_ONLY = ("train", "val", "test", "frames", "holdout", "jitter", "renderer", "workers")
 
 
 def register(subparsers: Any) -> None:
@@ -95,6 +96,13 @@ def register(subparsers: Any) -> None:
         default=None,
         choices=("frame", "clip"),
         help="object placement drawn afresh every frame, or once per clip (frame)",
+    )
+    parser.add_argument(
+        "--renderer",
+        default=None,
+        choices=("shapes", "camera"),
+        help="how clips are drawn: shapes, or camera (hard-edged turned shapes, photographic "
+        "noise, camera shake, variable speed/fps/size; the same captions) (shapes)",
     )
     parser.add_argument(
         "--workers", type=WORKERS.parse, default=None, help="worker processes (0 = one per CPU)"
@@ -180,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         jitter=values["jitter"],
         background=values["background"],
         holdout=values["holdout"],
+        renderer=values["renderer"],
         workers=values["workers"] or None,
         force=args.force or (env("SYNTH_FORCE") or "").lower() in ("1", "true", "yes", "on"),
         progress=not args.no_progress,

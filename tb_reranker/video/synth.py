@@ -452,10 +452,12 @@ def render_clip(
     return frames
 
 
-def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str]) -> str:
-    spec, videos_dir, seed, size, num_frames, fps, jitter, background = job
+def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str, str]) -> str:
+    spec, videos_dir, seed, size, num_frames, fps, jitter, background, renderer = job
     split_code = SPLITS.index(spec.split)
     group, twin = divmod(spec.index, 2)
+    if renderer == "camera":
+        return _make_camera_clip(spec, videos_dir, seed, size, num_frames, fps)
     # both twins of a group share the appearance; wobble and noise are per clip
     appearance = draw_appearance(
         spec.family,
@@ -491,6 +493,36 @@ def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str]) -> str:
     return spec.video_id
 
 
+def _make_camera_clip(
+    spec: _ClipSpec, videos_dir: str, seed: int, size: int, num_frames: int, fps: int
+) -> str:
+    """One clip by the second renderer: twin 0's content drawn from the group's RNG, played
+    backwards for twin 1 (:mod:`tb_reranker.video.synth_camera`)."""
+    from tb_reranker.video.synth_camera import camera_clip
+
+    split_code = SPLITS.index(spec.split)
+    group, twin = divmod(spec.index, 2)
+    objects, direction = (
+        (spec.objects, spec.direction)
+        if twin == 0
+        else time_reversed(spec.family, spec.objects, spec.direction)
+    )
+    clip = camera_clip(
+        spec.family,
+        objects,
+        CHANGE_COLOURS if spec.family == "colour" else COLOURS,
+        size=size,
+        num_frames=num_frames,
+        fps=fps,
+        look=np.random.default_rng([seed, split_code, group, 2]),
+        noise=np.random.default_rng([seed, split_code, spec.index, 3]),
+        step=_STEPS.get(direction, (0, 0)),
+        reverse=twin == 1,
+    )
+    write_mp4(Path(videos_dir) / f"{spec.video_id}.mp4", clip.frames, clip.fps)
+    return spec.video_id
+
+
 def _params(
     counts: dict[str, int],
     seed: int,
@@ -501,6 +533,7 @@ def _params(
     jitter: str,
     background: str = "plain",
     holdout: float = 0.0,
+    renderer: str = "shapes",
 ) -> dict[str, Any]:
     params = {
         "generator": "tb_reranker.video.synth",
@@ -519,6 +552,8 @@ def _params(
     # only where they matter, so the default benchmark's arguments read as before
     if background != "plain":
         params["background"] = background
+    if renderer != "shapes":
+        params["renderer"] = renderer
     if any(f in ("motion", "colour") for f in families):
         params["holdout"] = holdout
     return params
@@ -683,6 +718,7 @@ def generate(
     jitter: str = "frame",
     background: str = "plain",
     holdout: float = 0.25,
+    renderer: str = "shapes",
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
@@ -705,6 +741,11 @@ def generate(
         holdout: fraction of the motion / colour families' combinations never shown in train
             (test takes them first; ``captions.jsonl`` marks them ``"heldout": true``). The
             order family is unaffected.
+        renderer: ``"shapes"`` (this module's drawing) or ``"camera"``: the same plan and
+            captions drawn another way (:mod:`tb_reranker.video.synth_camera`: hard-edged turned
+            shapes, photographic-noise backgrounds, camera shake, variable speed, frame rate,
+            frame count and size), for cross-renderer evaluation. It draws its own backgrounds
+            and motion, so it takes ``background="plain"`` and ``jitter="frame"`` only.
         workers: processes for rendering+encoding (default: CPU count; 1 = in this process).
         force: regenerate even if an output exists (identical or not).
         progress: show progress: a bar on a terminal, log lines elsewhere.
@@ -717,22 +758,16 @@ def generate(
     counts = _checked_counts(num_train, num_val, num_test)
     _check_clip(seed, size, num_frames, fps, jitter)
     families = _checked_families(families)
-    _check_scene(background, holdout)
+    _check_scene(background, holdout, renderer, jitter)
     workers = (os.cpu_count() or 1) if workers is None else _check("workers", workers, 1)
 
     root = Path(out_dir)
-    if root.exists() and not root.is_dir():
-        raise InvalidInputError(f"output path exists and is not a folder: {root}")
-    params = _params(counts, seed, size, num_frames, fps, families, jitter, background, holdout)
-    done = _is_complete(root, params)
-    if done is not None and not force:
-        log.info("%s already holds this dataset (same arguments): nothing to do", root)
+    params = _params(
+        counts, seed, size, num_frames, fps, families, jitter, background, holdout, renderer
+    )
+    done = _existing(root, params, force)
+    if done is not None:
         return SynthResult(root, counts, 0, True, time.perf_counter() - started, done)
-    if not force and _holds_other_dataset(root, params):
-        raise AlreadyExistsError(
-            f"{root} already holds a dataset made with other arguments (or an unfinished one);"
-            " pass --force (force=True) to replace it"
-        )
 
     videos_dir = root / "videos"
     _clear_output(root, videos_dir)
@@ -740,7 +775,8 @@ def generate(
     specs = _plan(counts, families, seed, holdout)
     _warn_repeated_captions(specs)
     jobs = [
-        (spec, str(videos_dir), seed, size, num_frames, fps, jitter, background) for spec in specs
+        (spec, str(videos_dir), seed, size, num_frames, fps, jitter, background, renderer)
+        for spec in specs
     ]
     _run_jobs(jobs, workers, progress)
 
@@ -749,7 +785,38 @@ def generate(
     return SynthResult(root, counts, len(specs), False, elapsed, meta)
 
 
-def _check_scene(background: str, holdout: float) -> None:
+def _existing(root: Path, params: dict[str, Any], force: bool) -> dict[str, Any] | None:
+    """meta.json when ``root`` already holds this very dataset (nothing to do); None when it
+    is to be written.
+
+    Raises:
+        InvalidInputError: ``root`` is a file.
+        AlreadyExistsError: ``root`` holds another dataset and not ``force``.
+    """
+    if root.exists() and not root.is_dir():
+        raise InvalidInputError(f"output path exists and is not a folder: {root}")
+    done = _is_complete(root, params)
+    if done is not None and not force:
+        log.info("%s already holds this dataset (same arguments): nothing to do", root)
+        return done
+    if not force and _holds_other_dataset(root, params):
+        raise AlreadyExistsError(
+            f"{root} already holds a dataset made with other arguments (or an unfinished one);"
+            " pass --force (force=True) to replace it"
+        )
+    return None
+
+
+def _check_scene(background: str, holdout: float, renderer: str, jitter: str) -> None:
+    from tb_reranker.video.synth_camera import RENDERERS
+
+    if renderer not in RENDERERS:
+        raise InvalidInputError(f"renderer must be one of {list(RENDERERS)}, got {renderer!r}")
+    if renderer == "camera" and (background != "plain" or jitter != "frame"):
+        raise InvalidInputError(
+            "the camera renderer draws its own background and motion: leave background and "
+            "jitter at their defaults"
+        )
     if background not in BACKGROUNDS:
         raise InvalidInputError(
             f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
