@@ -193,6 +193,13 @@ TRAIN_OPTIONS: tuple[EnvOption, ...] = (
         "on|off: batch word-order twin captions together (preset: on for synthetic)",
     ),
     EnvOption(
+        "--augment",
+        "augment",
+        str,
+        "augmentations NAME=P,...: crop, colour, shift (caption kept), flip, reverse (caption "
+        "rewritten, added as in-batch twins); none by default",
+    ),
+    EnvOption(
         "--freeze-backbone",
         "freeze_backbone",
         parse_bool,
@@ -246,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         freeze_backbone=bool(args.freeze_backbone),
         hard_negatives=args.hard_negatives,
+        augment=args.augment or "",
         gumbel_scale=args.gumbel_scale,
         seed=args.seed,
         device=args.device,

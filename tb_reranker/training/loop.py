@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
+from tb_reranker.training.augment import Augment
 from tb_reranker.training.checkpoint import (
     latest_checkpoint,
     optimizer_state_from_files,
@@ -126,6 +127,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm (0 = no clipping)
     freeze_backbone: bool = False  # cache vision features once; train text side + fusion
     hard_negatives: bool | None = None  # batch word-order twins together (see _epoch_order)
+    augment: str = ""  # augmentations, "crop=0.5,flip=0.5,reverse=0.5" (training/augment.py)
     seed: int = 0  # seeds init, data order, caption choice, Gumbel noise
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -168,6 +170,8 @@ class TrainConfig:
             )
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             problems.append("max_steps_per_epoch must be >= 1")
+        if Augment.parse(self.augment) and self.freeze_backbone:
+            problems.append("augment needs frames: it does not apply with freeze_backbone")
         if problems:
             raise InvalidInputError("invalid training config: " + "; ".join(problems))
 
@@ -614,10 +618,16 @@ def _run_epoch(
     )
     started = time.monotonic()
     sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
+    augment = (
+        Augment.parse(config.augment),
+        torch.Generator().manual_seed(config.seed * 1_000_003 + epoch),
+    )
     for step in bar:
         batch = order[step * plan.batch_size : (step + 1) * plan.batch_size]
         optimizer.zero_grad(set_to_none=True)
-        values = _accumulate_gradients(model, data, batch, captions_idx, config, plan, device)
+        values = _accumulate_gradients(
+            model, data, batch, captions_idx, config, plan, device, augment
+        )
         if not math.isfinite(values["loss"]):
             raise InvalidInputError(
                 f"loss is {values['loss']} at epoch {epoch} step {step}: lower the learning rate"
@@ -655,14 +665,20 @@ def _accumulate_gradients(
     config: TrainConfig,
     plan: _StepPlan,
     device: torch.device,
+    augment: tuple[Augment, torch.Generator] | None = None,
 ) -> dict[str, float]:
-    """Forward and backward the micro-batches of ``batch``; return the step's losses."""
+    """Forward and backward the micro-batches of ``batch``; return the step's losses.
+    ``augment``: the run's augmentations and their generator (training/augment.py)."""
     from tb_reranker.model import tokenbinder_loss
 
     values = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
     for micro in batch.split(plan.micro_size):
         texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
         videos_input, frames_mask = _batch_videos(data, micro, device)
+        if augment is not None and augment[0]:
+            videos_input, frames_mask, texts = augment[0](
+                videos_input, frames_mask, texts, augment[1]
+            )
         losses = tokenbinder_loss(model, texts, videos_input, frames_mask=frames_mask)
         (losses["loss"] / config.grad_accum).backward()
         values["loss"] += float(losses["loss"].detach()) / config.grad_accum

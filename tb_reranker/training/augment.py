@@ -1,0 +1,188 @@
+"""Training augmentations that teach the concept, not the pixels (issue 24).
+
+Two kinds, applied to a micro-batch of decoded frames [b, T, 3, H, W] (already normalised) and
+its captions, per sample, from a seeded generator:
+
+* **Caption-preserving** (``crop``, ``colour``, ``shift``): a random resized crop of the whole
+  clip (scale 0.6-1, aspect 3/4-4/3, resampled to the input size), brightness and contrast
+  jitter that moves every channel together (so a named colour stays that colour), and a
+  per-frame random translation (camera shake). Each is applied with its probability.
+* **Caption-changing** (``flip``, ``reverse``): a horizontal flip rewrites "left" <-> "right";
+  time reversal (the real frames played backwards) rewrites what a clip shows played backwards:
+  "X then Y" <-> "Y then X", "X before Y" <-> "Y before X", "from A to B" <-> "from B to A",
+  "moving left" <-> "moving right" (every direction to its opposite), "appears" <->
+  "disappears". They are **added** to the batch as extra samples beside the originals (each
+  with its probability), so every batch carries its own hard negatives: the same pixels with
+  the other caption. A caption no rule rewrites is never reversed (reversing "a man cooking"
+  has no caption), and one a flip would not change is flipped as it is (nothing in it names a
+  side).
+
+The spec is ``"crop=0.5,colour=0.5,shift=0.5,flip=0.5,reverse=0.5"`` (``--augment``); an empty
+spec is no augmentation (the presets' default).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from tb_reranker.errors import InvalidInputError
+
+__all__ = ["Augment", "flipped_caption", "reversed_caption"]
+
+_OPPOSITE = {
+    "left": "right",
+    "right": "left",
+    "up": "down",
+    "down": "up",
+    "down-right": "up-left",
+    "up-left": "down-right",
+    "down-left": "up-right",
+    "up-right": "down-left",
+}
+_MOVING = re.compile(r"\bmoving (down-right|up-left|down-left|up-right|left|right|up|down)\b")
+_FROM_TO = re.compile(r"\bfrom (.+?) to (.+?)$")
+_SIDES = re.compile(r"(?<![\w])(left|right)(?![\w])")
+
+
+def reversed_caption(text: str) -> str | None:
+    """What ``text`` says of its clip played backwards; None when no rule applies."""
+    for word in (" then ", " before "):
+        if word in text:
+            first, second = text.split(word, 1)
+            return f"{second.strip()}{word}{first.strip()}"
+    if _MOVING.search(text):
+        return _MOVING.sub(lambda m: f"moving {_OPPOSITE[m.group(1)]}", text)
+    if _FROM_TO.search(text):
+        return _FROM_TO.sub(lambda m: f"from {m.group(2)} to {m.group(1)}", text)
+    if re.search(r"\b(dis)?appears\b", text):
+        return re.sub(
+            r"\b(dis)?appears\b", lambda m: "appears" if m.group(1) else "disappears", text
+        )
+    return None
+
+
+def flipped_caption(text: str) -> str:
+    """``text`` of the mirrored clip: "left" and "right" swapped (also inside "up-left")."""
+    return _SIDES.sub(lambda m: _OPPOSITE[m.group(1)], text)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Probabilities of each augmentation (0 = off); see the module docstring."""
+
+    crop: float = 0.0
+    colour: float = 0.0
+    shift: float = 0.0
+    flip: float = 0.0
+    reverse: float = 0.0
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Augment:
+        """``"crop=0.5,flip=0.5"`` → an :class:`Augment`; "" or None → none.
+
+        Raises:
+            InvalidInputError: an unknown name or a probability outside [0, 1].
+        """
+        values: dict[str, float] = {}
+        names = {f.name for f in fields(cls)}
+        for part in (spec or "").split(","):
+            if not part.strip():
+                continue
+            name, _, value = part.partition("=")
+            name = name.strip()
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if name not in names or not 0.0 <= number <= 1.0:
+                raise InvalidInputError(
+                    f"invalid augmentation {part.strip()!r}: expected NAME=P with NAME one of "
+                    f"{', '.join(sorted(names))} and P in [0, 1]"
+                )
+            values[name] = number
+        return cls(**values)
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, f.name) > 0 for f in fields(self))
+
+    def __call__(
+        self,
+        frames: torch.Tensor,
+        masks: torch.Tensor,
+        texts: list[str],
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The augmented micro-batch: (frames, masks, texts), possibly with extra samples."""
+        frames = frames.clone()
+        for i in range(frames.shape[0]):
+            frames[i] = self._preserving(frames[i], generator)
+        extra: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        for i, text in enumerate(texts):
+            if self.flip and _draw(generator) < self.flip:
+                extra.append((frames[i].flip(-1), masks[i], flipped_caption(text)))
+            backwards = reversed_caption(text) if self.reverse else None
+            if backwards is not None and _draw(generator) < self.reverse:
+                extra.append((_reverse_time(frames[i], masks[i]), masks[i], backwards))
+        if not extra:
+            return frames, masks, texts
+        return (
+            torch.cat([frames, torch.stack([e[0] for e in extra])]),
+            torch.cat([masks, torch.stack([e[1] for e in extra])]),
+            texts + [e[2] for e in extra],
+        )
+
+    def _preserving(self, clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One clip [T, 3, H, W] through the caption-preserving augmentations."""
+        if self.crop and _draw(generator) < self.crop:
+            clip = _resized_crop(clip, generator)
+        if self.colour and _draw(generator) < self.colour:
+            gain = 0.75 + 0.5 * _draw(generator)  # contrast, about the clip's mean
+            offset = 0.4 * (_draw(generator) - 0.5)  # brightness, in normalised units
+            mean = clip.mean()
+            clip = (clip - mean) * gain + mean + offset
+        if self.shift and _draw(generator) < self.shift:
+            clip = _shake(clip, generator)
+        return clip
+
+
+def _draw(generator: torch.Generator) -> float:
+    return float(torch.rand((), generator=generator))
+
+
+def _reverse_time(clip: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The real frames (``mask``) in reverse order; padding stays where it is."""
+    real = int(mask.sum())
+    out = clip.clone()
+    out[:real] = clip[:real].flip(0)
+    return out
+
+
+def _resized_crop(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random crop (scale 0.6-1 of the area, aspect 3/4-4/3) of every frame, resized back."""
+    _, _, height, width = clip.shape
+    scale = 0.6 + 0.4 * _draw(generator)
+    aspect = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * _draw(generator))
+    h = min(height, max(4, round(math.sqrt(scale * height * width / aspect))))
+    w = min(width, max(4, round(math.sqrt(scale * height * width * aspect))))
+    top = int(_draw(generator) * (height - h + 1))
+    left = int(_draw(generator) * (width - w + 1))
+    crop = clip[:, :, top : top + h, left : left + w]
+    return F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _shake(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each frame translated by up to an eighth of the side (edges replicated)."""
+    frames, _, height, width = clip.shape
+    limit = max(1, min(height, width) // 8)
+    pad = F.pad(clip, (limit, limit, limit, limit), mode="replicate")
+    out = torch.empty_like(clip)
+    offsets = torch.randint(0, 2 * limit + 1, (frames, 2), generator=generator)
+    for t in range(frames):
+        dy, dx = int(offsets[t, 0]), int(offsets[t, 1])
+        out[t] = pad[t, :, dy : dy + height, dx : dx + width]
+    return out

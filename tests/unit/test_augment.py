@@ -1,0 +1,136 @@
+"""Training augmentations (issue 24): captions rewritten exactly when the pixels change their
+meaning (flip: left/right; time reversal: order, direction, colour change, appear/disappear),
+kept otherwise; the added twins are the same pixels transformed; the spec is validated; a training
+run with every augmentation on trains and is reproducible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tb_reranker.errors import InvalidInputError
+from tb_reranker.training.augment import Augment, flipped_caption, reversed_caption
+from tb_reranker.video.synth import DIRECTIONS, caption, time_reversed, twin_groups
+
+
+@pytest.mark.parametrize("family", ["order", "motion", "colour"])
+def test_reversal_rewrites_every_synth_caption_as_its_twin(family: str) -> None:
+    """For every twin group of every family, the rewritten caption is exactly the twin's."""
+    for objects, direction in twin_groups(family):
+        text = caption(family, objects, direction)
+        twin = caption(family, *time_reversed(family, objects, direction))
+        assert reversed_caption(text) == twin
+        assert reversed_caption(twin) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a man opens the door then walks out", "walks out then a man opens the door"),
+        ("the cup appears on the table", "the cup disappears on the table"),
+        ("the cup disappears", "the cup appears"),
+        ("a ball moving up-right", "a ball moving down-left"),
+        ("a man cooking pasta", None),
+        ("a bright light", None),  # "right" inside a word is no side
+    ],
+)
+def test_reversal_of_free_text(text: str, expected: str | None) -> None:
+    assert reversed_caption(text) == expected
+
+
+def test_flip_swaps_sides_only() -> None:
+    for left, right in DIRECTIONS.values():
+        for word in (left, right):
+            text = f"a red square moving {word}"
+            flipped = flipped_caption(text)
+            if "left" in word or "right" in word:
+                assert flipped != text and flipped_caption(flipped) == text
+            else:
+                assert flipped == text  # up/down: a mirror keeps them
+    assert (
+        flipped_caption("a bright red square then a circle") == "a bright red square then a circle"
+    )
+    assert flipped_caption("left of the car, right-hand side") == "right of the car, left-hand side"
+
+
+def test_spec_parsing() -> None:
+    assert not Augment.parse("") and not Augment.parse(None)
+    spec = Augment.parse("crop=0.5, flip=1")
+    assert spec.crop == 0.5 and spec.flip == 1.0 and spec.reverse == 0.0 and spec
+    for bad in ("crop", "crop=2", "blur=0.5", "flip=-0.1", "reverse=x"):
+        with pytest.raises(InvalidInputError, match="invalid augmentation"):
+            Augment.parse(bad)
+
+
+def _batch(b: int = 3, t: int = 6, real: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    frames = torch.randn(b, t, 3, 8, 8)
+    masks = torch.zeros(b, t, dtype=torch.bool)
+    masks[:, :real] = True
+    frames[:, real:] = 0.0
+    return frames, masks
+
+
+def test_twins_are_added_beside_the_originals_as_the_same_pixels() -> None:
+    frames, masks = _batch()
+    texts = ["a red square then a blue circle", "a man cooking", "a cross moving left"]
+    out, out_masks, out_texts = Augment(flip=1.0, reverse=1.0)(
+        frames, masks, texts, torch.Generator().manual_seed(0)
+    )
+    assert out_texts[:3] == texts and torch.equal(out[:3], frames)  # originals untouched
+    assert out_texts[3:] == [
+        "a red square then a blue circle",  # flipped: nothing in it names a side
+        "a blue circle then a red square",  # reversed
+        "a man cooking",  # flipped only: no rule reverses it
+        "a cross moving right",  # flipped
+        "a cross moving right",  # reversed
+    ]
+    assert torch.equal(out[3], frames[0].flip(-1))
+    assert torch.equal(out[4, :5], frames[0, :5].flip(0)) and torch.equal(out[4, 5:], frames[0, 5:])
+    assert torch.equal(out[6], frames[2].flip(-1))
+    assert torch.equal(out[7, :5], frames[2, :5].flip(0))
+    assert torch.equal(out_masks[3:], masks[[0, 0, 1, 2, 2]])
+
+
+def test_preserving_augmentations_keep_shape_captions_and_change_pixels() -> None:
+    frames, masks = _batch()
+    texts = ["a", "b", "c"]
+    augment = Augment(crop=1.0, colour=1.0, shift=1.0)
+    out, out_masks, out_texts = augment(frames, masks, texts, torch.Generator().manual_seed(1))
+    assert out.shape == frames.shape and out_texts == texts and torch.equal(out_masks, masks)
+    assert not torch.allclose(out, frames)
+    again = augment(frames, masks, texts, torch.Generator().manual_seed(1))[0]
+    assert torch.equal(out, again)  # the generator decides everything
+
+
+def test_training_with_every_augmentation_runs_and_reproduces(tmp_path, mp4_synth) -> None:
+    from tb_reranker.model import load_checkpoint
+    from tb_reranker.training import TrainConfig, train
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        config = TrainConfig(
+            data_root=str(mp4_synth),
+            out_dir=str(tmp_path / name),
+            model_config="tiny",
+            epochs=1,
+            batch_size=8,
+            augment="crop=0.5,colour=0.5,shift=0.5,flip=0.5,reverse=0.5",
+            cache_dir=str(tmp_path / "cache"),
+            threads=1,
+            progress=False,
+        )
+        return load_checkpoint(train(config)).state_dict()
+
+    first, second = run("a"), run("b")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(InvalidInputError, match="freeze_backbone"):
+        TrainConfig(data_root="x", out_dir="y", augment="flip=1", freeze_backbone=True)
+
+
+@pytest.fixture(scope="module")
+def mp4_synth(tmp_path_factory: pytest.TempPathFactory):
+    from tb_reranker.video.synth import generate
+
+    root = tmp_path_factory.mktemp("aug_synth")
+    generate(root, num_train=16, num_val=0, num_test=0, seed=3, families=("order", "motion"),
+             workers=1, progress=False)  # fmt: skip
+    return root
