@@ -37,14 +37,15 @@ RENDERERS = ("shapes", "camera")
 def _data(work: Path, args: argparse.Namespace, seed: int) -> dict[str, Path]:
     from tb_reranker.video.synth import generate
 
-    train = work / f"train_{args.train_renderer}_{seed}"
+    tag = "" if args.families == FAMILIES else "_" + "-".join(args.families)
+    train = work / f"train_{args.train_renderer}_{seed}{tag}"
     generate(train, num_train=args.train, num_val=0, num_test=0, seed=seed,
-             families=FAMILIES, renderer=args.train_renderer, progress=False)  # fmt: skip
+             families=args.families, renderer=args.train_renderer, progress=False)  # fmt: skip
     out = {"train": train}
     for renderer in RENDERERS:
-        out[renderer] = work / f"test_{renderer}_{seed}"
+        out[renderer] = work / f"test_{renderer}_{seed}{tag}"
         generate(out[renderer], num_train=0, num_val=0, num_test=args.test, seed=seed,
-                 families=FAMILIES, renderer=renderer, progress=False)  # fmt: skip
+                 families=args.families, renderer=renderer, progress=False)  # fmt: skip
     return out
 
 
@@ -78,7 +79,7 @@ def _evaluate(checkpoint: Path, test: Path, work: Path, threads: int) -> dict[st
     t2v = result["t2v"]
     return {
         group: {view: t2v[group][view]["R@1"] for view in ("broad", "reranked")}
-        for group in ("all", "heldout", *FAMILIES)
+        for group in ("all", "heldout", *FAMILIES)  # those the test set has
         if group in t2v
     }
 
@@ -86,7 +87,8 @@ def _evaluate(checkpoint: Path, test: Path, work: Path, threads: int) -> dict[st
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"command": args.command, "train_renderer": args.train_renderer,
+    report: dict[str, Any] = {"command": args.command, "families": list(args.families),
+                              "train_renderer": args.train_renderer,
                               "epochs": args.epochs, "arms": {a: ARMS[a] for a in args.arms},
                               "runs": []}  # fmt: skip
     for data_seed in args.data_seeds:
@@ -100,8 +102,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 epochs = args.eval_epochs or [args.epochs]
                 for epoch in epochs:
                     entry["eval"][epoch] = {
-                        renderer: _evaluate(folder / f"epoch-{epoch}", data[renderer], work,
-                                            args.threads)  # fmt: skip
+                        renderer: _evaluate(
+                            folder / f"epoch-{epoch}", data[renderer], work, args.threads
+                        )  # fmt: skip
                         for renderer in RENDERERS
                     }
                 report["runs"].append(entry)
@@ -119,7 +122,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     for ax, renderer in zip(axes, RENDERERS, strict=True):
         labels, broad, reranked = [], [], []
         for entry in report["runs"]:
-            last = entry["eval"][max(entry["eval"], key=int)][renderer]["heldout"]
+            scores = entry["eval"][max(entry["eval"], key=int)][renderer]
+            last = scores.get("heldout", scores["all"])
             labels.append(f"{entry['arm']}\nd{entry['data_seed']} s{entry['seed']}")
             broad.append(last["broad"])
             reranked.append(last["reranked"])
@@ -127,7 +131,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.bar([x - 0.2 for x in xs], broad, 0.4, label="broad")
         ax.bar([x + 0.2 for x in xs], reranked, 0.4, label="reranked")
         ax.set_xticks(list(xs), labels, fontsize=7)
-        ax.set_title(f"held-out compositions, {renderer} test")
+        ax.set_title(f"held-out compositions (else all), {renderer} test", fontsize=9)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("t2v R@1")
     axes[0].legend()
@@ -143,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--arms", default="none,augment")
     parser.add_argument("--train-renderer", default="shapes", choices=RENDERERS)
+    parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=30)
@@ -156,6 +161,7 @@ def main() -> None:
     args.data_seeds = [int(s) for s in args.data_seeds.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.arms = args.arms.split(",")
+    args.families = tuple(args.families.split(","))
     args.eval_epochs = [int(e) for e in args.eval_epochs.split(",") if e]
     logging.basicConfig(level=logging.WARNING)
     report = run(args)
