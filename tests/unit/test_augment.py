@@ -134,3 +134,12 @@ def mp4_synth(tmp_path_factory: pytest.TempPathFactory):
     generate(root, num_train=16, num_val=0, num_test=0, seed=3, families=("order", "motion"),
              workers=1, progress=False)  # fmt: skip
     return root
+
+
+def test_cli_refuses_a_bad_spec_in_one_line(tmp_path, capsys, tb_exit_code) -> None:
+    code = tb_exit_code(
+        ["train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--augment", "blur=1"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid augmentation 'blur=1'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
