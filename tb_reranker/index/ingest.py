@@ -31,7 +31,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 from tb_reranker.errors import InvalidInputError, VideoDecodeError, printable
@@ -48,6 +47,7 @@ from tb_reranker.index.rows import (
 from tb_reranker.numbers import CPUS, POSITIVE_INT
 from tb_reranker.stores import FrameRecord, FrameStore, segment_key
 from tb_reranker.video.segment_plan import SegmentSpec
+from tb_reranker.video.sources import uri_of
 
 __all__ = ["IngestOptions", "IngestReport", "ingest"]
 
@@ -462,7 +462,7 @@ class Ingestion:
                 write = VideoWrite(video_id, stale=stale)
                 for n, record in enumerate(records):
                     if not record.uri:
-                        record = replace(record, uri=str(Path(path).resolve()))
+                        record = replace(record, uri=uri_of(path))
                     key = segment_key(video_id, n)
                     write.add(key, None, video_row(key, record, record.video_cls(), user))
                 group.append(write)
@@ -541,7 +541,7 @@ class Ingestion:
                 timestamps=segment.timestamps,
                 content_hash=self.hashes[video_id],
                 mask=segment.mask,
-                uri=str(Path(video.path).resolve()),
+                uri=uri_of(video.path),
                 duration_s=float(video.duration_s),
                 fingerprint=self.fingerprint,
                 metadata=user,

@@ -25,7 +25,14 @@ from typing import Any
 from tb_reranker.errors import VideoDecodeError
 from tb_reranker.s3 import is_s3_url, make_client, split_url
 
-__all__ = ["VIDEO_EXTENSIONS", "ListingError", "list_videos", "local_copy", "s3_content_hash"]
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "ListingError",
+    "list_videos",
+    "local_copy",
+    "s3_content_hash",
+    "uri_of",
+]
 
 VIDEO_EXTENSIONS = frozenset(
     {
@@ -68,6 +75,14 @@ def _reason(exc: Exception) -> str:
     if error:
         return f"{error.get('Code', '?')}: {error.get('Message') or 'no message'}"
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def uri_of(path: str) -> str:
+    """Where a video lives, as its row's ``uri`` records it: an ``s3://`` url as it is, a local
+    path made absolute (symlinks resolved)."""
+    from pathlib import Path
+
+    return path if is_s3_url(path) else str(Path(path).resolve())
 
 
 def is_video_key(key: str) -> bool:

@@ -436,6 +436,10 @@ def ingested_both_ways(ray_stack: RayStack, ray_videos) -> dict[str, str]:
     return captions
 
 
+def _without_uri(metadata: dict) -> dict:
+    return {k: v for k, v in metadata.items() if k != "uri"}
+
+
 @pytest.mark.parametrize("rerank", [False, True], ids=["broad", "reranked"])
 def test_cluster_ingest_searches_like_an_in_process_ingest(
     ray_stack: RayStack, ingested_both_ways: dict[str, str], rerank: bool
@@ -459,7 +463,14 @@ def test_cluster_ingest_searches_like_an_in_process_ingest(
         assert [(h["start_s"], h["end_s"]) for h in hits] == [
             (h["start_s"], h["end_s"]) for h in want
         ]
-        assert [h["metadata"] for h in hits] == [h["metadata"] for h in want]
+        # the same metadata, but where each video lives: the cluster read it from S3
+        assert [_without_uri(h["metadata"]) for h in hits] == [
+            _without_uri(h["metadata"]) for h in want
+        ]
+        assert [h["metadata"]["uri"] for h in hits] == [
+            f"s3://{BUCKET}/{INPUTS_PREFIX}/{h['id']}.mp4" for h in hits
+        ]
+        assert [h["metadata"]["uri"] for h in want] == [f"/videos/{h['id']}.mp4" for h in want]
 
 
 def test_bulk_ingest_into_the_stack_searches_like_upserts(

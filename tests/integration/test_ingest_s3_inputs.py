@@ -126,6 +126,17 @@ def contents(data: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     return vectors, {k: r.tokens.astype(np.float32) for k, r in records.items()}
 
 
+def uris(data: Path) -> dict[str, str]:
+    """Each video's ``uri`` as its Milvus rows record it."""
+    from tb_reranker.index import VideoIndex
+
+    index = VideoIndex(str(data / "milvus.db"), collection="tb_videos")
+    try:
+        return {str(r["video_id"]): str(r["uri"]) for r in index.iter_rows(("video_id", "uri"))}
+    finally:
+        index.close()
+
+
 def test_cli_ingests_a_prefix_exactly_like_the_files_on_disk(
     bucket: str, library: Path, tmp_path: Path
 ) -> None:
@@ -156,6 +167,12 @@ def test_cli_ingests_a_prefix_exactly_like_the_files_on_disk(
         "ingest", url("lib/videos"), "--data-dir", str(tmp_path / "s3"), *checkpoint, env=env
     )
     assert code == 1 and again["unchanged"] == 3 and again["ingested"] == 0, err
+    assert uris(tmp_path / "s3") == {  # where each video lives: its url, not a local path
+        "s3a": url("lib/videos/s3a.mp4"),
+        "s3b": url("lib/videos/s3b.mp4"),
+        "s3c": url("lib/videos/sub/s3c.mp4"),
+    }
+    assert uris(tmp_path / "disk")["s3c"] == str((library / "videos" / "sub" / "s3c.mp4").resolve())
     # the same bytes: the disk ingest of the same files finds them unchanged in either store
     for ours, theirs in zip(contents(tmp_path / "s3"), contents(tmp_path / "disk"), strict=True):
         assert sorted(ours) == sorted(theirs)
