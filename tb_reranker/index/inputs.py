@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tb_reranker.errors import InvalidInputError, printable
+from tb_reranker.s3 import is_s3_url
 from tb_reranker.stores import validate_video_id
 from tb_reranker.video.sources import VIDEO_EXTENSIONS, ListingError, list_videos
 
@@ -128,7 +129,7 @@ class _Expansion:
         if item.startswith("@"):
             self._list_file(item, base)
             return
-        if item.startswith("s3://"):
+        if is_s3_url(item):
             self._s3(item)
             return
         path = Path(item).expanduser()

@@ -83,6 +83,7 @@ from tb_reranker.index.segmenting import (
     decode_file,
     encode_segments,
 )
+from tb_reranker.s3 import is_s3_url
 from tb_reranker.video.segment import SegmentFailure
 
 __all__ = [
@@ -521,4 +522,4 @@ class RayEncoder:
 def _where(path: str) -> str:
     """What a worker opens for ``path``: an ``s3://`` url as it is (the worker downloads it),
     a local path made absolute (a worker's working directory is not the driver's)."""
-    return path if path.startswith("s3://") else os.path.abspath(path)
+    return path if is_s3_url(path) else os.path.abspath(path)

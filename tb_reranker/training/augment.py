@@ -44,7 +44,9 @@ _OPPOSITE = {
     "down-left": "up-right",
     "up-right": "down-left",
 }
-_MOVING = re.compile(r"\bmoving (down-right|up-left|down-left|up-right|left|right|up|down)\b")
+_MOVING = re.compile(  # the hyphenated directions first: "down" must not stop "down-right"
+    r"\bmoving (" + "|".join(sorted(_OPPOSITE, key=len, reverse=True)) + r")\b"
+)
 _FROM_TO = re.compile(r"\bfrom (.+?) to (.+?)$")
 _SIDES = re.compile(r"(?<![\w])(left|right)(?![\w])")
 

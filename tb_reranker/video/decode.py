@@ -106,7 +106,9 @@ def content_hash(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str
     """
     import stat
 
-    if isinstance(path, str) and path.startswith("s3://"):
+    from tb_reranker.s3 import is_s3_url
+
+    if is_s3_url(path):
         from tb_reranker.video.sources import s3_content_hash
 
         return s3_content_hash(path)

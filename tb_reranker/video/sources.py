@@ -19,7 +19,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from tb_reranker.errors import VideoDecodeError
@@ -80,8 +80,6 @@ def _reason(exc: Exception) -> str:
 def uri_of(path: str) -> str:
     """Where a video lives, as its row's ``uri`` records it: an ``s3://`` url as it is, a local
     path made absolute (symlinks resolved)."""
-    from pathlib import Path
-
     return path if is_s3_url(path) else str(Path(path).resolve())
 
 

@@ -454,10 +454,10 @@ def render_clip(
 
 def _make_clip(job: tuple[_ClipSpec, str, int, int, int, int, str, str, str]) -> str:
     spec, videos_dir, seed, size, num_frames, fps, jitter, background, renderer = job
-    split_code = SPLITS.index(spec.split)
-    group, twin = divmod(spec.index, 2)
     if renderer == "camera":
         return _make_camera_clip(spec, videos_dir, seed, size, num_frames, fps)
+    split_code = SPLITS.index(spec.split)
+    group, twin = divmod(spec.index, 2)
     # both twins of a group share the appearance; wobble and noise are per clip
     appearance = draw_appearance(
         spec.family,
