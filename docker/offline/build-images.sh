@@ -58,6 +58,17 @@ docker info >/dev/null 2>&1 || die "no Docker engine answers (start one: docker/
 [ -x "$PY" ] || die "$PY not found: run make images (it creates .venv) or set PYTHON"
 mkdir -p "$BUILD"
 
+# disk: a cold build writes the sidecar's venv twice (build stage, runtime copy; ~6 GB each, torch's
+# CUDA wheels being all that PyPI serves) and the host's wheelhouse (~4 GB); a warm one, a few MB
+COLD_BUILD_GB=20
+free_gb() { df -P -BG "$1" 2>/dev/null | awk 'NR == 2 {sub("G", "", $4); print $4}'; }
+DOCKER_ROOT=$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)
+FREE=$(free_gb "$DOCKER_ROOT")
+log "$FREE GB free at $DOCKER_ROOT"
+if [ -n "$FREE" ] && [ "$FREE" -lt "$COLD_BUILD_GB" ]; then
+    log "warning: under the ~$COLD_BUILD_GB GB a cold build needs; enough only if the layer cache is warm"
+fi
+
 sha() { sha256sum | cut -c1-16; }
 label_of() { docker image inspect -f "{{ index .Config.Labels \"tb.recipe\" }}" "$1" 2>/dev/null || true; }
 
@@ -168,6 +179,9 @@ build() {  # build IMAGE DOCKERFILE CONTEXT [docker build args...]
     log "building $image ($dockerfile)"
     if ! docker build -q --network host -f "$dockerfile" -t "$image" "$@" "$context" >"$BUILD/last-build.log" 2>&1; then
         tail -40 "$BUILD/last-build.log" >&2
+        if grep -q "no space left on device" "$BUILD/last-build.log"; then
+            die "docker build of $image ran out of disk: $(free_gb "$DOCKER_ROOT") GB left at $DOCKER_ROOT (a cold build needs ~$COLD_BUILD_GB GB; docker image prune removes the layers no image uses)"
+        fi
         die "docker build of $image failed"
     fi
     log "built $image in $(($(date +%s) - started)) s ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"

@@ -235,6 +235,11 @@ def test_cpu_image_takes_torch_from_the_cpu_index(tmp_path):
     assert build.args["TORCH_INDEX_URL"] == CPU_TORCH_INDEX
     pip_sources = {"PIP_INDEX_URL", "PIP_NO_INDEX", "PIP_FIND_LINKS", "PRUNE"}
     assert pip_sources <= set(build.args), "the offline build's --build-args are not declared"
+    for stage in stages("cpu"):  # an ARG is its stage's own: each stage that reaches an index
+        runs = [c for c in stage.get("RUN") if "pip " in c.value[0]]
+        if any("--no-index" not in c.value[0] for c in runs):
+            missing = pip_sources - {"PRUNE"} - set(stage.args)
+            assert not missing, f"stage {stage.name} runs pip without the build args {missing}"
     assert not pip_sources & (set(runtime.env()) | set(build.env())), "pip's source is baked in"
     (tmp_path / "pip").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')  # prints pip's arguments
     (tmp_path / "pip").chmod(0o755)
@@ -246,12 +251,42 @@ def test_cpu_image_takes_torch_from_the_cpu_index(tmp_path):
         assert done.stdout.split() == ["install", "--no-deps", *expected, "torch", "torchvision"]
 
 
+def test_a_code_change_reuses_the_cpu_images_venv_layer():
+    """The runtime stage copies the dependencies' venv from a stage (and its ancestors) that never
+    copies the project's code, and installs the project only after it: a code change then adds a
+    layer of the project's size instead of another full copy of the ~6 GB venv (a CI run ran out
+    of disk on such copies)."""
+    parsed = stages("cpu")
+    by_name = {s.name: s for s in parsed if s.name}
+    runtime = parsed[-1]
+    copies = [c for c in runtime.get("COPY") if "/opt/venv" in c.value[:-1]]
+    assert len(copies) == 1, "the runtime stage copies the venv once"
+    source = next(f.partition("=")[2] for f in copies[0].flags if f.startswith("--from="))
+
+    def code_copies(stage: Stage) -> list[str]:
+        own = [c.value[0] for c in stage.get("COPY") if c.value[0].startswith("tb_reranker")]
+        parent = by_name.get(stage.base)
+        return own + (code_copies(parent) if parent else [])
+
+    assert not code_copies(by_name[source]), f"stage {source} copies the project's code"
+    installs = [c for c in runtime.get("RUN") if "pip install" in c.value[0]]
+    assert installs, "the runtime stage does not install the project"
+    assert runtime.commands.index(copies[0]) < runtime.commands.index(installs[0])
+
+
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_images_install_every_package_at_the_locks_version(kind):
     """Each pip call of the build runs under the lock: the CPU build stage exports it as
     PIP_CONSTRAINT (and PIP_BUILD_CONSTRAINT, for the project's build backend) before its first
-    RUN; the CUDA image adds the lock, less torch's own family, to its constraints file."""
-    for stage in stages(kind):
+    RUN; the CUDA image adds the lock, less torch's own family, to its constraints file. A stage
+    built FROM another stage inherits that stage's files and environment."""
+    parsed = stages(kind)
+    by_name = {s.name: s for s in parsed if s.name}
+    for own in parsed:
+        stage, parent = own, by_name.get(own.base)
+        while parent is not None:  # FROM an earlier stage: its commands come first
+            stage = Stage(own.name, parent.base, own.args, parent.commands + stage.commands)
+            parent = by_name.get(parent.base)
         runs = [c for c in stage.commands if c.cmd.upper() == "RUN" and "pip " in c.value[0]]
         if not runs:
             continue
