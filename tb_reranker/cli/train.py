@@ -196,8 +196,8 @@ TRAIN_OPTIONS: tuple[EnvOption, ...] = (
         "--augment",
         "augment",
         str,
-        "augmentations NAME=P,...: crop, colour, shift (caption kept), flip, reverse (caption "
-        "rewritten, added as in-batch twins); none by default",
+        "augmentations NAME=P,...: crop, colour, shift, zoom, noise, time (caption kept), flip, "
+        "reverse (caption rewritten, added as in-batch twins); none by default",
     ),
     EnvOption(
         "--freeze-backbone",

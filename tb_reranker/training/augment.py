@@ -3,10 +3,14 @@
 Two kinds, applied to a micro-batch of decoded frames [b, T, 3, H, W] (already normalised) and
 its captions, per sample, from a seeded generator:
 
-* **Caption-preserving** (``crop``, ``colour``, ``shift``): a random resized crop of the whole
-  clip (scale 0.6-1, aspect 3/4-4/3, resampled to the input size), brightness and contrast
-  jitter that moves every channel together (so a named colour stays that colour), and a
-  per-frame random translation (camera shake). Each is applied with its probability.
+* **Caption-preserving** (``crop``, ``colour``, ``shift``, ``zoom``, ``noise``, ``time``): a
+  random resized crop of the whole clip (scale 0.6-1, aspect 3/4-4/3, resampled to the input
+  size), brightness and contrast jitter that moves every channel together (so a named colour
+  stays that colour), a per-frame random translation (camera shake), a zoom-out (the clip shrunk
+  to 0.6-1 of its side at a random place, edges replicated: smaller objects), a texture (a smooth
+  noise field constant over the clip, like a textured background, plus per-frame sensor noise),
+  and a time warp (the real frames resampled at a random, monotone speed: the first and last
+  frames kept, so "then", directions and "appears" stay true). Each with its probability.
 * **Caption-changing** (``flip``, ``reverse``): a horizontal flip rewrites "left" <-> "right";
   time reversal (the real frames played backwards) rewrites what a clip shows played backwards:
   "X then Y" <-> "Y then X", "X before Y" <-> "Y before X", "from A to B" <-> "from B to A",
@@ -80,6 +84,9 @@ class Augment:
     crop: float = 0.0
     colour: float = 0.0
     shift: float = 0.0
+    zoom: float = 0.0
+    noise: float = 0.0
+    time: float = 0.0
     flip: float = 0.0
     reverse: float = 0.0
 
@@ -122,7 +129,7 @@ class Augment:
         """The augmented micro-batch: (frames, masks, texts), possibly with extra samples."""
         frames = frames.clone()
         for i in range(frames.shape[0]):
-            frames[i] = self._preserving(frames[i], generator)
+            frames[i] = self._preserving(frames[i], masks[i], generator)
         extra: list[tuple[torch.Tensor, torch.Tensor, str]] = []
         for i, text in enumerate(texts):
             if self.flip and _draw(generator) < self.flip:
@@ -138,8 +145,12 @@ class Augment:
             texts + [e[2] for e in extra],
         )
 
-    def _preserving(self, clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One clip [T, 3, H, W] through the caption-preserving augmentations."""
+    def _preserving(
+        self, clip: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """One clip [T, 3, H, W] (real frames ``mask``) through the caption-preserving ones."""
+        if self.time and _draw(generator) < self.time:
+            clip = _retime(clip, mask, generator)
         if self.crop and _draw(generator) < self.crop:
             clip = _resized_crop(clip, generator)
         if self.colour and _draw(generator) < self.colour:
@@ -147,8 +158,12 @@ class Augment:
             offset = 0.4 * (_draw(generator) - 0.5)  # brightness, in normalised units
             mean = clip.mean()
             clip = (clip - mean) * gain + mean + offset
+        if self.zoom and _draw(generator) < self.zoom:
+            clip = _zoom_out(clip, generator)
         if self.shift and _draw(generator) < self.shift:
             clip = _shake(clip, generator)
+        if self.noise and _draw(generator) < self.noise:
+            clip = _texture(clip, generator)
         return clip
 
 
@@ -187,4 +202,45 @@ def _shake(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     for t in range(frames):
         dy, dx = int(offsets[t, 0]), int(offsets[t, 1])
         out[t] = pad[t, :, dy : dy + height, dx : dx + width]
+    return out
+
+
+def _zoom_out(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The clip shrunk to 0.6-1 of its side, placed at random, the edges replicated around it."""
+    _, _, height, width = clip.shape
+    scale = 0.6 + 0.4 * _draw(generator)
+    h, w = max(4, round(height * scale)), max(4, round(width * scale))
+    small = F.interpolate(clip, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    top = int(_draw(generator) * (height - h + 1))
+    left = int(_draw(generator) * (width - w + 1))
+    return F.pad(small, (left, width - w - left, top, height - h - top), mode="replicate")
+
+
+def _texture(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A smooth noise field fixed over the clip (mostly grey, a little colour) and per-frame
+    sensor noise, in normalised units (one unit is about a quarter of the pixel range)."""
+    frames, channels, height, width = clip.shape
+    field = torch.zeros(1, channels, height, width)
+    for cells, weight in ((3, 1.0), (6, 0.5), (12, 0.25)):
+        grey = torch.randn(1, 1, cells, cells, generator=generator)
+        tint = 0.3 * torch.randn(1, channels, cells, cells, generator=generator)
+        up = F.interpolate(grey + tint, size=(height, width), mode="bicubic", align_corners=False)
+        field += weight * up
+    strength = 0.1 + 0.3 * _draw(generator)
+    sensor = 0.05 + 0.15 * _draw(generator)
+    grain = torch.randn(frames, channels, height, width, generator=generator)
+    return clip + strength * field / 1.75 + sensor * grain
+
+
+def _retime(clip: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The real frames resampled at a random, monotone speed (steps of 0.25-1.75 frames, rescaled
+    to span them): the first and last frames stay, their order never changes."""
+    real = int(mask.sum())
+    if real < 3:
+        return clip
+    steps = 0.25 + 1.5 * torch.rand(real - 1, generator=generator)
+    positions = torch.cat([torch.zeros(1), steps.cumsum(0)])
+    index = (positions * (real - 1) / positions[-1]).round().long()
+    out = clip.clone()
+    out[:real] = clip[index]
     return out

@@ -57,6 +57,7 @@ def test_spec_parsing() -> None:
     assert not Augment.parse("") and not Augment.parse(None)
     spec = Augment.parse("crop=0.5, flip=1")
     assert spec.crop == 0.5 and spec.flip == 1.0 and spec.reverse == 0.0 and spec
+    assert Augment.parse("zoom=0.5,noise=0.25,time=1").time == 1.0
     for bad in ("crop", "crop=2", "blur=0.5", "flip=-0.1", "reverse=x"):
         with pytest.raises(InvalidInputError, match="invalid augmentation"):
             Augment.parse(bad)
@@ -94,12 +95,37 @@ def test_twins_are_added_beside_the_originals_as_the_same_pixels() -> None:
 def test_preserving_augmentations_keep_shape_captions_and_change_pixels() -> None:
     frames, masks = _batch()
     texts = ["a", "b", "c"]
-    augment = Augment(crop=1.0, colour=1.0, shift=1.0)
+    augment = Augment(crop=1.0, colour=1.0, shift=1.0, zoom=1.0, noise=1.0, time=1.0)
     out, out_masks, out_texts = augment(frames, masks, texts, torch.Generator().manual_seed(1))
     assert out.shape == frames.shape and out_texts == texts and torch.equal(out_masks, masks)
     assert not torch.allclose(out, frames)
     again = augment(frames, masks, texts, torch.Generator().manual_seed(1))[0]
     assert torch.equal(out, again)  # the generator decides everything
+
+
+def test_time_warp_keeps_the_ends_and_the_order_of_the_real_frames() -> None:
+    t, real = 12, 10
+    frames = torch.arange(t, dtype=torch.float32).view(1, t, 1, 1, 1).expand(4, t, 3, 4, 4).clone()
+    masks = torch.zeros(4, t, dtype=torch.bool)
+    masks[:, :real] = True
+    out, _, _ = Augment(time=1.0)(frames, masks, ["a"] * 4, torch.Generator().manual_seed(2))
+    seen = out[:, :, 0, 0, 0]
+    assert torch.equal(seen[:, real:], frames[:, real:, 0, 0, 0])  # padding untouched
+    assert (seen[:, 0] == 0).all() and (seen[:, real - 1] == real - 1).all()
+    assert (seen[:, 1:real] >= seen[:, : real - 1]).all()  # never backwards
+    assert any(not torch.equal(row[:real], torch.arange(real, dtype=torch.float32)) for row in seen)
+
+
+def test_zoom_out_shrinks_a_shape_and_texture_leaves_the_mean_colour() -> None:
+    frames = torch.full((1, 4, 3, 32, 32), -1.0)
+    frames[..., 8:24, 8:24] = 1.0  # a bright square, half the side
+    masks = torch.ones(1, 4, dtype=torch.bool)
+    zoomed = Augment(zoom=1.0)(frames, masks, ["a"], torch.Generator().manual_seed(3))[0]
+    assert (zoomed[0, 0, 0] > 0).sum() < (frames[0, 0, 0] > 0).sum()
+    textured = Augment(noise=1.0)(frames, masks, ["a"], torch.Generator().manual_seed(4))[0]
+    assert not torch.allclose(textured, frames)
+    inside, outside = textured[..., 10:22, 10:22].mean(), textured[..., :6, :6].mean()
+    assert inside > 0.5 and outside < -0.5  # the square stays the square
 
 
 def test_training_with_every_augmentation_runs_and_reproduces(tmp_path, mp4_synth) -> None:
@@ -113,7 +139,7 @@ def test_training_with_every_augmentation_runs_and_reproduces(tmp_path, mp4_synt
             model_config="tiny",
             epochs=1,
             batch_size=8,
-            augment="crop=0.5,colour=0.5,shift=0.5,flip=0.5,reverse=0.5",
+            augment="crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5,flip=0.5,reverse=0.5",
             cache_dir=str(tmp_path / "cache"),
             threads=1,
             progress=False,
