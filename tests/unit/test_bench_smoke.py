@@ -174,3 +174,22 @@ def test_segment_cost_quick(tmp_path: Path) -> None:
         assert row["boundaries_at_true_cut_2_frames"] == 1.0  # every boundary on a true cut
     assert result["target"] == {"ratio_224_max": 1.5, "size": "128x72"}
     assert result["notes"]
+
+
+def test_robust_compare_reads_the_committed_runs(tmp_path: Path, monkeypatch) -> None:
+    """The worst run and spread per arm, from robust_training's JSON: the figures the issue-24
+    section of docs/results_synthetic.md quotes for --augment on the shapes renderer."""
+    from benchmarks import robust_compare
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    reports = [str(results / f"robust_training{s}.json") for s in ("", "_data_seeds")]
+    out = tmp_path / "compare.json"
+    monkeypatch.setattr(sys, "argv", ["robust_compare", *reports, "--json", str(out)])
+    robust_compare.main()
+    rows = {(r["arm"], r["test_renderer"]): r for r in json.loads(out.read_text())["rows"]}
+    augment = rows[("augment", "shapes")]
+    assert [run["data_seed"] for run in augment["runs"]] == [41, 41, 42, 43]
+    assert (augment["worst"], augment["spread"]) == (86.5, 9.7)
+    assert augment["min_margin_over_broad"] == round(86.5 - 39.4, 1)
+    assert rows[("none", "camera")]["worst"] == 15.4
+    assert (tmp_path / "compare.png").stat().st_size > 0
