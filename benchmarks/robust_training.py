@@ -34,6 +34,8 @@ ARMS: dict[str, str] = {
     # wide without the added twins: no larger batches, so about the training time of none
     "keep": "crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5",
 }
+WARMUP: dict[str, int] = {"warm": 10}  # epochs of --augment-warmup, per arm (else 0)
+ARMS["warm"] = ARMS["wide"]  # wide, its probabilities ramped up over the first 10 epochs
 FAMILIES = ("order", "motion", "colour")
 RENDERERS = ("shapes", "camera")
 
@@ -59,6 +61,8 @@ def _train(work: Path, data: Path, arm: str, seed: int, args: argparse.Namespace
 
     run = work / f"run_{data.name}_{arm}_s{seed}"
     wanted = {"data": data.name, "arm": ARMS[arm], "seed": seed, "epochs": args.epochs}
+    if WARMUP.get(arm):
+        wanted["augment_warmup"] = WARMUP[arm]
     stamp = run / "stamp.json"
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return run
@@ -67,6 +71,7 @@ def _train(work: Path, data: Path, arm: str, seed: int, args: argparse.Namespace
     train(
         TrainConfig(data_root=str(data), out_dir=str(run), model_config="tiny",
                     preset="synthetic", seed=seed, epochs=args.epochs, augment=ARMS[arm],
+                    augment_warmup=WARMUP.get(arm, 0),
                     cache_dir=str(work / "cache"), threads=args.threads, progress=False)
     )  # fmt: skip
     wanted["seconds"] = round(time.perf_counter() - started, 1)
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"command": args.command, "families": list(args.families),
                               "train_renderer": args.train_renderer,
                               "epochs": args.epochs, "arms": {a: ARMS[a] for a in args.arms},
+                              "augment_warmup": {a: WARMUP[a] for a in args.arms if a in WARMUP},
                               "runs": []}  # fmt: skip
     for data_seed in args.data_seeds:
         data = _data(work, args, data_seed)

@@ -10,7 +10,7 @@ from typing import Any
 
 from tb_reranker.config import env
 from tb_reranker.errors import InvalidInputError
-from tb_reranker.numbers import FRACTION, POSITIVE_INT, RATE, REAL, SEED, THREADS
+from tb_reranker.numbers import COUNT, FRACTION, POSITIVE_INT, RATE, REAL, SEED, THREADS
 
 __all__ = [
     "register",
@@ -200,6 +200,13 @@ TRAIN_OPTIONS: tuple[EnvOption, ...] = (
         "reverse (caption rewritten, added as in-batch twins); none by default",
     ),
     EnvOption(
+        "--augment-warmup",
+        "augment_warmup",
+        COUNT.parse,
+        "epochs over which the augmentations' probabilities ramp up from 0 (first epoch clean)",
+        fallback=0,
+    ),
+    EnvOption(
         "--freeze-backbone",
         "freeze_backbone",
         parse_bool,
@@ -254,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         freeze_backbone=bool(args.freeze_backbone),
         hard_negatives=args.hard_negatives,
         augment=args.augment or "",
+        augment_warmup=args.augment_warmup,
         gumbel_scale=args.gumbel_scale,
         seed=args.seed,
         device=args.device,

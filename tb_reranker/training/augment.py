@@ -116,6 +116,10 @@ class Augment:
             values[name] = number
         return cls(**values)
 
+    def scaled(self, factor: float) -> Augment:
+        """Every probability times ``factor`` (a warm-up's ramp: 0 = none, 1 = as given)."""
+        return type(self)(**{f.name: getattr(self, f.name) * factor for f in fields(self)})
+
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) > 0 for f in fields(self))
 

@@ -128,6 +128,7 @@ class TrainConfig:
     freeze_backbone: bool = False  # cache vision features once; train text side + fusion
     hard_negatives: bool | None = None  # batch word-order twins together (see _epoch_order)
     augment: str = ""  # augmentations, "crop=0.5,flip=0.5,reverse=0.5" (training/augment.py)
+    augment_warmup: int = 0  # epochs over which their probabilities ramp up from 0 (0 = none)
     seed: int = 0  # seeds init, data order, caption choice, Gumbel noise
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -170,6 +171,8 @@ class TrainConfig:
             )
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             problems.append("max_steps_per_epoch must be >= 1")
+        if self.augment_warmup < 0:
+            problems.append(f"augment_warmup must be >= 0, got {self.augment_warmup}")
         if Augment.parse(self.augment) and self.freeze_backbone:
             problems.append("augment needs frames: it does not apply with freeze_backbone")
         if problems:
@@ -618,8 +621,9 @@ def _run_epoch(
     )
     started = time.monotonic()
     sums = {"loss": 0.0, "broad": 0.0, "focus": 0.0}
+    ramp = min(1.0, (epoch - 1) / config.augment_warmup) if config.augment_warmup else 1.0
     augment = (
-        Augment.parse(config.augment),
+        Augment.parse(config.augment).scaled(ramp),
         torch.Generator().manual_seed(config.seed * 1_000_003 + epoch),
     )
     for step in bar:

@@ -5,6 +5,8 @@ run with every augmentation on trains and is reproducible."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,6 +53,12 @@ def test_flip_swaps_sides_only() -> None:
         flipped_caption("a bright red square then a circle") == "a bright red square then a circle"
     )
     assert flipped_caption("left of the car, right-hand side") == "right of the car, left-hand side"
+
+
+def test_scaled_multiplies_every_probability() -> None:
+    spec = Augment.parse("crop=0.5,noise=1,reverse=0.25")
+    assert spec.scaled(0.5) == Augment(crop=0.25, noise=0.5, reverse=0.125)
+    assert not spec.scaled(0.0) and spec.scaled(1.0) == spec
 
 
 def test_spec_parsing() -> None:
@@ -132,7 +140,7 @@ def test_training_with_every_augmentation_runs_and_reproduces(tmp_path, mp4_synt
     from tb_reranker.model import load_checkpoint
     from tb_reranker.training import TrainConfig, train
 
-    def run(name: str) -> dict[str, torch.Tensor]:
+    def run(name: str, **changes) -> dict[str, torch.Tensor]:
         config = TrainConfig(
             data_root=str(mp4_synth),
             out_dir=str(tmp_path / name),
@@ -144,10 +152,16 @@ def test_training_with_every_augmentation_runs_and_reproduces(tmp_path, mp4_synt
             threads=1,
             progress=False,
         )
-        return load_checkpoint(train(config)).state_dict()
+        return load_checkpoint(train(dataclasses.replace(config, **changes))).state_dict()
 
     first, second = run("a"), run("b")
     assert all(torch.equal(first[k], second[k]) for k in first)
+    # a warm-up ramps the probabilities from 0: its first epoch trains on the clean clips
+    clean, warm = run("clean", augment=""), run("warm", augment_warmup=3)
+    assert all(torch.equal(clean[k], warm[k]) for k in clean)
+    assert not all(torch.equal(clean[k], first[k]) for k in clean)
+    with pytest.raises(InvalidInputError, match="augment_warmup"):
+        TrainConfig(data_root="x", out_dir="y", augment_warmup=-1)
     with pytest.raises(InvalidInputError, match="freeze_backbone"):
         TrainConfig(data_root="x", out_dir="y", augment="flip=1", freeze_backbone=True)
 
