@@ -183,3 +183,27 @@ def test_cli_refuses_a_bad_spec_in_one_line(tmp_path, capsys, tb_exit_code) -> N
     err = capsys.readouterr().err
     assert code == 2 and "invalid augmentation 'blur=1'" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_tb_train_with_the_wide_spec_and_a_warmup_as_a_subprocess(tmp_path, mp4_synth) -> None:
+    """``tb train`` as a user runs it: the wide spec with a warm-up trains and writes its
+    checkpoint; a negative warm-up is one line and exit 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
+    spec = "crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5,flip=0.5,reverse=0.5"
+    common = ["--data", str(mp4_synth), "--config", "tiny", "--epochs", "2", "--batch-size", "8"]
+    common += ["--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+
+    def tb(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "tb_reranker", "train", *common, *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    done = tb("--out", str(tmp_path / "run"), "--augment", spec, "--augment-warmup", "1")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "epoch-2").is_dir()
+    bad = tb("--out", str(tmp_path / "bad"), "--augment", spec, "--augment-warmup", "-1")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "augment-warmup" in bad.stderr
