@@ -233,7 +233,8 @@ def _texture(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     strength = 0.1 + 0.3 * _draw(generator)
     sensor = 0.05 + 0.15 * _draw(generator)
     grain = torch.randn(frames, channels, height, width, generator=generator)
-    return clip + strength * field / 1.75 + sensor * grain
+    # drawn on the CPU generator, added on the clip's device and dtype (a CUDA run's frames)
+    return clip + (strength * field / 1.75 + sensor * grain).to(clip)
 
 
 def _retime(clip: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -246,5 +247,5 @@ def _retime(clip: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) 
     positions = torch.cat([torch.zeros(1), steps.cumsum(0)])
     index = (positions * (real - 1) / positions[-1]).round().long()
     out = clip.clone()
-    out[:real] = clip[index]
+    out[:real] = clip[index.to(clip.device)]
     return out

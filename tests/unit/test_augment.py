@@ -124,6 +124,15 @@ def test_time_warp_keeps_the_ends_and_the_order_of_the_real_frames() -> None:
     assert any(not torch.equal(row[:real], torch.arange(real, dtype=torch.float32)) for row in seen)
 
 
+def test_texture_keeps_the_clips_dtype() -> None:
+    """Its noise is drawn in float32 on the CPU generator and added in the clip's own dtype
+    (and device: tests/unit/test_cuda.py runs the augmentations on CUDA frames)."""
+    from tb_reranker.training.augment import _texture
+
+    clip = torch.zeros(2, 3, 8, 8, dtype=torch.bfloat16)
+    assert _texture(clip, torch.Generator().manual_seed(5)).dtype == torch.bfloat16
+
+
 def test_zoom_out_shrinks_a_shape_and_texture_leaves_the_mean_colour() -> None:
     frames = torch.full((1, 4, 3, 32, 32), -1.0)
     frames[..., 8:24, 8:24] = 1.0  # a bright square, half the side

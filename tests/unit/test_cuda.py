@@ -247,3 +247,18 @@ def test_sidecar_serves_on_cuda(tmp_path: Path) -> None:
     np.testing.assert_allclose(
         [score for _, score in served], [c.score for c in expected.candidates], atol=1e-4
     )
+
+
+def test_every_augmentation_runs_on_cuda_frames() -> None:
+    """Training moves frames to the device before augmenting them; every augmentation keeps them
+    there (the texture's noise and the time warp's index are drawn on the CPU generator)."""
+    from tb_reranker.training.augment import Augment
+
+    spec = "crop=1,colour=1,shift=1,zoom=1,noise=1,time=1,flip=1,reverse=1"
+    frames = torch.randn(2, 6, 3, 16, 16, device="cuda")
+    masks = torch.ones(2, 6, dtype=torch.bool, device="cuda")
+    texts = ["a red square then a blue circle", "a cross moving left"]
+    out, out_masks, out_texts = Augment.parse(spec)(
+        frames, masks, texts, torch.Generator().manual_seed(0)
+    )
+    assert out.is_cuda and out_masks.is_cuda and len(out_texts) == 6
