@@ -36,6 +36,9 @@ ARMS: dict[str, str] = {
 }
 WARMUP: dict[str, int] = {"warm": 10}  # epochs of --augment-warmup, per arm (else 0)
 ARMS["warm"] = ARMS["wide"]  # wide, its probabilities ramped up over the first 10 epochs
+# model levers, per arm (TokenBinderConfig overrides through TrainConfig; else the tiny default)
+MODEL: dict[str, dict[str, Any]] = {"diff": {"frame_motion": True}}
+ARMS["diff"], WARMUP["diff"] = ARMS["warm"], WARMUP["warm"]  # warm + frame differences
 FAMILIES = ("order", "motion", "colour")
 RENDERERS = ("shapes", "camera")
 
@@ -63,6 +66,8 @@ def _train(work: Path, data: Path, arm: str, seed: int, args: argparse.Namespace
     wanted = {"data": data.name, "arm": ARMS[arm], "seed": seed, "epochs": args.epochs}
     if WARMUP.get(arm):
         wanted["augment_warmup"] = WARMUP[arm]
+    if MODEL.get(arm):
+        wanted["model"] = MODEL[arm]
     stamp = run / "stamp.json"
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return run
@@ -72,6 +77,7 @@ def _train(work: Path, data: Path, arm: str, seed: int, args: argparse.Namespace
         TrainConfig(data_root=str(data), out_dir=str(run), model_config="tiny",
                     preset="synthetic", seed=seed, epochs=args.epochs, augment=ARMS[arm],
                     augment_warmup=WARMUP.get(arm, 0),
+                    **MODEL.get(arm, {}),
                     cache_dir=str(work / "cache"), threads=args.threads, progress=False)
     )  # fmt: skip
     wanted["seconds"] = round(time.perf_counter() - started, 1)
@@ -100,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "train_renderer": args.train_renderer,
                               "epochs": args.epochs, "arms": {a: ARMS[a] for a in args.arms},
                               "augment_warmup": {a: WARMUP[a] for a in args.arms if a in WARMUP},
+                              "model": {a: MODEL[a] for a in args.arms if a in MODEL},
                               "runs": []}  # fmt: skip
     for data_seed in args.data_seeds:
         data = _data(work, args, data_seed)

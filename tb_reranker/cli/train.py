@@ -122,6 +122,13 @@ MODEL_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption(
         "--gumbel-scale", "gumbel_scale", REAL.parse, "override the Gumbel noise scale (0 = off)"
     ),
+    EnvOption(
+        "--frame-motion",
+        "frame_motion",
+        parse_bool,
+        "the focused view also sees each frame's change from the previous one",
+        switch=True,
+    ),
 )
 OPTIM_OPTIONS: tuple[EnvOption, ...] = (
     EnvOption(
@@ -263,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         augment=args.augment or "",
         augment_warmup=args.augment_warmup,
         gumbel_scale=args.gumbel_scale,
+        frame_motion=bool(args.frame_motion),
         seed=args.seed,
         device=args.device,
         amp=not args.no_amp,

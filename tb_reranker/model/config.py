@@ -32,7 +32,7 @@ _HEADS = ("symmetric", "listwise", "listwise_slots")
 _BROAD_QUERIES = ("indicator", "clip")
 # Fields added after checkpoints existed: left out of the canonical JSON while at their default,
 # so the fingerprint of every model saved before them stays what it was.
-_OMITTED_AT_DEFAULT: dict[str, Any] = {"broad_query": "indicator"}
+_OMITTED_AT_DEFAULT: dict[str, Any] = {"broad_query": "indicator", "frame_motion": False}
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class TokenBinderConfig:
     # (CLIP's own text feature, the EOT output: the broad view is exactly plain CLIP retrieval;
     # what `tb init` writes, so search works before any TokenBinder training)
     broad_query: str = "indicator"
+    # the focused view's frame tokens also carry their change from the previous real frame:
+    # x_t + W_m (x_t - x_{t-1}) with W_m zero-initialised (docs/method.md §3, "frame motion")
+    frame_motion: bool = False
     seed: int | None = 0  # torch seed for the random init of new modules; None = global RNG
     extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata kept in checkpoints
 
@@ -101,6 +104,8 @@ class TokenBinderConfig:
             problems.append(
                 f"broad_query must be one of {_BROAD_QUERIES}, got {self.broad_query!r}"
             )
+        if not isinstance(self.frame_motion, bool):
+            problems.append(f"frame_motion must be true or false, got {self.frame_motion!r}")
         if not self.gumbel_tau > 0:
             problems.append(f"gumbel_tau must be > 0, got {self.gumbel_tau}")
         if not self.gumbel_scale >= 0:

@@ -4,6 +4,7 @@ Layout of the cacheable candidate side. For every fusion block b a video's token
 keys and values on their own, independent of the query and of the other candidates::
 
     x_t   = LN_b(token_t) + e_pos[frame(t)]                 # [T', D]
+            (token_t + W_m (token_t - token_{t-1}) with ``frame_motion``: ``motion``)
     k_t   = W_k,b x_t + b_k,b ;  v_t = W_v,b x_t + b_v,b     # [T', D] each
 
 ``project_candidates`` returns these stacked as ``[N, n_blocks, 2, T', D]`` (T' = T, or
@@ -30,6 +31,7 @@ from tb_reranker.model.fusion_block import (
     TokenInputs,
     gumbel_like,
 )
+from tb_reranker.model.motion import FrameMotion
 
 __all__ = [
     "BlockOutput",
@@ -94,6 +96,7 @@ class FocusedFusion(nn.Module):
         tokens_per_frame: int = 1,
         gumbel_tau: float = 1.0,
         gumbel_scale: float = 0.3,
+        frame_motion: bool = False,
     ) -> None:
         super().__init__()
         self.width = width
@@ -108,6 +111,8 @@ class FocusedFusion(nn.Module):
             [CrossAttentionBlock(width, heads, mlp_ratio) for _ in range(blocks)]
         )
         self.frame_position_embedding = nn.Parameter(torch.randn(max_frames, width) * 0.02)
+        # the frame tokens' change from the previous frame (module docstring of ``motion``)
+        self.motion = FrameMotion(width, tokens_per_frame) if frame_motion else None
         self.rank_embedding = (
             nn.Parameter(torch.randn(max_candidates, width) * 0.02) if rank_embedding else None
         )
@@ -144,6 +149,14 @@ class FocusedFusion(nn.Module):
         frames_index = frames_index // self.tokens_per_frame
         return self.frame_position_embedding[frames_index]
 
+    def frame_inputs(
+        self, frames_tokens: torch.Tensor, frames_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The tokens the blocks read: the frame tokens, plus their motion with ``frame_motion``.
+
+        frames_tokens: [..., T', D]; frames_mask: [..., T] bool or None -> [..., T', D]."""
+        return frames_tokens if self.motion is None else self.motion(frames_tokens, frames_mask)
+
     def tokens_mask(self, frames_mask: torch.Tensor | None) -> torch.Tensor | None:
         """Per-frame mask [..., T] -> per-token mask [..., T·tokens_per_frame] (None stays None)."""
         if frames_mask is None or self.tokens_per_frame == 1:
@@ -160,6 +173,7 @@ class FocusedFusion(nn.Module):
         their K/V are zero, so score them with the same mask (``forward``'s ``frames_mask``),
         which gives them no attention anyway.
         """
+        frames_tokens = self.frame_inputs(frames_tokens, frames_mask)
         positions = self.position_embeddings(frames_tokens.shape[1])
         keep = self.tokens_mask(frames_mask)
         if keep is None or bool(keep.all()):
@@ -230,6 +244,8 @@ class FocusedFusion(nn.Module):
         rank_embeddings = (
             None if self.rank_embedding is None else self.rank_embedding[:num_candidates]
         )
+        if cand_tokens is not None:
+            cand_tokens = self.frame_inputs(cand_tokens, frames_mask)
         positions = None if cand_tokens is None else self.position_embeddings(cand_tokens.shape[2])
         tokens_mask = self.tokens_mask(frames_mask)
         gumbel_scale = self.gumbel_scale if self.training else 0.0

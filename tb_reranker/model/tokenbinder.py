@@ -97,6 +97,7 @@ class TokenBinder(nn.Module):
                 tokens_per_frame=self.tokens_per_frame,
                 gumbel_tau=config.gumbel_tau,
                 gumbel_scale=config.gumbel_scale,
+                frame_motion=config.frame_motion,
             )
         freeze(self.clip, backbone=config.freeze_backbone, text=config.freeze_text)
         self._tokenizer: Any = None

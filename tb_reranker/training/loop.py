@@ -111,6 +111,7 @@ class TrainConfig:
     fusion_blocks: int | None = None  # override the number of fusion blocks
     head: str | None = None  # override the head: "symmetric" or "listwise"
     gumbel_scale: float | None = None  # override the Gumbel noise scale of the fusion attention
+    frame_motion: bool = False  # the focused view also reads frame differences (model config)
     preset: str = "auto"  # "paper", "synthetic", or "auto" (synthetic for random-init custom CLIP
     # configs such as tiny, paper for pretrained ones)
     epochs: int | None = None  # epochs (preset / per-dataset paper value when None)
@@ -259,6 +260,8 @@ def _apply_overrides(model_config: Any, config: TrainConfig) -> Any:
         changes["gumbel_scale"] = config.gumbel_scale
     if config.freeze_backbone:
         changes["freeze_backbone"] = True
+    if config.frame_motion:
+        changes["frame_motion"] = True
     changes["seed"] = config.seed
     return model_config.replace(**changes) if changes else model_config
 
