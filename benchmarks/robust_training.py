@@ -33,6 +33,9 @@ ARMS: dict[str, str] = {
     "wide": "crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5,flip=0.5,reverse=0.5",
     # wide without the added twins: no larger batches, so about the training time of none
     "keep": "crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5",
+    # augment without the flip twins: the reversal twins are the hard negatives of the default
+    # family and cost no vision encoding, the flip twins cost a whole clip each
+    "light": "crop=0.5,colour=0.5,shift=0.5,reverse=0.5",
 }
 WARMUP: dict[str, int] = {"warm": 10}  # epochs of --augment-warmup, per arm (else 0)
 ARMS["warm"] = ARMS["wide"]  # wide, its probabilities ramped up over the first 10 epochs

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tb_reranker.errors import InvalidInputError
 
-__all__ = ["Augment", "flipped_caption", "reversed_caption"]
+__all__ = ["Augment", "AugmentedBatch", "flipped_caption", "reverse_frames", "reversed_caption"]
 
 _OPPOSITE = {
     "left": "right",
@@ -130,24 +130,38 @@ class Augment:
         texts: list[str],
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """The augmented micro-batch: (frames, masks, texts), possibly with extra samples."""
+        """The augmented micro-batch as pixels: (frames, masks, texts), the originals, then the
+        flip twins, then the time-reversal twins (:meth:`batch`, materialised)."""
+        return self.batch(frames, masks, texts, generator).materialise()
+
+    def batch(
+        self,
+        frames: torch.Tensor,
+        masks: torch.Tensor,
+        texts: list[str],
+        generator: torch.Generator,
+    ) -> AugmentedBatch:
+        """The augmented micro-batch, its time-reversal twins kept as references (what training
+        runs: it reverses their encoded frames instead of encoding the frames again)."""
         frames = frames.clone()
         for i in range(frames.shape[0]):
             frames[i] = self._preserving(frames[i], masks[i], generator)
-        extra: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        flipped: list[int] = []
+        flipped_texts: list[str] = []
+        reversed_of: list[int] = []
+        reversed_texts: list[str] = []
         for i, text in enumerate(texts):
             if self.flip and _draw(generator) < self.flip:
-                extra.append((frames[i].flip(-1), masks[i], flipped_caption(text)))
+                flipped.append(i)
+                flipped_texts.append(flipped_caption(text))
             backwards = reversed_caption(text) if self.reverse else None
             if backwards is not None and _draw(generator) < self.reverse:
-                extra.append((_reverse_time(frames[i], masks[i]), masks[i], backwards))
-        if not extra:
-            return frames, masks, texts
-        return (
-            torch.cat([frames, torch.stack([e[0] for e in extra])]),
-            torch.cat([masks, torch.stack([e[1] for e in extra])]),
-            texts + [e[2] for e in extra],
-        )
+                reversed_of.append(i)
+                reversed_texts.append(backwards)
+        if flipped:
+            frames = torch.cat([frames, frames[flipped].flip(-1)])
+            masks = torch.cat([masks, masks[flipped]])
+        return AugmentedBatch(frames, masks, texts + flipped_texts, reversed_of, reversed_texts)
 
     def _preserving(
         self, clip: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
@@ -171,16 +185,52 @@ class Augment:
         return clip
 
 
+@dataclass(frozen=True)
+class AugmentedBatch:
+    """A micro-batch after :meth:`Augment.batch`.
+
+    ``frames`` [b', T, 3, H, W] / ``masks`` [b', T] / ``texts`` (b') are what to encode: the
+    originals, then the flip twins. The time-reversal twins are references: twin j is row
+    ``reversed_of[j]`` of ``frames`` with its real frames played backwards, captioned
+    ``reversed_texts[j]``. The vision tower encodes every frame on its own, so a reversed
+    clip's frame tokens are the original's in reverse order: :func:`reverse_frames` on the
+    encoded tokens gives exactly what encoding the reversed pixels would (at no cost).
+    """
+
+    frames: torch.Tensor
+    masks: torch.Tensor
+    texts: list[str]
+    reversed_of: list[int]
+    reversed_texts: list[str]
+
+    def materialise(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The whole batch as pixels: the reversal twins appended as reversed frames."""
+        if not self.reversed_of:
+            return self.frames, self.masks, self.texts
+        rows = self.reversed_of
+        twins = reverse_frames(self.frames[rows], self.masks[rows])
+        return (
+            torch.cat([self.frames, twins]),
+            torch.cat([self.masks, self.masks[rows]]),
+            self.texts + self.reversed_texts,
+        )
+
+
+def reverse_frames(clips: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Each clip's real frames (``masks`` [b, T]) in reverse order, padding where it was.
+
+    clips: [b, T, ...] frames, or [b, T·P, D] encoded frame tokens (P tokens a frame)."""
+    batch, num_frames = masks.shape
+    per_frame = clips.reshape(batch, num_frames, -1, *clips.shape[2:])  # [b, T, P, ...]
+    steps = torch.arange(num_frames, device=masks.device)
+    real = masks.sum(dim=1, keepdim=True)  # [b, 1]: the real frames come first
+    index = torch.where(steps < real, real - 1 - steps, steps)  # [b, T]
+    rows = torch.arange(batch, device=masks.device).unsqueeze(1)
+    return per_frame[rows, index].reshape(clips.shape)
+
+
 def _draw(generator: torch.Generator) -> float:
     return float(torch.rand((), generator=generator))
-
-
-def _reverse_time(clip: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The real frames (``mask``) in reverse order; padding stays where it is."""
-    real = int(mask.sum())
-    out = clip.clone()
-    out[:real] = clip[:real].flip(0)
-    return out
 
 
 def _resized_crop(clip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
-from tb_reranker.training.augment import Augment
+from tb_reranker.training.augment import Augment, AugmentedBatch, reverse_frames
 from tb_reranker.training.checkpoint import (
     latest_checkpoint,
     optimizer_state_from_files,
@@ -683,15 +683,36 @@ def _accumulate_gradients(
         texts = [data.videos.captions[i][captions_idx[i]] for i in micro.tolist()]
         videos_input, frames_mask = _batch_videos(data, micro, device)
         if augment is not None and augment[0]:
-            videos_input, frames_mask, texts = augment[0](
-                videos_input, frames_mask, texts, augment[1]
-            )
+            augmented = augment[0].batch(videos_input, frames_mask, texts, augment[1])
+            videos_input, frames_mask, texts = _encode_with_reversals(model, augmented)
         losses = tokenbinder_loss(model, texts, videos_input, frames_mask=frames_mask)
         (losses["loss"] / config.grad_accum).backward()
         values["loss"] += float(losses["loss"].detach()) / config.grad_accum
         values["broad"] += float(losses["broad"]) / config.grad_accum
         values["focus"] += float(losses["focus"]) / config.grad_accum
     return values
+
+
+def _encode_with_reversals(
+    model: Any, augmented: AugmentedBatch
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """An augmented micro-batch as the loss's input: (videos, masks, texts).
+
+    Without time-reversal twins, the frames themselves. With them, the frame tokens: every clip
+    encoded once and each twin its clip's tokens played backwards (``reverse_frames``), which is
+    what encoding the reversed frames gives (the vision tower sees one frame at a time) without
+    encoding them: a reversal twin costs the text side and the fusion, not the vision tower."""
+    if not augmented.reversed_of:
+        return augmented.frames, augmented.masks, augmented.texts
+    _, tokens = model.encode_frames(augmented.frames, augmented.masks)  # [b', T', D]
+    rows = augmented.reversed_of
+    masks = augmented.masks.to(tokens.device)
+    twins = reverse_frames(tokens[rows], masks[rows])
+    return (
+        torch.cat([tokens, twins]),
+        torch.cat([masks, masks[rows]]),
+        augmented.texts + augmented.reversed_texts,
+    )
 
 
 def _load_matching(

@@ -88,16 +88,51 @@ def test_twins_are_added_beside_the_originals_as_the_same_pixels() -> None:
     assert out_texts[:3] == texts and torch.equal(out[:3], frames)  # originals untouched
     assert out_texts[3:] == [
         "a red square then a blue circle",  # flipped: nothing in it names a side
-        "a blue circle then a red square",  # reversed
-        "a man cooking",  # flipped only: no rule reverses it
+        "a man cooking",  # flipped (no rule reverses it)
         "a cross moving right",  # flipped
+        "a blue circle then a red square",  # reversed
         "a cross moving right",  # reversed
     ]
-    assert torch.equal(out[3], frames[0].flip(-1))
-    assert torch.equal(out[4, :5], frames[0, :5].flip(0)) and torch.equal(out[4, 5:], frames[0, 5:])
-    assert torch.equal(out[6], frames[2].flip(-1))
+    assert torch.equal(out[3], frames[0].flip(-1)) and torch.equal(out[5], frames[2].flip(-1))
+    assert torch.equal(out[6, :5], frames[0, :5].flip(0)) and torch.equal(out[6, 5:], frames[0, 5:])
     assert torch.equal(out[7, :5], frames[2, :5].flip(0))
-    assert torch.equal(out_masks[3:], masks[[0, 0, 1, 2, 2]])
+    assert torch.equal(out_masks[3:], masks[[0, 1, 2, 0, 2]])
+
+
+def test_reversal_twins_from_encoded_tokens_train_as_from_reversed_pixels() -> None:
+    """Training reverses the encoded tokens of a twin's clip instead of encoding the reversed
+    frames (``loop._encode_with_reversals``): the same loss and the same gradients. (K = 10
+    covers the whole batch: a twin's video [CLS] ties with its clip's, and float rounding
+    would otherwise decide which of the two is a top-K candidate.)"""
+    from tb_reranker.model import TokenBinder, TokenBinderConfig, tokenbinder_loss
+    from tb_reranker.training.loop import _encode_with_reversals
+
+    model = TokenBinder(TokenBinderConfig.tiny(use_patch_tokens=True, gumbel_scale=0.0)).train()
+    with torch.no_grad():  # a 'trained' head, so the focused view has gradients to compare
+        model.fusion.head[-1].weight.normal_(0, 0.3)
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(4, 8, 3, 32, 32, generator=generator)
+    masks = torch.ones(4, 8, dtype=torch.bool)
+    masks[1, 6:] = False
+    texts = ["a red square then a blue circle", "a cross moving left", "a dot", "a x then a y"]
+    augmented = Augment(flip=0.5, reverse=1.0).batch(frames, masks, texts, generator)
+    assert augmented.reversed_of == [0, 1, 3]
+
+    def loss_and_grads(videos, videos_masks, videos_texts):
+        model.zero_grad()
+        loss = tokenbinder_loss(model, videos_texts, videos, frames_mask=videos_masks)["loss"]
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                               if p.grad is not None}  # fmt: skip
+
+    tokens_input = _encode_with_reversals(model, augmented)
+    assert tokens_input[0].ndim == 3 and tokens_input[2] == augmented.materialise()[2]
+    by_tokens, grads_tokens = loss_and_grads(*tokens_input)
+    by_pixels, grads_pixels = loss_and_grads(*augmented.materialise())
+    torch.testing.assert_close(by_tokens, by_pixels, rtol=1e-4, atol=1e-5)  # float32 rounding
+    assert grads_tokens.keys() == grads_pixels.keys()
+    for name in grads_pixels:
+        torch.testing.assert_close(grads_tokens[name], grads_pixels[name], rtol=1e-3, atol=1e-5)
 
 
 def test_preserving_augmentations_keep_shape_captions_and_change_pixels() -> None:

@@ -193,3 +193,16 @@ def test_robust_compare_reads_the_committed_runs(tmp_path: Path, monkeypatch) ->
     assert augment["min_margin_over_broad"] == round(86.5 - 39.4, 1)
     assert rows[("none", "camera")]["worst"] == 15.4
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_augment_cost_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every arm trains a step, and the ratios are the medians' (the figures docs quote)."""
+    from benchmarks import augment_cost
+
+    assert augment_cost.main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    median = result["median_ms_per_step"]
+    assert set(median) == {"none", "augment_pixels", "augment", "order"}
+    assert all(value > 0 for value in median.values())
+    assert result["ratio_to_none"]["augment"] == round(median["augment"] / median["none"], 2)
+    assert _load(tmp_path, "augment_cost")["median_ms_per_step"] == median
