@@ -204,7 +204,8 @@ TRAIN_OPTIONS: tuple[EnvOption, ...] = (
         "augment",
         str,
         "augmentations NAME=P,...: crop, colour, shift, zoom, noise, time (caption kept), flip, "
-        "reverse (caption rewritten, added as in-batch twins); none by default",
+        "reverse (caption rewritten, added as in-batch twins); default: the preset's (synthetic: "
+        "crop,colour,shift,reverse at 0.5; paper: none); none = off",
     ),
     EnvOption(
         "--augment-warmup",
@@ -267,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip,
         freeze_backbone=bool(args.freeze_backbone),
         hard_negatives=args.hard_negatives,
-        augment=args.augment or "",
+        augment=args.augment,
         augment_warmup=args.augment_warmup,
         gumbel_scale=args.gumbel_scale,
         frame_motion=bool(args.frame_motion),

@@ -22,7 +22,8 @@ its captions, per sample, from a seeded generator:
   side).
 
 The spec is ``"crop=0.5,colour=0.5,shift=0.5,flip=0.5,reverse=0.5"`` (``--augment``); an empty
-spec is no augmentation (the presets' default).
+spec or ``none`` is no augmentation. The ``synthetic`` preset's default is
+``crop=0.5,colour=0.5,shift=0.5,reverse=0.5`` (``loop.SYNTHETIC_AUGMENT``); ``paper``'s is none.
 """
 
 from __future__ import annotations
@@ -92,13 +93,15 @@ class Augment:
 
     @classmethod
     def parse(cls, spec: str | None) -> Augment:
-        """``"crop=0.5,flip=0.5"`` → an :class:`Augment`; "" or None → none.
+        """``"crop=0.5,flip=0.5"`` → an :class:`Augment`; "", "none" or None → none.
 
         Raises:
             InvalidInputError: an unknown name or a probability outside [0, 1].
         """
         values: dict[str, float] = {}
         names = {f.name for f in fields(cls)}
+        if (spec or "").strip().lower() == "none":
+            return cls()
         for part in (spec or "").split(","):
             if not part.strip():
                 continue

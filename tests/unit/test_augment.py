@@ -251,3 +251,45 @@ def test_tb_train_with_the_wide_spec_and_a_warmup_as_a_subprocess(tmp_path, mp4_
     bad = tb("--out", str(tmp_path / "bad"), "--augment", spec, "--augment-warmup", "-1")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "augment-warmup" in bad.stderr
+
+
+def test_the_synthetic_preset_augments_and_paper_does_not() -> None:
+    """Issue 24: the synthetic preset trains with crops, colour, shake and reversal twins by
+    default (failed before: no augmentation unless asked); ``none`` or "" turns them off, the
+    paper preset has none, and a frozen backbone (no frames) gets none instead of an error."""
+    from tb_reranker.training import TrainConfig
+    from tb_reranker.training.loop import SYNTHETIC_AUGMENT
+
+    def resolved(**changes) -> str:
+        config = TrainConfig(data_root="d", out_dir="o", **changes)
+        return config.resolved(is_tiny=True).augment
+
+    assert SYNTHETIC_AUGMENT == "crop=0.5,colour=0.5,shift=0.5,reverse=0.5"
+    assert resolved() == SYNTHETIC_AUGMENT
+    assert resolved(preset="paper") == ""
+    assert not Augment.parse(resolved(augment="none")) and resolved(augment="") == ""
+    assert resolved(augment="flip=1") == "flip=1"
+    assert resolved(freeze_backbone=True) == ""
+    assert Augment.parse("none") == Augment() == Augment.parse(" None ")
+
+
+def test_tb_train_uses_the_presets_augmentations_as_a_subprocess(tmp_path, mp4_synth) -> None:
+    """``tb train`` as a user runs it records the augmentations it trained with: the preset's
+    by default, none with ``--augment none``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tb_reranker.training.loop import SYNTHETIC_AUGMENT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TB_")}
+    common = ["--data", str(mp4_synth), "--config", "tiny", "--epochs", "1", "--batch-size", "8"]
+    common += ["--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    for name, extra, expected in (("default", [], SYNTHETIC_AUGMENT), ("off", ["--augment", "none"], "none")):  # fmt: skip
+        command = [sys.executable, "-m", "tb_reranker", "train", *common, *extra]
+        command += ["--out", str(tmp_path / name)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        state = json.loads((tmp_path / name / "epoch-1" / "train_state.json").read_text())
+        assert state["train_config"]["augment"] == expected
