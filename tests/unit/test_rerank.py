@@ -268,6 +268,8 @@ def test_padded_records_rerank_like_their_unpadded_originals(head, cache_kv, tmp
         for want, have in zip(expected, got, strict=True):
             assert [c.id for c in have.candidates] == [c.id for c in want.candidates]
             for a, b in zip(want.candidates, have.candidates, strict=True):
-                assert b.delta == pytest.approx(a.delta, abs=1e-5)
+                # float32 rounding of differently shaped products: relative for the larger
+                # deltas of the listwise_slots head (|Δ| ≈ 3.6 differed by 1.07e-5 on one CPU)
+                assert b.delta == pytest.approx(a.delta, rel=1e-5, abs=1e-5)
                 assert b.broad_score == pytest.approx(a.broad_score, abs=1e-5)
                 assert b.best_frame_s == a.best_frame_s
