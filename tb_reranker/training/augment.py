@@ -208,13 +208,18 @@ class AugmentedBatch:
 
     def materialise(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """The whole batch as pixels: the reversal twins appended as reversed frames."""
+        return self.with_reversals(self.frames)
+
+    def with_reversals(self, videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(videos, masks, texts) with the reversal twins appended: ``videos`` is ``frames``
+        or their encoded frame tokens [b', T·P, D], each twin its clip's rows reversed."""
         if not self.reversed_of:
-            return self.frames, self.masks, self.texts
+            return videos, self.masks, self.texts
         rows = self.reversed_of
-        twins = reverse_frames(self.frames[rows], self.masks[rows])
+        masks = self.masks.to(videos.device)
         return (
-            torch.cat([self.frames, twins]),
-            torch.cat([self.masks, self.masks[rows]]),
+            torch.cat([videos, reverse_frames(videos[rows], masks[rows])]),
+            torch.cat([masks, masks[rows]]),
             self.texts + self.reversed_texts,
         )
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tb_reranker.errors import AlreadyExistsError, CheckpointError, InvalidInputError
-from tb_reranker.training.augment import Augment, AugmentedBatch, reverse_frames
+from tb_reranker.training.augment import Augment, AugmentedBatch
 from tb_reranker.training.checkpoint import (
     latest_checkpoint,
     optimizer_state_from_files,
@@ -719,14 +719,7 @@ def _encode_with_reversals(
     if not augmented.reversed_of:
         return augmented.frames, augmented.masks, augmented.texts
     _, tokens = model.encode_frames(augmented.frames, augmented.masks)  # [b', T', D]
-    rows = augmented.reversed_of
-    masks = augmented.masks.to(tokens.device)
-    twins = reverse_frames(tokens[rows], masks[rows])
-    return (
-        torch.cat([tokens, twins]),
-        torch.cat([masks, masks[rows]]),
-        augmented.texts + augmented.reversed_texts,
-    )
+    return augmented.with_reversals(tokens)
 
 
 def _load_matching(
