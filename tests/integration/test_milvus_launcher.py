@@ -140,7 +140,11 @@ def test_a_taken_port_is_retried_with_new_ports(monkeypatch, caplog, held_port, 
         client.close()
     assert picker.calls > at  # a second set of ports was picked
     retries = [r.getMessage() for r in caplog.records if "retrying with new ports" in r.message]
-    assert len(retries) == 1 and "attempt 1/5" in retries[0], retries
+    # The held port fails the first attempt. Under xdist another worker's server can take a port
+    # this launch picked and released a moment before, which costs a further retry of its own:
+    # those are allowed, but never for the held port (it is handed out once), and never all 5.
+    assert retries and "attempt 1/5" in retries[0], retries
+    assert len(retries) < 5 and not any(f":{held_port}" in r for r in retries[1:]), retries
     assert which != "etcd peer port" or f":{held_port}" in retries[0]
 
 
