@@ -42,6 +42,13 @@ ARMS["warm"] = ARMS["wide"]  # wide, its probabilities ramped up over the first 
 # model levers, per arm (TokenBinderConfig overrides through TrainConfig; else the tiny default)
 MODEL: dict[str, dict[str, Any]] = {"diff": {"frame_motion": True}}
 ARMS["diff"], WARMUP["diff"] = ARMS["warm"], WARMUP["warm"]  # warm + frame differences
+# warm without the flip twins (light plus the renderer-gap augmentations, ramped up the same
+# way): warm's robustness to the renderer at about light's cost
+ARMS["warm_light"] = "crop=0.5,colour=0.5,shift=0.5,zoom=0.5,noise=0.5,time=0.5,reverse=0.5"
+WARMUP["warm_light"] = WARMUP["warm"]
+ARMS["light_wide"] = ARMS["warm_light"]  # the same spec from the first epoch (no warm-up)
+# light plus the renderer-gap augmentations at half light_wide's probability
+ARMS["gentle"] = "crop=0.5,colour=0.5,shift=0.5,zoom=0.25,noise=0.25,time=0.25,reverse=0.5"
 FAMILIES = ("order", "motion", "colour")
 RENDERERS = ("shapes", "camera")
 
