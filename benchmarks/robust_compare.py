@@ -60,7 +60,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                        color="tab:blue", marker="x", zorder=3)  # fmt: skip
             ax.hlines(row["worst"], x - 0.3, x + 0.3, color="tab:red")
         ax.axhline(75, color="grey", linestyle=":", linewidth=1)
-        ax.set_xticks(range(len(chosen)), [r["arm"] for r in chosen])
+        ax.set_xticks(range(len(chosen)), [r["arm"] for r in chosen], rotation=45, ha="right")
         ax.set_xlim(-0.6, len(chosen) - 0.4)
         ax.set_ylim(0, 100)
         ax.set_title(f"trained on {trained_on}, tested on {tested_on}", fontsize=9)
